@@ -1,0 +1,22 @@
+//! Layers and losses of svp, each an explicit forward/backward pair.
+//!
+//! Nothing here allocates on the hot path: every function writes into buffers
+//! the caller owns (a trainer sizes them once for the widest layer and reuses
+//! them for every layer and step). Parameters are slices of one contiguous
+//! buffer per model; a layer only knows its dimensions and offsets.
+//!
+//! * [`dense`]: the hidden block `act(norm(x W^T + b))` with optional dropout,
+//!   and (with no norm and identity activation) the linear classifier head.
+//! * [`loss`]: softmax cross-entropy and the SVP feature-alignment loss.
+//! * [`projection`]: the fixed random projection `R_l`, regenerated from the
+//!   seed tile by tile each time it is used and never stored whole.
+
+pub mod activation;
+pub mod dense;
+pub mod loss;
+pub mod projection;
+
+pub use activation::Activation;
+pub use dense::{Dense, DenseCache, DenseSpec, Mode, Norm};
+pub use loss::{FaWorkspace, FeatureAlignment, softmax_cross_entropy};
+pub use projection::Projection;

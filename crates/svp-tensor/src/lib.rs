@@ -1,0 +1,62 @@
+//! Dense f32 kernels shared by every svp layer.
+//!
+//! Tensors are [`ndarray`] arrays in row-major layout. This crate adds what
+//! ndarray does not give at the speed or with the guarantees svp needs:
+//!
+//! * [`gemm`]: `C = alpha * A B + beta * C` over matrixmultiply, with the output
+//!   columns split across the rayon pool. Every output element is computed by
+//!   exactly one single-threaded matrixmultiply call whose summation order does
+//!   not depend on the split, so results are bit-identical for any thread count.
+//! * [`reduce`]: sums and dot products with a fixed number of accumulator lanes,
+//!   so they vectorize and still give the same bits on every run.
+
+pub mod gemm;
+pub mod reduce;
+
+pub use gemm::{gemm, gemm_with_chunks};
+pub use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, s};
+
+/// A `(rows, cols)` row-major view of the first `rows * cols` elements of `buf`.
+///
+/// # Panics
+/// If `buf` is shorter than `rows * cols`.
+#[inline]
+pub fn view(buf: &[f32], rows: usize, cols: usize) -> ArrayView2<'_, f32> {
+    ArrayView2::from_shape((rows, cols), &buf[..rows * cols]).expect("contiguous row-major shape")
+}
+
+/// Mutable counterpart of [`view`].
+///
+/// # Panics
+/// If `buf` is shorter than `rows * cols`.
+#[inline]
+pub fn view_mut(buf: &mut [f32], rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
+    ArrayViewMut2::from_shape((rows, cols), &mut buf[..rows * cols]).expect("contiguous row-major shape")
+}
+
+/// Rows of a `(rows, cols)` buffer processed in parallel below this many elements
+/// cost more in scheduling than they save.
+pub const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+
+/// Applies `f(row_index, row)` to every `cols`-wide row of `buf`, in parallel when
+/// the buffer is large. Each row is touched by one call only, so the result does
+/// not depend on the thread count.
+pub fn for_each_row_mut<F>(buf: &mut [f32], cols: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    use rayon::prelude::*;
+    if cols == 0 {
+        return;
+    }
+    if buf.len() < PARALLEL_MIN_ELEMS {
+        buf.chunks_exact_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        let rows_per_task = (PARALLEL_MIN_ELEMS / 4 / cols).max(1);
+        buf.par_chunks_mut(cols * rows_per_task).enumerate().for_each(|(t, block)| {
+            for (j, r) in block.chunks_exact_mut(cols).enumerate() {
+                f(t * rows_per_task + j, r);
+            }
+        });
+    }
+}
