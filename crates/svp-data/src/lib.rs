@@ -1,0 +1,18 @@
+//! Data sets for svp.
+//!
+//! * [`idx`]: the IDX format of MNIST and Fashion-MNIST, raw or gzipped, read
+//!   with every length checked against the file.
+//! * [`Dataset`] and [`DataSplit`]: images as bytes plus labels; sizes come
+//!   from the files, never from constants.
+//! * [`DataSource`]: where data comes from (`--data DIR`, the Debian package's
+//!   full Fashion-MNIST, or the subset embedded in the binary).
+//! * [`Batcher`]: seeded shuffling and batch gathering into buffers the caller
+//!   owns; the data set itself is never copied.
+
+pub mod idx;
+
+mod batch;
+mod dataset;
+
+pub use batch::{Batcher, Normalization};
+pub use dataset::{DataError, DataSource, DataSplit, Dataset, DEBIAN_FASHION_MNIST};

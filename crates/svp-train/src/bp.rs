@@ -1,0 +1,107 @@
+//! Backpropagation over the same layers: the baseline SVP is measured against.
+
+use crate::config::Config;
+use crate::model::Mlp;
+use crate::{TrainError, Trainer};
+use svp_nn::{DenseCache, Mode, softmax_cross_entropy};
+use svp_optim::{LayerState, Optimizer};
+use svp_tensor::{view, view_mut};
+
+/// Backpropagation trainer. It keeps every layer's output and backward cache
+/// for the whole step, so its memory grows with depth (the contrast to SVP).
+/// Each layer is updated as soon as its gradient and its input gradient exist.
+pub struct BpTrainer {
+    optimizer: Optimizer,
+    states: Vec<LayerState>,
+    seed: u64,
+    step: u64,
+    max_rows: usize,
+    /// Output of every layer (the head's logits last).
+    acts: Vec<Vec<f32>>,
+    caches: Vec<DenseCache>,
+    /// Ping-pong gradients wrt layer outputs.
+    grads_out: [Vec<f32>; 2],
+    grad: Vec<f32>,
+}
+
+impl BpTrainer {
+    /// A trainer for `model` under `config`.
+    pub fn new(model: &Mlp, config: &Config) -> Self {
+        let rows = config.train.batch_size;
+        let acts = model.layers().iter().map(|l| vec![0.0; rows * l.spec().out_dim]).collect();
+        let caches = model.layers().iter().map(|l| DenseCache::new(rows, l.spec().out_dim)).collect();
+        let width = model.max_width();
+        let states = (0..model.layers().len()).map(|l| config.optimizer.new_state(model.layer_params(l).len())).collect();
+        Self {
+            optimizer: config.optimizer,
+            states,
+            seed: config.train.seed,
+            step: 0,
+            max_rows: rows,
+            acts,
+            caches,
+            grads_out: [vec![0.0; rows * width], vec![0.0; rows * width]],
+            grad: vec![0.0; model.max_layer_params()],
+        }
+    }
+
+    /// Optimizer state per layer.
+    pub fn states(&self) -> &[LayerState] {
+        &self.states
+    }
+}
+
+impl Trainer for BpTrainer {
+    fn step(&mut self, model: &mut Mlp, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError> {
+        let rows = y.len();
+        assert!(rows > 0 && rows <= self.max_rows, "batch of {rows} rows for a trainer sized for {}", self.max_rows);
+        let step = self.step;
+        let mode = Mode::Train { seed: self.seed, step };
+        let n = model.layers().len();
+
+        for l in 0..n {
+            let layer = &model.layers()[l];
+            let d_in = layer.spec().in_dim;
+            let (before, after) = self.acts.split_at_mut(l);
+            let input = if l == 0 { view(x, rows, d_in) } else { view(&before[l - 1], rows, d_in) };
+            layer.forward(model.layer_params(l), input, &mut self.caches[l], &mut after[0], mode);
+        }
+        let classes = model.classes();
+        let (loss, _) = softmax_cross_entropy(view(&self.acts[n - 1], rows, classes), y, &mut self.grads_out[0]);
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged { layer: n, step, loss });
+        }
+
+        let mut cur = 0;
+        for l in (0..n).rev() {
+            let (layer, params) = model.layer_mut(l);
+            let d_in = layer.spec().in_dim;
+            let input = if l == 0 { view(x, rows, d_in) } else { view(&self.acts[l - 1], rows, d_in) };
+            let (a, b) = self.grads_out.split_at_mut(1);
+            let (dout, dx) = if cur == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
+            let dx = (l > 0).then(|| view_mut(dx, rows, d_in));
+            let grad = &mut self.grad[..params.len()];
+            layer.backward(params, input, &self.caches[l], dout, grad, dx, mode);
+            self.optimizer.update(lr_scale, params, grad, &mut self.states[l]);
+            cur = 1 - cur;
+        }
+        self.step += 1;
+        Ok(loss)
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+
+    fn optimizer_bytes(&self) -> usize {
+        self.states.iter().map(LayerState::bytes).sum()
+    }
+
+    fn workspace_bytes(&self) -> usize {
+        4 * (self.acts.iter().map(Vec::len).sum::<usize>()
+            + self.grads_out[0].len()
+            + self.grads_out[1].len()
+            + self.grad.len())
+            + self.caches.iter().map(DenseCache::bytes).sum::<usize>()
+    }
+}

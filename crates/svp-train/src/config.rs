@@ -1,0 +1,263 @@
+//! What a training run is, and the checks that reject a bad one early.
+
+use crate::Schedule;
+use serde::{Deserialize, Serialize};
+use svp_nn::{Activation, Norm};
+use svp_optim::Optimizer;
+
+/// Training rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Stochastic Variational Propagation (layer-local).
+    Svp,
+    /// Backpropagation (the baseline).
+    Bp,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Svp => "svp",
+            Method::Bp => "bp",
+        })
+    }
+}
+
+/// The network: hidden dense blocks, then a linear classifier. Input width and
+/// class count come from the data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Expected input width; checked against the data when given.
+    #[serde(default)]
+    pub input: Option<usize>,
+    /// Widths of the hidden layers, first to last.
+    pub hidden: Vec<usize>,
+    /// Normalization in each hidden block.
+    #[serde(default = "default_norm")]
+    pub norm: Norm,
+    /// Activation in each hidden block.
+    #[serde(default = "default_activation")]
+    pub activation: Activation,
+    /// Dropout on hidden activations (training only).
+    #[serde(default)]
+    pub dropout: f32,
+}
+
+fn default_norm() -> Norm {
+    Norm::LayerNorm
+}
+fn default_activation() -> Activation {
+    Activation::Relu
+}
+
+/// How layer 1 gets its alignment target `v_0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirstLayerAlignment {
+    /// `v_0 = R_0 x`, a fixed random projection of the input.
+    Input,
+    /// No feature alignment on layer 1.
+    Off,
+}
+
+/// Options of the SVP rule (SVP.md; every default is the paper's or SVP.md's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SvpConfig {
+    /// Projection width `d'`; `None` = number of classes.
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// Standard deviation of `R_l`'s entries; `None` = `1/sqrt(d_l)`.
+    #[serde(default)]
+    pub sigma: Option<f32>,
+    /// Dropout on the entries of `R_l` (training only).
+    #[serde(default)]
+    pub projection_dropout: f32,
+    /// Weight of the feature-alignment loss.
+    #[serde(default = "default_lambda")]
+    pub lambda: f32,
+    /// Target of layer 1's alignment loss.
+    #[serde(default = "default_first")]
+    pub first_layer_alignment: FirstLayerAlignment,
+    /// Project `[h_l, onehot(y)]` instead of `h_l` (Algorithm 1's variant).
+    #[serde(default)]
+    pub label_concat: bool,
+    /// Mean-centre rows before the cosine similarity (PredSim's variant).
+    #[serde(default)]
+    pub mean_center: bool,
+    /// Largest piece of `R_l` held at once, in bytes.
+    #[serde(default = "default_tile_bytes")]
+    pub tile_bytes: usize,
+}
+
+fn default_lambda() -> f32 {
+    1.0
+}
+fn default_first() -> FirstLayerAlignment {
+    FirstLayerAlignment::Input
+}
+fn default_tile_bytes() -> usize {
+    64 * 1024
+}
+
+impl Default for SvpConfig {
+    fn default() -> Self {
+        Self {
+            projection_dim: None,
+            sigma: None,
+            projection_dropout: 0.0,
+            lambda: default_lambda(),
+            first_layer_alignment: default_first(),
+            label_concat: false,
+            mean_center: false,
+            tile_bytes: default_tile_bytes(),
+        }
+    }
+}
+
+/// The epoch loop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Training rule.
+    #[serde(default = "default_method")]
+    pub method: Method,
+    /// Passes over the training set.
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Samples per step.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Model seed: initial weights, projections, dropout masks, data order.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Shuffle the training set each epoch.
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+}
+
+fn default_method() -> Method {
+    Method::Svp
+}
+fn default_epochs() -> usize {
+    10
+}
+fn default_batch() -> usize {
+    128
+}
+fn default_seed() -> u64 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            method: default_method(),
+            epochs: default_epochs(),
+            batch_size: default_batch(),
+            seed: default_seed(),
+            shuffle: true,
+        }
+    }
+}
+
+/// A whole run, as written in `models/<name>.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The network.
+    pub model: ModelConfig,
+    /// SVP options (ignored by backpropagation).
+    #[serde(default)]
+    pub svp: SvpConfig,
+    /// The epoch loop.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// The update rule.
+    pub optimizer: Optimizer,
+    /// Learning-rate schedule.
+    #[serde(default)]
+    pub schedule: Schedule,
+}
+
+/// A config that cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A value out of its range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    /// The config does not fit the data.
+    #[error("config does not fit the data: {0}")]
+    DataMismatch(String),
+}
+
+fn invalid(msg: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid(msg.into()))
+}
+
+impl Config {
+    /// Checks every value that would otherwise fail (or silently misbehave) later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.model.hidden.is_empty() {
+            return invalid("model.hidden must list at least one hidden layer width");
+        }
+        if let Some(i) = self.model.hidden.iter().position(|&w| w == 0) {
+            return invalid(format!("model.hidden[{i}] is 0: every width must be positive"));
+        }
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            return invalid(format!("model.dropout = {} must be in [0, 1)", self.model.dropout));
+        }
+        if self.svp.projection_dim == Some(0) {
+            return invalid("svp.projection_dim = 0: the projection needs at least one row");
+        }
+        if let Some(s) = self.svp.sigma
+            && !(s.is_finite() && s > 0.0)
+        {
+            return invalid(format!("svp.sigma = {s} must be a positive number"));
+        }
+        if !(0.0..1.0).contains(&self.svp.projection_dropout) {
+            return invalid(format!("svp.projection_dropout = {} must be in [0, 1)", self.svp.projection_dropout));
+        }
+        if !(self.svp.lambda.is_finite() && self.svp.lambda >= 0.0) {
+            return invalid(format!("svp.lambda = {} must be a non-negative number", self.svp.lambda));
+        }
+        if self.svp.tile_bytes < 4 {
+            return invalid("svp.tile_bytes must be at least 4");
+        }
+        if self.train.epochs == 0 {
+            return invalid("train.epochs must be at least 1");
+        }
+        if self.train.batch_size == 0 {
+            return invalid("train.batch_size must be at least 1");
+        }
+        let lr = self.optimizer.lr();
+        if !(lr.is_finite() && lr > 0.0) {
+            return invalid(format!("optimizer.lr = {lr} must be a positive number"));
+        }
+        Ok(())
+    }
+
+    /// Checks the config against a data set's input width and class count.
+    pub fn validate_for_data(&self, features: usize, classes: usize, train_len: usize) -> Result<(), ConfigError> {
+        self.validate()?;
+        if features == 0 || classes < 2 {
+            return Err(ConfigError::DataMismatch(format!("data has {features} features and {classes} classes")));
+        }
+        if let Some(want) = self.model.input
+            && want != features
+        {
+            return Err(ConfigError::DataMismatch(format!(
+                "model.input = {want} but the data has {features} values per sample"
+            )));
+        }
+        if train_len == 0 {
+            return Err(ConfigError::DataMismatch("the training set is empty".into()));
+        }
+        Ok(())
+    }
+}

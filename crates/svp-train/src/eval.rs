@@ -1,0 +1,70 @@
+//! Test-set evaluation.
+
+use crate::model::{InferenceWorkspace, Mlp, ProjectionHeads};
+use svp_data::{Batcher, Dataset, Normalization};
+
+/// Accuracy of a model on a data set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalReport {
+    /// Fraction of samples whose argmax logit is the label.
+    pub accuracy: f64,
+    /// Mean cross-entropy of the head.
+    pub loss: f64,
+    /// Accuracy of each hidden layer's early exit (`argmax R_l h_l` over the
+    /// first `classes` entries), when projection heads were given.
+    pub exit_accuracy: Vec<f64>,
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (j, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+/// Evaluates `model` on `data` in batches of `batch_size`.
+pub fn evaluate(
+    model: &Mlp,
+    data: &Dataset,
+    norm: Normalization,
+    batch_size: usize,
+    exits: Option<&ProjectionHeads>,
+    ws: &mut InferenceWorkspace,
+) -> EvalReport {
+    let mut batcher = Batcher::new(data.len(), batch_size, norm);
+    batcher.start_epoch(0, 0, false);
+    let features = data.features();
+    let classes = model.classes();
+    let mut x = vec![0.0; batch_size * features];
+    let mut y = vec![0u32; batch_size];
+    let hidden = model.hidden_layers();
+    let (mut correct, mut loss) = (0usize, 0.0f64);
+    let mut exit_correct = vec![0usize; if exits.is_some() { hidden } else { 0 }];
+    for b in 0..batcher.batches() {
+        let rows = batcher.gather(data, b, &mut x, &mut y);
+        let logits = model.predict(&x, rows, ws, exits);
+        for (row, &label) in logits.chunks_exact(classes).zip(&y[..rows]) {
+            correct += usize::from(argmax(row) == label as usize);
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+            loss += (z.ln() + m - row[label as usize]) as f64;
+        }
+        if let Some(h) = exits {
+            for (l, count) in exit_correct.iter_mut().enumerate() {
+                let v = ws.exit_logits(l, rows);
+                for (row, &label) in v.chunks_exact(h.dim).zip(&y[..rows]) {
+                    *count += usize::from(argmax(&row[..classes.min(h.dim)]) == label as usize);
+                }
+            }
+        }
+    }
+    let n = data.len().max(1) as f64;
+    EvalReport {
+        accuracy: correct as f64 / n,
+        loss: loss / n,
+        exit_accuracy: exit_correct.iter().map(|&c| c as f64 / n).collect(),
+    }
+}

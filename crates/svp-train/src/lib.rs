@@ -1,0 +1,66 @@
+//! Training rules for svp.
+//!
+//! * [`Mlp`]: the network (dense blocks and a linear head) with all parameters
+//!   in one contiguous buffer, and its inference path.
+//! * [`SvpTrainer`]: Stochastic Variational Propagation. Layer by layer: forward,
+//!   project with the seed-regenerated `R_l`, local loss `CE + lambda * FA`,
+//!   backward of that layer alone, update, move on. One workspace sized for the
+//!   widest layer serves every layer and step, so memory does not grow with depth.
+//! * [`BpTrainer`]: backpropagation over the same layers; it keeps every layer's
+//!   activations, which is the memory contrast.
+//! * [`config`]: what a run is (network, rule options, optimizer, schedule),
+//!   validated against the data before anything is allocated.
+
+pub mod config;
+mod bp;
+mod eval;
+mod model;
+mod schedule;
+mod svp;
+
+pub use bp::BpTrainer;
+pub use config::{Config, ConfigError, Method};
+pub use eval::{EvalReport, evaluate};
+pub use model::{InferenceWorkspace, Mlp, ProjectionHeads};
+pub use schedule::Schedule;
+pub use svp::{LayerMetrics, SvpTrainer};
+
+/// Why a training step stopped.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainError {
+    /// A local (SVP) or global (BP) loss was NaN or infinite. The update that
+    /// would have used it was not applied.
+    #[error("training diverged: non-finite loss ({loss}) at layer {layer}, step {step}")]
+    Diverged {
+        /// 1-based layer whose loss was not finite (the head is the last).
+        layer: usize,
+        /// Global step.
+        step: u64,
+        /// The loss value.
+        loss: f32,
+    },
+}
+
+/// One training rule, driven by the epoch loop.
+pub trait Trainer {
+    /// One step on a batch `x` (rows x features) with labels `y`; returns the
+    /// classifier head's cross-entropy. On error no update from that loss was applied.
+    fn step(&mut self, model: &mut Mlp, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError>;
+
+    /// Steps taken so far.
+    fn steps(&self) -> u64;
+
+    /// Bytes of optimizer state.
+    fn optimizer_bytes(&self) -> usize;
+
+    /// Bytes of training workspace (activations, caches, gradients, projections).
+    fn workspace_bytes(&self) -> usize;
+
+    /// Per-layer local losses and head accuracies since the last reset (SVP only).
+    fn layer_metrics(&self) -> Option<&LayerMetrics> {
+        None
+    }
+
+    /// Clears the metrics of [`Trainer::layer_metrics`].
+    fn reset_layer_metrics(&mut self) {}
+}

@@ -1,0 +1,264 @@
+//! The SVP training step: every layer learns from its own local loss.
+
+use crate::config::{Config, FirstLayerAlignment};
+use crate::model::{Mlp, ProjectionHeads};
+use crate::{TrainError, Trainer};
+use svp_nn::{DenseCache, FaWorkspace, FeatureAlignment, Mode, Projection, softmax_cross_entropy};
+use svp_optim::{LayerState, Optimizer};
+use svp_tensor::{view, view_mut};
+
+/// Sums of per-layer local losses and head accuracies over the steps since
+/// the last reset. Index `l` is layer `l + 1`; the classifier head is last.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LayerMetrics {
+    /// Sum over steps of each layer's cross-entropy.
+    pub ce_sum: Vec<f64>,
+    /// Sum over steps of each layer's feature-alignment loss.
+    pub fa_sum: Vec<f64>,
+    /// Training samples each layer's head classified correctly.
+    pub correct: Vec<u64>,
+    /// Steps summed.
+    pub steps: u64,
+    /// Samples seen.
+    pub samples: u64,
+}
+
+impl LayerMetrics {
+    fn new(layers: usize) -> Self {
+        Self {
+            ce_sum: vec![0.0; layers],
+            fa_sum: vec![0.0; layers],
+            correct: vec![0; layers],
+            steps: 0,
+            samples: 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.ce_sum.fill(0.0);
+        self.fa_sum.fill(0.0);
+        self.correct.fill(0);
+        self.steps = 0;
+        self.samples = 0;
+    }
+}
+
+/// SVP trainer: options, optimizer state per layer and one workspace sized for
+/// the widest layer, reused by every layer and step.
+pub struct SvpTrainer {
+    optimizer: Optimizer,
+    states: Vec<LayerState>,
+    heads: ProjectionHeads,
+    lambda: f32,
+    align_first: bool,
+    fa: FeatureAlignment,
+    step: u64,
+    max_rows: usize,
+    ws: Workspace,
+    metrics: LayerMetrics,
+}
+
+/// Everything a step touches besides the weights and optimizer state.
+struct Workspace {
+    /// Ping-pong hidden activations: layer l reads one and writes the other.
+    act: [Vec<f32>; 2],
+    cache: DenseCache,
+    /// Gradient wrt the current layer's output.
+    dh: Vec<f32>,
+    v_cur: Vec<f32>,
+    v_prev: Vec<f32>,
+    dv: Vec<f32>,
+    tile: Vec<f32>,
+    fa: FaWorkspace,
+    grad: Vec<f32>,
+}
+
+impl Workspace {
+    fn bytes(&self) -> usize {
+        4 * (self.act[0].len()
+            + self.act[1].len()
+            + self.dh.len()
+            + self.v_cur.len()
+            + self.v_prev.len()
+            + self.dv.len()
+            + self.tile.len()
+            + self.grad.len())
+            + self.cache.bytes()
+            + self.fa.bytes()
+    }
+}
+
+impl SvpTrainer {
+    /// A trainer for `model` under `config`, for batches of up to `config.train.batch_size` rows.
+    pub fn new(model: &Mlp, config: &Config) -> Self {
+        let classes = model.classes();
+        let dim = config.svp.projection_dim.unwrap_or(classes);
+        let heads = ProjectionHeads {
+            seed: config.train.seed,
+            dim,
+            sigma: config.svp.sigma,
+            dropout: config.svp.projection_dropout,
+            label_classes: config.svp.label_concat.then_some(classes),
+        };
+        let rows = config.train.batch_size;
+        let width = model.max_width();
+        let vdim = dim.max(classes);
+        let label_cols = if config.svp.label_concat { classes } else { 0 };
+        let tile_floats = (config.svp.tile_bytes / 4).max(width + label_cols);
+        let ws = Workspace {
+            act: [vec![0.0; rows * width], vec![0.0; rows * width]],
+            cache: DenseCache::new(rows, width),
+            dh: vec![0.0; rows * width],
+            v_cur: vec![0.0; rows * vdim],
+            v_prev: vec![0.0; rows * vdim],
+            dv: vec![0.0; rows * vdim],
+            tile: vec![0.0; tile_floats],
+            fa: FaWorkspace::new(rows, vdim),
+            grad: vec![0.0; model.max_layer_params()],
+        };
+        let states = (0..model.layers().len()).map(|l| config.optimizer.new_state(model.layer_params(l).len())).collect();
+        Self {
+            optimizer: config.optimizer,
+            states,
+            heads,
+            lambda: config.svp.lambda,
+            align_first: config.svp.first_layer_alignment == FirstLayerAlignment::Input,
+            fa: FeatureAlignment { mean_center: config.svp.mean_center },
+            step: 0,
+            max_rows: rows,
+            ws,
+            metrics: LayerMetrics::new(model.layers().len()),
+        }
+    }
+
+    /// The projection heads (what a model file needs to regenerate `R_l`).
+    pub fn heads(&self) -> &ProjectionHeads {
+        &self.heads
+    }
+
+    /// Layer `l`'s projection (1-based hidden index; 0 = input).
+    fn projection(&self, layer: usize, width: usize) -> Projection {
+        self.heads.for_layer(layer, width, layer > 0)
+    }
+
+    /// Optimizer state per layer.
+    pub fn states(&self) -> &[LayerState] {
+        &self.states
+    }
+}
+
+impl Trainer for SvpTrainer {
+    fn step(&mut self, model: &mut Mlp, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError> {
+        let rows = y.len();
+        assert!(rows > 0 && rows <= self.max_rows, "batch of {rows} rows for a trainer sized for {}", self.max_rows);
+        let step = self.step;
+        let mode = Mode::Train { seed: self.heads.seed, step };
+        let n_layers = model.layers().len();
+        let input_dim = model.input();
+        let vdim = self.heads.dim;
+
+        // v_0: the alignment target of layer 1.
+        let mut have_prev = false;
+        let mut prev_dim = 0;
+        if self.align_first {
+            let p0 = self.projection(0, input_dim);
+            let ws = &mut self.ws;
+            p0.forward(view(x, rows, input_dim), None, None, view_mut(&mut ws.v_prev, rows, vdim), &mut ws.tile);
+            have_prev = true;
+            prev_dim = vdim;
+        }
+
+        let mut head_ce = 0.0;
+        let mut cur = 0; // index of the activation buffer holding this layer's input (unused for l = 0)
+        for l in 0..n_layers {
+            let is_head = l + 1 == n_layers;
+            let (layer, params) = model.layer_mut(l);
+            let spec = *layer.spec();
+            let (d_in, d_out) = (spec.in_dim, spec.out_dim);
+            let ws = &mut self.ws;
+            let (a, b) = ws.act.split_at_mut(1);
+            let (src, dst) = if cur == 0 { (&a[0], &mut b[0]) } else { (&b[0], &mut a[0]) };
+            let input = if l == 0 { view(x, rows, input_dim) } else { view(src, rows, d_in) };
+
+            layer.forward(params, input, &mut ws.cache, dst, mode);
+
+            // Local logits: v_l = Dropout(R_l) h_l, or the head's own output.
+            let out_dim = if is_head { d_out } else { vdim };
+            let proj = (!is_head).then(|| self.heads.for_layer(l + 1, d_out, true));
+            let v = if let Some(p) = &proj {
+                p.forward(
+                    view(dst, rows, d_out),
+                    Some(y),
+                    Some(step),
+                    view_mut(&mut ws.v_cur, rows, vdim),
+                    &mut ws.tile,
+                );
+                &ws.v_cur[..rows * vdim]
+            } else {
+                &dst[..rows * d_out]
+            };
+
+            let (ce, correct) = softmax_cross_entropy(view(v, rows, out_dim), y, &mut ws.dv);
+            let fa = if have_prev {
+                self.fa.loss_and_grad(
+                    view(v, rows, out_dim),
+                    view(&ws.v_prev, rows, prev_dim),
+                    &mut ws.fa,
+                    self.lambda,
+                    &mut ws.dv,
+                )
+            } else {
+                0.0
+            };
+            let loss = ce + self.lambda * fa;
+            if !loss.is_finite() {
+                return Err(TrainError::Diverged { layer: l + 1, step, loss });
+            }
+            self.metrics.ce_sum[l] += ce as f64;
+            self.metrics.fa_sum[l] += fa as f64;
+            self.metrics.correct[l] += correct as u64;
+
+            // eps = dL/dh_l through R_l only; then this layer's backward and update.
+            let grad = &mut ws.grad[..params.len()];
+            if let Some(p) = &proj {
+                p.backward(view(&ws.dv, rows, vdim), Some(step), view_mut(&mut ws.dh, rows, d_out), &mut ws.tile);
+                layer.backward(params, input, &ws.cache, &mut ws.dh, grad, None, mode);
+            } else {
+                layer.backward(params, input, &ws.cache, &mut ws.dv, grad, None, mode);
+                head_ce = ce;
+            }
+            self.optimizer.update(lr_scale, params, grad, &mut self.states[l]);
+
+            if !is_head {
+                std::mem::swap(&mut ws.v_cur, &mut ws.v_prev);
+                have_prev = true;
+                prev_dim = vdim;
+            }
+            cur = if l == 0 { 1 } else { 1 - cur };
+        }
+        self.metrics.steps += 1;
+        self.metrics.samples += rows as u64;
+        self.step += 1;
+        Ok(head_ce)
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+
+    fn optimizer_bytes(&self) -> usize {
+        self.states.iter().map(LayerState::bytes).sum()
+    }
+
+    fn workspace_bytes(&self) -> usize {
+        self.ws.bytes()
+    }
+
+    fn layer_metrics(&self) -> Option<&LayerMetrics> {
+        Some(&self.metrics)
+    }
+
+    fn reset_layer_metrics(&mut self) {
+        self.metrics.reset();
+    }
+}
