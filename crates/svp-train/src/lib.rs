@@ -14,6 +14,7 @@
 pub mod config;
 mod bp;
 mod eval;
+mod fit;
 mod model;
 mod schedule;
 mod svp;
@@ -21,6 +22,7 @@ mod svp;
 pub use bp::BpTrainer;
 pub use config::{Config, ConfigError, Method};
 pub use eval::{EvalReport, evaluate};
+pub use fit::{EpochReport, FitObserver, FitOutcome, LayerEpoch, MemoryBreakdown, Progress, fit};
 pub use model::{InferenceWorkspace, Mlp, ProjectionHeads};
 pub use schedule::Schedule;
 pub use svp::{LayerMetrics, SvpTrainer};

@@ -1,6 +1,6 @@
 //! The network and its inference path.
 
-use crate::config::ModelConfig;
+use crate::config::{Config, ModelConfig};
 use serde::{Deserialize, Serialize};
 use svp_nn::{Dense, DenseCache, DenseSpec, Mode, Projection};
 use svp_tensor::view;
@@ -21,6 +21,17 @@ pub struct ProjectionHeads {
 }
 
 impl ProjectionHeads {
+    /// The heads an SVP run of `config` uses on data with `classes` classes.
+    pub fn from_config(config: &Config, classes: usize) -> Self {
+        Self {
+            seed: config.train.seed,
+            dim: config.svp.projection_dim.unwrap_or(classes),
+            sigma: config.svp.sigma,
+            dropout: config.svp.projection_dropout,
+            label_classes: config.svp.label_concat.then_some(classes),
+        }
+    }
+
     /// Projection of layer `layer` (0 = input) of width `width`.
     pub fn for_layer(&self, layer: usize, width: usize, with_labels: bool) -> Projection {
         Projection {

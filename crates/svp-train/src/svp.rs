@@ -92,14 +92,8 @@ impl SvpTrainer {
     /// A trainer for `model` under `config`, for batches of up to `config.train.batch_size` rows.
     pub fn new(model: &Mlp, config: &Config) -> Self {
         let classes = model.classes();
-        let dim = config.svp.projection_dim.unwrap_or(classes);
-        let heads = ProjectionHeads {
-            seed: config.train.seed,
-            dim,
-            sigma: config.svp.sigma,
-            dropout: config.svp.projection_dropout,
-            label_classes: config.svp.label_concat.then_some(classes),
-        };
+        let heads = ProjectionHeads::from_config(config, classes);
+        let dim = heads.dim;
         let rows = config.train.batch_size;
         let width = model.max_width();
         let vdim = dim.max(classes);

@@ -1,0 +1,129 @@
+//! Shared setup for the benchmarks: the reference model and its GEMM shapes.
+
+use svp_train::Config;
+
+/// The reference run (`models/mlp-fmnist.toml`).
+pub fn reference_config() -> Config {
+    let text = include_str!("../models/mlp-fmnist.toml");
+    toml_free_parse(text)
+}
+
+/// The benches avoid a TOML dependency: the reference config is rebuilt here
+/// and checked against the file's key values.
+fn toml_free_parse(text: &str) -> Config {
+    assert!(text.contains("hidden = [1024, 1024, 1024]"), "reference config changed: update the benches");
+    Config {
+        model: svp_train::config::ModelConfig {
+            input: None,
+            hidden: vec![1024, 1024, 1024],
+            norm: svp_nn::Norm::LayerNorm,
+            activation: svp_nn::Activation::Relu,
+            dropout: 0.0,
+        },
+        svp: Default::default(),
+        train: svp_train::config::TrainConfig { batch_size: 128, ..Default::default() },
+        optimizer: svp_optim::Optimizer::Adam { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        schedule: Default::default(),
+    }
+}
+
+/// One GEMM the training steps run: `(m, k) x (k, n)`, with a name saying where.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmShape {
+    /// Where it runs.
+    pub name: &'static str,
+    /// Rows of the output.
+    pub m: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// Columns of the output.
+    pub n: usize,
+    /// Times per SVP step.
+    pub per_svp_step: usize,
+    /// Times per BP step.
+    pub per_bp_step: usize,
+    /// The left operand is a transposed view (as in the weight gradient).
+    pub a_t: bool,
+    /// The right operand is a transposed view (as `W^T` in the forward).
+    pub b_t: bool,
+}
+
+/// Every GEMM of one step of the reference model at batch 128, `d' = 10`.
+pub const SHAPES: &[GemmShape] = &[
+    GemmShape { name: "fwd 128x784x1024", m: 128, k: 784, n: 1024, per_svp_step: 1, per_bp_step: 1 , a_t: false, b_t: true },
+    GemmShape { name: "fwd 128x1024x1024", m: 128, k: 1024, n: 1024, per_svp_step: 2, per_bp_step: 2 , a_t: false, b_t: true },
+    GemmShape { name: "fwd head 128x1024x10", m: 128, k: 1024, n: 10, per_svp_step: 1, per_bp_step: 1 , a_t: false, b_t: true },
+    GemmShape { name: "wgrad 1024x128x784", m: 1024, k: 128, n: 784, per_svp_step: 1, per_bp_step: 1 , a_t: true, b_t: false },
+    GemmShape { name: "wgrad 1024x128x1024", m: 1024, k: 128, n: 1024, per_svp_step: 2, per_bp_step: 2 , a_t: true, b_t: false },
+    GemmShape { name: "wgrad head 10x128x1024", m: 10, k: 128, n: 1024, per_svp_step: 1, per_bp_step: 1 , a_t: true, b_t: false },
+    GemmShape { name: "dgrad 128x1024x1024", m: 128, k: 1024, n: 1024, per_svp_step: 0, per_bp_step: 2 , a_t: false, b_t: false },
+    GemmShape { name: "dgrad head 128x10x1024", m: 128, k: 10, n: 1024, per_svp_step: 0, per_bp_step: 1 , a_t: false, b_t: false },
+    GemmShape { name: "proj 128x784x10", m: 128, k: 784, n: 10, per_svp_step: 1, per_bp_step: 0 , a_t: false, b_t: true },
+    GemmShape { name: "proj 128x1024x10", m: 128, k: 1024, n: 10, per_svp_step: 3, per_bp_step: 0 , a_t: false, b_t: true },
+    GemmShape { name: "proj back 128x10x1024", m: 128, k: 10, n: 1024, per_svp_step: 3, per_bp_step: 0 , a_t: false, b_t: false },
+    GemmShape { name: "fa sim 128x10x128", m: 128, k: 10, n: 128, per_svp_step: 8, per_bp_step: 0 , a_t: false, b_t: true },
+    GemmShape { name: "fa grad 128x128x10", m: 128, k: 128, n: 10, per_svp_step: 4, per_bp_step: 0 , a_t: false, b_t: false },
+];
+
+/// Operands and output of `shape`, laid out as the training step lays them out.
+pub struct GemmOperands {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    /// The output buffer.
+    pub c: Vec<f32>,
+    shape: GemmShape,
+}
+
+impl GemmOperands {
+    /// Deterministic operands for `shape`.
+    pub fn new(shape: GemmShape) -> Self {
+        let fill = |n: usize, salt: usize| (0..n).map(|i| (((i * 7919 + salt) % 2003) as f32 - 1001.0) / 1001.0).collect();
+        Self { a: fill(shape.m * shape.k, 1), b: fill(shape.k * shape.n, 2), c: vec![0.0; shape.m * shape.n], shape }
+    }
+
+    /// Runs the GEMM once.
+    pub fn run(&mut self) {
+        use svp_tensor::{view, view_mut};
+        let GemmShape { m, k, n, a_t, b_t, .. } = self.shape;
+        let a = if a_t { view(&self.a, k, m).reversed_axes() } else { view(&self.a, m, k) };
+        let b = if b_t { view(&self.b, n, k).reversed_axes() } else { view(&self.b, k, n) };
+        svp_tensor::gemm(1.0, a, b, 0.0, view_mut(&mut self.c, m, n));
+    }
+}
+
+/// A trainer of `method` on the reference model, with one batch of real data.
+pub struct StepBench {
+    /// The model.
+    pub model: svp_train::Mlp,
+    /// The trainer.
+    pub trainer: Box<dyn svp_train::Trainer>,
+    /// Batch inputs.
+    pub x: Vec<f32>,
+    /// Batch labels.
+    pub y: Vec<u32>,
+}
+
+impl StepBench {
+    /// Builds the reference model and trainer and gathers one batch of the embedded data.
+    pub fn new(method: svp_train::Method) -> Self {
+        let config = reference_config();
+        let data = svp_data::DataSplit::embedded();
+        let model = svp_train::Mlp::new(data.features(), data.classes, &config.model, 1);
+        let trainer: Box<dyn svp_train::Trainer> = match method {
+            svp_train::Method::Svp => Box::new(svp_train::SvpTrainer::new(&model, &config)),
+            svp_train::Method::Bp => Box::new(svp_train::BpTrainer::new(&model, &config)),
+        };
+        let norm = svp_data::Normalization::fit(&data.train);
+        let mut batcher = svp_data::Batcher::new(data.train.len(), 128, norm);
+        batcher.start_epoch(1, 0, true);
+        let mut x = vec![0.0; 128 * data.features()];
+        let mut y = vec![0; 128];
+        batcher.gather(&data.train, 0, &mut x, &mut y);
+        Self { model, trainer, x, y }
+    }
+
+    /// One training step.
+    pub fn step(&mut self) {
+        self.trainer.step(&mut self.model, &self.x, &self.y, 1.0).expect("finite loss");
+    }
+}

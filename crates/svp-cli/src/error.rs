@@ -1,0 +1,59 @@
+//! The CLI's errors: each prints as one line.
+
+use std::path::PathBuf;
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The config file could not be read.
+    #[error("cannot read config {}: {source}", path.display())]
+    ConfigRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for a run.
+    #[error("config {}: {message}", path.display())]
+    ConfigParse {
+        /// The file.
+        path: PathBuf,
+        /// Where and what.
+        message: String,
+    },
+    /// The config does not make sense, or does not fit the data.
+    #[error(transparent)]
+    Config(#[from] svp_train::ConfigError),
+    /// Data could not be loaded.
+    #[error(transparent)]
+    Data(#[from] svp_data::DataError),
+    /// A model file could not be read or written.
+    #[error(transparent)]
+    Model(#[from] svp_model::ModelError),
+    /// The output path cannot be written.
+    #[error("cannot write output {}: {reason}", path.display())]
+    Output {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Training stopped on a non-finite loss.
+    #[error("{error}; {saved}")]
+    Diverged {
+        /// What happened.
+        error: svp_train::TrainError,
+        /// What was kept.
+        saved: String,
+    },
+}
+
+impl CliError {
+    /// Process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Diverged { .. } => 3,
+            _ => 1,
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! `svp`: train, evaluate and inspect SVP models from the command line.
+//!
+//! Every failure ends as one line on stderr and a non-zero exit code:
+//! 1 for a run that could not start or finish, 2 for bad usage (clap),
+//! 3 for a run that diverged (its last good weights are still saved).
+
+mod cli;
+mod error;
+mod eval_cmd;
+mod mem;
+mod progress;
+mod train_cmd;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    if let Some(n) = args.threads
+        && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global()
+    {
+        eprintln!("error: cannot start {n} threads: {e}");
+        return ExitCode::from(1);
+    }
+    let result = match args.command {
+        cli::Command::Train(a) => train_cmd::run(a),
+        cli::Command::Eval(a) => eval_cmd::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! `svp train`.
+
+use crate::cli::{MethodArg, TrainArgs};
+use crate::error::CliError;
+use crate::mem::peak_rss_kib;
+use crate::progress::ProgressLine;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use svp_data::{DataSource, DataSplit};
+use svp_model::{ModelFile, Provenance};
+use svp_train::{Config, EpochReport, Method, fit};
+use svp_optim::Optimizer;
+use svp_train::{FitObserver, Progress};
+
+/// The config `svp train` uses without `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../models/mlp-fmnist.toml");
+
+/// Parses a run description; errors name the line.
+pub fn parse_config(text: &str, path: &Path) -> Result<Config, CliError> {
+    toml::from_str::<Config>(text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        let message = e.message().replace('\n', " ");
+        CliError::ConfigParse {
+            path: path.to_owned(),
+            message: match line {
+                Some(l) => format!("line {l}: {message}"),
+                None => message,
+            },
+        }
+    })
+}
+
+/// Resolves `--data`: `embedded`, a folder, or the default search.
+pub fn data_source(arg: Option<&Path>) -> DataSource {
+    match arg {
+        Some(p) if p == Path::new("embedded") => DataSource::Embedded,
+        other => DataSource::resolve(other),
+    }
+}
+
+fn load_config(args: &TrainArgs) -> Result<Config, CliError> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| CliError::ConfigRead { path: path.clone(), source })?;
+            parse_config(&text, path)?
+        }
+        None => parse_config(DEFAULT_CONFIG, Path::new("<built-in models/mlp-fmnist.toml>"))?,
+    };
+    if let Some(m) = args.method {
+        config.train.method = match m {
+            MethodArg::Svp => Method::Svp,
+            MethodArg::Bp => Method::Bp,
+        };
+    }
+    if let Some(e) = args.epochs {
+        config.train.epochs = e;
+    }
+    if let Some(s) = args.seed {
+        config.train.seed = s;
+    }
+    if let Some(b) = args.batch_size {
+        config.train.batch_size = b;
+    }
+    if let Some(lr) = args.lr {
+        match &mut config.optimizer {
+            Optimizer::Sgd { lr: l, .. } | Optimizer::Adam { lr: l, .. } | Optimizer::AdamW { lr: l, .. } => *l = lr,
+        }
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Fails early, before any training, if `path` cannot be written.
+fn check_writable(path: &Path) -> Result<(), CliError> {
+    let fail = |reason: String| CliError::Output { path: path.to_owned(), reason };
+    if path.is_dir() {
+        return Err(fail("it is a folder".into()));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(fail(format!("folder {} does not exist", dir.display())));
+    }
+    let probe = dir.join(format!(".svp-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| fail(e.to_string()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn describe(config: &Config, data: &DataSplit) -> String {
+    let widths: Vec<String> = std::iter::once(data.features())
+        .chain(config.model.hidden.iter().copied())
+        .chain([data.classes])
+        .map(|w| w.to_string())
+        .collect();
+    format!(
+        "svp train: method {}, network {}, {} train / {} test samples from {}, batch {}, {} epochs, {} threads",
+        config.train.method,
+        widths.join("-"),
+        data.train.len(),
+        data.test.len(),
+        data.origin,
+        config.train.batch_size,
+        config.train.epochs,
+        rayon::current_num_threads()
+    )
+}
+
+fn epoch_json(r: &EpochReport) -> serde_json::Value {
+    let mut v = json!({
+        "epoch": r.epoch,
+        "train_loss": r.train_loss,
+        "test_acc": r.test_acc,
+        "seconds": r.seconds,
+        "samples_per_s": r.samples_per_s,
+    });
+    if let Some(l) = &r.layers {
+        v["layer_ce"] = json!(l.ce);
+        v["layer_fa"] = json!(l.fa);
+        v["layer_train_acc"] = json!(l.train_acc);
+        v["exit_test_acc"] = json!(l.exit_test_acc);
+    }
+    v
+}
+
+fn epoch_text(r: &EpochReport) -> String {
+    let mut s = format!(
+        "epoch {:>3}  train_loss {:.4}  test_acc {:.2}%  {:.1} s  {:.0} samples/s",
+        r.epoch,
+        r.train_loss,
+        100.0 * r.test_acc,
+        r.seconds,
+        r.samples_per_s
+    );
+    if let Some(l) = &r.layers
+        && !l.exit_test_acc.is_empty()
+    {
+        let exits: Vec<String> = l.exit_test_acc.iter().map(|a| format!("{:.1}", 100.0 * a)).collect();
+        s.push_str(&format!("  exits {}", exits.join("/")));
+    }
+    s
+}
+
+/// Progress on stderr, one epoch line (text or JSON) on stdout.
+struct Console {
+    progress: ProgressLine,
+    json: bool,
+}
+
+impl FitObserver for Console {
+    fn on_step(&mut self, p: &Progress) {
+        self.progress.update(p);
+    }
+
+    fn on_epoch(&mut self, r: &EpochReport) {
+        self.progress.clear();
+        if self.json {
+            println!("{}", epoch_json(r));
+        } else {
+            println!("{}", epoch_text(r));
+        }
+    }
+}
+
+/// Runs `svp train`.
+pub fn run(args: TrainArgs) -> Result<(), CliError> {
+    let config = load_config(&args)?;
+    if let Some(out) = &args.out {
+        check_writable(out)?;
+    }
+    let mut data = data_source(args.data.as_deref()).load()?;
+    if let Some(n) = args.limit_train {
+        let n = n.min(data.train.len());
+        let f = data.train.features();
+        data.train.labels.truncate(n);
+        data.train.images.truncate(n * f);
+    }
+    config.validate_for_data(data.features(), data.classes, data.train.len())?;
+    eprintln!("{}", describe(&config, &data));
+
+    let mut console = Console { progress: ProgressLine::new(config.train.epochs), json: args.json };
+    let outcome = fit(&config, &data, &mut console);
+    console.progress.clear();
+
+    let test_acc = outcome.epochs.last().map_or(0.0, |r| r.test_acc);
+    let saved = match &args.out {
+        Some(path) => {
+            let provenance = Provenance {
+                method: config.train.method.to_string(),
+                epochs: outcome.epochs.len(),
+                test_acc,
+                data: data.origin.clone(),
+            };
+            ModelFile::new(&outcome.model, outcome.heads.clone(), outcome.norm, data.train.image_shape, provenance)
+                .save(path)?;
+            Some(path.clone())
+        }
+        None => None,
+    };
+    let peak = peak_rss_kib();
+    let m = outcome.memory;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "done": outcome.diverged.is_none(),
+                "test_acc": test_acc,
+                "epochs": outcome.epochs.len(),
+                "peak_rss_kib": peak,
+                "param_bytes": m.params,
+                "optimizer_bytes": m.optimizer,
+                "workspace_bytes": m.workspace,
+                "model": saved.as_ref().map(|p| p.display().to_string()),
+            })
+        );
+    } else {
+        eprintln!(
+            "final test accuracy {:.2}%; peak RSS {}; parameters {:.1} MiB, optimizer state {:.1} MiB, training workspace {:.1} MiB{}",
+            100.0 * test_acc,
+            peak.map_or("unknown".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            m.params as f64 / 1048576.0,
+            m.optimizer as f64 / 1048576.0,
+            m.workspace as f64 / 1048576.0,
+            saved.as_ref().map_or(String::new(), |p| format!("; model saved to {}", p.display())),
+        );
+    }
+    if let Some(error) = outcome.diverged {
+        let saved = match &saved {
+            Some(p) => format!("the last good weights were saved to {}", p.display()),
+            None => "no --out was given, so no weights were saved".into(),
+        };
+        return Err(CliError::Diverged { error, saved });
+    }
+    Ok(())
+}

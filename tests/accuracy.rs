@@ -1,0 +1,57 @@
+//! Accuracy floors on real data (the Fashion-MNIST subset embedded in the
+//! binary), for both training rules, and the properties SVP promises along the way.
+
+use svp_integration_tests::{embedded_subset, small_config};
+use svp_train::{Method, fit};
+
+#[test]
+fn svp_and_bp_learn_fashion_mnist() {
+    let data = embedded_subset(6000);
+    let svp = fit(&small_config(Method::Svp, 3), &data, &mut ());
+    let bp = fit(&small_config(Method::Bp, 3), &data, &mut ());
+    let svp_acc = svp.epochs.last().unwrap().test_acc;
+    let bp_acc = bp.epochs.last().unwrap().test_acc;
+    eprintln!("3 epochs on 6k samples: SVP {:.2}%, BP {:.2}%", 100.0 * svp_acc, 100.0 * bp_acc);
+    assert!(svp_acc >= 0.80, "SVP test accuracy {svp_acc}");
+    assert!(bp_acc >= 0.82, "BP test accuracy {bp_acc}");
+    // Per-layer numbers come with every SVP epoch.
+    let layers = svp.epochs.last().unwrap().layers.as_ref().unwrap();
+    assert_eq!(layers.ce.len(), 3);
+    assert_eq!(layers.exit_test_acc.len(), 2);
+    assert!(layers.exit_test_acc.iter().all(|&a| a > 0.75), "early exits {:?}", layers.exit_test_acc);
+    // Loss goes down epoch over epoch.
+    assert!(svp.epochs[2].train_loss < svp.epochs[0].train_loss);
+    assert!(bp.epochs.last().unwrap().layers.is_none());
+}
+
+#[test]
+fn svp_workspace_does_not_grow_with_depth_but_bp_does() {
+    let data = embedded_subset(128);
+    let run = |method: Method, depth: usize| {
+        let mut c = small_config(method, 1);
+        c.model.hidden = vec![256; depth];
+        fit(&c, &data, &mut ()).memory.workspace
+    };
+    let (svp2, svp8) = (run(Method::Svp, 2), run(Method::Svp, 8));
+    let (bp2, bp8) = (run(Method::Bp, 2), run(Method::Bp, 8));
+    assert_eq!(svp2, svp8, "SVP workspace changed with depth");
+    // BP keeps, per extra layer, its output, pre-activation and normalized
+    // input for the whole batch (64 rows x 256 floats each).
+    let per_layer = 3 * 64 * 256 * 4;
+    assert!(bp8 - bp2 >= 6 * per_layer, "BP workspace {bp2} -> {bp8}");
+}
+
+#[test]
+fn divergence_stops_with_the_layer_and_step() {
+    let data = embedded_subset(1280);
+    let mut c = small_config(Method::Svp, 1);
+    c.optimizer = svp_optim::Optimizer::Sgd { lr: 1e30, momentum: 0.0, weight_decay: 0.0 };
+    c.model.norm = svp_nn::Norm::None;
+    let out = fit(&c, &data, &mut ());
+    let err = out.diverged.expect("a learning rate of 1e30 diverges");
+    let svp_train::TrainError::Diverged { layer, step, loss } = err;
+    assert!(!loss.is_finite());
+    assert!((1..=3).contains(&layer) && step < 20, "layer {layer} step {step}");
+    // No update from a non-finite loss was applied: the weights kept are finite.
+    assert!(out.model.params().iter().all(|v| v.is_finite()));
+}

@@ -1,0 +1,30 @@
+//! Helpers shared by the integration tests.
+
+use svp_train::Config;
+use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
+
+/// A small but real run: 784-256-256-10 with LayerNorm + ReLU, Adam.
+pub fn small_config(method: svp_train::Method, epochs: usize) -> Config {
+    Config {
+        model: ModelConfig {
+            input: None,
+            hidden: vec![256, 256],
+            norm: svp_nn::Norm::LayerNorm,
+            activation: svp_nn::Activation::Relu,
+            dropout: 0.0,
+        },
+        svp: SvpConfig::default(),
+        train: TrainConfig { method, epochs, batch_size: 64, seed: 7, shuffle: true },
+        optimizer: svp_optim::Optimizer::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
+    }
+}
+
+/// The embedded Fashion-MNIST subset, cut to the first `n` training samples.
+pub fn embedded_subset(n: usize) -> svp_data::DataSplit {
+    let mut data = svp_data::DataSplit::embedded();
+    let f = data.features();
+    data.train.labels.truncate(n);
+    data.train.images.truncate(n * f);
+    data
+}
