@@ -1,5 +1,7 @@
 //! Shared setup for the benchmarks: the reference model and its GEMM shapes.
 
+#![warn(missing_docs)]
+
 use svp_train::Config;
 
 /// The reference run (`models/mlp-fmnist.toml`).
@@ -50,19 +52,136 @@ pub struct GemmShape {
 
 /// Every GEMM of one step of the reference model at batch 128, `d' = 10`.
 pub const SHAPES: &[GemmShape] = &[
-    GemmShape { name: "fwd 128x784x1024", m: 128, k: 784, n: 1024, per_svp_step: 1, per_bp_step: 1 , a_t: false, b_t: true },
-    GemmShape { name: "fwd 128x1024x1024", m: 128, k: 1024, n: 1024, per_svp_step: 2, per_bp_step: 2 , a_t: false, b_t: true },
-    GemmShape { name: "fwd head 128x1024x10", m: 128, k: 1024, n: 10, per_svp_step: 1, per_bp_step: 1 , a_t: false, b_t: true },
-    GemmShape { name: "wgrad 1024x128x784", m: 1024, k: 128, n: 784, per_svp_step: 1, per_bp_step: 1 , a_t: true, b_t: false },
-    GemmShape { name: "wgrad 1024x128x1024", m: 1024, k: 128, n: 1024, per_svp_step: 2, per_bp_step: 2 , a_t: true, b_t: false },
-    GemmShape { name: "wgrad head 10x128x1024", m: 10, k: 128, n: 1024, per_svp_step: 1, per_bp_step: 1 , a_t: true, b_t: false },
-    GemmShape { name: "dgrad 128x1024x1024", m: 128, k: 1024, n: 1024, per_svp_step: 0, per_bp_step: 2 , a_t: false, b_t: false },
-    GemmShape { name: "dgrad head 128x10x1024", m: 128, k: 10, n: 1024, per_svp_step: 0, per_bp_step: 1 , a_t: false, b_t: false },
-    GemmShape { name: "proj 128x784x10", m: 128, k: 784, n: 10, per_svp_step: 1, per_bp_step: 0 , a_t: false, b_t: true },
-    GemmShape { name: "proj 128x1024x10", m: 128, k: 1024, n: 10, per_svp_step: 3, per_bp_step: 0 , a_t: false, b_t: true },
-    GemmShape { name: "proj back 128x10x1024", m: 128, k: 10, n: 1024, per_svp_step: 3, per_bp_step: 0 , a_t: false, b_t: false },
-    GemmShape { name: "fa sim 128x10x128", m: 128, k: 10, n: 128, per_svp_step: 8, per_bp_step: 0 , a_t: false, b_t: true },
-    GemmShape { name: "fa grad 128x128x10", m: 128, k: 128, n: 10, per_svp_step: 4, per_bp_step: 0 , a_t: false, b_t: false },
+    GemmShape {
+        name: "fwd 128x784x1024",
+        m: 128,
+        k: 784,
+        n: 1024,
+        per_svp_step: 1,
+        per_bp_step: 1,
+        a_t: false,
+        b_t: true,
+    },
+    GemmShape {
+        name: "fwd 128x1024x1024",
+        m: 128,
+        k: 1024,
+        n: 1024,
+        per_svp_step: 2,
+        per_bp_step: 2,
+        a_t: false,
+        b_t: true,
+    },
+    GemmShape {
+        name: "fwd head 128x1024x10",
+        m: 128,
+        k: 1024,
+        n: 10,
+        per_svp_step: 1,
+        per_bp_step: 1,
+        a_t: false,
+        b_t: true,
+    },
+    GemmShape {
+        name: "wgrad 1024x128x784",
+        m: 1024,
+        k: 128,
+        n: 784,
+        per_svp_step: 1,
+        per_bp_step: 1,
+        a_t: true,
+        b_t: false,
+    },
+    GemmShape {
+        name: "wgrad 1024x128x1024",
+        m: 1024,
+        k: 128,
+        n: 1024,
+        per_svp_step: 2,
+        per_bp_step: 2,
+        a_t: true,
+        b_t: false,
+    },
+    GemmShape {
+        name: "wgrad head 10x128x1024",
+        m: 10,
+        k: 128,
+        n: 1024,
+        per_svp_step: 1,
+        per_bp_step: 1,
+        a_t: true,
+        b_t: false,
+    },
+    GemmShape {
+        name: "dgrad 128x1024x1024",
+        m: 128,
+        k: 1024,
+        n: 1024,
+        per_svp_step: 0,
+        per_bp_step: 2,
+        a_t: false,
+        b_t: false,
+    },
+    GemmShape {
+        name: "dgrad head 128x10x1024",
+        m: 128,
+        k: 10,
+        n: 1024,
+        per_svp_step: 0,
+        per_bp_step: 1,
+        a_t: false,
+        b_t: false,
+    },
+    GemmShape {
+        name: "proj 128x784x10",
+        m: 128,
+        k: 784,
+        n: 10,
+        per_svp_step: 1,
+        per_bp_step: 0,
+        a_t: false,
+        b_t: true,
+    },
+    GemmShape {
+        name: "proj 128x1024x10",
+        m: 128,
+        k: 1024,
+        n: 10,
+        per_svp_step: 3,
+        per_bp_step: 0,
+        a_t: false,
+        b_t: true,
+    },
+    GemmShape {
+        name: "proj back 128x10x1024",
+        m: 128,
+        k: 10,
+        n: 1024,
+        per_svp_step: 3,
+        per_bp_step: 0,
+        a_t: false,
+        b_t: false,
+    },
+    GemmShape {
+        name: "fa sim 128x10x128",
+        m: 128,
+        k: 10,
+        n: 128,
+        per_svp_step: 8,
+        per_bp_step: 0,
+        a_t: false,
+        b_t: true,
+    },
+    GemmShape {
+        name: "fa grad 128x128x10",
+        m: 128,
+        k: 128,
+        n: 10,
+        per_svp_step: 4,
+        per_bp_step: 0,
+        a_t: false,
+        b_t: false,
+    },
 ];
 
 /// Operands and output of `shape`, laid out as the training step lays them out.
@@ -77,7 +196,8 @@ pub struct GemmOperands {
 impl GemmOperands {
     /// Deterministic operands for `shape`.
     pub fn new(shape: GemmShape) -> Self {
-        let fill = |n: usize, salt: usize| (0..n).map(|i| (((i * 7919 + salt) % 2003) as f32 - 1001.0) / 1001.0).collect();
+        let fill =
+            |n: usize, salt: usize| (0..n).map(|i| (((i * 7919 + salt) % 2003) as f32 - 1001.0) / 1001.0).collect();
         Self { a: fill(shape.m * shape.k, 1), b: fill(shape.k * shape.n, 2), c: vec![0.0; shape.m * shape.n], shape }
     }
 

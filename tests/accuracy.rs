@@ -55,3 +55,25 @@ fn divergence_stops_with_the_layer_and_step() {
     // No update from a non-finite loss was applied: the weights kept are finite.
     assert!(out.model.params().iter().all(|v| v.is_finite()));
 }
+
+/// One epoch on the full Fashion-MNIST (60k/10k) from Debian's
+/// `dataset-fashion-mnist` package. Without the package the test says so and
+/// passes, except under CI (`CI` set), where `.ci/run` installs it and a
+/// missing data set is a failure.
+#[test]
+fn one_epoch_on_full_fashion_mnist() {
+    let dir = std::path::Path::new(svp_data::DEBIAN_FASHION_MNIST);
+    if !dir.join("train-images-idx3-ubyte.gz").is_file() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install dataset-fashion-mnist (see .ci/run)");
+        eprintln!("skipped: install Debian's dataset-fashion-mnist to run this test");
+        return;
+    }
+    let data = svp_data::DataSplit::load_dir(dir).expect("Debian's Fashion-MNIST loads");
+    assert_eq!((data.train.len(), data.test.len(), data.features(), data.classes), (60_000, 10_000, 784, 10));
+    let mut config = small_config(Method::Svp, 1);
+    config.train.batch_size = 128;
+    let out = fit(&config, &data, &mut ());
+    let acc = out.epochs[0].test_acc;
+    eprintln!("SVP 784-256-256-10, 1 epoch on full Fashion-MNIST: {:.2}%", 100.0 * acc);
+    assert!(acc >= 0.84, "test accuracy {acc}");
+}

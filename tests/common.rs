@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests.
 
+#![warn(missing_docs)]
+
 use svp_train::Config;
 use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
 

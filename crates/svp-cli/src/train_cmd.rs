@@ -8,8 +8,8 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use svp_data::{DataSource, DataSplit};
 use svp_model::{ModelFile, Provenance};
-use svp_train::{Config, EpochReport, Method, fit};
 use svp_optim::Optimizer;
+use svp_train::{Config, EpochReport, Method, fit};
 use svp_train::{FitObserver, Progress};
 
 /// The config `svp train` uses without `--config`.

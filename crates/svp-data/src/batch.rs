@@ -102,7 +102,11 @@ mod tests {
     use super::*;
 
     fn tiny() -> Dataset {
-        Dataset { images: (0..40).map(|v| v as u8 * 6).collect(), labels: (0..10).map(|v| v % 3).collect(), image_shape: (2, 2) }
+        Dataset {
+            images: (0..40).map(|v| v as u8 * 6).collect(),
+            labels: (0..10).map(|v| v % 3).collect(),
+            image_shape: (2, 2),
+        }
     }
 
     #[test]

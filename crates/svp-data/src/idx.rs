@@ -40,10 +40,7 @@ pub fn parse_idx(raw: &[u8], path: &Path) -> Result<IdxArray, DataError> {
         let dims = parse_dims(&dim_bytes);
         let expected = element_count(&dims, path)?;
         let mut data = Vec::new();
-        (&mut gz)
-            .take(expected as u64 + 1)
-            .read_to_end(&mut data)
-            .map_err(|e| corrupt(format!("gzip stream: {e}")))?;
+        (&mut gz).take(expected as u64 + 1).read_to_end(&mut data).map_err(|e| corrupt(format!("gzip stream: {e}")))?;
         return finish(dims, data, expected, path);
     }
     if raw.len() < 4 {

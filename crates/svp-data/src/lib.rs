@@ -9,10 +9,12 @@
 //! * [`Batcher`]: seeded shuffling and batch gathering into buffers the caller
 //!   owns; the data set itself is never copied.
 
+#![warn(missing_docs)]
+
 pub mod idx;
 
 mod batch;
 mod dataset;
 
 pub use batch::{Batcher, Normalization};
-pub use dataset::{DataError, DataSource, DataSplit, Dataset, DEBIAN_FASHION_MNIST};
+pub use dataset::{DEBIAN_FASHION_MNIST, DataError, DataSource, DataSplit, Dataset};

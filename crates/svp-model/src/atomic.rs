@@ -12,9 +12,8 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path names no file"))?;
+    let name =
+        path.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path names no file"))?;
     let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
@@ -46,7 +45,8 @@ mod tests {
         write(&p, b"first").unwrap();
         write(&p, b"second").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"second");
-        let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "a.bin").collect();
+        let leftovers: Vec<_> =
+            fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "a.bin").collect();
         assert!(leftovers.is_empty());
         // A folder that does not exist: an error, and nothing created.
         assert!(write(&dir.join("missing/b.bin"), b"x").is_err());

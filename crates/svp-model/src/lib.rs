@@ -15,6 +15,8 @@
 //! Random projections are never stored: the file keeps the seed and the
 //! generator's id, and `R_l` is regenerated from them.
 
+#![warn(missing_docs)]
+
 pub mod atomic;
 
 use serde::{Deserialize, Serialize};
@@ -157,18 +159,28 @@ impl ModelFile {
         }
         for (i, pair) in self.specs.windows(2).enumerate() {
             if pair[0].out_dim != pair[1].in_dim {
-                return Err(format!("layer {} outputs {} values but layer {} takes {}", i + 1, pair[0].out_dim, i + 2, pair[1].in_dim));
+                return Err(format!(
+                    "layer {} outputs {} values but layer {} takes {}",
+                    i + 1,
+                    pair[0].out_dim,
+                    i + 2,
+                    pair[1].in_dim
+                ));
             }
         }
         if self.specs.iter().any(|s| s.in_dim == 0 || s.out_dim == 0) {
             return Err("a layer has zero width".into());
         }
-        let want: usize = self.specs.iter().enumerate().map(|(i, s)| svp_nn::Dense::new(*s, i as u64 + 1).param_len()).sum();
+        let want: usize =
+            self.specs.iter().enumerate().map(|(i, s)| svp_nn::Dense::new(*s, i as u64 + 1).param_len()).sum();
         if want != self.params.len() {
             return Err(format!("architecture needs {want} parameters, file has {}", self.params.len()));
         }
         if self.image_shape.0 * self.image_shape.1 != self.specs[0].in_dim {
-            return Err(format!("image shape {:?} does not match input width {}", self.image_shape, self.specs[0].in_dim));
+            return Err(format!(
+                "image shape {:?} does not match input width {}",
+                self.image_shape, self.specs[0].in_dim
+            ));
         }
         if let Some(i) = self.params.iter().position(|v| !v.is_finite()) {
             return Err(format!("parameter {i} is not finite"));

@@ -23,10 +23,9 @@ impl Activation {
     pub fn forward(self, x: &[f32], out: &mut [f32]) {
         match self {
             Activation::Relu => out.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0)),
-            Activation::Gelu => out
-                .iter_mut()
-                .zip(x)
-                .for_each(|(o, &v)| *o = 0.5 * v * (1.0 + libm::erff(v * FRAC_1_SQRT_2))),
+            Activation::Gelu => {
+                out.iter_mut().zip(x).for_each(|(o, &v)| *o = 0.5 * v * (1.0 + libm::erff(v * FRAC_1_SQRT_2)))
+            }
             Activation::Identity => out.copy_from_slice(x),
         }
     }

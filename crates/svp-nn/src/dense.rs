@@ -1,9 +1,9 @@
 //! The dense block: `out = dropout(act(norm(x W^T + b)))`.
 
 use crate::Activation;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use svp_rng::{Purpose, Stream, StreamKey, drop_threshold};
-use rayon::prelude::*;
 use svp_tensor::{ArrayView2, ArrayViewMut2, for_each_row_mut, gemm, reduce, view, view_mut};
 
 /// LayerNorm's variance epsilon (PyTorch's default).
@@ -226,11 +226,8 @@ fn rows_per_task(d: usize) -> usize {
 fn layer_norm_forward(z: &mut [f32], rstd: &mut [f32], y: &mut [f32], gamma: &[f32], beta: &[f32]) {
     let d = gamma.len();
     let inv_d = 1.0 / d as f32;
-    z.par_chunks_mut(d)
-        .zip(rstd.par_iter_mut())
-        .zip(y.par_chunks_mut(d))
-        .with_min_len(rows_per_task(d))
-        .for_each(|((row, r), y_row)| {
+    z.par_chunks_mut(d).zip(rstd.par_iter_mut()).zip(y.par_chunks_mut(d)).with_min_len(rows_per_task(d)).for_each(
+        |((row, r), y_row)| {
             let mean = reduce::sum(row) * inv_d;
             let var = reduce::sum_sq_dev(row, mean) * inv_d;
             *r = 1.0 / (var + LAYER_NORM_EPS).sqrt();
@@ -238,7 +235,8 @@ fn layer_norm_forward(z: &mut [f32], rstd: &mut [f32], y: &mut [f32], gamma: &[f
                 *v = (*v - mean) * *r;
                 *yv = g * *v + b;
             }
-        });
+        },
+    );
 }
 
 /// LayerNorm backward: accumulates `dgamma`, `dbeta` (overwriting) and turns
@@ -261,16 +259,14 @@ fn layer_norm_backward(
         }
     }
     let inv_d = 1.0 / d as f32;
-    dy.par_chunks_mut(d)
-        .zip(xhat.par_chunks(d))
-        .zip(rstd.par_iter())
-        .with_min_len(rows_per_task(d))
-        .for_each(|((row, x_row), &r)| {
+    dy.par_chunks_mut(d).zip(xhat.par_chunks(d)).zip(rstd.par_iter()).with_min_len(rows_per_task(d)).for_each(
+        |((row, x_row), &r)| {
             row.iter_mut().zip(gamma).for_each(|(v, &g)| *v *= g);
             let mean_dxhat = reduce::sum(row) * inv_d;
             let mean_dxhat_x = reduce::dot(row, x_row) * inv_d;
             for (v, &x) in row.iter_mut().zip(x_row) {
                 *v = r * (*v - mean_dxhat - x * mean_dxhat_x);
             }
-        });
+        },
+    );
 }

@@ -11,6 +11,8 @@
 //! * [`projection`]: the fixed random projection `R_l`, regenerated from the
 //!   seed tile by tile each time it is used and never stored whole.
 
+#![warn(missing_docs)]
+
 pub mod activation;
 pub mod dense;
 pub mod loss;

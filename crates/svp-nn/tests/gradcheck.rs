@@ -4,8 +4,8 @@
 //! takes the analytic gradient from the layer's backward and compares it with
 //! `(L(p + eps) - L(p - eps)) / 2 eps`, the loss evaluated in f64.
 
-use svp_nn::{Activation, Dense, DenseCache, DenseSpec, FaWorkspace, FeatureAlignment, Mode, Norm, Projection};
 use svp_nn::softmax_cross_entropy;
+use svp_nn::{Activation, Dense, DenseCache, DenseSpec, FaWorkspace, FeatureAlignment, Mode, Norm, Projection};
 use svp_rng::{Purpose, Stream, StreamKey};
 use svp_tensor::{Array2, view, view_mut};
 
@@ -105,7 +105,8 @@ fn dense_layernorm_relu_dropout() {
 
 #[test]
 fn dropout_masks_and_rescales() {
-    let spec = DenseSpec { in_dim: 4, out_dim: 1000, norm: Norm::None, activation: Activation::Identity, dropout: 0.25 };
+    let spec =
+        DenseSpec { in_dim: 4, out_dim: 1000, norm: Norm::None, activation: Activation::Identity, dropout: 0.25 };
     let layer = Dense::new(spec, 1);
     let mut params = vec![0.0; layer.param_len()];
     // W = 0, b = 1: every output is 1 before dropout.

@@ -10,6 +10,8 @@
 //! momentum of a dead unit would otherwise decay through them for hundreds of
 //! steps.
 
+#![warn(missing_docs)]
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -144,16 +146,18 @@ impl Optimizer {
                 } else {
                     assert_eq!(state.m.len(), params.len(), "optimizer: state length");
                     let first = state.steps == 1;
-                    params.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).zip(state.m.par_chunks_mut(CHUNK)).for_each(
-                        |((p, g), m)| {
+                    params
+                        .par_chunks_mut(CHUNK)
+                        .zip(grad.par_chunks(CHUNK))
+                        .zip(state.m.par_chunks_mut(CHUNK))
+                        .for_each(|((p, g), m)| {
                             for ((p, &g), m) in p.iter_mut().zip(g).zip(m) {
                                 let g = g + weight_decay * *p;
                                 // PyTorch: the first step's buffer is the gradient itself.
                                 *m = if first { g } else { flush(momentum * *m + g) };
                                 *p -= lr * *m;
                             }
-                        },
-                    );
+                        });
                 }
             }
             Optimizer::Adam { lr, beta1, beta2, eps, weight_decay } => {
@@ -210,8 +214,8 @@ mod tests {
     fn adam_reference(decoupled: bool, steps: usize) -> Vec<f64> {
         let (lr, b1, b2, eps, wd) = (0.01f64, 0.9f64, 0.999f64, 1e-8f64, 0.1f64);
         let mut p = vec![1.0f64, -2.0, 0.5];
-        let mut m = vec![0.0; 3];
-        let mut v = vec![0.0; 3];
+        let mut m = [0.0; 3];
+        let mut v = [0.0; 3];
         for t in 1..=steps {
             for i in 0..3 {
                 let mut g = grad_at(p[i], i);
@@ -262,7 +266,7 @@ mod tests {
     fn sgd_momentum_matches_reference() {
         let (lr, mu, wd) = (0.05f64, 0.9f64, 0.01f64);
         let mut p = vec![1.0f64, -2.0, 0.5];
-        let mut buf = vec![0.0f64; 3];
+        let mut buf = [0.0f64; 3];
         for t in 0..30 {
             for i in 0..3 {
                 let g = grad_at(p[i], i) + wd * p[i];

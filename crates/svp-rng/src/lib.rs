@@ -17,6 +17,8 @@
 //! Golden-vector tests pin the output; changing any of it is a format break and
 //! must bump [`GENERATOR_ID`].
 
+#![warn(missing_docs)]
+
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
 use std::sync::OnceLock;

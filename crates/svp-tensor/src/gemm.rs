@@ -20,11 +20,8 @@ const MIN_CHUNK_COLS: usize = 16;
 pub fn gemm(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, c: ArrayViewMut2<f32>) {
     let (m, k) = a.dim();
     let n = b.ncols();
-    let chunks = if m * n * k < PARALLEL_MIN_MACS {
-        1
-    } else {
-        rayon::current_num_threads().min(n / MIN_CHUNK_COLS).max(1)
-    };
+    let chunks =
+        if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(n / MIN_CHUNK_COLS).max(1) };
     gemm_with_chunks(alpha, a, b, beta, c, chunks);
 }
 

@@ -10,6 +10,8 @@
 //! * [`reduce`]: sums and dot products with a fixed number of accumulator lanes,
 //!   so they vectorize and still give the same bits on every run.
 
+#![warn(missing_docs)]
+
 pub mod gemm;
 pub mod reduce;
 

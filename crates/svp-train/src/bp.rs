@@ -31,7 +31,8 @@ impl BpTrainer {
         let acts = model.layers().iter().map(|l| vec![0.0; rows * l.spec().out_dim]).collect();
         let caches = model.layers().iter().map(|l| DenseCache::new(rows, l.spec().out_dim)).collect();
         let width = model.max_width();
-        let states = (0..model.layers().len()).map(|l| config.optimizer.new_state(model.layer_params(l).len())).collect();
+        let states =
+            (0..model.layers().len()).map(|l| config.optimizer.new_state(model.layer_params(l).len())).collect();
         Self {
             optimizer: config.optimizer,
             states,

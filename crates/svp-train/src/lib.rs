@@ -11,8 +11,10 @@
 //! * [`config`]: what a run is (network, rule options, optimizer, schedule),
 //!   validated against the data before anything is allocated.
 
-pub mod config;
+#![warn(missing_docs)]
+
 mod bp;
+pub mod config;
 mod eval;
 mod fit;
 mod model;

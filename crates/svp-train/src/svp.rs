@@ -25,13 +25,7 @@ pub struct LayerMetrics {
 
 impl LayerMetrics {
     fn new(layers: usize) -> Self {
-        Self {
-            ce_sum: vec![0.0; layers],
-            fa_sum: vec![0.0; layers],
-            correct: vec![0; layers],
-            steps: 0,
-            samples: 0,
-        }
+        Self { ce_sum: vec![0.0; layers], fa_sum: vec![0.0; layers], correct: vec![0; layers], steps: 0, samples: 0 }
     }
 
     fn reset(&mut self) {
@@ -110,7 +104,8 @@ impl SvpTrainer {
             fa: FaWorkspace::new(rows, vdim),
             grad: vec![0.0; model.max_layer_params()],
         };
-        let states = (0..model.layers().len()).map(|l| config.optimizer.new_state(model.layer_params(l).len())).collect();
+        let states =
+            (0..model.layers().len()).map(|l| config.optimizer.new_state(model.layer_params(l).len())).collect();
         Self {
             optimizer: config.optimizer,
             states,

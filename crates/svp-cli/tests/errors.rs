@@ -1,0 +1,180 @@
+//! Bad input ends in one clear line and a non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn svp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_svp")).args(args).output().expect("run svp")
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("svp-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Asserts a failure with `code` whose stderr is one `error:` line containing `needle`.
+fn assert_fails(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "exit code; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+    assert!(errors[0].contains(needle), "expected {needle:?} in {:?}", errors[0]);
+}
+
+fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    out.extend_from_slice(data);
+    out
+}
+
+/// A tiny valid IDX data folder (2x2 images, 3 classes).
+fn write_dataset(dir: &Path, train: usize, test: usize) {
+    let images = |n: usize| idx(&[n as u32, 2, 2], &(0..n * 4).map(|i| (i * 37 % 256) as u8).collect::<Vec<_>>());
+    let labels = |n: usize| idx(&[n as u32], &(0..n).map(|i| (i % 3) as u8).collect::<Vec<_>>());
+    std::fs::write(dir.join("train-images-idx3-ubyte"), images(train)).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), labels(train)).unwrap();
+    std::fs::write(dir.join("t10k-images-idx3-ubyte"), images(test)).unwrap();
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), labels(test)).unwrap();
+}
+
+fn write_config(dir: &Path, body: &str) -> String {
+    let p = dir.join("run.toml");
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+const TINY: &str =
+    "[model]\nhidden = [8]\n[train]\nepochs = 1\nbatch_size = 4\n[optimizer]\nkind = \"adam\"\nlr = 0.01\n";
+
+#[test]
+fn missing_data_folder() {
+    assert_fails(&svp(&["train", "--data", "/nonexistent/svp-data", "--epochs", "1"]), 1, "/nonexistent/svp-data");
+}
+
+#[test]
+fn missing_file_in_data_folder() {
+    let d = scratch("missing-file");
+    write_dataset(&d, 8, 4);
+    std::fs::remove_file(d.join("t10k-labels-idx1-ubyte")).unwrap();
+    let cfg = write_config(&d, TINY);
+    assert_fails(&svp(&["train", "--config", &cfg, "--data", d.to_str().unwrap()]), 1, "no test labels file");
+}
+
+#[test]
+fn bad_magic() {
+    let d = scratch("bad-magic");
+    write_dataset(&d, 8, 4);
+    std::fs::write(d.join("train-images-idx3-ubyte"), b"GIF89a not an idx file").unwrap();
+    let cfg = write_config(&d, TINY);
+    assert_fails(&svp(&["train", "--config", &cfg, "--data", d.to_str().unwrap()]), 1, "is not an IDX file");
+}
+
+#[test]
+fn truncated_file() {
+    let d = scratch("truncated");
+    write_dataset(&d, 8, 4);
+    let p = d.join("train-images-idx3-ubyte");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
+    let cfg = write_config(&d, TINY);
+    assert_fails(&svp(&["train", "--config", &cfg, "--data", d.to_str().unwrap()]), 1, "truncated");
+}
+
+#[test]
+fn images_and_labels_disagree() {
+    let d = scratch("count");
+    write_dataset(&d, 8, 4);
+    std::fs::write(d.join("train-labels-idx1-ubyte"), idx(&[7], &[0, 1, 2, 0, 1, 2, 0])).unwrap();
+    let cfg = write_config(&d, TINY);
+    assert_fails(&svp(&["train", "--config", &cfg, "--data", d.to_str().unwrap()]), 1, "8 images but 7 labels");
+}
+
+#[test]
+fn config_errors() {
+    let d = scratch("config");
+    write_dataset(&d, 8, 4);
+    let data = d.to_str().unwrap().to_string();
+    let cases = [
+        (TINY.replace("hidden = [8]", "hidden = [8]\nwidht = 3"), "unknown field `widht`"),
+        (TINY.replace("hidden = [8]", "hidden = [8, 0]"), "model.hidden[1] is 0"),
+        (format!("{TINY}[svp]\nprojection_dim = 0\n"), "svp.projection_dim = 0"),
+        (TINY.replace("hidden = [8]", "hidden = [8]\ninput = 784"), "model.input = 784 but the data has 4"),
+        (TINY.replace("lr = 0.01", "lr = -1.0"), "optimizer.lr"),
+        ("[model\nhidden = [8]".to_string(), "line 1"),
+    ];
+    for (body, needle) in cases {
+        let cfg = write_config(&d, &body);
+        assert_fails(&svp(&["train", "--config", &cfg, "--data", &data]), 1, needle);
+    }
+    assert_fails(&svp(&["train", "--config", "/nonexistent/run.toml"]), 1, "cannot read config");
+}
+
+#[test]
+fn unwritable_output_fails_before_training() {
+    let d = scratch("out");
+    write_dataset(&d, 8, 4);
+    let cfg = write_config(&d, TINY);
+    let data = d.to_str().unwrap();
+    let out = svp(&["train", "--config", &cfg, "--data", data, "--out", "/nonexistent/dir/model.svpm"]);
+    assert_fails(&out, 1, "does not exist");
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty(), "no epoch ran");
+    assert_fails(&svp(&["train", "--config", &cfg, "--data", data, "--out", data]), 1, "is a folder");
+}
+
+#[test]
+fn divergence_keeps_the_last_good_weights() {
+    let d = scratch("diverge");
+    write_dataset(&d, 32, 4);
+    let body = "[model]\nhidden = [8]\nnorm = \"none\"\n[train]\nepochs = 3\nbatch_size = 4\n[optimizer]\nkind = \"sgd\"\nlr = 1e30\n";
+    let cfg = write_config(&d, body);
+    let model = d.join("m.svpm");
+    let out = svp(&["train", "--config", &cfg, "--data", d.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    assert_fails(&out, 3, "training diverged: non-finite loss");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at layer") && stderr.contains("step"), "{stderr}");
+    assert!(stderr.contains("last good weights were saved"), "{stderr}");
+    // The saved weights load (the loader rejects non-finite weights).
+    let eval = svp(&["eval", model.to_str().unwrap(), "--data", d.to_str().unwrap()]);
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+}
+
+#[test]
+fn garbage_model_file() {
+    let d = scratch("model");
+    let p = d.join("junk.svpm");
+    std::fs::write(&p, b"SVPM but not really").unwrap();
+    assert_fails(&svp(&["eval", p.to_str().unwrap(), "--data", "embedded"]), 1, "not a valid svp model file");
+    assert_fails(&svp(&["eval", "/nonexistent.svpm", "--data", "embedded"]), 1, "/nonexistent.svpm");
+}
+
+#[test]
+fn train_save_eval_round_trip_on_embedded_data() {
+    let d = scratch("roundtrip");
+    let body =
+        "[model]\nhidden = [64]\n[train]\nepochs = 1\nbatch_size = 64\n[optimizer]\nkind = \"adam\"\nlr = 0.001\n";
+    let cfg = write_config(&d, body);
+    let model = d.join("m.svpm");
+    let out = svp(&["train", "--config", &cfg, "--data", "embedded", "--json", "--out", model.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert_eq!(lines.len(), 2, "one epoch line and a final line");
+    for key in ["epoch", "train_loss", "test_acc", "seconds", "samples_per_s"] {
+        assert!(lines[0].get(key).is_some(), "missing {key}");
+    }
+    assert!(lines[1]["peak_rss_kib"].as_u64().unwrap() > 0);
+    let trained = lines[1]["test_acc"].as_f64().unwrap();
+    assert!(trained > 0.5, "one epoch on 6k samples, chance is 0.1: {trained}");
+    let eval = svp(&["eval", model.to_str().unwrap(), "--data", "embedded", "--json", "--exits"]);
+    assert!(eval.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(report["test_acc"].as_f64().unwrap(), trained, "eval reproduces the training-time accuracy");
+    assert_eq!(report["exit_test_acc"].as_array().unwrap().len(), 1);
+}

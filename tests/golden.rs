@@ -1,0 +1,155 @@
+//! One SVP step and a five-step loss trajectory against PyTorch.
+//!
+//! `tools/golden/svp_step.py` rebuilds the same tiny network from the seed in
+//! PyTorch (weights, projections and their dropout masks through an independent
+//! Python implementation of svp-rng), runs Algorithm 1 with autograd and Adam,
+//! and writes `tests/golden/svp_step.json`. This test reads it.
+
+use serde_json::Value;
+use svp_nn::{DenseCache, Mode};
+use svp_tensor::{view, view_mut};
+use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
+use svp_train::{Config, Method, Mlp, ProjectionHeads, SvpTrainer, Trainer};
+
+fn fixture() -> Value {
+    serde_json::from_str(include_str!("golden/svp_step.json")).expect("fixture parses")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+}
+
+fn config(g: &Value, optimizer: svp_optim::Optimizer) -> Config {
+    Config {
+        model: ModelConfig {
+            input: None,
+            hidden: g["hidden"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap() as usize).collect(),
+            norm: svp_nn::Norm::LayerNorm,
+            activation: svp_nn::Activation::Relu,
+            dropout: 0.0,
+        },
+        svp: SvpConfig {
+            lambda: g["lambda"].as_f64().unwrap() as f32,
+            projection_dropout: g["projection_dropout"].as_f64().unwrap() as f32,
+            ..SvpConfig::default()
+        },
+        train: TrainConfig {
+            method: Method::Svp,
+            epochs: 1,
+            batch_size: g["y"].as_array().unwrap().len(),
+            seed: g["seed"].as_u64().unwrap(),
+            shuffle: false,
+        },
+        optimizer,
+        schedule: Default::default(),
+    }
+}
+
+fn adam(g: &Value) -> svp_optim::Optimizer {
+    svp_optim::Optimizer::Adam {
+        lr: g["lr"].as_f64().unwrap() as f32,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    }
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what}[{i}]: svp {a} vs PyTorch {b}");
+    }
+}
+
+fn setup(g: &Value, optimizer: svp_optim::Optimizer) -> (Config, Mlp, Vec<f32>, Vec<u32>) {
+    let cfg = config(g, optimizer);
+    let input = g["input"].as_u64().unwrap() as usize;
+    let classes = g["classes"].as_u64().unwrap() as usize;
+    let model = Mlp::new(input, classes, &cfg.model, cfg.train.seed);
+    let x = floats(&g["x"]);
+    let y: Vec<u32> = g["y"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    (cfg, model, x, y)
+}
+
+#[test]
+fn initial_weights_match_bit_for_bit() {
+    let g = fixture();
+    let (_, model, _, _) = setup(&g, adam(&g));
+    for (l, want) in g["params_before"].as_array().unwrap().iter().enumerate() {
+        let want = floats(want);
+        let got = model.layer_params(l);
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {} init", l + 1);
+    }
+}
+
+#[test]
+fn projections_and_local_logits_match() {
+    let g = fixture();
+    let (cfg, model, x, y) = setup(&g, adam(&g));
+    let heads = ProjectionHeads::from_config(&cfg, model.classes());
+    let rows = y.len();
+    let mut h = x.clone();
+    let mut cache = DenseCache::new(rows, 16);
+    let mut tile = vec![0.0; 64];
+    for (l, layer) in model.layers().iter().enumerate() {
+        let spec = *layer.spec();
+        let mut out = vec![0.0; rows * spec.out_dim];
+        let mode = Mode::Train { seed: cfg.train.seed, step: 0 };
+        layer.forward(model.layer_params(l), view(&h, rows, spec.in_dim), &mut cache, &mut out, mode);
+        let v = if l + 1 < model.layers().len() {
+            let p = heads.for_layer(l + 1, spec.out_dim, true);
+            let mut v = vec![0.0; rows * heads.dim];
+            p.forward(view(&out, rows, spec.out_dim), Some(&y), Some(0), view_mut(&mut v, rows, heads.dim), &mut tile);
+            v
+        } else {
+            out.clone()
+        };
+        assert_close(&format!("v_{}", l + 1), &v, &floats(&g["layers"][l]["v"]), 1e-5);
+        h = out;
+    }
+}
+
+#[test]
+fn one_step_losses_gradients_and_adam_update_match() {
+    let g = fixture();
+    // Losses and Adam update.
+    let (cfg, mut model, x, y) = setup(&g, adam(&g));
+    let mut trainer = SvpTrainer::new(&model, &cfg);
+    trainer.step(&mut model, &x, &y, 1.0).unwrap();
+    let m = trainer.layer_metrics().unwrap();
+    for l in 0..model.layers().len() {
+        let want = &g["layers"][l];
+        let (ce, fa) = (m.ce_sum[l] as f32, m.fa_sum[l] as f32);
+        assert_close(&format!("layer {} CE", l + 1), &[ce], &[want["ce"].as_f64().unwrap() as f32], 1e-5);
+        assert_close(&format!("layer {} FA", l + 1), &[fa], &[want["fa"].as_f64().unwrap() as f32], 1e-5);
+        assert_close(
+            &format!("layer {} after Adam", l + 1),
+            model.layer_params(l),
+            &floats(&want["params_after"]),
+            2e-5,
+        );
+    }
+    // Gradients: one SGD step with lr = 1 moves each weight by minus its gradient.
+    let sgd = svp_optim::Optimizer::Sgd { lr: 1.0, momentum: 0.0, weight_decay: 0.0 };
+    let (cfg, mut model, x, y) = setup(&g, sgd);
+    let before = model.params().to_vec();
+    let mut trainer = SvpTrainer::new(&model, &cfg);
+    trainer.step(&mut model, &x, &y, 1.0).unwrap();
+    let mut offset = 0;
+    for l in 0..model.layers().len() {
+        let n = model.layer_params(l).len();
+        let grad: Vec<f32> = (0..n).map(|i| before[offset + i] - model.params()[offset + i]).collect();
+        assert_close(&format!("layer {} gradient", l + 1), &grad, &floats(&g["layers"][l]["grad"]), 1e-5);
+        offset += n;
+    }
+}
+
+#[test]
+fn five_step_loss_trajectory_matches() {
+    let g = fixture();
+    let (cfg, mut model, x, y) = setup(&g, adam(&g));
+    let mut trainer = SvpTrainer::new(&model, &cfg);
+    let losses: Vec<f32> = (0..5).map(|_| trainer.step(&mut model, &x, &y, 1.0).unwrap()).collect();
+    assert_close("head loss per step", &losses, &floats(&g["head_loss_per_step"]), 2e-5);
+}

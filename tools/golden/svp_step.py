@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Golden values for one SVP step and a short loss trajectory, from PyTorch.
+
+Everything is rebuilt from the seed exactly as svp does it (weights, the
+projections R_l and their dropout masks come from tools/rng_reference.py, an
+independent Python implementation of svp-rng), then one step of Algorithm 1
+runs with PyTorch autograd: per layer, local loss CE(v_l) + lambda * FA(v_l,
+sg(v_{l-1})), gradients of that layer only, Adam update.
+
+    pip install torch
+    python3 tools/golden/svp_step.py > tests/golden/svp_step.json
+
+tests/golden.rs reads the JSON; the tests never need PyTorch.
+"""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import rng_reference as rr  # noqa: E402
+
+PROJECTION, PROJECTION_DROPOUT, WEIGHT_INIT = 1, 2, 4
+
+SEED = 5
+INPUT, HIDDEN, CLASSES, BATCH = 6, [5, 4], 3, 4
+DPRIME = CLASSES
+LAMBDA = 1.0
+PROJ_DROPOUT = 0.25
+LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
+STEPS = 5
+f32 = torch.float32
+
+
+def init_linear(layer, d_in, d_out):
+    st = rr.Stream(SEED, WEIGHT_INIT, layer, 0, 0)
+    bound = 1.0 / (d_in ** 0.5)
+    vals = [(2.0 * st.uniform() - 1.0) * bound for _ in range(d_out * d_in + d_out)]
+    w = torch.tensor(vals[: d_out * d_in], dtype=f32).reshape(d_out, d_in)
+    b = torch.tensor(vals[d_out * d_in :], dtype=f32)
+    return w, b
+
+
+def projection(layer, width, step):
+    """R_l (d' x width) with the dropout mask of `step` (None: no dropout)."""
+    sigma = torch.tensor(1.0, dtype=f32) / torch.sqrt(torch.tensor(float(width), dtype=f32))
+    rows = []
+    threshold = min(int(PROJ_DROPOUT * 4294967296.0), 0xFFFFFFFF)
+    keep_scale = torch.tensor(1.0, dtype=f32) / (torch.tensor(1.0, dtype=f32) - torch.tensor(PROJ_DROPOUT, dtype=f32))
+    for r in range(DPRIME):
+        st = rr.Stream(SEED, PROJECTION, layer, r, 0)
+        row = torch.tensor([rr.gaussian(st) for _ in range(width)], dtype=f32) * sigma
+        if step is not None and PROJ_DROPOUT > 0:
+            ms = rr.Stream(SEED, PROJECTION_DROPOUT, layer, r, step)
+            draws = []
+            while len(draws) < width:
+                bits = ms.next_u64()
+                draws += [bits & 0xFFFFFFFF, bits >> 32]
+            keep = torch.tensor([u >= threshold for u in draws[:width]])
+            row = torch.where(keep, row * keep_scale, torch.zeros_like(row))
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def fa_loss(v, v_prev):
+    def sim(m):
+        n = m / (m.norm(dim=1, keepdim=True) + 1e-8)
+        return n @ n.t()
+
+    d = sim(v) - sim(v_prev)
+    return (d * d).sum() / (v.shape[0] ** 2)
+
+
+def batch():
+    x = torch.tensor([[((i * 7 + j * 3) % 11) / 5.0 - 1.0 for j in range(INPUT)] for i in range(BATCH)], dtype=f32)
+    y = torch.tensor([i % CLASSES for i in range(BATCH)])
+    return x, y
+
+
+def build():
+    widths = [INPUT] + HIDDEN
+    layers = []
+    for l, (d_in, d_out) in enumerate(zip(widths, widths[1:]), start=1):
+        w, b = init_linear(l, d_in, d_out)
+        p = [w.requires_grad_(), b.requires_grad_(), torch.ones(d_out).requires_grad_(), torch.zeros(d_out).requires_grad_()]
+        layers.append(p)
+    w, b = init_linear(len(HIDDEN) + 1, HIDDEN[-1], CLASSES)
+    layers.append([w.requires_grad_(), b.requires_grad_()])
+    opts = [torch.optim.Adam(p, lr=LR, betas=BETAS, eps=EPS) for p in layers]
+    return layers, opts
+
+
+def flat(tensors):
+    return [float(v) for t in tensors for v in t.detach().reshape(-1)]
+
+
+def step(layers, opts, x, y, t, record):
+    v_prev = (x @ projection(0, INPUT, None).t()).detach()
+    h = x
+    for l, p in enumerate(layers, start=1):
+        head = l == len(layers)
+        for o in p:
+            o.grad = None
+        if head:
+            out = h @ p[0].t() + p[1]
+            v = out
+        else:
+            z = h @ p[0].t() + p[1]
+            out = torch.relu(torch.nn.functional.layer_norm(z, (z.shape[1],), p[2], p[3], eps=1e-5))
+            v = out @ projection(l, out.shape[1], t).t()
+        ce = torch.nn.functional.cross_entropy(v, y)
+        fa = fa_loss(v, v_prev)
+        (ce + LAMBDA * fa).backward()
+        if record is not None:
+            record.append(
+                {
+                    "v": flat([v]),
+                    "ce": float(ce.detach()),
+                    "fa": float(fa.detach()),
+                    "grad": flat([o.grad for o in p]),
+                }
+            )
+        opts[l - 1].step()
+        if record is not None:
+            record[-1]["params_after"] = flat(p)
+        v_prev = v.detach()
+        h = out.detach()
+    return float(ce.detach())
+
+
+def main():
+    torch.manual_seed(0)
+    x, y = batch()
+    layers, opts = build()
+    params_before = [flat(p) for p in layers]
+    record = []
+    losses = [step(layers, opts, x, y, 0, record)]
+    for t in range(1, STEPS):
+        losses.append(step(layers, opts, x, y, t, None))
+    json.dump(
+        {
+            "about": "one SVP step (Adam) and a loss trajectory, from tools/golden/svp_step.py (PyTorch %s)" % torch.__version__,
+            "seed": SEED,
+            "input": INPUT,
+            "hidden": HIDDEN,
+            "classes": CLASSES,
+            "lambda": LAMBDA,
+            "projection_dropout": PROJ_DROPOUT,
+            "lr": LR,
+            "x": flat([x]),
+            "y": [int(v) for v in y],
+            "params_before": params_before,
+            "layers": record,
+            "head_loss_per_step": losses,
+        },
+        sys.stdout,
+    )
+    print()
+
+
+if __name__ == "__main__":
+    main()
