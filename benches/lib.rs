@@ -226,7 +226,11 @@ pub struct StepBench {
 impl StepBench {
     /// Builds the reference model and trainer and gathers one batch of the embedded data.
     pub fn new(method: svp_train::Method) -> Self {
-        let config = reference_config();
+        Self::with_config(method, reference_config())
+    }
+
+    /// As [`StepBench::new`] with another config.
+    pub fn with_config(method: svp_train::Method, config: Config) -> Self {
         let data = svp_data::DataSplit::embedded();
         let model = svp_train::Mlp::new(data.features(), data.classes, &config.model, 1);
         let trainer: Box<dyn svp_train::Trainer> = match method {

@@ -207,8 +207,7 @@ impl Dense {
         }
         let dz = view(dy, rows, o);
         gemm(1.0, dz.t(), x, 0.0, view_mut(g.w, o, i));
-        g.b.fill(0.0);
-        reduce::add_column_sums(dy, g.b);
+        reduce::column_sums(dy, g.b);
         if let Some(dx) = dx {
             gemm(1.0, view(dy, rows, o), view(p.w, o, i), 0.0, dx);
         }
@@ -250,14 +249,7 @@ fn layer_norm_backward(
     dbeta: &mut [f32],
 ) {
     let d = gamma.len();
-    dgamma.fill(0.0);
-    dbeta.fill(0.0);
-    for (dy_row, x_row) in dy.chunks_exact(d).zip(xhat.chunks_exact(d)) {
-        for (((dg, db), &g), &x) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(dy_row).zip(x_row) {
-            *dg += g * x;
-            *db += g;
-        }
-    }
+    reduce::column_sums_with_product(dy, xhat, dbeta, dgamma);
     let inv_d = 1.0 / d as f32;
     dy.par_chunks_mut(d).zip(xhat.par_chunks(d)).zip(rstd.par_iter()).with_min_len(rows_per_task(d)).for_each(
         |((row, x_row), &r)| {

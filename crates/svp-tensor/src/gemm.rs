@@ -2,6 +2,27 @@
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Wall time spent inside [`gemm`] since the last [`reset_gemm_clock`], in ns.
+static GEMM_NANOS: AtomicU64 = AtomicU64::new(0);
+static GEMM_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// Wall time spent in [`gemm`] calls, and their number, since the last reset.
+///
+/// The clock runs in every build (two `Instant::now` per call, tens of
+/// nanoseconds against microseconds of GEMM), so a benchmark can measure a
+/// training step's non-GEMM overhead in the same run as the step itself.
+pub fn gemm_clock() -> (Duration, u64) {
+    (Duration::from_nanos(GEMM_NANOS.load(Ordering::Relaxed)), GEMM_CALLS.load(Ordering::Relaxed))
+}
+
+/// Zeroes [`gemm_clock`].
+pub fn reset_gemm_clock() {
+    GEMM_NANOS.store(0, Ordering::Relaxed);
+    GEMM_CALLS.store(0, Ordering::Relaxed);
+}
 
 /// Below this many multiply-adds a GEMM runs as one call: splitting tiny
 /// products (for example the `d' = 10` projections) costs more than it gains.
@@ -22,7 +43,10 @@ pub fn gemm(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, c: Ar
     let n = b.ncols();
     let chunks =
         if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(n / MIN_CHUNK_COLS).max(1) };
+    let start = Instant::now();
     gemm_with_chunks(alpha, a, b, beta, c, chunks);
+    GEMM_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// [`gemm`] with an explicit number of column chunks (1 = a single call).

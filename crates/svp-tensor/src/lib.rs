@@ -15,7 +15,7 @@
 pub mod gemm;
 pub mod reduce;
 
-pub use gemm::{gemm, gemm_with_chunks};
+pub use gemm::{gemm, gemm_clock, gemm_with_chunks, reset_gemm_clock};
 pub use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, s};
 
 /// A `(rows, cols)` row-major view of the first `rows * cols` elements of `buf`.

@@ -83,20 +83,71 @@ pub fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
     total
 }
 
-/// `out[j] += sum_i rows[i][j]`: column sums of a row-major `(rows, cols)` buffer.
+/// Columns per parallel task in the column reductions.
+const COLUMN_BLOCK: usize = 128;
+
+/// `out[j] = sum_i data[i][j]`: column sums of a row-major buffer with
+/// `out.len()` columns. Column blocks run in parallel on large buffers; each
+/// column is summed top to bottom by one task, so the bits never depend on the
+/// thread count.
 ///
 /// # Panics
 /// If `data.len()` is not a multiple of `out.len()`.
-pub fn add_column_sums(data: &[f32], out: &mut [f32]) {
+pub fn column_sums(data: &[f32], out: &mut [f32]) {
     let cols = out.len();
     if cols == 0 {
         return;
     }
-    assert_eq!(data.len() % cols, 0, "add_column_sums: ragged buffer");
-    for row in data.chunks_exact(cols) {
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o += v;
+    assert_eq!(data.len() % cols, 0, "column_sums: ragged buffer");
+    let block = |j0: usize, out: &mut [f32]| {
+        out.fill(0.0);
+        for row in data.chunks_exact(cols) {
+            for (o, &v) in out.iter_mut().zip(&row[j0..]) {
+                *o += v;
+            }
         }
+    };
+    if data.len() < crate::PARALLEL_MIN_ELEMS {
+        block(0, out);
+    } else {
+        use rayon::prelude::*;
+        out.par_chunks_mut(COLUMN_BLOCK).enumerate().for_each(|(b, o)| block(b * COLUMN_BLOCK, o));
+    }
+}
+
+/// Column sums of `a` and of `a * b` at once (LayerNorm's `dbeta`, `dgamma`):
+/// `sum_a[j] = sum_i a[i][j]`, `sum_ab[j] = sum_i a[i][j] * b[i][j]`.
+/// Same parallel split and determinism as [`column_sums`].
+///
+/// # Panics
+/// If the buffers disagree in length or are not a multiple of the column count.
+pub fn column_sums_with_product(a: &[f32], b: &[f32], sum_a: &mut [f32], sum_ab: &mut [f32]) {
+    let cols = sum_a.len();
+    if cols == 0 {
+        return;
+    }
+    assert_eq!(a.len(), b.len(), "column_sums_with_product: lengths differ");
+    assert_eq!(sum_ab.len(), cols, "column_sums_with_product: output lengths differ");
+    assert_eq!(a.len() % cols, 0, "column_sums_with_product: ragged buffer");
+    let block = |j0: usize, sa: &mut [f32], sab: &mut [f32]| {
+        sa.fill(0.0);
+        sab.fill(0.0);
+        for (ra, rb) in a.chunks_exact(cols).zip(b.chunks_exact(cols)) {
+            for (((s1, s2), &x), &y) in sa.iter_mut().zip(sab.iter_mut()).zip(&ra[j0..]).zip(&rb[j0..]) {
+                *s1 += x;
+                *s2 += x * y;
+            }
+        }
+    };
+    if a.len() < crate::PARALLEL_MIN_ELEMS {
+        block(0, sum_a, sum_ab);
+    } else {
+        use rayon::prelude::*;
+        sum_a
+            .par_chunks_mut(COLUMN_BLOCK)
+            .zip(sum_ab.par_chunks_mut(COLUMN_BLOCK))
+            .enumerate()
+            .for_each(|(i, (sa, sab))| block(i * COLUMN_BLOCK, sa, sab));
     }
 }
 
@@ -124,10 +175,25 @@ mod tests {
     }
 
     #[test]
-    fn column_sums() {
+    fn column_reductions_small_and_parallel() {
         let data: Vec<f32> = (0..12).map(|v| v as f32).collect();
         let mut out = vec![1.0; 4];
-        add_column_sums(&data, &mut out);
-        assert_eq!(out, vec![13.0, 16.0, 19.0, 22.0]);
+        column_sums(&data, &mut out);
+        assert_eq!(out, vec![12.0, 15.0, 18.0, 21.0]);
+        // Large enough for the parallel path, with a ragged last block.
+        let (rows, cols) = (97, 700);
+        let a = values(rows * cols);
+        let b: Vec<f32> = a.iter().map(|v| v * 0.5 + 1.0).collect();
+        let (mut sa, mut sab, mut plain) = (vec![0.0; cols], vec![0.0; cols], vec![0.0; cols]);
+        column_sums_with_product(&a, &b, &mut sa, &mut sab);
+        column_sums(&a, &mut plain);
+        for j in 0..cols {
+            let want_a: f32 = (0..rows).map(|i| a[i * cols + j]).sum();
+            let want_ab: f32 = (0..rows).map(|i| a[i * cols + j] * b[i * cols + j]).sum();
+            // Same order as the serial loop: bit-identical.
+            assert_eq!(sa[j].to_bits(), want_a.to_bits());
+            assert_eq!(plain[j].to_bits(), want_a.to_bits());
+            assert_eq!(sab[j].to_bits(), want_ab.to_bits());
+        }
     }
 }
