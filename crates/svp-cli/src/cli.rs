@@ -21,6 +21,72 @@ pub enum Command {
     Train(TrainArgs),
     /// Evaluate a saved model on a test set.
     Eval(EvalArgs),
+    /// Measure peak training memory against depth, SVP against backprop.
+    Memory(MemoryArgs),
+    /// One measurement of `svp memory`, in a fresh process (internal).
+    #[command(hide = true)]
+    MemoryChild(MemoryChildArgs),
+}
+
+/// `svp memory`.
+#[derive(Debug, Args)]
+pub struct MemoryArgs {
+    /// Depths (hidden layers) to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    pub depths: Vec<usize>,
+    /// Training rules to measure.
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "svp,bp")]
+    pub methods: Vec<MethodArg>,
+    #[command(flatten)]
+    pub run: MemoryRun,
+    /// Write the table as CSV here.
+    #[arg(long, default_value = "memory.csv")]
+    pub csv: PathBuf,
+    /// Draw peak memory against depth into this SVG file.
+    #[arg(long, default_value = "memory.svg")]
+    pub plot: PathBuf,
+}
+
+/// What one measured run trains.
+#[derive(Clone, Debug, Args)]
+pub struct MemoryRun {
+    /// Width of every hidden layer.
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Training steps per run (the first is not timed).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Optimizer: SGD without momentum, as in the paper's memory figure, or Adam.
+    #[arg(long, value_enum, default_value = "sgd")]
+    pub optimizer: OptimizerArg,
+    /// `random` (Gaussian inputs, random labels; no data set held) or `embedded`.
+    #[arg(long, default_value = "random")]
+    pub data: String,
+}
+
+/// Optimizer for `svp memory`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OptimizerArg {
+    /// Plain SGD (no state).
+    Sgd,
+    /// Adam (two moments per weight).
+    Adam,
+}
+
+/// `svp memory-child`.
+#[derive(Debug, Args)]
+pub struct MemoryChildArgs {
+    /// Training rule.
+    #[arg(long, value_enum)]
+    pub method: MethodArg,
+    /// Hidden layers.
+    #[arg(long)]
+    pub depth: usize,
+    #[command(flatten)]
+    pub run: MemoryRun,
 }
 
 /// Training rule on the command line.

@@ -8,11 +8,18 @@ mod cli;
 mod error;
 mod eval_cmd;
 mod mem;
+mod memory_cmd;
+mod plot;
 mod progress;
 mod train_cmd;
 
 use clap::Parser;
 use std::process::ExitCode;
+
+/// Every allocation of the process is counted: `svp train` and `svp memory`
+/// report the heap's peak, and tests prove a training step allocates nothing.
+#[global_allocator]
+pub static ALLOC: svp_alloc::CountingAlloc = svp_alloc::CountingAlloc::new();
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
@@ -25,6 +32,8 @@ fn main() -> ExitCode {
     let result = match args.command {
         cli::Command::Train(a) => train_cmd::run(a),
         cli::Command::Eval(a) => eval_cmd::run(a),
+        cli::Command::Memory(a) => memory_cmd::run(a),
+        cli::Command::MemoryChild(a) => memory_cmd::run_child(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -72,7 +72,7 @@ fn load_config(args: &TrainArgs) -> Result<Config, CliError> {
 }
 
 /// Fails early, before any training, if `path` cannot be written.
-fn check_writable(path: &Path) -> Result<(), CliError> {
+pub fn check_writable(path: &Path) -> Result<(), CliError> {
     let fail = |reason: String| CliError::Output { path: path.to_owned(), reason };
     if path.is_dir() {
         return Err(fail("it is a folder".into()));
@@ -201,6 +201,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         None => None,
     };
     let peak = peak_rss_kib();
+    let heap_peak = crate::ALLOC.stats().peak;
     let m = outcome.memory;
     if args.json {
         println!(
@@ -210,6 +211,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
                 "test_acc": test_acc,
                 "epochs": outcome.epochs.len(),
                 "peak_rss_kib": peak,
+                "heap_peak_bytes": heap_peak,
                 "param_bytes": m.params,
                 "optimizer_bytes": m.optimizer,
                 "workspace_bytes": m.workspace,
@@ -218,9 +220,11 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         );
     } else {
         eprintln!(
-            "final test accuracy {:.2}%; peak RSS {}; parameters {:.1} MiB, optimizer state {:.1} MiB, training workspace {:.1} MiB{}",
+            "final test accuracy {:.2}%; peak RSS {}, heap peak {:.1} MiB; parameters {:.1} MiB, \
+             optimizer state {:.1} MiB, training workspace {:.1} MiB{}",
             100.0 * test_acc,
             peak.map_or("unknown".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            heap_peak as f64 / 1048576.0,
             m.params as f64 / 1048576.0,
             m.optimizer as f64 / 1048576.0,
             m.workspace as f64 / 1048576.0,

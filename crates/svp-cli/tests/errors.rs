@@ -178,3 +178,38 @@ fn train_save_eval_round_trip_on_embedded_data() {
     assert_eq!(report["test_acc"].as_f64().unwrap(), trained, "eval reproduces the training-time accuracy");
     assert_eq!(report["exit_test_acc"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn memory_sweep_runs_children_and_shows_flat_svp_and_growing_bp() {
+    let d = scratch("memory");
+    let (csv, plot) = (d.join("m.csv"), d.join("m.svg"));
+    let out = svp(&[
+        "memory",
+        "--depths",
+        "2,8",
+        "--steps",
+        "2",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<Vec<String>> = text.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    let non_weight = |method: &str, depth: &str| -> f64 {
+        let r = rows.iter().find(|r| r[0] == method && r[1] == depth).expect("row");
+        r[5].parse::<f64>().unwrap() / 1024.0
+    };
+    let svp_growth = non_weight("svp", "8") - non_weight("svp", "2");
+    let bp_growth = non_weight("bp", "8") - non_weight("bp", "2");
+    // BP keeps 6 more layers of 128 x 1024 activations and caches (~9 MiB);
+    // SVP reuses one layer's buffers.
+    assert!(svp_growth.abs() < 4.0, "SVP non-weight memory grew {svp_growth:.1} MiB");
+    assert!(bp_growth > 6.0, "BP non-weight memory grew only {bp_growth:.1} MiB");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 4);
+    // Bad input is one line, as everywhere.
+    assert_fails(&svp(&["memory", "--depths", "0"]), 1, "--depths");
+}

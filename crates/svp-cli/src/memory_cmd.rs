@@ -1,0 +1,383 @@
+//! `svp memory`: peak training memory against depth, SVP against backprop.
+//!
+//! Each (method, depth) runs in a fresh child process of this binary, so one
+//! run's heap cannot flatter or burden the next. The parent watches the child's
+//! peak resident set (`VmHWM`) from outside while it runs; the child reports
+//! its own `VmHWM` at exit, its counted heap peak, and the bytes of
+//! parameters, optimizer state and training workspace.
+
+use crate::ALLOC;
+use crate::cli::{MemoryArgs, MemoryChildArgs, MemoryRun, MethodArg, OptimizerArg};
+use crate::error::CliError;
+use crate::mem::{current_rss_kib, peak_rss_kib, peak_rss_kib_of};
+use crate::plot::{Series, line_chart_svg};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use svp_rng::{Purpose, Stream, StreamKey};
+use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
+use svp_train::{BpTrainer, Config, Method, Mlp, SvpTrainer, Trainer};
+
+/// What a child measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChildReport {
+    /// `svp` or `bp`.
+    pub method: String,
+    /// Hidden layers.
+    pub depth: usize,
+    /// RSS before the model existed (binary, runtime, data), KiB.
+    pub baseline_rss_kib: u64,
+    /// The child's own `VmHWM` at exit, KiB.
+    pub peak_rss_kib: u64,
+    /// Most heap bytes live at once (counting allocator).
+    pub heap_peak_bytes: usize,
+    /// Parameter bytes.
+    pub param_bytes: usize,
+    /// Optimizer-state bytes.
+    pub optimizer_bytes: usize,
+    /// Training workspace bytes (activations, caches, gradients, tiles).
+    pub workspace_bytes: usize,
+    /// Timed steps per second.
+    pub steps_per_s: f64,
+    /// Heap allocations during the timed steps.
+    pub step_allocations: usize,
+    /// Largest single allocation during the timed steps.
+    pub step_largest_alloc: usize,
+}
+
+fn method_of(m: MethodArg) -> Method {
+    match m {
+        MethodArg::Svp => Method::Svp,
+        MethodArg::Bp => Method::Bp,
+    }
+}
+
+fn config(run: &MemoryRun, method: Method, depth: usize) -> Config {
+    let optimizer = match run.optimizer {
+        OptimizerArg::Sgd => svp_optim::Optimizer::Sgd { lr: 0.01, momentum: 0.0, weight_decay: 0.0 },
+        OptimizerArg::Adam => {
+            svp_optim::Optimizer::Adam { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        }
+    };
+    Config {
+        model: ModelConfig {
+            input: None,
+            hidden: vec![run.width; depth],
+            norm: svp_nn::Norm::LayerNorm,
+            activation: svp_nn::Activation::Relu,
+            dropout: 0.0,
+        },
+        svp: SvpConfig::default(),
+        train: TrainConfig { method, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false },
+        optimizer,
+        schedule: Default::default(),
+    }
+}
+
+/// Runs one measurement in this process and prints its report as JSON.
+pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
+    let run = &args.run;
+    let method = method_of(args.method);
+    let config = config(run, method, args.depth);
+    config.validate()?;
+    // Inputs: one batch, reused every step (random by default, so no data set
+    // sits in memory and the baseline is the binary alone).
+    let (features, classes, x, y) = match run.data.as_str() {
+        "random" => {
+            let mut s = Stream::new(StreamKey::new(1, Purpose::Shuffle, 99, 0, 0));
+            let x: Vec<f32> = (0..run.batch * 784).map(|_| s.gaussian() as f32).collect();
+            let y: Vec<u32> = (0..run.batch).map(|_| s.below(10) as u32).collect();
+            (784, 10, x, y)
+        }
+        "embedded" => {
+            let data = svp_data::DataSplit::embedded();
+            let norm = svp_data::Normalization::fit(&data.train);
+            let mut b = svp_data::Batcher::new(data.train.len(), run.batch, norm);
+            b.start_epoch(1, 0, true);
+            let mut x = vec![0.0; run.batch * data.features()];
+            let mut y = vec![0; run.batch];
+            let n = b.gather(&data.train, 0, &mut x, &mut y);
+            x.truncate(n * data.features());
+            y.truncate(n);
+            (data.features(), data.classes, x, y)
+        }
+        other => {
+            return Err(
+                svp_train::ConfigError::Invalid(format!("--data must be random or embedded, not {other:?}")).into()
+            );
+        }
+    };
+    let baseline_rss_kib = current_rss_kib().unwrap_or(0);
+    let mut model = Mlp::new(features, classes, &config.model, config.train.seed);
+    let mut trainer: Box<dyn Trainer> = match method {
+        Method::Svp => Box::new(SvpTrainer::new(&model, &config)),
+        Method::Bp => Box::new(BpTrainer::new(&model, &config)),
+    };
+    trainer
+        .step(&mut model, &x, &y, 1.0)
+        .map_err(|error| CliError::Diverged { error, saved: "nothing saved".into() })?;
+    ALLOC.reset_peaks();
+    let heap_before = ALLOC.stats();
+    let start = Instant::now();
+    let timed = run.steps.saturating_sub(1).max(1);
+    for _ in 0..timed {
+        trainer
+            .step(&mut model, &x, &y, 1.0)
+            .map_err(|error| CliError::Diverged { error, saved: "nothing saved".into() })?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let heap = ALLOC.stats();
+    let report = ChildReport {
+        method: method.to_string(),
+        depth: args.depth,
+        baseline_rss_kib,
+        peak_rss_kib: peak_rss_kib().unwrap_or(0),
+        heap_peak_bytes: heap.peak.max(heap_before.peak),
+        param_bytes: model.param_bytes(),
+        optimizer_bytes: trainer.optimizer_bytes(),
+        workspace_bytes: trainer.workspace_bytes(),
+        steps_per_s: timed as f64 / seconds.max(1e-9),
+        step_allocations: heap.allocations,
+        step_largest_alloc: heap.largest,
+    };
+    println!("{}", serde_json::to_string(&report).expect("report serializes"));
+    Ok(())
+}
+
+/// One row of the sweep.
+struct Row {
+    report: ChildReport,
+    /// max(parent's outside observation, child's own VmHWM), KiB.
+    peak_rss_kib: u64,
+}
+
+impl Row {
+    fn weights_and_state(&self) -> u64 {
+        ((self.report.param_bytes + self.report.optimizer_bytes) / 1024) as u64
+    }
+
+    fn non_weight_kib(&self) -> u64 {
+        self.peak_rss_kib.saturating_sub(self.weights_and_state())
+    }
+
+    /// weights + optimizer state + training workspace: what a step needs.
+    fn floor_kib(&self) -> u64 {
+        self.weights_and_state() + (self.report.workspace_bytes / 1024) as u64
+    }
+}
+
+fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Output { path: "svp".into(), reason: format!("cannot find this binary: {e}") })?;
+    let method_name = match method {
+        MethodArg::Svp => "svp",
+        MethodArg::Bp => "bp",
+    };
+    let optimizer = match run.optimizer {
+        OptimizerArg::Sgd => "sgd",
+        OptimizerArg::Adam => "adam",
+    };
+    let mut child = Command::new(exe)
+        .args(["memory-child", "--method", method_name, "--depth", &depth.to_string()])
+        .args(["--width", &run.width.to_string(), "--batch", &run.batch.to_string()])
+        .args(["--steps", &run.steps.to_string(), "--optimizer", optimizer, "--data", &run.data])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| CliError::Output { path: "svp memory-child".into(), reason: e.to_string() })?;
+    // Watch the child's peak RSS from outside while it runs.
+    let pid = child.id();
+    let mut outside = 0;
+    let status = loop {
+        if let Some(kib) = peak_rss_kib_of(pid) {
+            outside = outside.max(kib);
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(CliError::Output { path: "svp memory-child".into(), reason: e.to_string() }),
+        }
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(out) = child.stdout.take() {
+        std::io::BufReader::new(out).lines().map_while(Result::ok).for_each(|l| stdout.push_str(&l));
+    }
+    if let Some(err) = child.stderr.take() {
+        std::io::BufReader::new(err).lines().map_while(Result::ok).for_each(|l| stderr.push_str(&l));
+    }
+    if !status.success() {
+        let why = stderr.trim().trim_start_matches("error: ").to_string();
+        return Err(CliError::Output {
+            path: format!("svp memory-child ({method_name}, depth {depth})").into(),
+            reason: if why.is_empty() { status.to_string() } else { why },
+        });
+    }
+    let report: ChildReport = serde_json::from_str(stdout.trim())
+        .map_err(|e| CliError::Output { path: "svp memory-child".into(), reason: format!("bad report: {e}") })?;
+    Ok(Row { peak_rss_kib: outside.max(report.peak_rss_kib), report })
+}
+
+fn optimizer_name(o: OptimizerArg) -> &'static str {
+    match o {
+        OptimizerArg::Sgd => "SGD",
+        OptimizerArg::Adam => "Adam",
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Runs `svp memory`.
+pub fn run(args: MemoryArgs) -> Result<(), CliError> {
+    if args.depths.is_empty() || args.depths.contains(&0) {
+        return Err(svp_train::ConfigError::Invalid("--depths must list positive depths".into()).into());
+    }
+    for path in [&args.csv, &args.plot] {
+        crate::train_cmd::check_writable(path)?;
+    }
+    eprintln!(
+        "svp memory: width {}, batch {}, {} steps, optimizer {}, data {}; one child process per row",
+        args.run.width,
+        args.run.batch,
+        args.run.steps,
+        optimizer_name(args.run.optimizer),
+        args.run.data
+    );
+    println!(
+        "{:<6} {:>5} {:>12} {:>14} {:>12} {:>12} {:>12} {:>10} {:>9}",
+        "method",
+        "depth",
+        "peak RSS MiB",
+        "non-weight MiB",
+        "heap peak",
+        "params MiB",
+        "optim MiB",
+        "floor MiB",
+        "steps/s"
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    for &method in &args.methods {
+        for &depth in &args.depths {
+            let row = spawn_child(method, depth, &args.run)?;
+            let r = &row.report;
+            println!(
+                "{:<6} {:>5} {:>12.1} {:>14.1} {:>12.1} {:>12.1} {:>12.1} {:>10.1} {:>9.2}",
+                r.method,
+                depth,
+                mib(row.peak_rss_kib),
+                mib(row.non_weight_kib()),
+                r.heap_peak_bytes as f64 / 1048576.0,
+                r.param_bytes as f64 / 1048576.0,
+                r.optimizer_bytes as f64 / 1048576.0,
+                mib(row.floor_kib()),
+                r.steps_per_s
+            );
+            let _ = std::io::stdout().flush();
+            rows.push(row);
+        }
+    }
+    write_csv(&args, &rows)?;
+    write_plot(&args, &rows)?;
+    summarize(&rows);
+    eprintln!("wrote {} and {}", args.csv.display(), args.plot.display());
+    Ok(())
+}
+
+fn write_csv(args: &MemoryArgs, rows: &[Row]) -> Result<(), CliError> {
+    let mut csv = String::from(
+        "method,depth,width,batch,peak_rss_kib,non_weight_rss_kib,baseline_rss_kib,heap_peak_bytes,\
+         param_bytes,optimizer_bytes,workspace_bytes,floor_kib,steps_per_s,step_allocations,step_largest_alloc\n",
+    );
+    for row in rows {
+        let r = &row.report;
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{},{}\n",
+            r.method,
+            r.depth,
+            args.run.width,
+            args.run.batch,
+            row.peak_rss_kib,
+            row.non_weight_kib(),
+            r.baseline_rss_kib,
+            r.heap_peak_bytes,
+            r.param_bytes,
+            r.optimizer_bytes,
+            r.workspace_bytes,
+            row.floor_kib(),
+            r.steps_per_s,
+            r.step_allocations,
+            r.step_largest_alloc
+        ));
+    }
+    svp_model::atomic::write(&args.csv, csv.as_bytes())
+        .map_err(|e| CliError::Output { path: args.csv.clone(), reason: e.to_string() })
+}
+
+fn write_plot(args: &MemoryArgs, rows: &[Row]) -> Result<(), CliError> {
+    let mut series = Vec::new();
+    for (method, color) in [("svp", "#1f77b4"), ("bp", "#d62728")] {
+        let of: Vec<&Row> = rows.iter().filter(|r| r.report.method == method).collect();
+        if of.is_empty() {
+            continue;
+        }
+        let label = if method == "svp" { "SVP" } else { "BP" };
+        series.push(Series {
+            label: format!("{label}: peak RSS"),
+            color: color.into(),
+            dashed: false,
+            points: of.iter().map(|r| (r.report.depth as f64, mib(r.peak_rss_kib))).collect(),
+        });
+        series.push(Series {
+            label: format!("{label}: peak RSS minus weights and optimizer state"),
+            color: color.into(),
+            dashed: true,
+            points: of.iter().map(|r| (r.report.depth as f64, mib(r.non_weight_kib()))).collect(),
+        });
+    }
+    let title = format!(
+        "Peak training memory vs depth (MLP, width {}, batch {}, {})",
+        args.run.width,
+        args.run.batch,
+        optimizer_name(args.run.optimizer)
+    );
+    let svg = line_chart_svg(&title, "hidden layers (log scale)", "MiB", &series);
+    svp_model::atomic::write(&args.plot, svg.as_bytes())
+        .map_err(|e| CliError::Output { path: args.plot.clone(), reason: e.to_string() })
+}
+
+fn summarize(rows: &[Row]) {
+    let svp: Vec<&Row> = rows.iter().filter(|r| r.report.method == "svp").collect();
+    // Depth 1 has no layer-to-layer buffer reuse to show; compare from depth 2.
+    let lo = svp.iter().find(|r| r.report.depth == 2).or_else(|| svp.iter().min_by_key(|r| r.report.depth));
+    let (Some(lo), Some(hi)) = (lo, svp.iter().max_by_key(|r| r.report.depth)) else {
+        return;
+    };
+    let (a, b) = (lo.non_weight_kib() as f64, hi.non_weight_kib() as f64);
+    eprintln!(
+        "SVP memory beyond weights: {:.1} MiB at depth {} -> {:.1} MiB at depth {} ({:+.1} %)",
+        a / 1024.0,
+        lo.report.depth,
+        b / 1024.0,
+        hi.report.depth,
+        100.0 * (b - a) / a.max(1.0)
+    );
+    eprintln!(
+        "SVP peak RSS at depth {}: {:.1} MiB = {:.2} x (floor {:.1} MiB + baseline {:.1} MiB)",
+        hi.report.depth,
+        mib(hi.peak_rss_kib),
+        hi.peak_rss_kib as f64 / (hi.floor_kib() + hi.report.baseline_rss_kib) as f64,
+        mib(hi.floor_kib()),
+        mib(hi.report.baseline_rss_kib)
+    );
+    if let Some(bp) = rows.iter().find(|r| r.report.method == "bp" && r.report.depth == hi.report.depth) {
+        eprintln!(
+            "BP memory beyond weights at depth {}: {:.1} MiB = {:.1} x SVP's",
+            bp.report.depth,
+            mib(bp.non_weight_kib()),
+            bp.non_weight_kib() as f64 / b.max(1.0)
+        );
+    }
+}
