@@ -21,11 +21,57 @@ pub enum Command {
     Train(TrainArgs),
     /// Evaluate a saved model on a test set.
     Eval(EvalArgs),
+    /// Predict the class of each sample with a saved model.
+    Predict(PredictArgs),
+    /// Write a model with its weights as f32, f16, bf16 or int8.
+    Export(ExportArgs),
+    /// Describe a model file.
+    Info(InfoArgs),
     /// Measure peak training memory against depth, SVP against backprop.
     Memory(MemoryArgs),
     /// One measurement of `svp memory`, in a fresh process (internal).
     #[command(hide = true)]
     MemoryChild(MemoryChildArgs),
+}
+
+/// `svp predict`.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// The model file.
+    pub model: PathBuf,
+    /// Samples: an IDX image file (raw or .gz) or raw little-endian f32 values
+    /// (already normalized, one sample after another).
+    #[arg(long, conflicts_with = "data")]
+    pub input: Option<PathBuf>,
+    /// Or the test images of an IDX folder (or `embedded`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Predict from hidden layer K's projection head instead of the last layer (SVP models).
+    #[arg(long)]
+    pub exit_layer: Option<usize>,
+}
+
+/// `svp export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The model file to convert.
+    pub model: PathBuf,
+    /// Weight type: f32, f16, bf16 or int8 (per-output-channel scales).
+    #[arg(long)]
+    pub dtype: String,
+    /// Where to write the converted model.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `svp info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The model file.
+    pub model: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `svp memory`.

@@ -1,64 +1,252 @@
-//! `svp eval`.
+//! `svp eval`, `svp predict`, `svp export`, `svp info`: everything that reads a model file.
 
-use crate::cli::EvalArgs;
+use crate::cli::{EvalArgs, ExportArgs, InfoArgs, PredictArgs};
 use crate::error::CliError;
 use crate::train_cmd::data_source;
 use serde_json::json;
+use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
-use svp_model::ModelFile;
-use svp_train::{InferenceWorkspace, evaluate};
+use svp_data::{Batcher, Dataset};
+use svp_model::{DType, InferenceModel, InferenceWorkspace, ModelFile};
+
+fn mismatch(msg: String) -> CliError {
+    svp_train::ConfigError::DataMismatch(msg).into()
+}
+
+fn check_images(model: &InferenceModel, data: &Dataset) -> Result<(), CliError> {
+    let (h, w) = model.meta().image_shape;
+    if data.image_shape != (h as usize, w as usize) {
+        return Err(mismatch(format!("the model takes {h}x{w} images, the data has {:?}", data.image_shape)));
+    }
+    Ok(())
+}
+
+fn check_exit(model: &InferenceModel, exit: Option<usize>) -> Result<(), CliError> {
+    if let Some(k) = exit {
+        if model.meta().heads.is_none() {
+            return Err(mismatch("early exits need a model trained with SVP (this one has no projection heads)".into()));
+        }
+        if k == 0 || k > model.hidden_layers() {
+            return Err(mismatch(format!("--exit-layer {k}: the model has hidden layers 1..={}", model.hidden_layers())));
+        }
+    }
+    Ok(())
+}
+
+fn argmax(row: &[f32]) -> usize {
+    (0..row.len()).fold(0, |best, j| if row[j] > row[best] { j } else { best })
+}
+
+/// Accuracy and wall time of one exit (`None` = the head) over a data set.
+fn accuracy(model: &InferenceModel, data: &Dataset, exit: Option<usize>, ws: &mut InferenceWorkspace) -> (f64, f64) {
+    let batch = 256;
+    let mut batcher = Batcher::new(data.len(), batch, model.meta().norm);
+    batcher.start_epoch(0, 0, false);
+    let mut x = vec![0.0; batch * data.features()];
+    let mut y = vec![0u32; batch];
+    let start = Instant::now();
+    let mut correct = 0;
+    for b in 0..batcher.batches() {
+        let rows = batcher.gather(data, b, &mut x, &mut y);
+        let logits = model.predict(&x, rows, exit, ws);
+        let width = logits.len() / rows;
+        for (row, &label) in logits.chunks_exact(width).zip(&y[..rows]) {
+            correct += usize::from(argmax(row) == label as usize);
+        }
+    }
+    (correct as f64 / data.len().max(1) as f64, start.elapsed().as_secs_f64())
+}
 
 /// Runs `svp eval`.
 pub fn run(args: EvalArgs) -> Result<(), CliError> {
-    let file = ModelFile::load(&args.model)?;
+    let model = InferenceModel::load(&args.model)?;
     let data = data_source(args.data.as_deref()).load()?;
-    if data.test.image_shape != file.image_shape {
-        return Err(svp_train::ConfigError::DataMismatch(format!(
-            "the model takes {:?} images, the data has {:?}",
-            file.image_shape, data.test.image_shape
-        ))
-        .into());
+    check_images(&model, &data.test)?;
+    if data.classes > model.meta().classes() {
+        return Err(mismatch(format!("the model has {} classes, the data has {}", model.meta().classes(), data.classes)));
     }
-    let model = file.to_mlp();
-    if data.classes > model.classes() {
-        return Err(svp_train::ConfigError::DataMismatch(format!(
-            "the model has {} classes, the data has {}",
-            model.classes(),
-            data.classes
-        ))
-        .into());
-    }
-    let exits = if args.exits { file.heads.as_ref() } else { None };
-    let start = Instant::now();
-    let report = evaluate(&model, &data.test, file.norm, 256, exits, &mut InferenceWorkspace::default());
-    let seconds = start.elapsed().as_secs_f64();
+    let mut ws = InferenceWorkspace::default();
+    let (acc, seconds) = accuracy(&model, &data.test, None, &mut ws);
+    let exits: Vec<(f64, f64)> = if args.exits && model.meta().heads.is_some() {
+        (1..=model.hidden_layers()).map(|k| accuracy(&model, &data.test, Some(k), &mut ws)).collect()
+    } else {
+        Vec::new()
+    };
     if args.json {
         println!(
             "{}",
             json!({
-                "test_acc": report.accuracy,
-                "test_loss": report.loss,
+                "test_acc": acc,
                 "samples": data.test.len(),
                 "seconds": seconds,
-                "exit_test_acc": report.exit_accuracy,
+                "dtype": model.meta().weight_dtype().name(),
+                "exit_test_acc": exits.iter().map(|e| e.0).collect::<Vec<_>>(),
+                "exit_seconds": exits.iter().map(|e| e.1).collect::<Vec<_>>(),
             })
         );
     } else {
         println!(
-            "{}: test accuracy {:.2}% (loss {:.4}) on {} samples from {} in {:.2} s",
+            "{}: test accuracy {:.2}% on {} samples from {} in {:.3} s ({} weights)",
             args.model.display(),
-            100.0 * report.accuracy,
-            report.loss,
+            100.0 * acc,
             data.test.len(),
             data.origin,
-            seconds
+            seconds,
+            model.meta().weight_dtype().name()
         );
-        for (l, a) in report.exit_accuracy.iter().enumerate() {
-            println!("  exit at layer {}: {:.2}%", l + 1, 100.0 * a);
+        for (k, (a, t)) in exits.iter().enumerate() {
+            println!("  exit at layer {}: {:.2}% in {:.3} s", k + 1, 100.0 * a, t);
         }
-        if args.exits && file.heads.is_none() {
+        if args.exits && model.meta().heads.is_none() {
             println!("  (no early exits: the model was not trained with SVP)");
         }
+    }
+    Ok(())
+}
+
+/// Reads `--input`: an IDX image file (raw or .gz), or raw little-endian f32
+/// values already normalized, `features` per sample.
+fn read_input(path: &Path, features: usize, image_shape: (u32, u32)) -> Result<(Vec<f32>, usize, bool), CliError> {
+    let bytes = std::fs::read(path).map_err(|source| svp_data::DataError::Io { path: path.to_owned(), source })?;
+    let is_idx = bytes.starts_with(&[0x1f, 0x8b]) || bytes.starts_with(&[0, 0, 8]);
+    if is_idx {
+        let a = svp_data::idx::parse_idx(&bytes, path)?;
+        let per: usize = a.dims.iter().skip(1).product();
+        if a.dims.len() != 3 || (a.dims[1] as u32, a.dims[2] as u32) != image_shape {
+            return Err(mismatch(format!("{} holds {:?} images; the model takes {image_shape:?}", path.display(), a.dims)));
+        }
+        let n = a.dims[0];
+        Ok((a.data.iter().map(|&p| p as f32).collect(), n.min(a.data.len() / per.max(1)), true))
+    } else {
+        if bytes.len() % (4 * features) != 0 || bytes.is_empty() {
+            return Err(mismatch(format!(
+                "{} is neither an IDX file nor raw f32 samples of {features} values ({} bytes)",
+                path.display(),
+                bytes.len()
+            )));
+        }
+        let values: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(mismatch(format!("{} contains non-finite values", path.display())));
+        }
+        let n = values.len() / features;
+        Ok((values, n, false))
+    }
+}
+
+/// Runs `svp predict`: one line per sample, `index<TAB>class<TAB>name`.
+pub fn predict(args: PredictArgs) -> Result<(), CliError> {
+    let model = InferenceModel::load(&args.model)?;
+    check_exit(&model, args.exit_layer)?;
+    let meta = model.meta();
+    let features = meta.layers[0].in_dim;
+    let (values, n, pixels) = match &args.input {
+        Some(path) => read_input(path, features, meta.image_shape)?,
+        None => {
+            let data = data_source(args.data.as_deref()).load()?;
+            check_images(&model, &data.test)?;
+            (data.test.images.iter().map(|&p| p as f32).collect(), data.test.len(), true)
+        }
+    };
+    let norm = meta.norm;
+    let x: Vec<f32> =
+        if pixels { values.iter().map(|&p| (p / 255.0 - norm.mean) / norm.std).collect() } else { values };
+    let mut ws = InferenceWorkspace::default();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let batch = 256;
+    for start in (0..n).step_by(batch) {
+        let rows = batch.min(n - start);
+        let logits = model.predict(&x[start * features..(start + rows) * features], rows, args.exit_layer, &mut ws);
+        let width = logits.len() / rows;
+        for (i, row) in logits.chunks_exact(width).enumerate() {
+            let c = argmax(row);
+            let _ = writeln!(out, "{}\t{c}\t{}", start + i, meta.class_names.get(c).map_or("", String::as_str));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `svp export`: the same model with its weights as another dtype.
+pub fn export(args: ExportArgs) -> Result<(), CliError> {
+    let dtype = DType::parse(&args.dtype)
+        .ok_or_else(|| svp_train::ConfigError::Invalid(format!("--dtype {}: use f32, f16, bf16 or int8", args.dtype)))?;
+    crate::train_cmd::check_writable(&args.out)?;
+    let file = ModelFile::load(&args.model)?;
+    let converted = file.convert(dtype);
+    converted.save(&args.out)?;
+    let (before, after) = (file.to_bytes().len(), converted.to_bytes().len());
+    eprintln!(
+        "wrote {} ({} weights): {} bytes, {:.1} % of the {}-byte {} file",
+        args.out.display(),
+        dtype.name(),
+        after,
+        100.0 * after as f64 / before as f64,
+        before,
+        file.meta.weight_dtype().name()
+    );
+    Ok(())
+}
+
+/// Runs `svp info`.
+pub fn info(args: InfoArgs) -> Result<(), CliError> {
+    let bytes = std::fs::read(&args.model)
+        .map_err(|source| svp_model::ModelError::Io { path: args.model.clone(), source })?;
+    let file = ModelFile::from_bytes(&bytes, &args.model)?;
+    let m = &file.meta;
+    let widths: Vec<String> =
+        std::iter::once(m.layers[0].in_dim).chain(m.layers.iter().map(|l| l.out_dim)).map(|w| w.to_string()).collect();
+    let params: usize = m.layers.iter().map(svp_model::layer_param_len).sum();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "file_bytes": bytes.len(),
+                "format_version": svp_model::FORMAT_VERSION,
+                "architecture": widths.join("-"),
+                "parameters": params,
+                "weight_dtype": m.weight_dtype().name(),
+                "image_shape": [m.image_shape.0, m.image_shape.1],
+                "classes": m.class_names,
+                "method": m.provenance.method,
+                "epochs": m.provenance.epochs,
+                "test_acc": m.provenance.test_acc,
+                "data": m.provenance.data,
+                "generator": m.generator,
+                "projection_seed": m.heads.as_ref().map(|h| h.seed),
+                "projection_dim": m.heads.as_ref().map(|h| h.dim),
+            })
+        );
+        return Ok(());
+    }
+    let l0 = &m.layers[0];
+    println!("{}: svp model file, format version {}, {} bytes", args.model.display(), svp_model::FORMAT_VERSION, bytes.len());
+    println!(
+        "  network      {} ({:?} + {:?} hidden blocks, {} parameters)",
+        widths.join("-"),
+        l0.norm,
+        l0.activation,
+        params
+    );
+    println!("  weights      {} (biases and LayerNorm f32)", m.weight_dtype().name());
+    println!("  input        {}x{} images, normalized with mean {:.4} std {:.4}", m.image_shape.0, m.image_shape.1, m.norm.mean, m.norm.std);
+    println!("  classes      {}", m.class_names.join(", "));
+    println!(
+        "  trained      {} for {} epochs on {}; test accuracy {:.2}%",
+        m.provenance.method,
+        m.provenance.epochs,
+        m.provenance.data,
+        100.0 * m.provenance.test_acc
+    );
+    match &m.heads {
+        Some(h) => println!(
+            "  projections  seed {}, d' = {}, sigma {}, regenerated by {} (never stored)",
+            h.seed,
+            h.dim,
+            h.sigma.map_or("1/sqrt(width)".to_string(), |s| s.to_string()),
+            m.generator
+        ),
+        None => println!("  projections  none (trained with backpropagation: no early exits)"),
     }
     Ok(())
 }

@@ -32,6 +32,9 @@ fn main() -> ExitCode {
     let result = match args.command {
         cli::Command::Train(a) => train_cmd::run(a),
         cli::Command::Eval(a) => eval_cmd::run(a),
+        cli::Command::Predict(a) => eval_cmd::predict(a),
+        cli::Command::Export(a) => eval_cmd::export(a),
+        cli::Command::Info(a) => eval_cmd::info(a),
         cli::Command::Memory(a) => memory_cmd::run(a),
         cli::Command::MemoryChild(a) => memory_cmd::run_child(a),
     };

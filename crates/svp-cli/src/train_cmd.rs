@@ -7,7 +7,7 @@ use crate::progress::ProgressLine;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use svp_data::{DataSource, DataSplit};
-use svp_model::{ModelFile, Provenance};
+use svp_model::{DType, ModelFile, ModelInfo, Provenance};
 use svp_optim::Optimizer;
 use svp_train::{Config, EpochReport, Method, fit};
 use svp_train::{FitObserver, Progress};
@@ -194,8 +194,14 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
                 test_acc,
                 data: data.origin.clone(),
             };
-            ModelFile::new(&outcome.model, outcome.heads.clone(), outcome.norm, data.train.image_shape, provenance)
-                .save(path)?;
+            let info = ModelInfo {
+                heads: outcome.heads.clone(),
+                norm: outcome.norm,
+                image_shape: data.train.image_shape,
+                class_names: data.class_names(),
+                provenance,
+            };
+            ModelFile::from_mlp(&outcome.model, info, DType::F32).save(path)?;
             Some(path.clone())
         }
         None => None,

@@ -152,6 +152,15 @@ impl DataSplit {
         self.train.features()
     }
 
+    /// Names of the classes: Fashion-MNIST's when the data is Fashion-MNIST
+    /// shaped (28x28, 10 classes), else the class numbers.
+    pub fn class_names(&self) -> Vec<String> {
+        const FASHION: [&str; 10] =
+            ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+        let fashion = self.origin.to_lowercase().contains("fashion") && self.classes == 10;
+        (0..self.classes).map(|c| if fashion { FASHION[c].to_string() } else { c.to_string() }).collect()
+    }
+
     /// Reads `train-images`, `train-labels`, `t10k-images`, `t10k-labels`
     /// (`-idx3-ubyte` / `.idx3-ubyte` names, optionally `.gz`) from `dir`.
     pub fn load_dir(dir: &Path) -> Result<Self, DataError> {
