@@ -61,3 +61,50 @@ fn the_seed_matters() {
     let b = train_bits(Method::Svp, 2, |c| c.train.seed = 8);
     assert!(a.iter().zip(&b).filter(|(x, y)| x != y).count() > a.len() / 2);
 }
+
+/// Collects every checkpoint a run offers.
+struct Collect(Vec<svp_train::FitState>);
+
+impl svp_train::FitObserver for Collect {
+    fn on_checkpoint(&mut self, state: &svp_train::FitState) -> Result<(), String> {
+        self.0.push(state.clone());
+        Ok(())
+    }
+}
+
+fn resume_case(method: Method, mutate: impl Fn(&mut svp_train::Config)) {
+    use svp_train::{FitOptions, fit_with};
+    let mut config = small_config(method, 2);
+    mutate(&mut config);
+    let data = embedded_subset(640); // 10 batches of 64 per epoch
+    let full = fit(&config, &data, &mut ());
+    let mut seen = Collect(Vec::new());
+    let with_checkpoints = fit_with(&config, &data, &mut seen, FitOptions { resume: None, checkpoint_every: Some(7) });
+    assert_same(&bits(&with_checkpoints.model), &bits(&full.model), "taking checkpoints changed the run");
+    // Steps 7 and 14, and the end of each epoch.
+    let positions: Vec<(usize, usize)> = seen.0.iter().map(|s| (s.epoch, s.next_batch)).collect();
+    assert_eq!(positions, vec![(1, 7), (2, 0), (2, 4), (3, 0)], "{method:?}");
+    for state in seen.0 {
+        let at = (state.epoch, state.next_batch);
+        let resumed = fit_with(&config, &data, &mut (), FitOptions { resume: Some(state), checkpoint_every: None });
+        assert!(resumed.diverged.is_none() && resumed.interrupted.is_none());
+        assert_same(&bits(&resumed.model), &bits(&full.model), &format!("{method:?} resumed at {at:?}"));
+    }
+}
+
+fn bits(m: &svp_train::Mlp) -> Vec<u32> {
+    m.params().iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn resuming_svp_from_any_checkpoint_is_bit_identical() {
+    resume_case(Method::Svp, |c| {
+        c.svp.projection_dropout = 0.2;
+        c.model.dropout = 0.1;
+    });
+}
+
+#[test]
+fn resuming_bp_from_any_checkpoint_is_bit_identical() {
+    resume_case(Method::Bp, |_| {});
+}

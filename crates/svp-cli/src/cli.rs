@@ -178,6 +178,16 @@ pub struct TrainArgs {
     /// One JSON object per line on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Write a checkpoint here after every epoch (and every `--checkpoint-every` steps).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Also checkpoint every N steps.
+    #[arg(long, requires = "checkpoint")]
+    pub checkpoint_every: Option<u64>,
+    /// Continue the run saved in this checkpoint, with its config (give the same
+    /// `--data` and `--limit-train`; `--epochs` may extend the run).
+    #[arg(long, conflicts_with_all = ["config", "method", "seed", "batch_size", "lr"])]
+    pub resume: Option<PathBuf>,
 }
 
 /// `svp eval`.

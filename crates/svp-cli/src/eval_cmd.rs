@@ -25,10 +25,15 @@ fn check_images(model: &InferenceModel, data: &Dataset) -> Result<(), CliError> 
 fn check_exit(model: &InferenceModel, exit: Option<usize>) -> Result<(), CliError> {
     if let Some(k) = exit {
         if model.meta().heads.is_none() {
-            return Err(mismatch("early exits need a model trained with SVP (this one has no projection heads)".into()));
+            return Err(mismatch(
+                "early exits need a model trained with SVP (this one has no projection heads)".into(),
+            ));
         }
         if k == 0 || k > model.hidden_layers() {
-            return Err(mismatch(format!("--exit-layer {k}: the model has hidden layers 1..={}", model.hidden_layers())));
+            return Err(mismatch(format!(
+                "--exit-layer {k}: the model has hidden layers 1..={}",
+                model.hidden_layers()
+            )));
         }
     }
     Ok(())
@@ -64,7 +69,11 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
     let data = data_source(args.data.as_deref()).load()?;
     check_images(&model, &data.test)?;
     if data.classes > model.meta().classes() {
-        return Err(mismatch(format!("the model has {} classes, the data has {}", model.meta().classes(), data.classes)));
+        return Err(mismatch(format!(
+            "the model has {} classes, the data has {}",
+            model.meta().classes(),
+            data.classes
+        )));
     }
     let mut ws = InferenceWorkspace::default();
     let (acc, seconds) = accuracy(&model, &data.test, None, &mut ws);
@@ -114,7 +123,11 @@ fn read_input(path: &Path, features: usize, image_shape: (u32, u32)) -> Result<(
         let a = svp_data::idx::parse_idx(&bytes, path)?;
         let per: usize = a.dims.iter().skip(1).product();
         if a.dims.len() != 3 || (a.dims[1] as u32, a.dims[2] as u32) != image_shape {
-            return Err(mismatch(format!("{} holds {:?} images; the model takes {image_shape:?}", path.display(), a.dims)));
+            return Err(mismatch(format!(
+                "{} holds {:?} images; the model takes {image_shape:?}",
+                path.display(),
+                a.dims
+            )));
         }
         let n = a.dims[0];
         Ok((a.data.iter().map(|&p| p as f32).collect(), n.min(a.data.len() / per.max(1)), true))
@@ -169,8 +182,9 @@ pub fn predict(args: PredictArgs) -> Result<(), CliError> {
 
 /// Runs `svp export`: the same model with its weights as another dtype.
 pub fn export(args: ExportArgs) -> Result<(), CliError> {
-    let dtype = DType::parse(&args.dtype)
-        .ok_or_else(|| svp_train::ConfigError::Invalid(format!("--dtype {}: use f32, f16, bf16 or int8", args.dtype)))?;
+    let dtype = DType::parse(&args.dtype).ok_or_else(|| {
+        svp_train::ConfigError::Invalid(format!("--dtype {}: use f32, f16, bf16 or int8", args.dtype))
+    })?;
     crate::train_cmd::check_writable(&args.out)?;
     let file = ModelFile::load(&args.model)?;
     let converted = file.convert(dtype);
@@ -190,8 +204,27 @@ pub fn export(args: ExportArgs) -> Result<(), CliError> {
 
 /// Runs `svp info`.
 pub fn info(args: InfoArgs) -> Result<(), CliError> {
-    let bytes = std::fs::read(&args.model)
-        .map_err(|source| svp_model::ModelError::Io { path: args.model.clone(), source })?;
+    let bytes =
+        std::fs::read(&args.model).map_err(|source| svp_model::ModelError::Io { path: args.model.clone(), source })?;
+    if bytes.starts_with(&svp_model::checkpoint::CHECKPOINT_MAGIC) {
+        let c = svp_model::Checkpoint::from_bytes(&bytes, &args.model)?;
+        let s = &c.state;
+        println!(
+            "{}: svp checkpoint, {} bytes: epoch {}, next batch {}, step {}, {} parameters, trained on {} ({} samples)",
+            args.model.display(),
+            bytes.len(),
+            s.epoch,
+            s.next_batch,
+            s.trainer.step,
+            s.params.len(),
+            c.data_origin,
+            c.train_len
+        );
+        for (epoch, loss, acc) in &s.history {
+            println!("  epoch {epoch}: train loss {loss:.4}, test accuracy {:.2}%", 100.0 * acc);
+        }
+        return Ok(());
+    }
     let file = ModelFile::from_bytes(&bytes, &args.model)?;
     let m = &file.meta;
     let widths: Vec<String> =
@@ -220,7 +253,12 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let l0 = &m.layers[0];
-    println!("{}: svp model file, format version {}, {} bytes", args.model.display(), svp_model::FORMAT_VERSION, bytes.len());
+    println!(
+        "{}: svp model file, format version {}, {} bytes",
+        args.model.display(),
+        svp_model::FORMAT_VERSION,
+        bytes.len()
+    );
     println!(
         "  network      {} ({:?} + {:?} hidden blocks, {} parameters)",
         widths.join("-"),
@@ -229,7 +267,10 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
         params
     );
     println!("  weights      {} (biases and LayerNorm f32)", m.weight_dtype().name());
-    println!("  input        {}x{} images, normalized with mean {:.4} std {:.4}", m.image_shape.0, m.image_shape.1, m.norm.mean, m.norm.std);
+    println!(
+        "  input        {}x{} images, normalized with mean {:.4} std {:.4}",
+        m.image_shape.0, m.image_shape.1, m.norm.mean, m.norm.std
+    );
     println!("  classes      {}", m.class_names.join(", "));
     println!(
         "  trained      {} for {} epochs on {}; test accuracy {:.2}%",

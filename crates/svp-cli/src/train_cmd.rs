@@ -7,10 +7,11 @@ use crate::progress::ProgressLine;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use svp_data::{DataSource, DataSplit};
+use svp_model::Checkpoint;
 use svp_model::{DType, ModelFile, ModelInfo, Provenance};
 use svp_optim::Optimizer;
-use svp_train::{Config, EpochReport, Method, fit};
-use svp_train::{FitObserver, Progress};
+use svp_train::{Config, EpochReport, Method};
+use svp_train::{FitObserver, FitOptions, FitState, Progress, fit_with};
 
 /// The config `svp train` uses without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../models/mlp-fmnist.toml");
@@ -144,15 +145,30 @@ fn epoch_text(r: &EpochReport) -> String {
     s
 }
 
-/// Progress on stderr, one epoch line (text or JSON) on stdout.
+/// Progress on stderr, one epoch line (text or JSON) on stdout, checkpoints to a file.
 struct Console {
     progress: ProgressLine,
     json: bool,
+    /// Where checkpoints go, and what they record besides the state.
+    checkpoint: Option<(PathBuf, String, String, u64)>,
 }
 
 impl FitObserver for Console {
     fn on_step(&mut self, p: &Progress) {
         self.progress.update(p);
+    }
+
+    fn on_checkpoint(&mut self, state: &FitState) -> Result<(), String> {
+        let Some((path, config_json, origin, train_len)) = &self.checkpoint else {
+            return Ok(());
+        };
+        let c = Checkpoint {
+            config_json: config_json.clone(),
+            data_origin: origin.clone(),
+            train_len: *train_len,
+            state: state.clone(),
+        };
+        c.save(path).map_err(|e| e.to_string())
     }
 
     fn on_epoch(&mut self, r: &EpochReport) {
@@ -167,9 +183,26 @@ impl FitObserver for Console {
 
 /// Runs `svp train`.
 pub fn run(args: TrainArgs) -> Result<(), CliError> {
-    let config = load_config(&args)?;
-    if let Some(out) = &args.out {
-        check_writable(out)?;
+    let resume = match &args.resume {
+        Some(path) => Some(Checkpoint::load(path)?),
+        None => None,
+    };
+    let config = match &resume {
+        Some(c) => {
+            let mut config: Config = serde_json::from_str(&c.config_json).map_err(|e| CliError::ConfigParse {
+                path: args.resume.clone().unwrap_or_default(),
+                message: format!("checkpoint config: {e}"),
+            })?;
+            if let Some(e) = args.epochs {
+                config.train.epochs = e;
+            }
+            config.validate()?;
+            config
+        }
+        None => load_config(&args)?,
+    };
+    for path in [&args.out, &args.checkpoint].into_iter().flatten() {
+        check_writable(path)?;
     }
     let mut data = data_source(args.data.as_deref()).load()?;
     if let Some(n) = args.limit_train {
@@ -177,20 +210,50 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         let f = data.train.features();
         data.train.labels.truncate(n);
         data.train.images.truncate(n * f);
+        data.origin = format!("{} (first {n} training samples)", data.origin);
     }
     config.validate_for_data(data.features(), data.classes, data.train.len())?;
+    if let Some(c) = &resume
+        && (c.data_origin != data.origin || c.train_len != data.train.len() as u64)
+    {
+        return Err(svp_train::ConfigError::DataMismatch(format!(
+            "the checkpoint was trained on {} ({} samples), not {} ({} samples)",
+            c.data_origin,
+            c.train_len,
+            data.origin,
+            data.train.len()
+        ))
+        .into());
+    }
     eprintln!("{}", describe(&config, &data));
+    if let Some(c) = &resume {
+        eprintln!("resuming at epoch {}, batch {} (step {})", c.state.epoch, c.state.next_batch, c.state.trainer.step);
+    }
 
-    let mut console = Console { progress: ProgressLine::new(config.train.epochs), json: args.json };
-    let outcome = fit(&config, &data, &mut console);
+    let checkpoint = args.checkpoint.clone().map(|p| {
+        let json = serde_json::to_string(&config).expect("config serializes");
+        (p, json, data.origin.clone(), data.train.len() as u64)
+    });
+    let mut console = Console { progress: ProgressLine::new(config.train.epochs), json: args.json, checkpoint };
+    let options = FitOptions {
+        checkpoint_every: args.checkpoint.as_ref().map(|_| args.checkpoint_every.unwrap_or(0)),
+        resume: resume.map(|c| c.state),
+    };
+    let outcome = fit_with(&config, &data, &mut console, options);
     console.progress.clear();
+    if let Some(why) = &outcome.interrupted {
+        return Err(CliError::Output {
+            path: args.checkpoint.clone().or(args.resume.clone()).unwrap_or_default(),
+            reason: why.clone(),
+        });
+    }
 
     let test_acc = outcome.epochs.last().map_or(0.0, |r| r.test_acc);
     let saved = match &args.out {
         Some(path) => {
             let provenance = Provenance {
                 method: config.train.method.to_string(),
-                epochs: outcome.epochs.len(),
+                epochs: outcome.epochs.last().map_or(0, |r| r.epoch),
                 test_acc,
                 data: data.origin.clone(),
             };

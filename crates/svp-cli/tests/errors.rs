@@ -213,3 +213,69 @@ fn memory_sweep_runs_children_and_shows_flat_svp_and_growing_bp() {
     // Bad input is one line, as everywhere.
     assert_fails(&svp(&["memory", "--depths", "0"]), 1, "--depths");
 }
+
+const CONSTANT: &str = "[model]\nhidden = [64, 64]\n[train]\nepochs = 2\nbatch_size = 64\n[optimizer]\nkind = \"adam\"\nlr = 0.001\n[schedule]\nkind = \"constant\"\n";
+
+#[test]
+fn resume_from_a_checkpoint_file_reproduces_the_uninterrupted_model() {
+    let d = scratch("resume");
+    let cfg = write_config(&d, CONSTANT);
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let common = ["--data", "embedded", "--limit-train", "1000"];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", "--config", &cfg];
+        args.extend_from_slice(&common);
+        args.extend_from_slice(extra);
+        let out = svp(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["--out", &p("straight.svpm")]);
+    // The same run stopped after epoch 1 (constant schedule: epoch 1 is the same),
+    // then resumed from its checkpoint for the second epoch.
+    run(&["--epochs", "1", "--checkpoint", &p("run.ckpt"), "--checkpoint-every", "5"]);
+    let (ck, r) = (p("run.ckpt"), p("resumed.svpm"));
+    let mut args = vec!["train", "--resume", &ck];
+    args.extend_from_slice(&common);
+    args.extend_from_slice(&["--epochs", "2", "--out", &r]);
+    let out = svp(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming at epoch 2, batch 0"));
+    let (a, b) = (std::fs::read(p("straight.svpm")).unwrap(), std::fs::read(&r).unwrap());
+    assert!(a == b, "resumed model file differs from the uninterrupted one");
+    // A checkpoint from other data is refused.
+    let out = svp(&["train", "--resume", &ck, "--data", "embedded"]);
+    assert_fails(&out, 1, "the checkpoint was trained on");
+    assert_fails(&svp(&["train", "--resume", &p("straight.svpm")]), 1, "not an svp checkpoint");
+}
+
+#[test]
+fn killing_the_writer_never_leaves_a_corrupt_checkpoint() {
+    let d = scratch("kill");
+    let cfg = write_config(&d, CONSTANT);
+    let ckpt = d.join("k.ckpt");
+    let mut survived = 0;
+    for delay_ms in [150u64, 400, 650, 900, 1200, 1500] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_svp"))
+            .args(["train", "--config", &cfg, "--data", "embedded", "--epochs", "50", "--checkpoint"])
+            .arg(&ckpt)
+            .args(["--checkpoint-every", "1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if ckpt.exists() {
+            let info = svp(&["info", ckpt.to_str().unwrap()]);
+            assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+            survived += 1;
+        }
+        // No temporary file is ever taken for the checkpoint itself.
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            assert!(!name.ends_with(".ckpt") || name == "k.ckpt", "{name}");
+        }
+    }
+    assert!(survived >= 3, "the writer was killed before any checkpoint {survived} times of 6");
+}

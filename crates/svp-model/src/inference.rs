@@ -58,9 +58,16 @@ impl InferenceModel {
     /// # Panics
     /// If `exit` is out of range or the model has no projection heads (the CLI
     /// checks both first).
-    pub fn predict<'w>(&self, x: &[f32], rows: usize, exit: Option<usize>, ws: &'w mut InferenceWorkspace) -> &'w [f32] {
+    pub fn predict<'w>(
+        &self,
+        x: &[f32],
+        rows: usize,
+        exit: Option<usize>,
+        ws: &'w mut InferenceWorkspace,
+    ) -> &'w [f32] {
         let classes = self.file.meta.classes();
-        let width = self.layers.iter().map(|l| l.spec().out_dim).chain([self.layers[0].spec().in_dim]).max().unwrap_or(0);
+        let width =
+            self.layers.iter().map(|l| l.spec().out_dim).chain([self.layers[0].spec().in_dim]).max().unwrap_or(0);
         if ws.rows < rows || ws.act[0].len() < rows * width {
             ws.act = [vec![0.0; rows * width], vec![0.0; rows * width]];
             ws.cache = DenseCache::new(rows, width);

@@ -14,9 +14,11 @@
 #![warn(missing_docs)]
 
 pub mod atomic;
+pub mod checkpoint;
 pub mod dtype;
 mod inference;
 
+pub use checkpoint::Checkpoint;
 pub use dtype::DType;
 pub use inference::{InferenceModel, InferenceWorkspace};
 
@@ -229,8 +231,11 @@ impl ModelFile {
             }
         }
         let classes = model.classes();
-        let class_names =
-            if info.class_names.len() == classes { info.class_names } else { (0..classes).map(|c| c.to_string()).collect() };
+        let class_names = if info.class_names.len() == classes {
+            info.class_names
+        } else {
+            (0..classes).map(|c| c.to_string()).collect()
+        };
         let meta = ModelMeta {
             generator: svp_rng::GENERATOR_ID.to_string(),
             layers,

@@ -90,6 +90,17 @@ impl Trainer for BpTrainer {
         Ok(loss)
     }
 
+    fn state(&self) -> crate::TrainerState {
+        crate::TrainerState { step: self.step, optimizer: self.states.clone() }
+    }
+
+    fn restore(&mut self, state: crate::TrainerState) -> Result<(), String> {
+        crate::check_states(&self.states, &state.optimizer)?;
+        self.step = state.step;
+        self.states = state.optimizer;
+        Ok(())
+    }
+
     fn steps(&self) -> u64 {
         self.step
     }

@@ -3,7 +3,7 @@
 use crate::config::{Config, Method};
 use crate::eval::{EvalReport, evaluate};
 use crate::model::{InferenceWorkspace, Mlp, ProjectionHeads};
-use crate::{BpTrainer, SvpTrainer, TrainError, Trainer};
+use crate::{BpTrainer, SvpTrainer, TrainError, Trainer, TrainerState};
 use std::time::Instant;
 use svp_data::{Batcher, DataSplit, Normalization};
 
@@ -65,6 +65,8 @@ pub struct FitOutcome {
     pub epochs: Vec<EpochReport>,
     /// Set when a non-finite loss stopped training.
     pub diverged: Option<TrainError>,
+    /// Set when a checkpoint could not be written (or a resume state did not fit).
+    pub interrupted: Option<String>,
     /// Bytes of parameters, optimizer state and training workspace.
     pub memory: MemoryBreakdown,
 }
@@ -86,6 +88,39 @@ pub trait FitObserver {
     fn on_step(&mut self, _progress: &Progress) {}
     /// After every epoch's evaluation.
     fn on_epoch(&mut self, _report: &EpochReport) {}
+    /// When a checkpoint is due ([`FitOptions::checkpoint_every`] steps, and
+    /// after each epoch). An error stops training.
+    fn on_checkpoint(&mut self, _state: &FitState) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Everything needed to continue a run exactly where it stopped.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FitState {
+    /// The epoch to continue (1-based).
+    pub epoch: usize,
+    /// The next batch of that epoch.
+    pub next_batch: usize,
+    /// Head-loss sum over that epoch's batches so far.
+    pub loss_sum: f64,
+    /// Samples of that epoch trained so far.
+    pub samples: usize,
+    /// Epoch reports so far: (epoch, train loss, test accuracy).
+    pub history: Vec<(usize, f64, f64)>,
+    /// All parameters.
+    pub params: Vec<f32>,
+    /// Step counter and optimizer state.
+    pub trainer: TrainerState,
+}
+
+/// How [`fit_with`] runs.
+#[derive(Clone, Debug, Default)]
+pub struct FitOptions {
+    /// Continue from this state instead of a fresh model.
+    pub resume: Option<FitState>,
+    /// Offer a checkpoint every this many steps.
+    pub checkpoint_every: Option<u64>,
 }
 
 /// Watches nothing.
@@ -94,6 +129,13 @@ impl FitObserver for () {}
 /// Trains a fresh model on `data` as `config` says. `config` must have been
 /// validated against the data.
 pub fn fit(config: &Config, data: &DataSplit, observer: &mut impl FitObserver) -> FitOutcome {
+    fit_with(config, data, observer, FitOptions::default())
+}
+
+/// [`fit`] with checkpoints and resumption. Resuming from a state taken after
+/// k steps gives bit-identical weights to a run that never stopped: data order
+/// is a function of (seed, epoch), dropout masks and the schedule of the step.
+pub fn fit_with(config: &Config, data: &DataSplit, observer: &mut impl FitObserver, options: FitOptions) -> FitOutcome {
     let seed = config.train.seed;
     let mut model = Mlp::new(data.features(), data.classes, &config.model, seed);
     let norm = Normalization::fit(&data.train);
@@ -113,14 +155,44 @@ pub fn fit(config: &Config, data: &DataSplit, observer: &mut impl FitObserver) -
     let mut eval_ws = InferenceWorkspace::default();
     let mut epochs = Vec::new();
     let mut diverged = None;
+    let mut interrupted = None;
+    let mut history = Vec::new();
+    let (mut first_epoch, mut first_batch, mut resumed_loss, mut resumed_samples) = (1, 0, 0.0, 0);
+    if let Some(state) = options.resume {
+        model.params_mut().copy_from_slice(&state.params);
+        if let Err(e) = trainer.restore(state.trainer) {
+            interrupted = Some(format!("cannot resume: {e}"));
+        }
+        (first_epoch, first_batch, resumed_loss, resumed_samples) =
+            (state.epoch, state.next_batch, state.loss_sum, state.samples);
+        history = state.history;
+    }
+    let snapshot =
+        |model: &Mlp, trainer: &dyn Trainer, epoch, next_batch, loss_sum, samples, history: &Vec<_>| FitState {
+            epoch,
+            next_batch,
+            loss_sum,
+            samples,
+            history: history.clone(),
+            params: model.params().to_vec(),
+            trainer: trainer.state(),
+        };
 
-    'epochs: for epoch in 1..=config.train.epochs {
+    'epochs: for epoch in first_epoch..=config.train.epochs {
+        if interrupted.is_some() {
+            break;
+        }
         batcher.start_epoch(seed, epoch as u64, config.train.shuffle);
         trainer.reset_layer_metrics();
         let start = Instant::now();
         let (mut loss_sum, mut samples) = (0.0f64, 0usize);
         let batches = batcher.batches();
-        for b in 0..batches {
+        let skip = if epoch == first_epoch { first_batch.min(batches) } else { 0 };
+        if skip > 0 {
+            (loss_sum, samples) = (resumed_loss, resumed_samples);
+        }
+        let samples_before = samples; // trained before a resume: not in this run's rate
+        for b in skip..batches {
             let n = batcher.gather(&data.train, b, &mut x, &mut y);
             let lr_scale = config.schedule.factor(trainer.steps(), total_steps);
             match trainer.step(&mut model, &x[..n * data.features()], &y[..n], lr_scale) {
@@ -131,13 +203,24 @@ pub fn fit(config: &Config, data: &DataSplit, observer: &mut impl FitObserver) -
                 }
             }
             samples += n;
+            if let Some(every) = options.checkpoint_every
+                && every > 0
+                && trainer.steps() % every == 0
+                && b + 1 < batches
+            {
+                let state = snapshot(&model, trainer.as_ref(), epoch, b + 1, loss_sum, samples, &history);
+                if let Err(e) = observer.on_checkpoint(&state) {
+                    interrupted = Some(e);
+                    break 'epochs;
+                }
+            }
             let elapsed = start.elapsed().as_secs_f64().max(1e-9);
             observer.on_step(&Progress {
                 epoch,
                 batch: b + 1,
                 batches,
                 loss: loss_sum / (b + 1) as f64,
-                samples_per_s: samples as f64 / elapsed,
+                samples_per_s: (samples - samples_before) as f64 / elapsed,
             });
         }
         let seconds = start.elapsed().as_secs_f64();
@@ -157,16 +240,24 @@ pub fn fit(config: &Config, data: &DataSplit, observer: &mut impl FitObserver) -
             train_loss: loss_sum / batches as f64,
             test_acc: accuracy,
             seconds,
-            samples_per_s: samples as f64 / seconds.max(1e-9),
+            samples_per_s: (samples - samples_before) as f64 / seconds.max(1e-9),
             layers,
         };
         observer.on_epoch(&report);
+        history.push((epoch, report.train_loss, report.test_acc));
         epochs.push(report);
+        if options.checkpoint_every.is_some() {
+            let state = snapshot(&model, trainer.as_ref(), epoch + 1, 0, 0.0, 0, &history);
+            if let Err(e) = observer.on_checkpoint(&state) {
+                interrupted = Some(e);
+                break;
+            }
+        }
     }
     let memory = MemoryBreakdown {
         params: model.param_bytes(),
         optimizer: trainer.optimizer_bytes(),
         workspace: trainer.workspace_bytes(),
     };
-    FitOutcome { model, heads, norm, epochs, diverged, memory }
+    FitOutcome { model, heads, norm, epochs, diverged, interrupted, memory }
 }

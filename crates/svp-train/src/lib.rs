@@ -24,7 +24,9 @@ mod svp;
 pub use bp::BpTrainer;
 pub use config::{Config, ConfigError, Method};
 pub use eval::{EvalReport, evaluate};
-pub use fit::{EpochReport, FitObserver, FitOutcome, LayerEpoch, MemoryBreakdown, Progress, fit};
+pub use fit::{
+    EpochReport, FitObserver, FitOptions, FitOutcome, FitState, LayerEpoch, MemoryBreakdown, Progress, fit, fit_with,
+};
 pub use model::{InferenceWorkspace, Mlp, ProjectionHeads};
 pub use schedule::Schedule;
 pub use svp::{LayerMetrics, SvpTrainer};
@@ -67,4 +69,32 @@ pub trait Trainer {
 
     /// Clears the metrics of [`Trainer::layer_metrics`].
     fn reset_layer_metrics(&mut self) {}
+
+    /// The step counter and optimizer state, for a checkpoint.
+    fn state(&self) -> TrainerState;
+
+    /// Restores what [`Trainer::state`] returned (for the same model shape).
+    fn restore(&mut self, state: TrainerState) -> Result<(), String>;
+}
+
+/// A trainer's resumable state: the step counter and each layer's optimizer state.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainerState {
+    /// Steps taken (drives dropout masks and the learning-rate schedule).
+    pub step: u64,
+    /// Optimizer state per layer.
+    pub optimizer: Vec<svp_optim::LayerState>,
+}
+
+/// Checks a restored optimizer state against the trainer's own.
+fn check_states(own: &[svp_optim::LayerState], new: &[svp_optim::LayerState]) -> Result<(), String> {
+    if own.len() != new.len() {
+        return Err(format!("optimizer state for {} layers, the model has {}", new.len(), own.len()));
+    }
+    for (l, (a, b)) in own.iter().zip(new).enumerate() {
+        if a.m.len() != b.m.len() || a.v.len() != b.v.len() {
+            return Err(format!("optimizer state of layer {} does not fit the layer", l + 1));
+        }
+    }
+    Ok(())
 }

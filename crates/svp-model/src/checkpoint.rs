@@ -1,0 +1,114 @@
+//! Checkpoint files: everything needed to continue a training run exactly.
+//!
+//! Layout (little-endian): magic `SVPCKPT\0` (8 bytes), version (u32), payload
+//! length (u64), FNV-1a 64 checksum of the payload (u64), then the postcard
+//! payload ([`Checkpoint`]). Written with [`crate::atomic::write`], so a crash
+//! leaves the previous checkpoint intact.
+
+use crate::{ModelError, fnv1a64};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use svp_train::FitState;
+
+/// First eight bytes of every checkpoint.
+pub const CHECKPOINT_MAGIC: [u8; 8] = *b"SVPCKPT\0";
+/// Version written by this build.
+pub const CHECKPOINT_VERSION: u32 = 1;
+const HEADER: usize = 28;
+
+/// A resumable training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The run's config, as JSON (the CLI's own encoding of it).
+    pub config_json: String,
+    /// Where the training data came from.
+    pub data_origin: String,
+    /// Training samples.
+    pub train_len: u64,
+    /// Position, weights, optimizer state.
+    pub state: FitState,
+}
+
+impl Checkpoint {
+    /// The file's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let payload = postcard::to_stdvec(self).expect("checkpoint serializes");
+        let mut out = Vec::with_capacity(HEADER + payload.len());
+        out.extend_from_slice(&CHECKPOINT_MAGIC);
+        out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&fnv1a64(&[&payload]).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Decodes and checks a checkpoint's bytes.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, ModelError> {
+        let invalid = |what: String| ModelError::Invalid { path: path.to_owned(), what };
+        if bytes.len() < HEADER || bytes[..8] != CHECKPOINT_MAGIC {
+            return Err(invalid("not an svp checkpoint (wrong magic number or too short)".into()));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if version != CHECKPOINT_VERSION {
+            return Err(invalid(format!("checkpoint version {version}; this build reads {CHECKPOINT_VERSION}")));
+        }
+        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+        let payload = &bytes[HEADER..];
+        if len != payload.len() as u64 {
+            return Err(invalid(format!("header says {len} payload bytes, file has {} (truncated?)", payload.len())));
+        }
+        if u64::from_le_bytes(bytes[20..28].try_into().expect("8 bytes")) != fnv1a64(&[payload]) {
+            return Err(invalid("checksum mismatch (the checkpoint is damaged)".into()));
+        }
+        let c: Checkpoint = postcard::from_bytes(payload).map_err(|e| invalid(format!("payload: {e}")))?;
+        if c.state.params.iter().any(|v| !v.is_finite()) {
+            return Err(invalid("non-finite weights".into()));
+        }
+        Ok(c)
+    }
+
+    /// Writes atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        crate::atomic::write(path, &self.to_bytes()).map_err(|source| ModelError::Io { path: path.to_owned(), source })
+    }
+
+    /// Reads and checks.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
+        Self::from_bytes(&bytes, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let c = Checkpoint {
+            config_json: "{}".into(),
+            data_origin: "x".into(),
+            train_len: 10,
+            state: FitState {
+                epoch: 2,
+                next_batch: 3,
+                loss_sum: 1.5,
+                samples: 7,
+                history: vec![(1, 0.5, 0.8)],
+                params: vec![1.0, -2.0],
+                trainer: svp_train::TrainerState { step: 9, optimizer: vec![] },
+            },
+        };
+        let b = c.to_bytes();
+        let p = Path::new("c");
+        assert_eq!(Checkpoint::from_bytes(&b, p).unwrap(), c);
+        for cut in [0, 10, 27, b.len() - 1] {
+            assert!(Checkpoint::from_bytes(&b[..cut], p).is_err());
+        }
+        for i in 0..b.len() {
+            let mut m = b.clone();
+            m[i] ^= 1;
+            assert!(Checkpoint::from_bytes(&m, p).is_err(), "flip at {i}");
+        }
+    }
+}
