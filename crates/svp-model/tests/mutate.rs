@@ -1,0 +1,138 @@
+//! Thousands of damaged model and checkpoint files: every one is a clean error
+//! (or, where the damage hit only padding, a file that still works). Half of
+//! the mutants get their checksum repaired, so the decoder's own checks (the
+//! metadata's lengths, shapes, offsets, values) are reached, not only the
+//! checksum.
+
+use std::path::Path;
+use svp_model::{Checkpoint, DType, InferenceModel, InferenceWorkspace, ModelFile, ModelInfo, Provenance, fnv1a64};
+use svp_rng::{Purpose, Stream, StreamKey};
+use svp_train::config::ModelConfig;
+use svp_train::{Mlp, ProjectionHeads};
+
+fn sample(dtype: DType) -> Vec<u8> {
+    let cfg = ModelConfig {
+        input: None,
+        hidden: vec![7, 5],
+        norm: svp_nn::Norm::LayerNorm,
+        activation: svp_nn::Activation::Gelu,
+        dropout: 0.0,
+    };
+    let m = Mlp::new(12, 4, &cfg, 3);
+    let info = ModelInfo {
+        heads: Some(ProjectionHeads { seed: 3, dim: 4, sigma: None, dropout: 0.0, label_classes: None }),
+        norm: svp_data::Normalization { mean: 0.2, std: 0.3 },
+        image_shape: (3, 4),
+        class_names: vec![],
+        provenance: Provenance { method: "svp".into(), epochs: 1, test_acc: 0.5, data: "fuzz".into() },
+    };
+    ModelFile::from_mlp(&m, info, dtype).to_bytes()
+}
+
+fn repair_model_checksum(b: &mut [u8]) {
+    if b.len() >= 64 {
+        let sum = fnv1a64(&[&b[..48], &b[64..]]);
+        b[48..56].copy_from_slice(&sum.to_le_bytes());
+    }
+}
+
+fn mutate(s: &mut Stream, original: &[u8]) -> Vec<u8> {
+    let mut b = original.to_vec();
+    match s.below(6) {
+        0 => {
+            for _ in 0..1 + s.below(8) {
+                let i = s.below(b.len() as u64) as usize;
+                b[i] ^= 1 << s.below(8);
+            }
+        }
+        1 => b.truncate(s.below(b.len() as u64) as usize),
+        2 => {
+            // An absurd length or offset in the header or the metadata.
+            let i = s.below(b.len().saturating_sub(8) as u64) as usize;
+            let v = [u64::MAX, u32::MAX as u64, 1 << 40, 0, s.next_u64()][s.below(5) as usize];
+            b[i..i + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        3 => {
+            let i = s.below(b.len() as u64) as usize;
+            let n = 1 + s.below(64) as usize;
+            b.splice(i..i, std::iter::repeat_n(0xAB, n));
+        }
+        4 => {
+            let i = s.below(b.len() as u64) as usize;
+            let n = (1 + s.below(16) as usize).min(b.len() - i);
+            b.drain(i..i + n);
+        }
+        _ => {
+            // Metadata bytes only: postcard's varints and lengths.
+            let i = 64 + s.below(200.min(b.len().saturating_sub(64)) as u64) as usize;
+            if i < b.len() {
+                b[i] = s.next_u64() as u8;
+            }
+        }
+    }
+    b
+}
+
+#[test]
+fn mutated_model_files_never_panic() {
+    let mut s = Stream::new(StreamKey::new(11, Purpose::Shuffle, 0, 0, 0));
+    let originals: Vec<Vec<u8>> = [DType::F32, DType::F16, DType::BF16, DType::I8].into_iter().map(sample).collect();
+    let x = vec![0.5f32; 2 * 12];
+    let (mut rejected, mut accepted) = (0, 0);
+    for round in 0..6000 {
+        let original = &originals[round % originals.len()];
+        let mut b = mutate(&mut s, original);
+        if s.below(2) == 0 {
+            repair_model_checksum(&mut b);
+        }
+        match ModelFile::from_bytes(&b, Path::new("mutant")) {
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("mutant is not a valid svp model file: ") && !msg.contains('\n'), "{msg}");
+                rejected += 1;
+            }
+            Ok(file) => {
+                // Damage confined to padding, or values that stay finite (a
+                // weight of 1e30 is legal, if useless): the model still runs.
+                let model = InferenceModel::new(file);
+                let mut ws = InferenceWorkspace::default();
+                let out = model.predict(&x, 2, None, &mut ws);
+                assert_eq!(out.len(), 2 * 4, "round {round}");
+                accepted += 1;
+            }
+        }
+    }
+    eprintln!("6000 mutants: {rejected} rejected, {accepted} still valid");
+    assert!(rejected > 5000);
+}
+
+#[test]
+fn mutated_checkpoints_never_panic() {
+    let state = svp_train::FitState {
+        epoch: 3,
+        next_batch: 1,
+        loss_sum: 2.0,
+        samples: 64,
+        history: vec![(1, 0.7, 0.8), (2, 0.5, 0.85)],
+        params: (0..300).map(|i| i as f32 * 0.01).collect(),
+        trainer: svp_train::TrainerState {
+            step: 40,
+            optimizer: vec![svp_optim::LayerState { steps: 40, m: vec![0.1; 100], v: vec![0.2; 100] }],
+        },
+    };
+    let c = Checkpoint { config_json: "{\"a\":1}".into(), data_origin: "d".into(), train_len: 64, state };
+    let original = c.to_bytes();
+    let mut s = Stream::new(StreamKey::new(12, Purpose::Shuffle, 0, 0, 0));
+    for _ in 0..3000 {
+        let mut b = mutate(&mut s, &original);
+        if s.below(2) == 0 && b.len() >= 28 {
+            let sum = fnv1a64(&[&b[28..]]);
+            b[20..28].copy_from_slice(&sum.to_le_bytes());
+            let len = (b.len() - 28) as u64;
+            b[12..20].copy_from_slice(&len.to_le_bytes());
+        }
+        if let Err(e) = Checkpoint::from_bytes(&b, Path::new("ck")) {
+            assert!(!e.to_string().contains('\n'));
+        }
+    }
+}
