@@ -79,14 +79,15 @@ fn resume_case(method: Method, mutate: impl Fn(&mut svp_train::Config)) {
     let data = embedded_subset(640); // 10 batches of 64 per epoch
     let full = fit(&config, &data, &mut ());
     let mut seen = Collect(Vec::new());
-    let with_checkpoints = fit_with(&config, &data, &mut seen, FitOptions { resume: None, checkpoint_every: Some(7) });
+    let with_checkpoints =
+        fit_with(&config, &data, &mut seen, FitOptions { checkpoint_every: Some(7), ..Default::default() });
     assert_same(&bits(&with_checkpoints.model), &bits(&full.model), "taking checkpoints changed the run");
     // Steps 7 and 14, and the end of each epoch.
     let positions: Vec<(usize, usize)> = seen.0.iter().map(|s| (s.epoch, s.next_batch)).collect();
     assert_eq!(positions, vec![(1, 7), (2, 0), (2, 4), (3, 0)], "{method:?}");
     for state in seen.0 {
         let at = (state.epoch, state.next_batch);
-        let resumed = fit_with(&config, &data, &mut (), FitOptions { resume: Some(state), checkpoint_every: None });
+        let resumed = fit_with(&config, &data, &mut (), FitOptions { resume: Some(state), ..Default::default() });
         assert!(resumed.diverged.is_none() && resumed.interrupted.is_none());
         assert_same(&bits(&resumed.model), &bits(&full.model), &format!("{method:?} resumed at {at:?}"));
     }

@@ -19,12 +19,19 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Counts what passes through to [`System`].
+///
+/// With a budget set ([`CountingAlloc::set_budget`]), a request that would take
+/// the live bytes over it is refused (the allocator returns null), as a device
+/// with that much RAM would: fallible allocations (`try_reserve`) then see an
+/// error, infallible ones abort.
 #[derive(Debug)]
 pub struct CountingAlloc {
     live: AtomicUsize,
     peak: AtomicUsize,
     allocations: AtomicUsize,
     largest: AtomicUsize,
+    budget: AtomicUsize,
+    refused: AtomicUsize,
 }
 
 /// A snapshot of a [`CountingAlloc`].
@@ -48,7 +55,41 @@ impl CountingAlloc {
             peak: AtomicUsize::new(0),
             allocations: AtomicUsize::new(0),
             largest: AtomicUsize::new(0),
+            budget: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
         }
+    }
+
+    /// Refuses any allocation that would take the live bytes over `bytes`
+    /// (0: no budget).
+    pub fn set_budget(&self, bytes: usize) {
+        self.budget.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The budget in bytes (0: none).
+    pub fn budget(&self) -> usize {
+        self.budget.load(Ordering::Relaxed)
+    }
+
+    /// Allocations refused for the budget so far.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Reserves `size` bytes of the budget; false (and nothing reserved) if
+    /// that would exceed it.
+    fn reserve(&self, size: usize) -> bool {
+        let live = self.live.fetch_add(size, Ordering::Relaxed) + size;
+        let budget = self.budget.load(Ordering::Relaxed);
+        if budget != 0 && live > budget {
+            self.live.fetch_sub(size, Ordering::Relaxed);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.peak.fetch_max(live, Ordering::Relaxed);
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.largest.fetch_max(size, Ordering::Relaxed);
+        true
     }
 
     /// The counters now.
@@ -69,16 +110,35 @@ impl CountingAlloc {
         self.largest.store(0, Ordering::Relaxed);
     }
 
-    fn added(&self, size: usize) {
-        let live = self.live.fetch_add(size, Ordering::Relaxed) + size;
-        self.peak.fetch_max(live, Ordering::Relaxed);
-        self.allocations.fetch_add(1, Ordering::Relaxed);
-        self.largest.fetch_max(size, Ordering::Relaxed);
-    }
-
     fn removed(&self, size: usize) {
         self.live.fetch_sub(size, Ordering::Relaxed);
     }
+}
+
+/// A fallible allocation failed: the device is out of memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutOfMemory {
+    /// Bytes asked for.
+    pub bytes: usize,
+    /// What they were for.
+    pub what: &'static str,
+}
+
+impl std::fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "out of memory: need {} bytes for {}", self.bytes, self.what)
+    }
+}
+
+impl std::error::Error for OutOfMemory {}
+
+/// `len` zeros, allocated fallibly: an error instead of an abort when the
+/// memory (or the device budget) is not there.
+pub fn try_zeros(len: usize, what: &'static str) -> Result<Vec<f32>, OutOfMemory> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| OutOfMemory { bytes: len.saturating_mul(4), what })?;
+    v.resize(len, 0.0);
+    Ok(v)
 }
 
 impl Default for CountingAlloc {
@@ -88,25 +148,32 @@ impl Default for CountingAlloc {
 }
 
 // SAFETY: every method forwards the caller's pointer and layout unchanged to
-// `System`, which upholds the `GlobalAlloc` contract; the bookkeeping is plain
-// atomic arithmetic that never allocates, never touches the returned memory and
-// cannot unwind. Counts are updated only when `System` succeeded (non-null), so
-// `removed` always matches an earlier `added` of the same size.
+// `System`, which upholds the `GlobalAlloc` contract, or returns null, which
+// the contract allows for any request. The bookkeeping is plain atomic
+// arithmetic that never allocates, never touches the memory and cannot unwind.
+// Bytes are reserved before `System` is asked and released if it fails, so
+// every `removed` matches an earlier reservation of the same size.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !self.reserve(layout.size()) {
+            return std::ptr::null_mut();
+        }
         // SAFETY: forwarded with the caller's guarantees (non-zero size layout).
         let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            self.added(layout.size());
+        if p.is_null() {
+            self.removed(layout.size());
         }
         p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if !self.reserve(layout.size()) {
+            return std::ptr::null_mut();
+        }
         // SAFETY: as for `alloc`.
         let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            self.added(layout.size());
+        if p.is_null() {
+            self.removed(layout.size());
         }
         p
     }
@@ -119,12 +186,19 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // Reserve the new size while the old block still counts: a device
+        // needs both during the copy.
+        if !self.reserve(new_size) {
+            return std::ptr::null_mut();
+        }
         // SAFETY: the caller's pointer and layout come from this allocator, and
-        // `new_size` obeys the `GlobalAlloc::realloc` contract.
+        // `new_size` obeys the `GlobalAlloc::realloc` contract. On failure the
+        // old block stays valid and counted.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
+        if p.is_null() {
+            self.removed(new_size);
+        } else {
             self.removed(layout.size());
-            self.added(new_size);
         }
         p
     }

@@ -34,4 +34,18 @@ fn counts_live_peak_largest_and_calls() {
     let zeroed = vec![0u8; 4096];
     assert!(zeroed.iter().all(|&x| x == 0));
     drop((b, c, big, zeroed));
+
+    // A budget refuses what would exceed it; fallible allocations see an error.
+    let live = ALLOC.stats().live;
+    ALLOC.set_budget(live + (1 << 20));
+    let small = svp_alloc::try_zeros(1000, "small").expect("fits");
+    let err = svp_alloc::try_zeros(1 << 20, "the big buffer").unwrap_err();
+    assert_eq!(err.bytes, 4 << 20);
+    assert_eq!(err.to_string(), "out of memory: need 4194304 bytes for the big buffer");
+    assert_eq!(ALLOC.refused(), 1);
+    let mut grow: Vec<u8> = Vec::new();
+    assert!(grow.try_reserve(2 << 20).is_err(), "growth over the budget is refused too");
+    ALLOC.set_budget(0);
+    assert!(svp_alloc::try_zeros(1 << 20, "after the budget").is_ok());
+    drop(small);
 }

@@ -238,6 +238,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
     let options = FitOptions {
         checkpoint_every: args.checkpoint.as_ref().map(|_| args.checkpoint_every.unwrap_or(0)),
         resume: resume.map(|c| c.state),
+        initial_params: None,
     };
     let outcome = fit_with(&config, &data, &mut console, options);
     console.progress.clear();

@@ -66,12 +66,20 @@ pub struct DenseCache {
 
 impl DenseCache {
     /// A cache for up to `max_rows` rows of width up to `max_width`.
+    ///
+    /// # Panics
+    /// If the memory is not there (see [`DenseCache::try_new`]).
     pub fn new(max_rows: usize, max_width: usize) -> Self {
-        Self {
-            pre_act: vec![0.0; max_rows * max_width],
-            xhat: vec![0.0; max_rows * max_width],
-            rstd: vec![0.0; max_rows],
-        }
+        Self::try_new(max_rows, max_width).expect("memory for a layer cache")
+    }
+
+    /// [`DenseCache::new`], failing cleanly when the memory is not there.
+    pub fn try_new(max_rows: usize, max_width: usize) -> Result<Self, svp_alloc::OutOfMemory> {
+        Ok(Self {
+            pre_act: svp_alloc::try_zeros(max_rows * max_width, "a layer's pre-activations")?,
+            xhat: svp_alloc::try_zeros(max_rows * max_width, "a layer's normalized inputs")?,
+            rstd: svp_alloc::try_zeros(max_rows, "a layer's LayerNorm statistics")?,
+        })
     }
 
     /// Bytes held.

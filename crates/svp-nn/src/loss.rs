@@ -65,15 +65,24 @@ pub struct FaWorkspace {
 
 impl FaWorkspace {
     /// Scratch for up to `max_rows` rows of widths up to `max_dim`.
+    ///
+    /// # Panics
+    /// If the memory is not there (see [`FaWorkspace::try_new`]).
     pub fn new(max_rows: usize, max_dim: usize) -> Self {
-        Self {
-            normed: vec![0.0; max_rows * max_dim],
-            normed_prev: vec![0.0; max_rows * max_dim],
-            norms: vec![0.0; max_rows],
-            sim: vec![0.0; max_rows * max_rows],
-            sim_prev: vec![0.0; max_rows * max_rows],
-            dnormed: vec![0.0; max_rows * max_dim],
-        }
+        Self::try_new(max_rows, max_dim).expect("memory for the alignment loss")
+    }
+
+    /// [`FaWorkspace::new`], failing cleanly when the memory is not there.
+    pub fn try_new(max_rows: usize, max_dim: usize) -> Result<Self, svp_alloc::OutOfMemory> {
+        let what = "the feature-alignment loss";
+        Ok(Self {
+            normed: svp_alloc::try_zeros(max_rows * max_dim, what)?,
+            normed_prev: svp_alloc::try_zeros(max_rows * max_dim, what)?,
+            norms: svp_alloc::try_zeros(max_rows, what)?,
+            sim: svp_alloc::try_zeros(max_rows * max_rows, what)?,
+            sim_prev: svp_alloc::try_zeros(max_rows * max_rows, what)?,
+            dnormed: svp_alloc::try_zeros(max_rows * max_dim, what)?,
+        })
     }
 
     /// Bytes held.

@@ -115,15 +115,23 @@ impl Optimizer {
     }
 
     /// Fresh state for a layer of `len` parameters.
+    ///
+    /// # Panics
+    /// If the memory is not there (see [`Optimizer::try_new_state`]).
     pub fn new_state(&self, len: usize) -> LayerState {
-        match *self {
+        self.try_new_state(len).expect("memory for optimizer state")
+    }
+
+    /// [`Optimizer::new_state`], failing cleanly when the memory is not there.
+    pub fn try_new_state(&self, len: usize) -> Result<LayerState, svp_alloc::OutOfMemory> {
+        let what = "optimizer state";
+        let zeros = |n| svp_alloc::try_zeros(n, what);
+        Ok(match *self {
             Optimizer::Sgd { momentum, .. } => {
-                LayerState { steps: 0, m: if momentum != 0.0 { vec![0.0; len] } else { Vec::new() }, v: Vec::new() }
+                LayerState { steps: 0, m: if momentum != 0.0 { zeros(len)? } else { Vec::new() }, v: Vec::new() }
             }
-            Optimizer::Adam { .. } | Optimizer::AdamW { .. } => {
-                LayerState { steps: 0, m: vec![0.0; len], v: vec![0.0; len] }
-            }
-        }
+            Optimizer::Adam { .. } | Optimizer::AdamW { .. } => LayerState { steps: 0, m: zeros(len)?, v: zeros(len)? },
+        })
     }
 
     /// One update of `params` from `grad`, with the learning rate multiplied by

@@ -3,6 +3,7 @@
 use crate::config::Config;
 use crate::model::Mlp;
 use crate::{TrainError, Trainer};
+use svp_alloc::{OutOfMemory, try_zeros};
 use svp_nn::{DenseCache, Mode, softmax_cross_entropy};
 use svp_optim::{LayerState, Optimizer};
 use svp_tensor::{view, view_mut};
@@ -26,14 +27,27 @@ pub struct BpTrainer {
 
 impl BpTrainer {
     /// A trainer for `model` under `config`.
+    ///
+    /// # Panics
+    /// If the memory is not there (see [`BpTrainer::try_new`]).
     pub fn new(model: &Mlp, config: &Config) -> Self {
+        Self::try_new(model, config).expect("memory for the backprop activations")
+    }
+
+    /// [`BpTrainer::new`], failing cleanly when the memory is not there.
+    pub fn try_new(model: &Mlp, config: &Config) -> Result<Self, OutOfMemory> {
         let rows = config.train.batch_size;
-        let acts = model.layers().iter().map(|l| vec![0.0; rows * l.spec().out_dim]).collect();
-        let caches = model.layers().iter().map(|l| DenseCache::new(rows, l.spec().out_dim)).collect();
+        let layers = model.layers();
+        let acts = layers
+            .iter()
+            .map(|l| try_zeros(rows * l.spec().out_dim, "every layer's activations"))
+            .collect::<Result<_, _>>()?;
+        let caches = layers.iter().map(|l| DenseCache::try_new(rows, l.spec().out_dim)).collect::<Result<_, _>>()?;
         let width = model.max_width();
-        let states =
-            (0..model.layers().len()).map(|l| config.optimizer.new_state(model.layer_params(l).len())).collect();
-        Self {
+        let states = (0..layers.len())
+            .map(|l| config.optimizer.try_new_state(model.layer_params(l).len()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
             optimizer: config.optimizer,
             states,
             seed: config.train.seed,
@@ -41,9 +55,9 @@ impl BpTrainer {
             max_rows: rows,
             acts,
             caches,
-            grads_out: [vec![0.0; rows * width], vec![0.0; rows * width]],
-            grad: vec![0.0; model.max_layer_params()],
-        }
+            grads_out: [try_zeros(rows * width, "output gradients")?, try_zeros(rows * width, "input gradients")?],
+            grad: try_zeros(model.max_layer_params(), "one layer's gradient")?,
+        })
     }
 
     /// Optimizer state per layer.

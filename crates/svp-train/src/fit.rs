@@ -5,6 +5,7 @@ use crate::eval::{EvalReport, evaluate};
 use crate::model::{InferenceWorkspace, Mlp, ProjectionHeads};
 use crate::{BpTrainer, SvpTrainer, TrainError, Trainer, TrainerState};
 use std::time::Instant;
+use svp_alloc::OutOfMemory;
 use svp_data::{Batcher, DataSplit, Normalization};
 
 /// Progress inside an epoch, reported after every step.
@@ -119,6 +120,9 @@ pub struct FitState {
 pub struct FitOptions {
     /// Continue from this state instead of a fresh model.
     pub resume: Option<FitState>,
+    /// Start from these weights (fine-tuning) instead of a fresh initialization;
+    /// the optimizer starts fresh. Must match the config's architecture.
+    pub initial_params: Option<Vec<f32>>,
     /// Offer a checkpoint every this many steps.
     pub checkpoint_every: Option<u64>,
 }
@@ -136,20 +140,34 @@ pub fn fit(config: &Config, data: &DataSplit, observer: &mut impl FitObserver) -
 /// k steps gives bit-identical weights to a run that never stopped: data order
 /// is a function of (seed, epoch), dropout masks and the schedule of the step.
 pub fn fit_with(config: &Config, data: &DataSplit, observer: &mut impl FitObserver, options: FitOptions) -> FitOutcome {
+    try_fit_with(config, data, observer, options).expect("memory for training")
+}
+
+/// [`fit_with`], failing cleanly (before any step) when the weights, optimizer
+/// state or training workspace do not fit the memory there is.
+pub fn try_fit_with(
+    config: &Config,
+    data: &DataSplit,
+    observer: &mut impl FitObserver,
+    options: FitOptions,
+) -> Result<FitOutcome, OutOfMemory> {
     let seed = config.train.seed;
-    let mut model = Mlp::new(data.features(), data.classes, &config.model, seed);
+    let mut model = Mlp::try_new(data.features(), data.classes, &config.model, seed)?;
+    if let Some(init) = &options.initial_params {
+        model.params_mut().copy_from_slice(init);
+    }
     let norm = Normalization::fit(&data.train);
     let rows = config.train.batch_size;
     let mut trainer: Box<dyn Trainer> = match config.train.method {
-        Method::Svp => Box::new(SvpTrainer::new(&model, config)),
-        Method::Bp => Box::new(BpTrainer::new(&model, config)),
+        Method::Svp => Box::new(SvpTrainer::try_new(&model, config)?),
+        Method::Bp => Box::new(BpTrainer::try_new(&model, config)?),
     };
     let heads = match config.train.method {
         Method::Svp => Some(ProjectionHeads::from_config(config, data.classes)),
         Method::Bp => None,
     };
     let mut batcher = Batcher::new(data.train.len(), rows, norm);
-    let mut x = vec![0.0f32; rows * data.features()];
+    let mut x = svp_alloc::try_zeros(rows * data.features(), "the input batch")?;
     let mut y = vec![0u32; rows];
     let total_steps = (batcher.batches() * config.train.epochs) as u64;
     let mut eval_ws = InferenceWorkspace::default();
@@ -259,5 +277,5 @@ pub fn fit_with(config: &Config, data: &DataSplit, observer: &mut impl FitObserv
         optimizer: trainer.optimizer_bytes(),
         workspace: trainer.workspace_bytes(),
     };
-    FitOutcome { model, heads, norm, epochs, diverged, interrupted, memory }
+    Ok(FitOutcome { model, heads, norm, epochs, diverged, interrupted, memory })
 }

@@ -2,6 +2,7 @@
 
 use crate::config::{Config, ModelConfig};
 use serde::{Deserialize, Serialize};
+use svp_alloc::OutOfMemory;
 use svp_nn::{Dense, DenseCache, DenseSpec, Mode, Projection};
 use svp_tensor::view;
 
@@ -77,20 +78,36 @@ impl Mlp {
     }
 
     /// A freshly initialized network (weights from `seed`).
+    ///
+    /// # Panics
+    /// If the memory is not there (see [`Mlp::try_new`]).
     pub fn new(input: usize, classes: usize, config: &ModelConfig, seed: u64) -> Self {
-        let mut m = Self::with_specs(Self::specs(input, classes, config));
+        Self::try_new(input, classes, config, seed).expect("memory for the network's weights")
+    }
+
+    /// [`Mlp::new`], failing cleanly when the memory is not there.
+    pub fn try_new(input: usize, classes: usize, config: &ModelConfig, seed: u64) -> Result<Self, OutOfMemory> {
+        let mut m = Self::try_with_specs(Self::specs(input, classes, config))?;
         for l in 0..m.layers.len() {
             let range = m.offsets[l]..m.offsets[l + 1];
             m.layers[l].init_params(seed, &mut m.params[range]);
         }
-        m
+        Ok(m)
     }
 
     /// A zero network of the given layers (the last one is the head).
     ///
     /// # Panics
-    /// If `specs` is empty or consecutive widths do not chain.
+    /// If `specs` is empty, consecutive widths do not chain, or the memory is not there.
     pub fn with_specs(specs: Vec<DenseSpec>) -> Self {
+        Self::try_with_specs(specs).expect("memory for the network's weights")
+    }
+
+    /// [`Mlp::with_specs`], failing cleanly when the memory is not there.
+    ///
+    /// # Panics
+    /// If `specs` is empty or consecutive widths do not chain.
+    pub fn try_with_specs(specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
         assert!(!specs.is_empty(), "a network needs at least a head");
         for pair in specs.windows(2) {
             assert_eq!(pair[0].out_dim, pair[1].in_dim, "layer widths must chain");
@@ -102,8 +119,8 @@ impl Mlp {
         for l in &layers {
             offsets.push(offsets.last().copied().unwrap_or(0) + l.param_len());
         }
-        let params = vec![0.0; *offsets.last().unwrap_or(&0)];
-        Self { input, classes, layers, offsets, params }
+        let params = svp_alloc::try_zeros(*offsets.last().unwrap_or(&0), "the network's weights")?;
+        Ok(Self { input, classes, layers, offsets, params })
     }
 
     /// Input width.

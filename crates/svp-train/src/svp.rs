@@ -3,6 +3,7 @@
 use crate::config::{Config, FirstLayerAlignment};
 use crate::model::{Mlp, ProjectionHeads};
 use crate::{TrainError, Trainer};
+use svp_alloc::{OutOfMemory, try_zeros};
 use svp_nn::{DenseCache, FaWorkspace, FeatureAlignment, Mode, Projection, softmax_cross_entropy};
 use svp_optim::{LayerState, Optimizer};
 use svp_tensor::{view, view_mut};
@@ -84,7 +85,15 @@ impl Workspace {
 
 impl SvpTrainer {
     /// A trainer for `model` under `config`, for batches of up to `config.train.batch_size` rows.
+    ///
+    /// # Panics
+    /// If the memory is not there (see [`SvpTrainer::try_new`]).
     pub fn new(model: &Mlp, config: &Config) -> Self {
+        Self::try_new(model, config).expect("memory for the SVP workspace")
+    }
+
+    /// [`SvpTrainer::new`], failing cleanly when the memory is not there.
+    pub fn try_new(model: &Mlp, config: &Config) -> Result<Self, OutOfMemory> {
         let classes = model.classes();
         let heads = ProjectionHeads::from_config(config, classes);
         let dim = heads.dim;
@@ -94,19 +103,20 @@ impl SvpTrainer {
         let label_cols = if config.svp.label_concat { classes } else { 0 };
         let tile_floats = (config.svp.tile_bytes / 4).max(width + label_cols);
         let ws = Workspace {
-            act: [vec![0.0; rows * width], vec![0.0; rows * width]],
-            cache: DenseCache::new(rows, width),
-            dh: vec![0.0; rows * width],
-            v_cur: vec![0.0; rows * vdim],
-            v_prev: vec![0.0; rows * vdim],
-            dv: vec![0.0; rows * vdim],
-            tile: vec![0.0; tile_floats],
-            fa: FaWorkspace::new(rows, vdim),
-            grad: vec![0.0; model.max_layer_params()],
+            act: [try_zeros(rows * width, "layer inputs")?, try_zeros(rows * width, "layer outputs")?],
+            cache: DenseCache::try_new(rows, width)?,
+            dh: try_zeros(rows * width, "the activation gradient")?,
+            v_cur: try_zeros(rows * vdim, "the projections")?,
+            v_prev: try_zeros(rows * vdim, "the projections")?,
+            dv: try_zeros(rows * vdim, "the projection gradient")?,
+            tile: try_zeros(tile_floats, "a tile of R")?,
+            fa: FaWorkspace::try_new(rows, vdim)?,
+            grad: try_zeros(model.max_layer_params(), "one layer's gradient")?,
         };
-        let states =
-            (0..model.layers().len()).map(|l| config.optimizer.new_state(model.layer_params(l).len())).collect();
-        Self {
+        let states = (0..model.layers().len())
+            .map(|l| config.optimizer.try_new_state(model.layer_params(l).len()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
             optimizer: config.optimizer,
             states,
             heads,
@@ -117,7 +127,7 @@ impl SvpTrainer {
             max_rows: rows,
             ws,
             metrics: LayerMetrics::new(model.layers().len()),
-        }
+        })
     }
 
     /// The projection heads (what a model file needs to regenerate `R_l`).
