@@ -66,8 +66,8 @@ fn the_seed_matters() {
 struct Collect(Vec<svp_train::FitState>);
 
 impl svp_train::FitObserver for Collect {
-    fn on_checkpoint(&mut self, state: &svp_train::FitState) -> Result<(), String> {
-        self.0.push(state.clone());
+    fn on_checkpoint(&mut self, state: &svp_train::FitStateRef<'_>) -> Result<(), String> {
+        self.0.push(state.to_owned_state());
         Ok(())
     }
 }

@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod camera;
 pub mod flash;
 pub mod store;
 

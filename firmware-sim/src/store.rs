@@ -13,15 +13,97 @@ use crate::flash::{Flash, FlashError};
 const SLOT_MAGIC: [u8; 8] = *b"SVPSLOT\0";
 const SLOT_HEADER: usize = 32;
 
-/// FNV-1a 64 over the sequence number, the length and the payload: a power cut
-/// inside the header cannot leave an old payload under a new sequence number.
-fn slot_checksum(sequence: u64, len: u64, payload: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in sequence.to_le_bytes().iter().chain(&len.to_le_bytes()).chain(payload) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// FNV-1a 64, fed in pieces.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
     }
-    h
+
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+/// The slot checksum: FNV-1a 64 over the payload, then the sequence number and
+/// the length, so a power cut inside the header cannot leave an old payload
+/// under a new sequence number, and one streaming pass computes it.
+fn slot_checksum(payload_hash: Fnv, sequence: u64, len: u64) -> u64 {
+    let mut h = payload_hash;
+    h.feed(&sequence.to_le_bytes());
+    h.feed(&len.to_le_bytes());
+    h.0
+}
+
+/// Counts and hashes a payload as it is produced.
+struct Measure {
+    len: u64,
+    hash: Fnv,
+}
+
+impl std::io::Write for Measure {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.hash.feed(buf);
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes a payload to consecutive flash bytes, in chunks of `CHUNK`.
+struct FlashWriter<'a> {
+    flash: &'a mut Flash,
+    at: u64,
+    end: u64,
+    buf: Vec<u8>,
+    failed: Option<FlashError>,
+}
+
+/// Bytes programmed per flash write while streaming.
+const CHUNK: usize = 4096;
+
+impl FlashWriter<'_> {
+    fn drain(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if self.at + self.buf.len() as u64 > self.end {
+            return Err(std::io::Error::other("payload grew past its measured length"));
+        }
+        match self.flash.write(self.at, &self.buf) {
+            Ok(()) => {
+                self.at += self.buf.len() as u64;
+                self.buf.clear();
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = Some(e);
+                Err(std::io::Error::other("flash write failed"))
+            }
+        }
+    }
+}
+
+impl std::io::Write for FlashWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.drain()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.drain()
+    }
 }
 
 /// What can go wrong storing a checkpoint.
@@ -30,6 +112,9 @@ pub enum StoreError {
     /// The flash failed (or lost power).
     #[error(transparent)]
     Flash(#[from] FlashError),
+    /// The payload could not be produced.
+    #[error("cannot encode the checkpoint: {0}")]
+    Produce(String),
     /// The checkpoint does not fit a slot.
     #[error("checkpoint of {need} bytes does not fit a {slot}-byte flash slot (flash {flash} bytes)")]
     TooBig {
@@ -90,28 +175,54 @@ impl CheckpointStore {
             return Ok(None);
         }
         let payload = flash.read(base + SLOT_HEADER as u64, len as usize)?;
-        Ok((slot_checksum(sequence, len, &payload) == sum).then_some(Stored { sequence, slot, payload }))
+        let mut hash = Fnv::new();
+        hash.feed(&payload);
+        Ok((slot_checksum(hash, sequence, len) == sum).then_some(Stored { sequence, slot, payload }))
     }
 
     /// Saves `payload` as the newest checkpoint. On a power cut the previous
     /// checkpoint stays readable.
     pub fn save(&mut self, payload: &[u8]) -> Result<u64, StoreError> {
+        self.save_streamed(|w| w.write_all(payload))
+    }
+
+    /// Saves a payload that `produce` writes (called twice: once to measure
+    /// and hash it, once to program it), so a checkpoint of any size reaches
+    /// the flash through a 4 KiB buffer, never whole in RAM.
+    pub fn save_streamed(
+        &mut self,
+        mut produce: impl FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<u64, StoreError> {
+        let mut measure = Measure { len: 0, hash: Fnv::new() };
+        produce(&mut measure).map_err(|e| StoreError::Produce(e.to_string()))?;
         let slot_size = Self::slot_size(&self.flash);
-        let need = SLOT_HEADER + payload.len();
-        if need as u64 > slot_size {
-            return Err(StoreError::TooBig { need, slot: slot_size, flash: self.flash.size() });
+        let need = SLOT_HEADER as u64 + measure.len;
+        if need > slot_size {
+            return Err(StoreError::TooBig { need: need as usize, slot: slot_size, flash: self.flash.size() });
         }
         let (sequence, slot) = match self.newest {
             Some((seq, s)) => (seq + 1, 1 - s),
             None => (1, 0),
         };
-        let mut bytes = Vec::with_capacity(need);
-        bytes.extend_from_slice(&SLOT_MAGIC);
-        bytes.extend_from_slice(&sequence.to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&slot_checksum(sequence, payload.len() as u64, payload).to_le_bytes());
-        bytes.extend_from_slice(payload);
-        self.flash.write(slot as u64 * slot_size, &bytes)?;
+        let base = slot as u64 * slot_size;
+        let mut header = Vec::with_capacity(SLOT_HEADER);
+        header.extend_from_slice(&SLOT_MAGIC);
+        header.extend_from_slice(&sequence.to_le_bytes());
+        header.extend_from_slice(&measure.len.to_le_bytes());
+        header.extend_from_slice(&slot_checksum(measure.hash, sequence, measure.len).to_le_bytes());
+        self.flash.write(base, &header)?;
+        let mut w = FlashWriter {
+            flash: &mut self.flash,
+            at: base + SLOT_HEADER as u64,
+            end: base + need,
+            buf: Vec::with_capacity(CHUNK),
+            failed: None,
+        };
+        let written = produce(&mut w).and_then(|_| std::io::Write::flush(&mut w));
+        if let Some(e) = w.failed.take() {
+            return Err(e.into());
+        }
+        written.map_err(|e| StoreError::Produce(e.to_string()))?;
         self.newest = Some((sequence, slot));
         Ok(sequence)
     }

@@ -7,11 +7,11 @@ use crate::progress::ProgressLine;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use svp_data::{DataSource, DataSplit};
-use svp_model::Checkpoint;
+use svp_model::{Checkpoint, CheckpointRef};
 use svp_model::{DType, ModelFile, ModelInfo, Provenance};
 use svp_optim::Optimizer;
 use svp_train::{Config, EpochReport, Method};
-use svp_train::{FitObserver, FitOptions, FitState, Progress, fit_with};
+use svp_train::{FitObserver, FitOptions, FitStateRef, Progress, fit_with};
 
 /// The config `svp train` uses without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../models/mlp-fmnist.toml");
@@ -158,16 +158,11 @@ impl FitObserver for Console {
         self.progress.update(p);
     }
 
-    fn on_checkpoint(&mut self, state: &FitState) -> Result<(), String> {
+    fn on_checkpoint(&mut self, state: &FitStateRef<'_>) -> Result<(), String> {
         let Some((path, config_json, origin, train_len)) = &self.checkpoint else {
             return Ok(());
         };
-        let c = Checkpoint {
-            config_json: config_json.clone(),
-            data_origin: origin.clone(),
-            train_len: *train_len,
-            state: state.clone(),
-        };
+        let c = CheckpointRef { config_json, data_origin: origin, train_len: *train_len, state: *state };
         c.save(path).map_err(|e| e.to_string())
     }
 
@@ -238,7 +233,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
     let options = FitOptions {
         checkpoint_every: args.checkpoint.as_ref().map(|_| args.checkpoint_every.unwrap_or(0)),
         resume: resume.map(|c| c.state),
-        initial_params: None,
+        ..Default::default()
     };
     let outcome = fit_with(&config, &data, &mut console, options);
     console.progress.clear();

@@ -8,7 +8,7 @@
 use crate::{ModelError, fnv1a64};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use svp_train::FitState;
+use svp_train::{FitState, FitStateRef};
 
 /// First eight bytes of every checkpoint.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"SVPCKPT\0";
@@ -29,7 +29,83 @@ pub struct Checkpoint {
     pub state: FitState,
 }
 
+/// A checkpoint borrowed from a running trainer; encodes to the same bytes
+/// as the [`Checkpoint`] it decodes to, without copying weights or moments.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CheckpointRef<'a> {
+    /// The run's config, as JSON.
+    pub config_json: &'a str,
+    /// Where the training data came from.
+    pub data_origin: &'a str,
+    /// Training samples.
+    pub train_len: u64,
+    /// Position, weights, optimizer state.
+    pub state: FitStateRef<'a>,
+}
+
+/// Counts and hashes what is written through it.
+struct HashingWriter {
+    len: u64,
+    hash: u64,
+}
+
+impl std::io::Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            self.hash ^= b as u64;
+            self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CheckpointRef<'_> {
+    /// Streams the postcard payload into `w`, without building it in memory.
+    pub fn write_payload(&self, w: impl std::io::Write) -> std::io::Result<()> {
+        postcard::to_io(self, w).map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    /// Length and FNV-1a 64 of the payload, computed by streaming it.
+    pub fn payload_len_and_checksum(&self) -> (u64, u64) {
+        let mut h = HashingWriter { len: 0, hash: 0xcbf2_9ce4_8422_2325 };
+        self.write_payload(&mut h).expect("hashing never fails");
+        (h.len, h.hash)
+    }
+
+    /// The file's bytes (header and payload).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let (len, sum) = self.payload_len_and_checksum();
+        let mut out = Vec::with_capacity(HEADER + len as usize);
+        out.extend_from_slice(&CHECKPOINT_MAGIC);
+        out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&sum.to_le_bytes());
+        self.write_payload(&mut out).expect("writing to memory never fails");
+        out
+    }
+
+    /// Writes the file atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        crate::atomic::write(path, &self.to_bytes()).map_err(|source| ModelError::Io { path: path.to_owned(), source })
+    }
+}
+
 impl Checkpoint {
+    /// Decodes a bare payload (as a device stores it inside its own framing).
+    pub fn from_payload(payload: &[u8], path: &Path) -> Result<Self, ModelError> {
+        let c: Checkpoint = postcard::from_bytes(payload)
+            .map_err(|e| ModelError::Invalid { path: path.to_owned(), what: format!("payload: {e}") })?;
+        if c.state.params.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::Invalid { path: path.to_owned(), what: "non-finite weights".into() });
+        }
+        Ok(c)
+    }
+
     /// The file's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let payload = postcard::to_stdvec(self).expect("checkpoint serializes");
@@ -60,11 +136,7 @@ impl Checkpoint {
         if u64::from_le_bytes(bytes[20..28].try_into().expect("8 bytes")) != fnv1a64(&[payload]) {
             return Err(invalid("checksum mismatch (the checkpoint is damaged)".into()));
         }
-        let c: Checkpoint = postcard::from_bytes(payload).map_err(|e| invalid(format!("payload: {e}")))?;
-        if c.state.params.iter().any(|v| !v.is_finite()) {
-            return Err(invalid("non-finite weights".into()));
-        }
-        Ok(c)
+        Self::from_payload(payload, path)
     }
 
     /// Writes atomically.
@@ -102,6 +174,23 @@ mod tests {
         let b = c.to_bytes();
         let p = Path::new("c");
         assert_eq!(Checkpoint::from_bytes(&b, p).unwrap(), c);
+        // The borrowed form encodes to the very same bytes.
+        let s = &c.state;
+        let borrowed = CheckpointRef {
+            config_json: &c.config_json,
+            data_origin: &c.data_origin,
+            train_len: c.train_len,
+            state: FitStateRef {
+                epoch: s.epoch,
+                next_batch: s.next_batch,
+                loss_sum: s.loss_sum,
+                samples: s.samples,
+                history: &s.history,
+                params: &s.params,
+                trainer: svp_train::TrainerStateRef { step: s.trainer.step, optimizer: &s.trainer.optimizer },
+            },
+        };
+        assert_eq!(borrowed.to_bytes(), b);
         for cut in [0, 10, 27, b.len() - 1] {
             assert!(Checkpoint::from_bytes(&b[..cut], p).is_err());
         }

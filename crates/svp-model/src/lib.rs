@@ -18,7 +18,7 @@ pub mod checkpoint;
 pub mod dtype;
 mod inference;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, CheckpointRef};
 pub use dtype::DType;
 pub use inference::{InferenceModel, InferenceWorkspace};
 

@@ -43,7 +43,7 @@ impl BpTrainer {
             .map(|l| try_zeros(rows * l.spec().out_dim, "every layer's activations"))
             .collect::<Result<_, _>>()?;
         let caches = layers.iter().map(|l| DenseCache::try_new(rows, l.spec().out_dim)).collect::<Result<_, _>>()?;
-        let width = model.max_width();
+        let width = model.max_out_width();
         let states = (0..layers.len())
             .map(|l| config.optimizer.try_new_state(model.layer_params(l).len()))
             .collect::<Result<_, _>>()?;
@@ -104,8 +104,8 @@ impl Trainer for BpTrainer {
         Ok(loss)
     }
 
-    fn state(&self) -> crate::TrainerState {
-        crate::TrainerState { step: self.step, optimizer: self.states.clone() }
+    fn optimizer_states(&self) -> &[LayerState] {
+        &self.states
     }
 
     fn restore(&mut self, state: crate::TrainerState) -> Result<(), String> {

@@ -3,7 +3,7 @@
 use crate::config::{Config, Method};
 use crate::eval::{EvalReport, evaluate};
 use crate::model::{InferenceWorkspace, Mlp, ProjectionHeads};
-use crate::{BpTrainer, SvpTrainer, TrainError, Trainer, TrainerState};
+use crate::{BpTrainer, SvpTrainer, TrainError, Trainer, TrainerState, TrainerStateRef};
 use std::time::Instant;
 use svp_alloc::OutOfMemory;
 use svp_data::{Batcher, DataSplit, Normalization};
@@ -91,7 +91,7 @@ pub trait FitObserver {
     fn on_epoch(&mut self, _report: &EpochReport) {}
     /// When a checkpoint is due ([`FitOptions::checkpoint_every`] steps, and
     /// after each epoch). An error stops training.
-    fn on_checkpoint(&mut self, _state: &FitState) -> Result<(), String> {
+    fn on_checkpoint(&mut self, _state: &FitStateRef<'_>) -> Result<(), String> {
         Ok(())
     }
 }
@@ -115,6 +115,42 @@ pub struct FitState {
     pub trainer: TrainerState,
 }
 
+/// The state at a checkpoint, borrowed from the running trainer: it
+/// serializes exactly as [`FitState`] does, without a copy of the weights or
+/// the optimizer state (on a device with little RAM, a copy may not fit).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct FitStateRef<'a> {
+    /// The epoch to continue (1-based).
+    pub epoch: usize,
+    /// The next batch of that epoch.
+    pub next_batch: usize,
+    /// Head-loss sum over that epoch's batches so far.
+    pub loss_sum: f64,
+    /// Samples of that epoch trained so far.
+    pub samples: usize,
+    /// Epoch reports so far: (epoch, train loss, test accuracy).
+    pub history: &'a [(usize, f64, f64)],
+    /// All parameters.
+    pub params: &'a [f32],
+    /// Step counter and optimizer state.
+    pub trainer: TrainerStateRef<'a>,
+}
+
+impl FitStateRef<'_> {
+    /// An owned copy.
+    pub fn to_owned_state(&self) -> FitState {
+        FitState {
+            epoch: self.epoch,
+            next_batch: self.next_batch,
+            loss_sum: self.loss_sum,
+            samples: self.samples,
+            history: self.history.to_vec(),
+            params: self.params.to_vec(),
+            trainer: TrainerState { step: self.trainer.step, optimizer: self.trainer.optimizer.to_vec() },
+        }
+    }
+}
+
 /// How [`fit_with`] runs.
 #[derive(Clone, Debug, Default)]
 pub struct FitOptions {
@@ -123,6 +159,14 @@ pub struct FitOptions {
     /// Start from these weights (fine-tuning) instead of a fresh initialization;
     /// the optimizer starts fresh. Must match the config's architecture.
     pub initial_params: Option<Vec<f32>>,
+    /// Use this input normalization instead of fitting one to the training set
+    /// (fine-tuning keeps the deployed model's preprocessing).
+    pub norm: Option<Normalization>,
+    /// Heap that must stay free once everything is allocated, for the
+    /// transient buffers of a step (the GEMM's packing buffers): checked once,
+    /// before the first step, so a tight budget fails cleanly instead of
+    /// aborting mid-step.
+    pub headroom_bytes: usize,
     /// Offer a checkpoint every this many steps.
     pub checkpoint_every: Option<u64>,
 }
@@ -152,11 +196,12 @@ pub fn try_fit_with(
     options: FitOptions,
 ) -> Result<FitOutcome, OutOfMemory> {
     let seed = config.train.seed;
+    let mut options = options;
     let mut model = Mlp::try_new(data.features(), data.classes, &config.model, seed)?;
-    if let Some(init) = &options.initial_params {
-        model.params_mut().copy_from_slice(init);
+    if let Some(init) = options.initial_params.take() {
+        model.params_mut().copy_from_slice(&init);
     }
-    let norm = Normalization::fit(&data.train);
+    let norm = options.norm.unwrap_or_else(|| Normalization::fit(&data.train));
     let rows = config.train.batch_size;
     let mut trainer: Box<dyn Trainer> = match config.train.method {
         Method::Svp => Box::new(SvpTrainer::try_new(&model, config)?),
@@ -168,9 +213,11 @@ pub fn try_fit_with(
     };
     let mut batcher = Batcher::new(data.train.len(), rows, norm);
     let mut x = svp_alloc::try_zeros(rows * data.features(), "the input batch")?;
+    drop(svp_alloc::try_zeros(options.headroom_bytes / 4, "headroom for a training step's transient buffers")?);
     let mut y = vec![0u32; rows];
     let total_steps = (batcher.batches() * config.train.epochs) as u64;
     let mut eval_ws = InferenceWorkspace::default();
+    eval_ws.try_prepare(rows, &model, heads.as_ref().map(|h| h.dim))?;
     let mut epochs = Vec::new();
     let mut diverged = None;
     let mut interrupted = None;
@@ -185,16 +232,22 @@ pub fn try_fit_with(
             (state.epoch, state.next_batch, state.loss_sum, state.samples);
         history = state.history;
     }
-    let snapshot =
-        |model: &Mlp, trainer: &dyn Trainer, epoch, next_batch, loss_sum, samples, history: &Vec<_>| FitState {
+    fn snapshot<'a>(
+        model: &'a Mlp,
+        trainer: &'a dyn Trainer,
+        (epoch, next_batch, loss_sum, samples): (usize, usize, f64, usize),
+        history: &'a [(usize, f64, f64)],
+    ) -> FitStateRef<'a> {
+        FitStateRef {
             epoch,
             next_batch,
             loss_sum,
             samples,
-            history: history.clone(),
-            params: model.params().to_vec(),
-            trainer: trainer.state(),
-        };
+            history,
+            params: model.params(),
+            trainer: TrainerStateRef { step: trainer.steps(), optimizer: trainer.optimizer_states() },
+        }
+    }
 
     'epochs: for epoch in first_epoch..=config.train.epochs {
         if interrupted.is_some() {
@@ -226,7 +279,7 @@ pub fn try_fit_with(
                 && trainer.steps() % every == 0
                 && b + 1 < batches
             {
-                let state = snapshot(&model, trainer.as_ref(), epoch, b + 1, loss_sum, samples, &history);
+                let state = snapshot(&model, trainer.as_ref(), (epoch, b + 1, loss_sum, samples), &history);
                 if let Err(e) = observer.on_checkpoint(&state) {
                     interrupted = Some(e);
                     break 'epochs;
@@ -265,7 +318,7 @@ pub fn try_fit_with(
         history.push((epoch, report.train_loss, report.test_acc));
         epochs.push(report);
         if options.checkpoint_every.is_some() {
-            let state = snapshot(&model, trainer.as_ref(), epoch + 1, 0, 0.0, 0, &history);
+            let state = snapshot(&model, trainer.as_ref(), (epoch + 1, 0, 0.0, 0), &history);
             if let Err(e) = observer.on_checkpoint(&state) {
                 interrupted = Some(e);
                 break;

@@ -25,7 +25,8 @@ pub use bp::BpTrainer;
 pub use config::{Config, ConfigError, Method};
 pub use eval::{EvalReport, evaluate};
 pub use fit::{
-    EpochReport, FitObserver, FitOptions, FitOutcome, FitState, LayerEpoch, MemoryBreakdown, Progress, fit, fit_with,
+    EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown, Progress,
+    fit, fit_with, try_fit_with,
 };
 pub use model::{InferenceWorkspace, Mlp, ProjectionHeads};
 pub use schedule::Schedule;
@@ -70,8 +71,9 @@ pub trait Trainer {
     /// Clears the metrics of [`Trainer::layer_metrics`].
     fn reset_layer_metrics(&mut self) {}
 
-    /// The step counter and optimizer state, for a checkpoint.
-    fn state(&self) -> TrainerState;
+    /// Each layer's optimizer state, for a checkpoint (borrowed: a checkpoint
+    /// is written without copying it).
+    fn optimizer_states(&self) -> &[svp_optim::LayerState];
 
     /// Restores what [`Trainer::state`] returned (for the same model shape).
     fn restore(&mut self, state: TrainerState) -> Result<(), String>;
@@ -84,6 +86,15 @@ pub struct TrainerState {
     pub step: u64,
     /// Optimizer state per layer.
     pub optimizer: Vec<svp_optim::LayerState>,
+}
+
+/// A borrowed [`TrainerState`], serialized exactly like it.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct TrainerStateRef<'a> {
+    /// Steps taken.
+    pub step: u64,
+    /// Optimizer state per layer.
+    pub optimizer: &'a [svp_optim::LayerState],
 }
 
 /// Checks a restored optimizer state against the trainer's own.

@@ -148,6 +148,12 @@ impl Mlp {
         self.layers.iter().map(|l| l.spec().out_dim).chain([self.input]).max().unwrap_or(0)
     }
 
+    /// Widest layer output (what activation and gradient buffers must hold; the
+    /// input itself is never copied into them).
+    pub fn max_out_width(&self) -> usize {
+        self.layers.iter().map(|l| l.spec().out_dim).max().unwrap_or(0)
+    }
+
     /// Largest parameter count of one layer.
     pub fn max_layer_params(&self) -> usize {
         self.layers.iter().map(Dense::param_len).max().unwrap_or(0)
@@ -229,22 +235,35 @@ const EXIT_TILE_FLOATS: usize = 16 * 1024;
 
 impl InferenceWorkspace {
     fn ensure(&mut self, rows: usize, model: &Mlp, exit_dim: Option<usize>) {
-        let need = rows * model.max_width();
+        self.try_prepare(rows, model, exit_dim).expect("memory for inference buffers");
+    }
+
+    /// Sizes the buffers for batches of `rows` (and exits of width `exit_dim`)
+    /// now, failing cleanly when the memory is not there; later predictions of
+    /// up to that size allocate nothing.
+    pub fn try_prepare(&mut self, rows: usize, model: &Mlp, exit_dim: Option<usize>) -> Result<(), OutOfMemory> {
+        let width = model.max_out_width();
+        let need = rows * width;
         if self.act[0].len() < need || self.rows < rows {
-            self.act = [vec![0.0; need], vec![0.0; need]];
-            self.cache = DenseCache::new(rows, model.max_width());
+            self.act = [
+                svp_alloc::try_zeros(need, "inference activations")?,
+                svp_alloc::try_zeros(need, "inference activations")?,
+            ];
+            self.cache = DenseCache::try_new(rows, width)?;
             self.rows = rows;
         }
         if let Some(d) = exit_dim {
             let need = rows * d * model.hidden_layers();
             if self.exits.len() < need {
-                self.exits = vec![0.0; need];
+                self.exits = svp_alloc::try_zeros(need, "early-exit logits")?;
             }
-            if self.tile.len() < EXIT_TILE_FLOATS.max(model.max_width()) {
-                self.tile = vec![0.0; EXIT_TILE_FLOATS.max(model.max_width())];
+            let tile = EXIT_TILE_FLOATS.max(model.max_width());
+            if self.tile.len() < tile {
+                self.tile = svp_alloc::try_zeros(tile, "a tile of R")?;
             }
             self.exit_dim = d;
         }
+        Ok(())
     }
 
     /// Early-exit logits of hidden layer `l` (0-based) from the last

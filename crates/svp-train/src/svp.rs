@@ -98,7 +98,7 @@ impl SvpTrainer {
         let heads = ProjectionHeads::from_config(config, classes);
         let dim = heads.dim;
         let rows = config.train.batch_size;
-        let width = model.max_width();
+        let width = model.max_out_width();
         let vdim = dim.max(classes);
         let label_cols = if config.svp.label_concat { classes } else { 0 };
         let tile_floats = (config.svp.tile_bytes / 4).max(width + label_cols);
@@ -247,8 +247,8 @@ impl Trainer for SvpTrainer {
         Ok(head_ce)
     }
 
-    fn state(&self) -> crate::TrainerState {
-        crate::TrainerState { step: self.step, optimizer: self.states.clone() }
+    fn optimizer_states(&self) -> &[LayerState] {
+        &self.states
     }
 
     fn restore(&mut self, state: crate::TrainerState) -> Result<(), String> {

@@ -1,0 +1,267 @@
+//! `cargo run -p firmware-sim -- --profile NAME [--model FILE]`: the on-device
+//! fine-tuning scenario on a simulated device.
+//!
+//! A model pre-trained on clean Fashion-MNIST meets a camera that sees the
+//! world differently (`camera.rs`). The device measures its accuracy on shifted
+//! test images, fine-tunes on a stream of shifted samples inside its RAM budget
+//! (enforced by the allocator), checkpointing to its simulated flash, and
+//! measures again. The same fine-tuning with backpropagation is tried under the
+//! same budget.
+
+use firmware_sim::flash::Flash;
+use firmware_sim::store::CheckpointStore;
+use firmware_sim::{Profile, camera, profiles_dir};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use svp_alloc::CountingAlloc;
+use svp_data::{DataSplit, Dataset};
+use svp_model::CheckpointRef;
+use svp_model::ModelFile;
+use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
+use svp_train::{
+    Config, FitObserver, FitOptions, FitStateRef, InferenceWorkspace, Method, Mlp, evaluate, try_fit_with,
+};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc::new();
+
+/// Heap kept free beyond a trainer's own buffers, for what a step and an
+/// evaluation allocate on the way (the GEMM's packing buffers, up to 0.6 MiB;
+/// the evaluation workspace; a checkpoint's encoding, about the size of weights
+/// and optimizer state): checked before the first step.
+const HEADROOM: usize = 2 << 20;
+
+struct Args {
+    profile: String,
+    model: PathBuf,
+    samples: usize,
+    epochs: usize,
+    batch: usize,
+    lr: f32,
+    checkpoint_every: u64,
+    flash: PathBuf,
+    methods: Vec<Method>,
+}
+
+fn usage() -> String {
+    format!(
+        "usage: firmware-sim --profile NAME [--model FILE] [--samples N] [--epochs N] [--batch N] [--lr X] \
+         [--checkpoint-every STEPS] [--flash FILE] [--method svp|bp|both]\nprofiles: {}",
+        Profile::names(&profiles_dir()).join(", ")
+    )
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        profile: String::new(),
+        model: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/device-mlp.svpm")),
+        samples: 6000,
+        epochs: 30,
+        batch: 512,
+        lr: 1e-3,
+        checkpoint_every: 10,
+        flash: std::env::temp_dir().join(format!("svp-device-flash-{}.bin", std::process::id())),
+        methods: vec![Method::Svp, Method::Bp],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{}", usage()));
+        let num = |v: String| v.parse::<usize>().map_err(|_| format!("{flag}: {v:?} is not a whole number"));
+        match flag.as_str() {
+            "--profile" => a.profile = value()?,
+            "--model" => a.model = PathBuf::from(value()?),
+            "--samples" => a.samples = num(value()?)?,
+            "--epochs" => a.epochs = num(value()?)?,
+            "--batch" => a.batch = num(value()?)?,
+            "--lr" => a.lr = value()?.parse().map_err(|_| "--lr needs a number".to_string())?,
+            "--checkpoint-every" => a.checkpoint_every = num(value()?)? as u64,
+            "--flash" => a.flash = PathBuf::from(value()?),
+            "--method" => {
+                a.methods = match value()?.as_str() {
+                    "svp" => vec![Method::Svp],
+                    "bp" => vec![Method::Bp],
+                    "both" => vec![Method::Svp, Method::Bp],
+                    other => return Err(format!("--method {other:?}: use svp, bp or both")),
+                }
+            }
+            "-h" | "--help" => return Err(usage()),
+            other => return Err(format!("unknown argument {other:?}\n{}", usage())),
+        }
+    }
+    if a.profile.is_empty() {
+        return Err(format!("--profile is required\n{}", usage()));
+    }
+    if a.samples == 0 || a.epochs == 0 || a.batch == 0 {
+        return Err("--samples, --epochs and --batch must be positive".into());
+    }
+    Ok(a)
+}
+
+/// Checkpoints go to the device's flash.
+struct Device {
+    store: CheckpointStore,
+    saved: u64,
+    bytes: usize,
+}
+
+impl FitObserver for Device {
+    fn on_checkpoint(&mut self, state: &FitStateRef<'_>) -> Result<(), String> {
+        // Streamed from the trainer's own buffers to the flash: no copy of the
+        // weights or optimizer state is ever made in RAM.
+        let c = CheckpointRef { config_json: "", data_origin: "device camera stream", train_len: 0, state: *state };
+        self.bytes = c.payload_len_and_checksum().0 as usize;
+        self.store.save_streamed(|w| c.write_payload(w)).map_err(|e| e.to_string())?;
+        self.saved += 1;
+        Ok(())
+    }
+}
+
+fn mib(b: usize) -> f64 {
+    b as f64 / 1048576.0
+}
+
+fn accuracy(model: &Mlp, data: &Dataset, norm: svp_data::Normalization) -> f64 {
+    evaluate(model, data, norm, 256, None, &mut InferenceWorkspace::default()).accuracy
+}
+
+fn run() -> Result<bool, String> {
+    let args = parse()?;
+    let profile = Profile::load(&profiles_dir(), &args.profile).map_err(|e| e.to_string())?;
+    rayon::ThreadPoolBuilder::new().num_threads(profile.cores).build_global().map_err(|e| e.to_string())?;
+    let file = ModelFile::load(&args.model).map_err(|e| e.to_string())?;
+    let data = DataSplit::embedded();
+    let shifted_stream = camera::shift_dataset(&data.train, 1, args.samples);
+    let shifted_test = camera::shift_dataset(&data.test, 2, data.test.len());
+    let norm = file.meta.norm;
+    let base = file.to_mlp();
+    let hidden: Vec<usize> = file.meta.layers[..file.meta.layers.len() - 1].iter().map(|l| l.out_dim).collect();
+    let first = file.meta.layers[0];
+    println!(
+        "device {}: {} MiB RAM, {} MiB flash, {} core(s); model {} ({} layers, {:.1} MiB of weights, {} file)",
+        profile.name,
+        profile.ram_mib,
+        profile.flash_mib,
+        profile.cores,
+        args.model.display(),
+        file.meta.layers.len(),
+        mib(base.param_bytes()),
+        file.meta.weight_dtype().name()
+    );
+    let clean_acc = accuracy(&base, &data.test, norm);
+    let before = accuracy(&base, &shifted_test, norm);
+    println!(
+        "camera shift (rotate {}°, contrast {}, +{} brightness, noise σ {}): test accuracy {:.2}% clean -> {:.2}% shifted",
+        camera::ROTATION_DEG,
+        camera::CONTRAST,
+        camera::BRIGHTNESS,
+        camera::NOISE_STD,
+        100.0 * clean_acc,
+        100.0 * before
+    );
+    let initial = base.params().to_vec();
+    drop(base);
+    drop(file);
+    let split = DataSplit {
+        train: shifted_stream,
+        test: shifted_test,
+        classes: data.classes,
+        origin: "device camera stream".into(),
+    };
+    drop(data);
+
+    let mut svp_ok = false;
+    let mut bp_failed = false;
+    for &method in &args.methods {
+        let config = Config {
+            model: ModelConfig {
+                input: Some(first.in_dim),
+                hidden: hidden.clone(),
+                norm: first.norm,
+                activation: first.activation,
+                dropout: 0.0,
+            },
+            svp: SvpConfig::default(),
+            train: TrainConfig { method, epochs: args.epochs, batch_size: args.batch, seed: 11, shuffle: true },
+            optimizer: svp_optim::Optimizer::Adam {
+                lr: args.lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
+        };
+        config.validate_for_data(split.features(), split.classes, split.train.len()).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&args.flash);
+        let flash = Flash::open(&args.flash, profile.flash_mib << 20).map_err(|e| e.to_string())?;
+        let (store, _) = CheckpointStore::open(flash).map_err(|e| e.to_string())?;
+        let mut device = Device { store, saved: 0, bytes: 0 };
+        // The device's RAM, from here on: what is already live counts against it.
+        ALLOC.set_budget(profile.ram_bytes());
+        ALLOC.reset_peaks();
+        println!("{method}: {:.1} MiB of heap in use before training (data, model, runtime)", mib(ALLOC.stats().live));
+        let start = Instant::now();
+        let options = FitOptions {
+            initial_params: Some(initial.clone()),
+            norm: Some(norm),
+            checkpoint_every: Some(args.checkpoint_every),
+            headroom_bytes: HEADROOM,
+            ..Default::default()
+        };
+        let result = try_fit_with(&config, &split, &mut device, options);
+        let live_after = ALLOC.stats();
+        ALLOC.set_budget(0);
+        match result {
+            Err(oom) => {
+                println!(
+                    "{method}: out of device memory: need {:.2} MiB more, budget {} MiB, at {} \
+                     ({:.1} MiB in use when it failed, peak {:.1} MiB)",
+                    mib(oom.bytes),
+                    profile.ram_mib,
+                    oom.what,
+                    mib(live_after.live + oom.bytes),
+                    mib(live_after.peak)
+                );
+                bp_failed |= method == Method::Bp;
+            }
+            Ok(outcome) => {
+                if let Some(e) = outcome.interrupted.or(outcome.diverged.map(|d| d.to_string())) {
+                    return Err(format!("{method}: {e}"));
+                }
+                let after = outcome.epochs.last().map_or(0.0, |r| r.test_acc);
+                let steps: usize = outcome.epochs.len() * split.train.len().div_ceil(args.batch);
+                println!(
+                    "{method}: fine-tuned {} epochs over {} shifted samples ({steps} steps, batch {}) in {:.1} s: \
+                     shifted test accuracy {:.2}% -> {:.2}% ({:+.2} points); peak heap {:.1} of {} MiB; \
+                     {} checkpoints of {:.1} MiB to flash",
+                    outcome.epochs.len(),
+                    split.train.len(),
+                    args.batch,
+                    start.elapsed().as_secs_f64(),
+                    100.0 * before,
+                    100.0 * after,
+                    100.0 * (after - before),
+                    mib(live_after.peak),
+                    profile.ram_mib,
+                    device.saved,
+                    mib(device.bytes)
+                );
+                svp_ok |= method == Method::Svp;
+            }
+        }
+        let _ = std::fs::remove_file(&args.flash);
+    }
+    Ok(svp_ok || bp_failed || args.methods == [Method::Bp])
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
