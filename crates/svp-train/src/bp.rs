@@ -2,20 +2,17 @@
 
 use crate::config::Config;
 use crate::model::Mlp;
-use crate::{TrainError, Trainer};
+use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_nn::{DenseCache, Mode, softmax_cross_entropy};
-use svp_optim::{LayerState, Optimizer};
 use svp_tensor::{view, view_mut};
 
 /// Backpropagation trainer. It keeps every layer's output and backward cache
 /// for the whole step, so its memory grows with depth (the contrast to SVP).
 /// Each layer is updated as soon as its gradient and its input gradient exist.
 pub struct BpTrainer {
-    optimizer: Optimizer,
-    states: Vec<LayerState>,
+    updater: Updater,
     seed: u64,
-    step: u64,
     max_rows: usize,
     /// Output of every layer (the head's logits last).
     acts: Vec<Vec<f32>>,
@@ -44,14 +41,9 @@ impl BpTrainer {
             .collect::<Result<_, _>>()?;
         let caches = layers.iter().map(|l| DenseCache::try_new(rows, l.spec().out_dim)).collect::<Result<_, _>>()?;
         let width = model.max_out_width();
-        let states = (0..layers.len())
-            .map(|l| config.optimizer.try_new_state(model.layer_params(l).len()))
-            .collect::<Result<_, _>>()?;
         Ok(Self {
-            optimizer: config.optimizer,
-            states,
+            updater: Updater::try_new(model, config.optimizer)?,
             seed: config.train.seed,
-            step: 0,
             max_rows: rows,
             acts,
             caches,
@@ -59,18 +51,13 @@ impl BpTrainer {
             grad: try_zeros(model.max_layer_params(), "one layer's gradient")?,
         })
     }
-
-    /// Optimizer state per layer.
-    pub fn states(&self) -> &[LayerState] {
-        &self.states
-    }
 }
 
 impl Trainer for BpTrainer {
     fn step(&mut self, model: &mut Mlp, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError> {
         let rows = y.len();
         assert!(rows > 0 && rows <= self.max_rows, "batch of {rows} rows for a trainer sized for {}", self.max_rows);
-        let step = self.step;
+        let step = self.updater.step();
         let mode = Mode::Train { seed: self.seed, step };
         let n = model.layers().len();
 
@@ -97,30 +84,19 @@ impl Trainer for BpTrainer {
             let dx = (l > 0).then(|| view_mut(dx, rows, d_in));
             let grad = &mut self.grad[..params.len()];
             layer.backward(params, input, &self.caches[l], dout, grad, dx, mode);
-            self.optimizer.update(lr_scale, params, grad, &mut self.states[l]);
+            self.updater.update(l, lr_scale, params, grad);
             cur = 1 - cur;
         }
-        self.step += 1;
+        self.updater.finish_step();
         Ok(loss)
     }
 
-    fn optimizer_states(&self) -> &[LayerState] {
-        &self.states
+    fn updater(&self) -> &Updater {
+        &self.updater
     }
 
-    fn restore(&mut self, state: crate::TrainerState) -> Result<(), String> {
-        crate::check_states(&self.states, &state.optimizer)?;
-        self.step = state.step;
-        self.states = state.optimizer;
-        Ok(())
-    }
-
-    fn steps(&self) -> u64 {
-        self.step
-    }
-
-    fn optimizer_bytes(&self) -> usize {
-        self.states.iter().map(LayerState::bytes).sum()
+    fn updater_mut(&mut self) -> &mut Updater {
+        &mut self.updater
     }
 
     fn workspace_bytes(&self) -> usize {

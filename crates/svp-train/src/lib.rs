@@ -20,6 +20,7 @@ mod fit;
 mod model;
 mod schedule;
 mod svp;
+mod updater;
 
 pub use bp::BpTrainer;
 pub use config::{Config, ConfigError, Method};
@@ -31,6 +32,7 @@ pub use fit::{
 pub use model::{InferenceWorkspace, Mlp, ProjectionHeads};
 pub use schedule::Schedule;
 pub use svp::{LayerMetrics, SvpTrainer};
+pub use updater::Updater;
 
 /// Why a training step stopped.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -54,11 +56,21 @@ pub trait Trainer {
     /// classifier head's cross-entropy. On error no update from that loss was applied.
     fn step(&mut self, model: &mut Mlp, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError>;
 
+    /// The optimizer, its per-layer state and the step counter.
+    fn updater(&self) -> &Updater;
+
+    /// Mutable [`Trainer::updater`].
+    fn updater_mut(&mut self) -> &mut Updater;
+
     /// Steps taken so far.
-    fn steps(&self) -> u64;
+    fn steps(&self) -> u64 {
+        self.updater().step()
+    }
 
     /// Bytes of optimizer state.
-    fn optimizer_bytes(&self) -> usize;
+    fn optimizer_bytes(&self) -> usize {
+        self.updater().bytes()
+    }
 
     /// Bytes of training workspace (activations, caches, gradients, projections).
     fn workspace_bytes(&self) -> usize;
@@ -73,10 +85,14 @@ pub trait Trainer {
 
     /// Each layer's optimizer state, for a checkpoint (borrowed: a checkpoint
     /// is written without copying it).
-    fn optimizer_states(&self) -> &[svp_optim::LayerState];
+    fn optimizer_states(&self) -> &[svp_optim::LayerState] {
+        self.updater().states()
+    }
 
-    /// Restores what [`Trainer::state`] returned (for the same model shape).
-    fn restore(&mut self, state: TrainerState) -> Result<(), String>;
+    /// Restores a checkpoint's step counter and optimizer state (for the same model shape).
+    fn restore(&mut self, state: TrainerState) -> Result<(), String> {
+        self.updater_mut().restore(state)
+    }
 }
 
 /// A trainer's resumable state: the step counter and each layer's optimizer state.
@@ -95,17 +111,4 @@ pub struct TrainerStateRef<'a> {
     pub step: u64,
     /// Optimizer state per layer.
     pub optimizer: &'a [svp_optim::LayerState],
-}
-
-/// Checks a restored optimizer state against the trainer's own.
-fn check_states(own: &[svp_optim::LayerState], new: &[svp_optim::LayerState]) -> Result<(), String> {
-    if own.len() != new.len() {
-        return Err(format!("optimizer state for {} layers, the model has {}", new.len(), own.len()));
-    }
-    for (l, (a, b)) in own.iter().zip(new).enumerate() {
-        if a.m.len() != b.m.len() || a.v.len() != b.v.len() {
-            return Err(format!("optimizer state of layer {} does not fit the layer", l + 1));
-        }
-    }
-    Ok(())
 }

@@ -2,10 +2,9 @@
 
 use crate::config::{Config, FirstLayerAlignment};
 use crate::model::{Mlp, ProjectionHeads};
-use crate::{TrainError, Trainer};
+use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_nn::{DenseCache, FaWorkspace, FeatureAlignment, Mode, Projection, softmax_cross_entropy};
-use svp_optim::{LayerState, Optimizer};
 use svp_tensor::{view, view_mut};
 
 /// Sums of per-layer local losses and head accuracies over the steps since
@@ -41,13 +40,11 @@ impl LayerMetrics {
 /// SVP trainer: options, optimizer state per layer and one workspace sized for
 /// the widest layer, reused by every layer and step.
 pub struct SvpTrainer {
-    optimizer: Optimizer,
-    states: Vec<LayerState>,
+    updater: Updater,
     heads: ProjectionHeads,
     lambda: f32,
     align_first: bool,
     fa: FeatureAlignment,
-    step: u64,
     max_rows: usize,
     ws: Workspace,
     metrics: LayerMetrics,
@@ -113,17 +110,12 @@ impl SvpTrainer {
             fa: FaWorkspace::try_new(rows, vdim)?,
             grad: try_zeros(model.max_layer_params(), "one layer's gradient")?,
         };
-        let states = (0..model.layers().len())
-            .map(|l| config.optimizer.try_new_state(model.layer_params(l).len()))
-            .collect::<Result<_, _>>()?;
         Ok(Self {
-            optimizer: config.optimizer,
-            states,
+            updater: Updater::try_new(model, config.optimizer)?,
             heads,
             lambda: config.svp.lambda,
             align_first: config.svp.first_layer_alignment == FirstLayerAlignment::Input,
             fa: FeatureAlignment { mean_center: config.svp.mean_center },
-            step: 0,
             max_rows: rows,
             ws,
             metrics: LayerMetrics::new(model.layers().len()),
@@ -139,18 +131,13 @@ impl SvpTrainer {
     fn projection(&self, layer: usize, width: usize) -> Projection {
         self.heads.for_layer(layer, width, layer > 0)
     }
-
-    /// Optimizer state per layer.
-    pub fn states(&self) -> &[LayerState] {
-        &self.states
-    }
 }
 
 impl Trainer for SvpTrainer {
     fn step(&mut self, model: &mut Mlp, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError> {
         let rows = y.len();
         assert!(rows > 0 && rows <= self.max_rows, "batch of {rows} rows for a trainer sized for {}", self.max_rows);
-        let step = self.step;
+        let step = self.updater.step();
         let mode = Mode::Train { seed: self.heads.seed, step };
         let n_layers = model.layers().len();
         let input_dim = model.input();
@@ -232,7 +219,7 @@ impl Trainer for SvpTrainer {
                 layer.backward(params, input, &ws.cache, &mut ws.dv, grad, None, mode);
                 head_ce = ce;
             }
-            self.optimizer.update(lr_scale, params, grad, &mut self.states[l]);
+            self.updater.update(l, lr_scale, params, grad);
 
             if !is_head {
                 std::mem::swap(&mut ws.v_cur, &mut ws.v_prev);
@@ -243,27 +230,16 @@ impl Trainer for SvpTrainer {
         }
         self.metrics.steps += 1;
         self.metrics.samples += rows as u64;
-        self.step += 1;
+        self.updater.finish_step();
         Ok(head_ce)
     }
 
-    fn optimizer_states(&self) -> &[LayerState] {
-        &self.states
+    fn updater(&self) -> &Updater {
+        &self.updater
     }
 
-    fn restore(&mut self, state: crate::TrainerState) -> Result<(), String> {
-        crate::check_states(&self.states, &state.optimizer)?;
-        self.step = state.step;
-        self.states = state.optimizer;
-        Ok(())
-    }
-
-    fn steps(&self) -> u64 {
-        self.step
-    }
-
-    fn optimizer_bytes(&self) -> usize {
-        self.states.iter().map(LayerState::bytes).sum()
+    fn updater_mut(&mut self) -> &mut Updater {
+        &mut self.updater
     }
 
     fn workspace_bytes(&self) -> usize {

@@ -1,0 +1,67 @@
+//! What both trainers update weights with, and what a checkpoint restores.
+
+use crate::{Mlp, TrainerState};
+use svp_alloc::OutOfMemory;
+use svp_optim::{LayerState, Optimizer};
+
+/// The optimizer, each layer's optimizer state and the step counter.
+#[derive(Debug)]
+pub struct Updater {
+    optimizer: Optimizer,
+    states: Vec<LayerState>,
+    step: u64,
+}
+
+impl Updater {
+    /// Fresh state for every layer of `model`, failing cleanly without the memory.
+    pub fn try_new(model: &Mlp, optimizer: Optimizer) -> Result<Self, OutOfMemory> {
+        let states = (0..model.layers().len())
+            .map(|l| optimizer.try_new_state(model.layer_params(l).len()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { optimizer, states, step: 0 })
+    }
+
+    /// One update of layer `l`.
+    pub fn update(&mut self, l: usize, lr_scale: f32, params: &mut [f32], grad: &[f32]) {
+        self.optimizer.update(lr_scale, params, grad, &mut self.states[l]);
+    }
+
+    /// Steps completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Counts a completed step.
+    pub fn finish_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// Each layer's optimizer state.
+    pub fn states(&self) -> &[LayerState] {
+        &self.states
+    }
+
+    /// Bytes of optimizer state.
+    pub fn bytes(&self) -> usize {
+        self.states.iter().map(LayerState::bytes).sum()
+    }
+
+    /// Restores a checkpoint's counter and states, if they fit this model.
+    pub fn restore(&mut self, state: TrainerState) -> Result<(), String> {
+        if self.states.len() != state.optimizer.len() {
+            return Err(format!(
+                "optimizer state for {} layers, the model has {}",
+                state.optimizer.len(),
+                self.states.len()
+            ));
+        }
+        for (l, (a, b)) in self.states.iter().zip(&state.optimizer).enumerate() {
+            if a.m.len() != b.m.len() || a.v.len() != b.v.len() {
+                return Err(format!("optimizer state of layer {} does not fit the layer", l + 1));
+            }
+        }
+        self.step = state.step;
+        self.states = state.optimizer;
+        Ok(())
+    }
+}
