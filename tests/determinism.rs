@@ -109,3 +109,30 @@ fn resuming_svp_from_any_checkpoint_is_bit_identical() {
 fn resuming_bp_from_any_checkpoint_is_bit_identical() {
     resume_case(Method::Bp, |_| {});
 }
+
+#[test]
+fn head_lambda_weights_only_the_heads_alignment() {
+    use svp_train::{Mlp, SvpTrainer, Trainer};
+    let data = embedded_subset(64);
+    let norm = svp_data::Normalization::fit(&data.train);
+    let mut b = svp_data::Batcher::new(64, 64, norm);
+    b.start_epoch(1, 0, false);
+    let (mut x, mut y) = (vec![0.0; 64 * 784], vec![0; 64]);
+    b.gather(&data.train, 0, &mut x, &mut y);
+    let one_step = |mutate: &dyn Fn(&mut svp_train::Config)| {
+        let mut c = small_config(Method::Svp, 1);
+        mutate(&mut c);
+        let mut m = Mlp::new(784, 10, &c.model, c.train.seed);
+        SvpTrainer::new(&m, &c).step(&mut m, &x, &y, 1.0).unwrap();
+        m
+    };
+    let default = one_step(&|_| {});
+    let head_off = one_step(&|c| c.svp.head_lambda = Some(0.0));
+    let all_off = one_step(&|c| c.svp.lambda = 0.0);
+    let head = default.layers().len() - 1;
+    // The head's first step sees the same input in all three runs (earlier
+    // layers' updates come after their outputs are computed).
+    assert_eq!(head_off.layer_params(head), all_off.layer_params(head), "head without FA = head with lambda 0");
+    assert_ne!(head_off.layer_params(head), default.layer_params(head), "head_lambda changes the head");
+    assert_eq!(head_off.layer_params(0), default.layer_params(0), "and nothing below it");
+}

@@ -78,6 +78,10 @@ pub struct SvpConfig {
     /// Weight of the feature-alignment loss.
     #[serde(default = "default_lambda")]
     pub lambda: f32,
+    /// Weight of the feature-alignment loss on the classifier head; `None` =
+    /// `lambda` (SVP.md's default).
+    #[serde(default)]
+    pub head_lambda: Option<f32>,
     /// Target of layer 1's alignment loss.
     #[serde(default = "default_first")]
     pub first_layer_alignment: FirstLayerAlignment,
@@ -109,6 +113,7 @@ impl Default for SvpConfig {
             sigma: None,
             projection_dropout: 0.0,
             lambda: default_lambda(),
+            head_lambda: None,
             first_layer_alignment: default_first(),
             label_concat: false,
             mean_center: false,
@@ -225,6 +230,11 @@ impl Config {
         }
         if !(self.svp.lambda.is_finite() && self.svp.lambda >= 0.0) {
             return invalid(format!("svp.lambda = {} must be a non-negative number", self.svp.lambda));
+        }
+        if let Some(h) = self.svp.head_lambda
+            && !(h.is_finite() && h >= 0.0)
+        {
+            return invalid(format!("svp.head_lambda = {h} must be a non-negative number"));
         }
         if self.svp.tile_bytes < 4 {
             return invalid("svp.tile_bytes must be at least 4");

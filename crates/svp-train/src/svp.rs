@@ -43,6 +43,7 @@ pub struct SvpTrainer {
     updater: Updater,
     heads: ProjectionHeads,
     lambda: f32,
+    head_lambda: f32,
     align_first: bool,
     fa: FeatureAlignment,
     max_rows: usize,
@@ -114,6 +115,7 @@ impl SvpTrainer {
             updater: Updater::try_new(model, config.optimizer)?,
             heads,
             lambda: config.svp.lambda,
+            head_lambda: config.svp.head_lambda.unwrap_or(config.svp.lambda),
             align_first: config.svp.first_layer_alignment == FirstLayerAlignment::Input,
             fa: FeatureAlignment { mean_center: config.svp.mean_center },
             max_rows: rows,
@@ -185,19 +187,20 @@ impl Trainer for SvpTrainer {
                 &dst[..rows * d_out]
             };
 
+            let lambda = if is_head { self.head_lambda } else { self.lambda };
             let (ce, correct) = softmax_cross_entropy(view(v, rows, out_dim), y, &mut ws.dv);
             let fa = if have_prev {
                 self.fa.loss_and_grad(
                     view(v, rows, out_dim),
                     view(&ws.v_prev, rows, prev_dim),
                     &mut ws.fa,
-                    self.lambda,
+                    lambda,
                     &mut ws.dv,
                 )
             } else {
                 0.0
             };
-            let loss = ce + self.lambda * fa;
+            let loss = ce + lambda * fa;
             if !loss.is_finite() {
                 // Layer l-1's update is done (its loss was finite); layer l's is never applied.
                 return Err(TrainError::Diverged { layer: l + 1, step, loss });
