@@ -3,7 +3,7 @@
 //! Tensors are [`ndarray`] arrays in row-major layout. This crate adds what
 //! ndarray does not give at the speed or with the guarantees svp needs:
 //!
-//! * [`gemm`]: `C = alpha * A B + beta * C` over matrixmultiply, with the output
+//! * [`gemm()`]: `C = alpha * A B + beta * C` over matrixmultiply, with the output
 //!   columns split across the rayon pool. Every output element is computed by
 //!   exactly one single-threaded matrixmultiply call whose summation order does
 //!   not depend on the split, so results are bit-identical for any thread count.
