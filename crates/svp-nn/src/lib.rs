@@ -7,6 +7,8 @@
 //!
 //! * [`dense`]: the hidden block `act(norm(x W^T + b))` with optional dropout,
 //!   and (with no norm and identity activation) the linear classifier head.
+//! * [`conv`]: 2-D convolution (im2col + GEMM), max, average and adaptive
+//!   average pooling over NCHW batches.
 //! * [`loss`]: softmax cross-entropy and the SVP feature-alignment loss.
 //! * [`projection`]: the fixed random projection `R_l`, regenerated from the
 //!   seed tile by tile each time it is used and never stored whole.
@@ -14,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod activation;
+pub mod conv;
 pub mod dense;
 pub mod loss;
 pub mod projection;

@@ -1,0 +1,284 @@
+//! Convolution and pooling over NCHW batches, each an explicit
+//! forward/backward pair over caller-owned buffers.
+//!
+//! A batch is `rows` samples, each `channels x height x width` values in
+//! row-major order, so a convolutional batch is the same `rows x features`
+//! buffer the dense layers use. Convolution is im2col + GEMM; the column
+//! buffer holds one sample at a time and the backward recomputes it from the
+//! input, so nothing per-sample is kept between forward and backward.
+
+use svp_tensor::{gemm, view, view_mut};
+
+/// Shape of one sample: channels, height, width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chw {
+    /// Channels.
+    pub c: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+}
+
+impl Chw {
+    /// Values per sample.
+    pub fn len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Whether a sample is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A 2-D convolution with square kernels, `stride` and zero `padding`.
+/// Parameters: `[W (c_out x c_in*k*k, row-major) | b (c_out)]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2d {
+    /// Input shape.
+    pub input: Chw,
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel size.
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl Conv2d {
+    /// Output shape.
+    pub fn output(&self) -> Chw {
+        let o = |n: usize| (n + 2 * self.padding - self.k) / self.stride + 1;
+        Chw { c: self.c_out, h: o(self.input.h), w: o(self.input.w) }
+    }
+
+    /// Number of parameters.
+    pub fn param_len(&self) -> usize {
+        self.c_out * self.patch() + self.c_out
+    }
+
+    fn patch(&self) -> usize {
+        self.input.c * self.k * self.k
+    }
+
+    /// Floats of the per-sample column buffer.
+    pub fn col_len(&self) -> usize {
+        let o = self.output();
+        self.patch() * o.h * o.w
+    }
+
+    /// Unfolds one sample into `col` (patch x out_h*out_w).
+    fn im2col(&self, x: &[f32], col: &mut [f32]) {
+        let (i, o) = (self.input, self.output());
+        let (k, s, p) = (self.k, self.stride, self.padding as isize);
+        let hw = o.h * o.w;
+        for c in 0..i.c {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &mut col[((c * k + ky) * k + kx) * hw..][..hw];
+                    for oy in 0..o.h {
+                        let y = (oy * s + ky) as isize - p;
+                        for ox in 0..o.w {
+                            let xx = (ox * s + kx) as isize - p;
+                            row[oy * o.w + ox] = if y >= 0 && xx >= 0 && (y as usize) < i.h && (xx as usize) < i.w {
+                                x[(c * i.h + y as usize) * i.w + xx as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds the columns back into one sample's gradient (the adjoint of `im2col`).
+    fn col2im_add(&self, col: &[f32], dx: &mut [f32]) {
+        let (i, o) = (self.input, self.output());
+        let (k, s, p) = (self.k, self.stride, self.padding as isize);
+        let hw = o.h * o.w;
+        for c in 0..i.c {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &col[((c * k + ky) * k + kx) * hw..][..hw];
+                    for oy in 0..o.h {
+                        let y = (oy * s + ky) as isize - p;
+                        if y < 0 || y as usize >= i.h {
+                            continue;
+                        }
+                        for ox in 0..o.w {
+                            let xx = (ox * s + kx) as isize - p;
+                            if xx >= 0 && (xx as usize) < i.w {
+                                dx[(c * i.h + y as usize) * i.w + xx as usize] += row[oy * o.w + ox];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out = conv(x) + b` for `rows` samples; `col` holds [`Conv2d::col_len`] floats.
+    pub fn forward(&self, params: &[f32], x: &[f32], rows: usize, out: &mut [f32], col: &mut [f32]) {
+        let (il, o) = (self.input.len(), self.output());
+        let (hw, patch) = (o.h * o.w, self.patch());
+        let (w, b) = params.split_at(self.c_out * patch);
+        for r in 0..rows {
+            self.im2col(&x[r * il..(r + 1) * il], col);
+            let y = &mut out[r * o.len()..(r + 1) * o.len()];
+            for (ch, plane) in y.chunks_exact_mut(hw).enumerate() {
+                plane.fill(b[ch]);
+            }
+            gemm(1.0, view(w, self.c_out, patch), view(col, patch, hw), 1.0, view_mut(y, self.c_out, hw));
+        }
+    }
+
+    /// Parameter gradient into `grad` (overwriting) and, if given, the input
+    /// gradient into `dx` (overwriting), from `dout`. `col` and `dcol` hold
+    /// [`Conv2d::col_len`] floats each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        rows: usize,
+        dout: &[f32],
+        grad: &mut [f32],
+        mut dx: Option<&mut [f32]>,
+        col: &mut [f32],
+        dcol: &mut [f32],
+    ) {
+        let (il, o) = (self.input.len(), self.output());
+        let (hw, patch) = (o.h * o.w, self.patch());
+        let (w, _) = params.split_at(self.c_out * patch);
+        let (gw, gb) = grad[..self.param_len()].split_at_mut(self.c_out * patch);
+        gw.fill(0.0);
+        gb.fill(0.0);
+        for r in 0..rows {
+            let d = &dout[r * o.len()..(r + 1) * o.len()];
+            for (g, plane) in gb.iter_mut().zip(d.chunks_exact(hw)) {
+                *g += svp_tensor::reduce::sum(plane);
+            }
+            self.im2col(&x[r * il..(r + 1) * il], col);
+            gemm(1.0, view(d, self.c_out, hw), view(col, patch, hw).t(), 1.0, view_mut(gw, self.c_out, patch));
+            if let Some(dx) = dx.as_deref_mut() {
+                gemm(1.0, view(w, self.c_out, patch).t(), view(d, self.c_out, hw), 0.0, view_mut(dcol, patch, hw));
+                let dxs = &mut dx[r * il..(r + 1) * il];
+                dxs.fill(0.0);
+                self.col2im_add(dcol, dxs);
+            }
+        }
+    }
+}
+
+/// How a pooling window combines its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    /// Largest value (the gradient goes to the first maximum).
+    Max,
+    /// Mean value.
+    Avg,
+}
+
+/// Pooling over windows. `Pool2d::adaptive` gives PyTorch's adaptive average
+/// pooling (window `i` spans `floor(i*H/out) .. ceil((i+1)*H/out)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool2d {
+    /// Input shape.
+    pub input: Chw,
+    /// Output height and width.
+    pub out_hw: (usize, usize),
+    /// Kind.
+    pub kind: PoolKind,
+    /// `Some((k, stride))` for fixed windows; `None` for adaptive windows.
+    pub window: Option<(usize, usize)>,
+}
+
+impl Pool2d {
+    /// Fixed `k x k` windows every `stride`.
+    pub fn fixed(input: Chw, kind: PoolKind, k: usize, stride: usize) -> Self {
+        let o = |n: usize| (n - k) / stride + 1;
+        Self { input, out_hw: (o(input.h), o(input.w)), kind, window: Some((k, stride)) }
+    }
+
+    /// Adaptive average pooling to `out_h x out_w`.
+    pub fn adaptive(input: Chw, out_h: usize, out_w: usize) -> Self {
+        Self { input, out_hw: (out_h, out_w), kind: PoolKind::Avg, window: None }
+    }
+
+    /// Output shape.
+    pub fn output(&self) -> Chw {
+        Chw { c: self.input.c, h: self.out_hw.0, w: self.out_hw.1 }
+    }
+
+    /// Input range of output index `i` along an axis of length `n` with `out` outputs.
+    fn span(&self, i: usize, n: usize, out: usize) -> (usize, usize) {
+        match self.window {
+            Some((k, s)) => (i * s, i * s + k),
+            None => (i * n / out, ((i + 1) * n).div_ceil(out)),
+        }
+    }
+
+    /// Visits every output cell with its input window: `f(channel plane offset, out index, y-range, x-range)`.
+    fn cells(&self, mut f: impl FnMut(usize, usize, (usize, usize), (usize, usize))) {
+        let (i, (oh, ow)) = (self.input, self.out_hw);
+        for c in 0..i.c {
+            for oy in 0..oh {
+                let ys = self.span(oy, i.h, oh);
+                for ox in 0..ow {
+                    let xs = self.span(ox, i.w, ow);
+                    f(c * i.h * i.w, (c * oh + oy) * ow + ox, ys, xs);
+                }
+            }
+        }
+    }
+
+    /// Forward for `rows` samples.
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        let (il, ol, w) = (self.input.len(), self.output().len(), self.input.w);
+        for r in 0..rows {
+            let (xs, ys) = (&x[r * il..(r + 1) * il], &mut out[r * ol..(r + 1) * ol]);
+            self.cells(|base, o, (y0, y1), (x0, x1)| {
+                let vals = (y0..y1).flat_map(|y| (x0..x1).map(move |xx| base + y * w + xx));
+                ys[o] = match self.kind {
+                    PoolKind::Max => vals.map(|i| xs[i]).fold(f32::NEG_INFINITY, f32::max),
+                    PoolKind::Avg => vals.map(|i| xs[i]).sum::<f32>() / ((y1 - y0) * (x1 - x0)) as f32,
+                };
+            });
+        }
+    }
+
+    /// Input gradient (overwriting `dx`) from `dout`; `x` is the forward's input.
+    pub fn backward(&self, x: &[f32], rows: usize, dout: &[f32], dx: &mut [f32]) {
+        let (il, ol, w) = (self.input.len(), self.output().len(), self.input.w);
+        dx[..rows * il].fill(0.0);
+        for r in 0..rows {
+            let (xs, ds, dxs) = (&x[r * il..(r + 1) * il], &dout[r * ol..(r + 1) * ol], &mut dx[r * il..(r + 1) * il]);
+            self.cells(|base, o, (y0, y1), (x0, x1)| match self.kind {
+                PoolKind::Max => {
+                    let mut best = (f32::NEG_INFINITY, base + y0 * w + x0);
+                    for y in y0..y1 {
+                        for xx in x0..x1 {
+                            let i = base + y * w + xx;
+                            if xs[i] > best.0 {
+                                best = (xs[i], i);
+                            }
+                        }
+                    }
+                    dxs[best.1] += ds[o];
+                }
+                PoolKind::Avg => {
+                    let g = ds[o] / ((y1 - y0) * (x1 - x0)) as f32;
+                    for y in y0..y1 {
+                        for xx in x0..x1 {
+                            dxs[base + y * w + xx] += g;
+                        }
+                    }
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Convolution and pooling: forward against a direct reference, backward
+//! against central finite differences, over several shapes.
+
+use svp_nn::conv::{Chw, Conv2d, Pool2d, PoolKind};
+use svp_rng::{Purpose, Stream, StreamKey};
+
+fn random(len: usize, salt: u64) -> Vec<f32> {
+    let mut s = Stream::new(StreamKey::new(salt, Purpose::WeightInit, 77, 0, 0));
+    (0..len).map(|_| s.gaussian() as f32).collect()
+}
+
+fn weighted(out: &[f32], probe: &[f32]) -> f64 {
+    out.iter().zip(probe).map(|(&a, &b)| a as f64 * b as f64).sum()
+}
+
+fn check(what: &str, analytic: &[f32], mut numeric: impl FnMut(usize) -> f64) {
+    for (i, &a) in analytic.iter().enumerate() {
+        let n = numeric(i);
+        let err = (a as f64 - n).abs() / (a.abs() as f64 + n.abs()).max(1e-2);
+        assert!(err < 2e-2, "{what}[{i}]: analytic {a} vs numeric {n}");
+    }
+}
+
+/// Direct convolution, for reference.
+fn conv_reference(c: &Conv2d, p: &[f32], x: &[f32]) -> Vec<f32> {
+    let (i, o) = (c.input, c.output());
+    let patch = i.c * c.k * c.k;
+    let mut out = vec![0.0; o.len()];
+    for co in 0..o.c {
+        for oy in 0..o.h {
+            for ox in 0..o.w {
+                let mut acc = p[c.c_out * patch + co] as f64;
+                for ci in 0..i.c {
+                    for ky in 0..c.k {
+                        for kx in 0..c.k {
+                            let y = (oy * c.stride + ky) as isize - c.padding as isize;
+                            let xx = (ox * c.stride + kx) as isize - c.padding as isize;
+                            if y >= 0 && xx >= 0 && (y as usize) < i.h && (xx as usize) < i.w {
+                                let wv = p[co * patch + (ci * c.k + ky) * c.k + kx];
+                                acc += wv as f64 * x[(ci * i.h + y as usize) * i.w + xx as usize] as f64;
+                            }
+                        }
+                    }
+                }
+                out[(co * o.h + oy) * o.w + ox] = acc as f32;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn conv2d_forward_and_backward() {
+    let cases = [
+        Conv2d { input: Chw { c: 2, h: 5, w: 6 }, c_out: 3, k: 3, stride: 1, padding: 1 },
+        Conv2d { input: Chw { c: 1, h: 7, w: 7 }, c_out: 2, k: 3, stride: 2, padding: 0 },
+        Conv2d { input: Chw { c: 3, h: 4, w: 4 }, c_out: 2, k: 1, stride: 1, padding: 0 },
+    ];
+    for (n, conv) in cases.iter().enumerate() {
+        let rows = 2;
+        let (il, ol) = (conv.input.len(), conv.output().len());
+        let params = random(conv.param_len(), 10 + n as u64);
+        let x = random(rows * il, 20 + n as u64);
+        let probe = random(rows * ol, 30 + n as u64);
+        let mut col = vec![0.0; conv.col_len()];
+        let mut dcol = vec![0.0; conv.col_len()];
+        let mut out = vec![0.0; rows * ol];
+        conv.forward(&params, &x, rows, &mut out, &mut col);
+        for r in 0..rows {
+            let want = conv_reference(conv, &params, &x[r * il..(r + 1) * il]);
+            for (a, b) in out[r * ol..(r + 1) * ol].iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "case {n}: forward {a} vs {b}");
+            }
+        }
+        let mut grad = vec![0.0; conv.param_len()];
+        let mut dx = vec![0.0; rows * il];
+        conv.backward(&params, &x, rows, &probe, &mut grad, Some(&mut dx), &mut col, &mut dcol);
+        let loss = |p: &[f32], x: &[f32]| {
+            let (mut c, mut o) = (vec![0.0; conv.col_len()], vec![0.0; rows * ol]);
+            conv.forward(p, x, rows, &mut o, &mut c);
+            weighted(&o, &probe)
+        };
+        let eps = 1e-2;
+        check(&format!("conv case {n} params"), &grad, |i| {
+            let (mut u, mut d) = (params.clone(), params.clone());
+            u[i] += eps;
+            d[i] -= eps;
+            (loss(&u, &x) - loss(&d, &x)) / (2.0 * eps as f64)
+        });
+        check(&format!("conv case {n} input"), &dx, |i| {
+            let (mut u, mut d) = (x.clone(), x.clone());
+            u[i] += eps;
+            d[i] -= eps;
+            (loss(&params, &u) - loss(&params, &d)) / (2.0 * eps as f64)
+        });
+    }
+}
+
+#[test]
+fn pooling_forward_and_backward() {
+    let input = Chw { c: 2, h: 6, w: 5 };
+    let pools = [
+        Pool2d::fixed(input, PoolKind::Max, 2, 2),
+        Pool2d::fixed(input, PoolKind::Avg, 3, 1),
+        Pool2d::adaptive(input, 4, 3),
+        Pool2d::adaptive(input, 1, 1),
+    ];
+    let rows = 2;
+    let x = random(rows * input.len(), 5);
+    for (n, pool) in pools.iter().enumerate() {
+        let ol = pool.output().len();
+        let mut out = vec![0.0; rows * ol];
+        pool.forward(&x, rows, &mut out);
+        if n == 3 {
+            // Global average pooling is the per-channel mean.
+            let mean: f32 = x[..30].iter().sum::<f32>() / 30.0;
+            assert!((out[0] - mean).abs() < 1e-5);
+        }
+        let probe = random(rows * ol, 40 + n as u64);
+        let mut dx = vec![0.0; rows * input.len()];
+        pool.backward(&x, rows, &probe, &mut dx);
+        let loss = |x: &[f32]| {
+            let mut o = vec![0.0; rows * ol];
+            pool.forward(x, rows, &mut o);
+            weighted(&o, &probe)
+        };
+        let eps = 1e-3;
+        check(&format!("pool {n} input"), &dx, |i| {
+            let (mut u, mut d) = (x.clone(), x.clone());
+            u[i] += eps;
+            d[i] -= eps;
+            (loss(&u) - loss(&d)) / (2.0 * eps as f64)
+        });
+    }
+    // Adaptive windows follow PyTorch: 6 rows into 4 -> [0,2), [1,3), [3,5), [4,6).
+    let a = Pool2d::adaptive(Chw { c: 1, h: 6, w: 1 }, 4, 1);
+    let col: Vec<f32> = (0..6).map(|v| v as f32).collect();
+    let mut out = vec![0.0; 4];
+    a.forward(&col, 1, &mut out);
+    assert_eq!(out, vec![0.5, 1.5, 3.5, 4.5]);
+}
