@@ -1,4 +1,4 @@
-//! Convolution and pooling over NCHW batches, each an explicit
+//! Convolution, batch normalization and pooling over NCHW batches, each an explicit
 //! forward/backward pair over caller-owned buffers.
 //!
 //! A batch is `rows` samples, each `channels x height x width` values in
@@ -279,6 +279,131 @@ impl Pool2d {
                     }
                 }
             });
+        }
+    }
+}
+
+/// BatchNorm over the channels of NCHW batches: batch statistics in training
+/// (and an exponential running average of them), running statistics in
+/// inference. Parameters: `[gamma (c) | beta (c)]`; running statistics:
+/// `[mean (c) | var (c)]`, owned by the caller beside the parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNorm2d {
+    /// Sample shape (unchanged by the layer).
+    pub shape: Chw,
+    /// Weight of the newest batch in the running statistics (PyTorch: 0.1).
+    pub momentum: f32,
+}
+
+/// BatchNorm's variance epsilon (PyTorch's default).
+pub const BATCH_NORM_EPS: f32 = 1e-5;
+
+impl BatchNorm2d {
+    /// Number of parameters.
+    pub fn param_len(&self) -> usize {
+        2 * self.shape.c
+    }
+
+    /// Fresh running statistics: mean 0, variance 1.
+    pub fn init_running(&self, running: &mut [f32]) {
+        let c = self.shape.c;
+        running[..c].fill(0.0);
+        running[c..2 * c].fill(1.0);
+    }
+
+    fn plane(&self) -> usize {
+        self.shape.h * self.shape.w
+    }
+
+    /// Training forward: normalizes with the batch's statistics, writes
+    /// `xhat` (the normalized input, kept for the backward) and `1/std` per
+    /// channel into `rstd`, and updates `running`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_train(
+        &self,
+        params: &[f32],
+        running: &mut [f32],
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+        xhat: &mut [f32],
+        rstd: &mut [f32],
+    ) {
+        let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
+        let n = (rows * hw) as f64;
+        let (gamma, beta) = params.split_at(c);
+        for ch in 0..c {
+            let planes = (0..rows).map(|r| &x[r * len + ch * hw..][..hw]);
+            let mean = planes.clone().map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / n;
+            let var = planes.map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum::<f64>() / n;
+            let r = 1.0 / (var as f32 + BATCH_NORM_EPS).sqrt();
+            rstd[ch] = r;
+            for row in 0..rows {
+                let at = row * len + ch * hw;
+                for i in at..at + hw {
+                    xhat[i] = (x[i] - mean as f32) * r;
+                    out[i] = gamma[ch] * xhat[i] + beta[ch];
+                }
+            }
+            let m = self.momentum;
+            running[ch] = (1.0 - m) * running[ch] + m * mean as f32;
+            // The running variance is unbiased, as PyTorch keeps it.
+            let unbiased = if n > 1.0 { var * n / (n - 1.0) } else { var };
+            running[c + ch] = (1.0 - m) * running[c + ch] + m * unbiased as f32;
+        }
+    }
+
+    /// Inference forward with the running statistics.
+    pub fn forward_infer(&self, params: &[f32], running: &[f32], x: &[f32], rows: usize, out: &mut [f32]) {
+        let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
+        let (gamma, beta) = params.split_at(c);
+        for ch in 0..c {
+            let r = 1.0 / (running[c + ch] + BATCH_NORM_EPS).sqrt();
+            for row in 0..rows {
+                let at = row * len + ch * hw;
+                for i in at..at + hw {
+                    out[i] = gamma[ch] * (x[i] - running[ch]) * r + beta[ch];
+                }
+            }
+        }
+    }
+
+    /// Backward of [`BatchNorm2d::forward_train`]: parameter gradient into
+    /// `grad` (overwriting) and the input gradient into `dx` (overwriting).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &[f32],
+        xhat: &[f32],
+        rstd: &[f32],
+        rows: usize,
+        dout: &[f32],
+        grad: &mut [f32],
+        dx: &mut [f32],
+    ) {
+        let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
+        let n = (rows * hw) as f32;
+        let gamma = &params[..c];
+        let (dgamma, dbeta) = grad[..2 * c].split_at_mut(c);
+        for ch in 0..c {
+            let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
+            for row in 0..rows {
+                let at = row * len + ch * hw;
+                for i in at..at + hw {
+                    sum_dy += dout[i] as f64;
+                    sum_dy_xhat += (dout[i] * xhat[i]) as f64;
+                }
+            }
+            dgamma[ch] = sum_dy_xhat as f32;
+            dbeta[ch] = sum_dy as f32;
+            // dx = gamma * rstd / n * (n dy - sum(dy) - xhat sum(dy xhat))
+            let k = gamma[ch] * rstd[ch] / n;
+            for row in 0..rows {
+                let at = row * len + ch * hw;
+                for i in at..at + hw {
+                    dx[i] = k * (n * dout[i] - sum_dy as f32 - xhat[i] * sum_dy_xhat as f32);
+                }
+            }
         }
     }
 }

@@ -7,8 +7,8 @@
 //!
 //! * [`dense`]: the hidden block `act(norm(x W^T + b))` with optional dropout,
 //!   and (with no norm and identity activation) the linear classifier head.
-//! * [`conv`]: 2-D convolution (im2col + GEMM), max, average and adaptive
-//!   average pooling over NCHW batches.
+//! * [`conv`]: 2-D convolution (im2col + GEMM), BatchNorm2d, max, average and
+//!   adaptive average pooling over NCHW batches.
 //! * [`loss`]: softmax cross-entropy and the SVP feature-alignment loss.
 //! * [`projection`]: the fixed random projection `R_l`, regenerated from the
 //!   seed tile by tile each time it is used and never stored whole.

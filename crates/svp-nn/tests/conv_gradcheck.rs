@@ -139,3 +139,68 @@ fn pooling_forward_and_backward() {
     a.forward(&col, 1, &mut out);
     assert_eq!(out, vec![0.5, 1.5, 3.5, 4.5]);
 }
+
+#[test]
+fn batch_norm_2d_training_inference_and_gradients() {
+    use svp_nn::conv::BatchNorm2d;
+    let bn = BatchNorm2d { shape: Chw { c: 3, h: 2, w: 3 }, momentum: 0.1 };
+    let rows = 4;
+    let len = bn.shape.len();
+    let mut params = random(bn.param_len(), 50);
+    params[..3].iter_mut().for_each(|g| *g += 1.5); // gamma away from zero
+    let x: Vec<f32> = random(rows * len, 51).iter().map(|v| 2.0 * v + 0.7).collect();
+    let probe = random(rows * len, 52);
+    let mut running = vec![0.0; 6];
+    bn.init_running(&mut running);
+    let (mut out, mut xhat, mut rstd) = (vec![0.0; rows * len], vec![0.0; rows * len], vec![0.0; 3]);
+    bn.forward_train(&params, &mut running, &x, rows, &mut out, &mut xhat, &mut rstd);
+    // Each channel of xhat has mean 0 and (biased) variance 1 over the batch.
+    for ch in 0..3 {
+        let vals: Vec<f64> =
+            (0..rows).flat_map(|r| (0..6).map(move |i| r * len + ch * 6 + i)).map(|i| xhat[i] as f64).collect();
+        let mean = vals.iter().sum::<f64>() / 24.0;
+        let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 24.0;
+        assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "channel {ch}: {mean} {var}");
+    }
+    // Running statistics moved a tenth of the way to the batch's.
+    let batch_mean: f64 =
+        (0..rows).flat_map(|r| (0..6).map(move |i| r * len + i)).map(|i| x[i] as f64).sum::<f64>() / 24.0;
+    assert!((running[0] as f64 - 0.1 * batch_mean).abs() < 1e-5);
+    // Inference with running stats equal to the batch stats reproduces training's output.
+    let mut exact = running.clone();
+    for ch in 0..3 {
+        let vals: Vec<f64> =
+            (0..rows).flat_map(|r| (0..6).map(move |i| r * len + ch * 6 + i)).map(|i| x[i] as f64).collect();
+        let mean = vals.iter().sum::<f64>() / 24.0;
+        exact[ch] = mean as f32;
+        exact[3 + ch] = (vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 24.0) as f32;
+    }
+    let mut inf = vec![0.0; rows * len];
+    bn.forward_infer(&params, &exact, &x, rows, &mut inf);
+    for (a, b) in inf.iter().zip(&out) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    // Gradients against finite differences of the training forward.
+    let (mut grad, mut dx) = (vec![0.0; 6], vec![0.0; rows * len]);
+    bn.backward(&params, &xhat, &rstd, rows, &probe, &mut grad, &mut dx);
+    let loss = |p: &[f32], x: &[f32]| {
+        let mut run = vec![0.0; 6];
+        bn.init_running(&mut run);
+        let (mut o, mut h, mut r) = (vec![0.0; rows * len], vec![0.0; rows * len], vec![0.0; 3]);
+        bn.forward_train(p, &mut run, x, rows, &mut o, &mut h, &mut r);
+        weighted(&o, &probe)
+    };
+    let eps = 1e-3;
+    check("batchnorm params", &grad, |i| {
+        let (mut u, mut d) = (params.clone(), params.clone());
+        u[i] += eps;
+        d[i] -= eps;
+        (loss(&u, &x) - loss(&d, &x)) / (2.0 * eps as f64)
+    });
+    check("batchnorm input", &dx, |i| {
+        let (mut u, mut d) = (x.clone(), x.clone());
+        u[i] += eps;
+        d[i] -= eps;
+        (loss(&params, &u) - loss(&params, &d)) / (2.0 * eps as f64)
+    });
+}
