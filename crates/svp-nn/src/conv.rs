@@ -70,40 +70,17 @@ impl Conv2d {
         self.patch() * o.h * o.w
     }
 
-    /// Unfolds one sample into `col` (patch x out_h*out_w).
-    fn im2col(&self, x: &[f32], col: &mut [f32]) {
+    /// Calls `f(column entry, input index)` for every entry of the column
+    /// matrix (patch x out_h*out_w) that reads an input value; entries over the
+    /// zero padding are skipped.
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize)) {
         let (i, o) = (self.input, self.output());
         let (k, s, p) = (self.k, self.stride, self.padding as isize);
         let hw = o.h * o.w;
         for c in 0..i.c {
             for ky in 0..k {
                 for kx in 0..k {
-                    let row = &mut col[((c * k + ky) * k + kx) * hw..][..hw];
-                    for oy in 0..o.h {
-                        let y = (oy * s + ky) as isize - p;
-                        for ox in 0..o.w {
-                            let xx = (ox * s + kx) as isize - p;
-                            row[oy * o.w + ox] = if y >= 0 && xx >= 0 && (y as usize) < i.h && (xx as usize) < i.w {
-                                x[(c * i.h + y as usize) * i.w + xx as usize]
-                            } else {
-                                0.0
-                            };
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Adds the columns back into one sample's gradient (the adjoint of `im2col`).
-    fn col2im_add(&self, col: &[f32], dx: &mut [f32]) {
-        let (i, o) = (self.input, self.output());
-        let (k, s, p) = (self.k, self.stride, self.padding as isize);
-        let hw = o.h * o.w;
-        for c in 0..i.c {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = &col[((c * k + ky) * k + kx) * hw..][..hw];
+                    let row = ((c * k + ky) * k + kx) * hw;
                     for oy in 0..o.h {
                         let y = (oy * s + ky) as isize - p;
                         if y < 0 || y as usize >= i.h {
@@ -112,13 +89,24 @@ impl Conv2d {
                         for ox in 0..o.w {
                             let xx = (ox * s + kx) as isize - p;
                             if xx >= 0 && (xx as usize) < i.w {
-                                dx[(c * i.h + y as usize) * i.w + xx as usize] += row[oy * o.w + ox];
+                                f(row + oy * o.w + ox, (c * i.h + y as usize) * i.w + xx as usize);
                             }
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Unfolds one sample into `col`.
+    fn im2col(&self, x: &[f32], col: &mut [f32]) {
+        col[..self.col_len()].fill(0.0);
+        self.for_each_tap(|ci, xi| col[ci] = x[xi]);
+    }
+
+    /// Adds the columns back into one sample's gradient (the adjoint of `im2col`).
+    fn col2im_add(&self, col: &[f32], dx: &mut [f32]) {
+        self.for_each_tap(|ci, xi| dx[xi] += col[ci]);
     }
 
     /// `out = conv(x) + b` for `rows` samples; `col` holds [`Conv2d::col_len`] floats.
