@@ -9,53 +9,19 @@
 //! higher sequence number.
 
 use crate::flash::{Flash, FlashError};
+use svp_model::Fnv64;
 
 const SLOT_MAGIC: [u8; 8] = *b"SVPSLOT\0";
 const SLOT_HEADER: usize = 32;
 
-/// FNV-1a 64, fed in pieces.
-#[derive(Clone, Copy)]
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
-
 /// The slot checksum: FNV-1a 64 over the payload, then the sequence number and
 /// the length, so a power cut inside the header cannot leave an old payload
 /// under a new sequence number, and one streaming pass computes it.
-fn slot_checksum(payload_hash: Fnv, sequence: u64, len: u64) -> u64 {
+fn slot_checksum(payload_hash: Fnv64, sequence: u64, len: u64) -> u64 {
     let mut h = payload_hash;
     h.feed(&sequence.to_le_bytes());
     h.feed(&len.to_le_bytes());
-    h.0
-}
-
-/// Counts and hashes a payload as it is produced.
-struct Measure {
-    len: u64,
-    hash: Fnv,
-}
-
-impl std::io::Write for Measure {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.hash.feed(buf);
-        self.len += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    h.finish()
 }
 
 /// Writes a payload to consecutive flash bytes, in chunks of `CHUNK`.
@@ -175,7 +141,7 @@ impl CheckpointStore {
             return Ok(None);
         }
         let payload = flash.read(base + SLOT_HEADER as u64, len as usize)?;
-        let mut hash = Fnv::new();
+        let mut hash = Fnv64::new();
         hash.feed(&payload);
         Ok((slot_checksum(hash, sequence, len) == sum).then_some(Stored { sequence, slot, payload }))
     }
@@ -193,10 +159,11 @@ impl CheckpointStore {
         &mut self,
         mut produce: impl FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
     ) -> Result<u64, StoreError> {
-        let mut measure = Measure { len: 0, hash: Fnv::new() };
+        let mut measure = Fnv64::new();
         produce(&mut measure).map_err(|e| StoreError::Produce(e.to_string()))?;
+        let payload_len = measure.len();
         let slot_size = Self::slot_size(&self.flash);
-        let need = SLOT_HEADER as u64 + measure.len;
+        let need = SLOT_HEADER as u64 + payload_len;
         if need > slot_size {
             return Err(StoreError::TooBig { need: need as usize, slot: slot_size, flash: self.flash.size() });
         }
@@ -208,8 +175,8 @@ impl CheckpointStore {
         let mut header = Vec::with_capacity(SLOT_HEADER);
         header.extend_from_slice(&SLOT_MAGIC);
         header.extend_from_slice(&sequence.to_le_bytes());
-        header.extend_from_slice(&measure.len.to_le_bytes());
-        header.extend_from_slice(&slot_checksum(measure.hash, sequence, measure.len).to_le_bytes());
+        header.extend_from_slice(&payload_len.to_le_bytes());
+        header.extend_from_slice(&slot_checksum(measure, sequence, payload_len).to_le_bytes());
         self.flash.write(base, &header)?;
         let mut w = FlashWriter {
             flash: &mut self.flash,

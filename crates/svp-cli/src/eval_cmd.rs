@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 use svp_data::{Batcher, Dataset};
 use svp_model::{DType, InferenceModel, InferenceWorkspace, ModelFile};
+use svp_train::argmax;
 
 fn mismatch(msg: String) -> CliError {
     svp_train::ConfigError::DataMismatch(msg).into()
@@ -37,10 +38,6 @@ fn check_exit(model: &InferenceModel, exit: Option<usize>) -> Result<(), CliErro
         }
     }
     Ok(())
-}
-
-fn argmax(row: &[f32]) -> usize {
-    (0..row.len()).fold(0, |best, j| if row[j] > row[best] { j } else { best })
 }
 
 /// Accuracy and wall time of one exit (`None` = the head) over a data set.

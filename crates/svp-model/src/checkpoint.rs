@@ -43,27 +43,6 @@ pub struct CheckpointRef<'a> {
     pub state: FitStateRef<'a>,
 }
 
-/// Counts and hashes what is written through it.
-struct HashingWriter {
-    len: u64,
-    hash: u64,
-}
-
-impl std::io::Write for HashingWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for &b in buf {
-            self.hash ^= b as u64;
-            self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self.len += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 impl CheckpointRef<'_> {
     /// Streams the postcard payload into `w`, without building it in memory.
     pub fn write_payload(&self, w: impl std::io::Write) -> std::io::Result<()> {
@@ -72,9 +51,9 @@ impl CheckpointRef<'_> {
 
     /// Length and FNV-1a 64 of the payload, computed by streaming it.
     pub fn payload_len_and_checksum(&self) -> (u64, u64) {
-        let mut h = HashingWriter { len: 0, hash: 0xcbf2_9ce4_8422_2325 };
+        let mut h = crate::Fnv64::new();
         self.write_payload(&mut h).expect("hashing never fails");
-        (h.len, h.hash)
+        (h.len(), h.finish())
     }
 
     /// The file's bytes (header and payload).

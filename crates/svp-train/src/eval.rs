@@ -15,7 +15,8 @@ pub struct EvalReport {
     pub exit_accuracy: Vec<f64>,
 }
 
-fn argmax(row: &[f32]) -> usize {
+/// Index of the largest value (the first, on ties).
+pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (j, &v) in row.iter().enumerate() {
         if v > row[best] {

@@ -24,7 +24,7 @@ mod updater;
 
 pub use bp::BpTrainer;
 pub use config::{Config, ConfigError, Method};
-pub use eval::{EvalReport, evaluate};
+pub use eval::{EvalReport, argmax, evaluate};
 pub use fit::{
     EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown, Progress,
     fit, fit_with, try_fit_with,
