@@ -56,6 +56,25 @@ fn every_svp_option_stays_deterministic() {
 }
 
 #[test]
+fn svp_plus_stays_deterministic() {
+    // Units of two hidden layers over three: one full unit and one of a
+    // single layer, with dropout inside the units.
+    let mutate = |c: &mut svp_train::Config| {
+        c.model.hidden = vec![256, 200, 128];
+        c.model.dropout = 0.1;
+        c.svp.layers_per_unit = 2;
+    };
+    let one = train_bits(Method::Svp, 1, mutate);
+    let two = train_bits(Method::Svp, 2, mutate);
+    assert_same(&one, &two, "SVP+ 1 vs 2 threads");
+    let plain = train_bits(Method::Svp, 2, |c| {
+        c.model.hidden = vec![256, 200, 128];
+        c.model.dropout = 0.1;
+    });
+    assert!(one != plain, "units of two train differently from plain SVP");
+}
+
+#[test]
 fn the_seed_matters() {
     let a = train_bits(Method::Svp, 2, |_| {});
     let b = train_bits(Method::Svp, 2, |c| c.train.seed = 8);

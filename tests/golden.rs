@@ -3,7 +3,9 @@
 //! `tools/golden/svp_step.py` rebuilds the same tiny network from the seed in
 //! PyTorch (weights, projections and their dropout masks through an independent
 //! Python implementation of svp-rng), runs Algorithm 1 with autograd and Adam,
-//! and writes `tests/golden/svp_step.json`. This test reads it.
+//! and writes `tests/golden/svp_step.json`; with `--layers-per-unit 2` it runs
+//! blockwise SVP+ instead and writes `tests/golden/svp_plus_step.json`. These
+//! tests read both.
 
 use serde_json::Value;
 use svp_nn::{DenseCache, Mode};
@@ -13,6 +15,13 @@ use svp_train::{Config, Method, Mlp, ProjectionHeads, SvpTrainer, Trainer};
 
 fn fixture() -> Value {
     serde_json::from_str(include_str!("golden/svp_step.json")).expect("fixture parses")
+}
+
+/// SVP+ with units of two hidden layers (four hidden layers, then the head).
+fn plus_fixture() -> Value {
+    let g: Value = serde_json::from_str(include_str!("golden/svp_plus_step.json")).expect("fixture parses");
+    assert_eq!(g["layers_per_unit"].as_u64(), Some(2));
+    g
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -31,6 +40,7 @@ fn config(g: &Value, optimizer: svp_optim::Optimizer) -> Config {
         svp: SvpConfig {
             lambda: g["lambda"].as_f64().unwrap() as f32,
             projection_dropout: g["projection_dropout"].as_f64().unwrap() as f32,
+            layers_per_unit: g["layers_per_unit"].as_u64().unwrap_or(1) as usize,
             ..SvpConfig::default()
         },
         train: TrainConfig {
@@ -110,19 +120,21 @@ fn projections_and_local_logits_match() {
     }
 }
 
-#[test]
-fn one_step_losses_gradients_and_adam_update_match() {
-    let g = fixture();
-    // Losses and Adam update.
-    let (cfg, mut model, x, y) = setup(&g, adam(&g));
+/// One step against the fixture: each local loss (where the fixture has one:
+/// plain SVP everywhere, SVP+ at unit outputs), every layer after Adam, and
+/// every layer's gradient (one SGD step with lr = 1 moves each weight by minus it).
+fn check_one_step(g: &Value) {
+    let (cfg, mut model, x, y) = setup(g, adam(g));
     let mut trainer = SvpTrainer::new(&model, &cfg);
     trainer.step(&mut model, &x, &y, 1.0).unwrap();
     let m = trainer.layer_metrics().unwrap();
     for l in 0..model.layers().len() {
         let want = &g["layers"][l];
-        let (ce, fa) = (m.ce_sum[l] as f32, m.fa_sum[l] as f32);
-        assert_close(&format!("layer {} CE", l + 1), &[ce], &[want["ce"].as_f64().unwrap() as f32], 1e-5);
-        assert_close(&format!("layer {} FA", l + 1), &[fa], &[want["fa"].as_f64().unwrap() as f32], 1e-5);
+        if let (Some(ce), Some(fa)) = (want["ce"].as_f64(), want["fa"].as_f64()) {
+            let (got_ce, got_fa) = (m.ce_sum[l] as f32, m.fa_sum[l] as f32);
+            assert_close(&format!("layer {} CE", l + 1), &[got_ce], &[ce as f32], 1e-5);
+            assert_close(&format!("layer {} FA", l + 1), &[got_fa], &[fa as f32], 1e-5);
+        }
         assert_close(
             &format!("layer {} after Adam", l + 1),
             model.layer_params(l),
@@ -130,9 +142,8 @@ fn one_step_losses_gradients_and_adam_update_match() {
             2e-5,
         );
     }
-    // Gradients: one SGD step with lr = 1 moves each weight by minus its gradient.
     let sgd = svp_optim::Optimizer::Sgd { lr: 1.0, momentum: 0.0, weight_decay: 0.0 };
-    let (cfg, mut model, x, y) = setup(&g, sgd);
+    let (cfg, mut model, x, y) = setup(g, sgd);
     let before = model.params().to_vec();
     let mut trainer = SvpTrainer::new(&model, &cfg);
     trainer.step(&mut model, &x, &y, 1.0).unwrap();
@@ -145,11 +156,29 @@ fn one_step_losses_gradients_and_adam_update_match() {
     }
 }
 
-#[test]
-fn five_step_loss_trajectory_matches() {
-    let g = fixture();
-    let (cfg, mut model, x, y) = setup(&g, adam(&g));
+fn check_trajectory(g: &Value) {
+    let (cfg, mut model, x, y) = setup(g, adam(g));
     let mut trainer = SvpTrainer::new(&model, &cfg);
     let losses: Vec<f32> = (0..5).map(|_| trainer.step(&mut model, &x, &y, 1.0).unwrap()).collect();
     assert_close("head loss per step", &losses, &floats(&g["head_loss_per_step"]), 2e-5);
+}
+
+#[test]
+fn one_step_losses_gradients_and_adam_update_match() {
+    check_one_step(&fixture());
+}
+
+#[test]
+fn svp_plus_one_step_matches_blockwise_backprop() {
+    check_one_step(&plus_fixture());
+}
+
+#[test]
+fn svp_plus_five_step_loss_trajectory_matches() {
+    check_trajectory(&plus_fixture());
+}
+
+#[test]
+fn five_step_loss_trajectory_matches() {
+    check_trajectory(&fixture());
 }

@@ -5,13 +5,17 @@ Everything is rebuilt from the seed exactly as svp does it (weights, the
 projections R_l and their dropout masks come from tools/rng_reference.py, an
 independent Python implementation of svp-rng), then one step of Algorithm 1
 runs with PyTorch autograd: per layer, local loss CE(v_l) + lambda * FA(v_l,
-sg(v_{l-1})), gradients of that layer only, Adam update.
+sg(v_{l-1})), gradients of that layer only, Adam update. With
+--layers-per-unit K it is blockwise SVP+: backprop inside each unit of K
+hidden layers, the local loss on the unit's output (the head is its own unit).
 
     pip install torch
     python3 tools/golden/svp_step.py > tests/golden/svp_step.json
+    python3 tools/golden/svp_step.py --hidden 5,4,4,3 --layers-per-unit 2 > tests/golden/svp_plus_step.json
 
 tests/golden.rs reads the JSON; the tests never need PyTorch.
 """
+import argparse
 import json
 import os
 import sys
@@ -30,6 +34,7 @@ LAMBDA = 1.0
 PROJ_DROPOUT = 0.25
 LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
 STEPS = 5
+LAYERS_PER_UNIT = 1
 f32 = torch.float32
 
 
@@ -95,41 +100,59 @@ def flat(tensors):
     return [float(v) for t in tensors for v in t.detach().reshape(-1)]
 
 
+def forward(p, h, head):
+    if head:
+        return h @ p[0].t() + p[1]
+    z = h @ p[0].t() + p[1]
+    return torch.relu(torch.nn.functional.layer_norm(z, (z.shape[1],), p[2], p[3], eps=1e-5))
+
+
 def step(layers, opts, x, y, t, record):
     v_prev = (x @ projection(0, INPUT, None).t()).detach()
     h = x
-    for l, p in enumerate(layers, start=1):
-        head = l == len(layers)
-        for o in p:
-            o.grad = None
-        if head:
-            out = h @ p[0].t() + p[1]
-            v = out
-        else:
-            z = h @ p[0].t() + p[1]
-            out = torch.relu(torch.nn.functional.layer_norm(z, (z.shape[1],), p[2], p[3], eps=1e-5))
-            v = out @ projection(l, out.shape[1], t).t()
+    hidden = len(layers) - 1
+    first = 0
+    while first < len(layers):
+        # A unit: LAYERS_PER_UNIT hidden layers, or the classifier head alone.
+        end = len(layers) if first == hidden else min(first + LAYERS_PER_UNIT, hidden)
+        head = end == len(layers)
+        out = h
+        for p in layers[first:end]:
+            for o in p:
+                o.grad = None
+            out = forward(p, out, head)
+        v = out if head else out @ projection(end, out.shape[1], t).t()
         ce = torch.nn.functional.cross_entropy(v, y)
         fa = fa_loss(v, v_prev)
         (ce + LAMBDA * fa).backward()
-        if record is not None:
-            record.append(
-                {
-                    "v": flat([v]),
-                    "ce": float(ce.detach()),
-                    "fa": float(fa.detach()),
-                    "grad": flat([o.grad for o in p]),
-                }
-            )
-        opts[l - 1].step()
-        if record is not None:
-            record[-1]["params_after"] = flat(p)
+        for l in range(first, end):
+            if record is not None:
+                last = l == end - 1
+                record.append(
+                    {
+                        "v": flat([v]) if last else None,
+                        "ce": float(ce.detach()) if last else None,
+                        "fa": float(fa.detach()) if last else None,
+                        "grad": flat([o.grad for o in layers[l]]),
+                    }
+                )
+            opts[l].step()
+            if record is not None:
+                record[-1]["params_after"] = flat(layers[l])
         v_prev = v.detach()
         h = out.detach()
+        first = end
     return float(ce.detach())
 
 
 def main():
+    global HIDDEN, LAYERS_PER_UNIT
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--hidden", default=",".join(map(str, HIDDEN)), help="hidden widths, comma-separated")
+    args.add_argument("--layers-per-unit", type=int, default=1, help="SVP+ unit size (1 = plain SVP)")
+    a = args.parse_args()
+    HIDDEN = [int(w) for w in a.hidden.split(",")]
+    LAYERS_PER_UNIT = a.layers_per_unit
     torch.manual_seed(0)
     x, y = batch()
     layers, opts = build()
@@ -144,6 +167,7 @@ def main():
             "seed": SEED,
             "input": INPUT,
             "hidden": HIDDEN,
+            "layers_per_unit": LAYERS_PER_UNIT,
             "classes": CLASSES,
             "lambda": LAMBDA,
             "projection_dropout": PROJ_DROPOUT,

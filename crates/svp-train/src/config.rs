@@ -94,6 +94,11 @@ pub struct SvpConfig {
     /// Largest piece of `R_l` held at once, in bytes.
     #[serde(default = "default_tile_bytes")]
     pub tile_bytes: usize,
+    /// Hidden layers per unit: 1 is plain SVP; k > 1 is blockwise SVP+, where
+    /// backprop runs inside each unit of k consecutive hidden layers and the
+    /// local loss sits on the unit's output. Memory grows with k, not depth.
+    #[serde(default = "default_layers_per_unit")]
+    pub layers_per_unit: usize,
 }
 
 fn default_lambda() -> f32 {
@@ -104,6 +109,9 @@ fn default_first() -> FirstLayerAlignment {
 }
 fn default_tile_bytes() -> usize {
     64 * 1024
+}
+fn default_layers_per_unit() -> usize {
+    1
 }
 
 impl Default for SvpConfig {
@@ -118,6 +126,7 @@ impl Default for SvpConfig {
             label_concat: false,
             mean_center: false,
             tile_bytes: default_tile_bytes(),
+            layers_per_unit: default_layers_per_unit(),
         }
     }
 }
@@ -238,6 +247,9 @@ impl Config {
         }
         if self.svp.tile_bytes < 4 {
             return invalid("svp.tile_bytes must be at least 4");
+        }
+        if self.svp.layers_per_unit == 0 {
+            return invalid("svp.layers_per_unit must be at least 1");
         }
         if self.train.epochs == 0 {
             return invalid("train.epochs must be at least 1");

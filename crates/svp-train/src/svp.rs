@@ -38,7 +38,7 @@ impl LayerMetrics {
 }
 
 /// SVP trainer: options, optimizer state per layer and one workspace sized for
-/// the widest layer, reused by every layer and step.
+/// the widest layer (or, for SVP+, the widest unit), reused by every layer and step.
 pub struct SvpTrainer {
     updater: Updater,
     heads: ProjectionHeads,
@@ -46,6 +46,7 @@ pub struct SvpTrainer {
     head_lambda: f32,
     align_first: bool,
     fa: FeatureAlignment,
+    layers_per_unit: usize,
     max_rows: usize,
     ws: Workspace,
     metrics: LayerMetrics,
@@ -53,11 +54,15 @@ pub struct SvpTrainer {
 
 /// Everything a step touches besides the weights and optimizer state.
 struct Workspace {
-    /// Ping-pong hidden activations: layer l reads one and writes the other.
-    act: [Vec<f32>; 2],
-    cache: DenseCache,
+    /// Hidden activations: a unit's input and the outputs of its layers, in
+    /// rotation (`layers_per_unit + 1` buffers; two for plain SVP).
+    act: Vec<Vec<f32>>,
+    /// One backward cache per layer of a unit.
+    caches: Vec<DenseCache>,
     /// Gradient wrt the current layer's output.
     dh: Vec<f32>,
+    /// Gradient wrt the current layer's input, inside an SVP+ unit (empty for plain SVP).
+    dx: Vec<f32>,
     v_cur: Vec<f32>,
     v_prev: Vec<f32>,
     dv: Vec<f32>,
@@ -68,16 +73,28 @@ struct Workspace {
 
 impl Workspace {
     fn bytes(&self) -> usize {
-        4 * (self.act[0].len()
-            + self.act[1].len()
+        4 * (self.act.iter().map(Vec::len).sum::<usize>()
             + self.dh.len()
+            + self.dx.len()
             + self.v_cur.len()
             + self.v_prev.len()
             + self.dv.len()
             + self.tile.len()
             + self.grad.len())
-            + self.cache.bytes()
+            + self.caches.iter().map(DenseCache::bytes).sum::<usize>()
             + self.fa.bytes()
+    }
+}
+
+/// `bufs[read]` shared and `bufs[write]` exclusive (`read != write`).
+fn read_write(bufs: &mut [Vec<f32>], read: usize, write: usize) -> (&[f32], &mut [f32]) {
+    assert_ne!(read, write, "a layer cannot write its own input");
+    if read < write {
+        let (a, b) = bufs.split_at_mut(write);
+        (&a[read], &mut b[0])
+    } else {
+        let (a, b) = bufs.split_at_mut(read);
+        (&b[0], &mut a[write])
     }
 }
 
@@ -100,10 +117,18 @@ impl SvpTrainer {
         let vdim = dim.max(classes);
         let label_cols = if config.svp.label_concat { classes } else { 0 };
         let tile_floats = (config.svp.tile_bytes / 4).max(width + label_cols);
+        let hidden = model.layers().len() - 1;
+        let layers_per_unit = config.svp.layers_per_unit.clamp(1, hidden.max(1));
+        let act = (0..=layers_per_unit)
+            .map(|_| try_zeros(rows * width, "layer activations"))
+            .collect::<Result<_, _>>()?;
+        let caches = (0..layers_per_unit).map(|_| DenseCache::try_new(rows, width)).collect::<Result<_, _>>()?;
+        let dx_len = if layers_per_unit > 1 { rows * width } else { 0 };
         let ws = Workspace {
-            act: [try_zeros(rows * width, "layer inputs")?, try_zeros(rows * width, "layer outputs")?],
-            cache: DenseCache::try_new(rows, width)?,
+            act,
+            caches,
             dh: try_zeros(rows * width, "the activation gradient")?,
+            dx: try_zeros(dx_len, "the input gradient inside a unit")?,
             v_cur: try_zeros(rows * vdim, "the projections")?,
             v_prev: try_zeros(rows * vdim, "the projections")?,
             dv: try_zeros(rows * vdim, "the projection gradient")?,
@@ -118,6 +143,7 @@ impl SvpTrainer {
             head_lambda: config.svp.head_lambda.unwrap_or(config.svp.lambda),
             align_first: config.svp.first_layer_alignment == FirstLayerAlignment::Input,
             fa: FeatureAlignment { mean_center: config.svp.mean_center },
+            layers_per_unit,
             max_rows: rows,
             ws,
             metrics: LayerMetrics::new(model.layers().len()),
@@ -142,8 +168,10 @@ impl Trainer for SvpTrainer {
         let step = self.updater.step();
         let mode = Mode::Train { seed: self.heads.seed, step };
         let n_layers = model.layers().len();
+        let n_hidden = n_layers - 1;
         let input_dim = model.input();
         let vdim = self.heads.dim;
+        let slots = self.ws.act.len();
 
         // v_0: the alignment target of layer 1.
         let mut have_prev = false;
@@ -157,34 +185,35 @@ impl Trainer for SvpTrainer {
         }
 
         let mut head_ce = 0.0;
-        let mut cur = 0; // index of the activation buffer holding this layer's input (unused for l = 0)
-        for l in 0..n_layers {
-            let is_head = l + 1 == n_layers;
+        // The activation slot holding the current unit's input (unused while it is `x`).
+        let mut unit_input = 0;
+        let mut first = 0;
+        while first < n_layers {
+            // A unit: `layers_per_unit` hidden layers, or the classifier head alone.
+            let end = if first == n_hidden { n_layers } else { (first + self.layers_per_unit).min(n_hidden) };
+            let is_head = end == n_layers;
+            let slot = |j: usize| (unit_input + 1 + j) % slots;
             let ws = &mut self.ws;
-            let (a, b) = ws.act.split_at_mut(1);
-            let (src, dst) = if cur == 0 { (&a[0], &mut b[0]) } else { (&b[0], &mut a[0]) };
-            let cache = &mut ws.cache;
 
-            let (layer, params) = model.layer_mut(l);
-            let d_in = layer.spec().in_dim;
-            let input = if l == 0 { view(x, rows, input_dim) } else { view(src, rows, d_in) };
-            layer.forward(params, input, cache, dst, mode);
-            let d_out = layer.spec().out_dim;
+            for (j, l) in (first..end).enumerate() {
+                let (layer, params) = model.layer_mut(l);
+                let d_in = layer.spec().in_dim;
+                let (src, dst) = read_write(&mut ws.act, if j == 0 { unit_input } else { slot(j - 1) }, slot(j));
+                let input = if l == 0 { view(x, rows, input_dim) } else { view(src, rows, d_in) };
+                layer.forward(params, input, &mut ws.caches[j], dst, mode);
+            }
+            let last = end - 1;
+            let d_out = model.layers()[last].spec().out_dim;
+            let out = &ws.act[slot(end - first - 1)][..rows * d_out];
 
-            // Local logits: v_l = Dropout(R_l) h_l, or the head's own output.
+            // Local logits: v = Dropout(R) h at the unit's output, or the head's own output.
             let out_dim = if is_head { d_out } else { vdim };
-            let proj = (!is_head).then(|| self.heads.for_layer(l + 1, d_out, true));
+            let proj = (!is_head).then(|| self.heads.for_layer(end, d_out, true));
             let v = if let Some(p) = &proj {
-                p.forward(
-                    view(dst, rows, d_out),
-                    Some(y),
-                    Some(step),
-                    view_mut(&mut ws.v_cur, rows, vdim),
-                    &mut ws.tile,
-                );
+                p.forward(view(out, rows, d_out), Some(y), Some(step), view_mut(&mut ws.v_cur, rows, vdim), &mut ws.tile);
                 &ws.v_cur[..rows * vdim]
             } else {
-                &dst[..rows * d_out]
+                out
             };
 
             let lambda = if is_head { self.head_lambda } else { self.lambda };
@@ -202,34 +231,47 @@ impl Trainer for SvpTrainer {
             };
             let loss = ce + lambda * fa;
             if !loss.is_finite() {
-                // Layer l-1's update is done (its loss was finite); layer l's is never applied.
-                return Err(TrainError::Diverged { layer: l + 1, step, loss });
+                // Earlier units' updates are done (their losses were finite); this one's is never applied.
+                return Err(TrainError::Diverged { layer: end, step, loss });
             }
-            self.metrics.ce_sum[l] += ce as f64;
-            self.metrics.fa_sum[l] += fa as f64;
-            self.metrics.correct[l] += correct as u64;
+            self.metrics.ce_sum[last] += ce as f64;
+            self.metrics.fa_sum[last] += fa as f64;
+            self.metrics.correct[last] += correct as u64;
 
-            // eps = dL/dh_l through R_l only; then this layer's own backward and
-            // update, after which its gradient buffer serves the next layer.
-            // (Overlapping this update with the next layer's forward, which SVP
-            // allows, measured no faster on 2 cores: both compete for the same
-            // cores and memory bandwidth as the GEMMs.)
-            let grad = &mut ws.grad[..params.len()];
-            if let Some(p) = &proj {
+            // eps = dL/dh through R only (or the head's logit gradient), then
+            // backprop inside the unit, each layer updated right after its own
+            // backward; the unit's input stays detached. (Overlapping an update
+            // with the next layer's forward, which SVP allows, measured no faster
+            // on 2 cores: both compete for the same cores and memory bandwidth.)
+            let mut dout = if let Some(p) = &proj {
                 p.backward(view(&ws.dv, rows, vdim), Some(step), view_mut(&mut ws.dh, rows, d_out), &mut ws.tile);
-                layer.backward(params, input, &ws.cache, &mut ws.dh, grad, None, mode);
+                &mut ws.dh
             } else {
-                layer.backward(params, input, &ws.cache, &mut ws.dv, grad, None, mode);
                 head_ce = ce;
+                &mut ws.dv
+            };
+            let mut dx = &mut ws.dx;
+            for (j, l) in (first..end).enumerate().rev() {
+                let (layer, params) = model.layer_mut(l);
+                let d_in = layer.spec().in_dim;
+                let src = &ws.act[if j == 0 { unit_input } else { slot(j - 1) }];
+                let input = if l == 0 { view(x, rows, input_dim) } else { view(src, rows, d_in) };
+                let grad = &mut ws.grad[..params.len()];
+                let dinput = (j > 0).then(|| view_mut(&mut dx[..], rows, d_in));
+                layer.backward(params, input, &ws.caches[j], dout, grad, dinput, mode);
+                self.updater.update(l, lr_scale, params, grad);
+                if j > 0 {
+                    std::mem::swap(&mut dout, &mut dx);
+                }
             }
-            self.updater.update(l, lr_scale, params, grad);
 
             if !is_head {
                 std::mem::swap(&mut ws.v_cur, &mut ws.v_prev);
                 have_prev = true;
                 prev_dim = vdim;
             }
-            cur = if l == 0 { 1 } else { 1 - cur };
+            unit_input = slot(end - first - 1);
+            first = end;
         }
         self.metrics.steps += 1;
         self.metrics.samples += rows as u64;
