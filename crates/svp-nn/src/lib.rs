@@ -17,11 +17,13 @@
 
 pub mod activation;
 pub mod conv;
+pub mod conv_block;
 pub mod dense;
 pub mod loss;
 pub mod projection;
 
 pub use activation::Activation;
+pub use conv_block::{ConvBlock, ConvBlockCache, ConvBlockSpec};
 pub use dense::{Dense, DenseCache, DenseSpec, Mode, Norm};
 pub use loss::{FaWorkspace, FeatureAlignment, softmax_cross_entropy};
 pub use projection::Projection;

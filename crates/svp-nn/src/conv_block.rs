@@ -1,0 +1,203 @@
+//! The convolutional block of a VGG-style network:
+//! `out = [maxpool2x2](relu(batchnorm(conv3x3(x))))`.
+
+use crate::Mode;
+use crate::conv::{BatchNorm2d, Chw, Conv2d, Pool2d, PoolKind};
+use serde::{Deserialize, Serialize};
+use svp_alloc::{OutOfMemory, try_zeros};
+use svp_rng::{Purpose, Stream, StreamKey};
+
+/// Shape and kind of a convolutional block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvBlockSpec {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Input height.
+    pub in_h: usize,
+    /// Input width.
+    pub in_w: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// 2x2 max pooling (stride 2) after the activation.
+    pub pool: bool,
+}
+
+impl ConvBlockSpec {
+    /// Input shape of one sample.
+    pub fn input(&self) -> Chw {
+        Chw { c: self.in_channels, h: self.in_h, w: self.in_w }
+    }
+}
+
+/// What a block's backward needs from its forward, for up to a given batch.
+#[derive(Debug, Default)]
+pub struct ConvBlockCache {
+    /// BatchNorm's normalized input.
+    xhat: Vec<f32>,
+    /// The activation before pooling.
+    act: Vec<f32>,
+    /// BatchNorm's `1/std` per channel.
+    rstd: Vec<f32>,
+    /// Backward scratch, before and after BatchNorm.
+    d_act: Vec<f32>,
+    d_conv: Vec<f32>,
+    /// One sample's im2col columns and their gradient.
+    col: Vec<f32>,
+    dcol: Vec<f32>,
+}
+
+impl ConvBlockCache {
+    /// A cache for `block` and batches of up to `max_rows` samples.
+    pub fn try_new(block: &ConvBlock, max_rows: usize) -> Result<Self, OutOfMemory> {
+        let (plane, col) = (block.conv.output().len(), block.conv.col_len());
+        Ok(Self {
+            xhat: try_zeros(max_rows * plane, "a conv block's normalized values")?,
+            act: try_zeros(max_rows * plane, "a conv block's activations")?,
+            rstd: try_zeros(block.conv.c_out, "a conv block's BatchNorm statistics")?,
+            d_act: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
+            d_conv: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
+            col: try_zeros(col, "im2col columns")?,
+            dcol: try_zeros(col, "im2col column gradients")?,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.xhat.len()
+            + self.act.len()
+            + self.rstd.len()
+            + self.d_act.len()
+            + self.d_conv.len()
+            + self.col.len()
+            + self.dcol.len())
+    }
+}
+
+/// A conv block; its parameters live in a slice the caller owns, laid out
+/// `[W (c_out x c_in*3*3) | b (c_out) | gamma (c_out) | beta (c_out) |
+/// running mean (c_out) | running var (c_out)]`. Only the first
+/// [`ConvBlock::trainable_len`] values are trained; the running statistics
+/// follow the batches and serve inference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvBlock {
+    spec: ConvBlockSpec,
+    layer: u64,
+    conv: Conv2d,
+    bn: BatchNorm2d,
+    pool: Option<Pool2d>,
+}
+
+impl ConvBlock {
+    /// Block `layer` (its index keys its weight initialization).
+    pub fn new(spec: ConvBlockSpec, layer: u64) -> Self {
+        let conv = Conv2d { input: spec.input(), c_out: spec.out_channels, k: 3, stride: 1, padding: 1 };
+        let bn = BatchNorm2d { shape: conv.output(), momentum: 0.1 };
+        let pool = spec.pool.then(|| Pool2d::fixed(conv.output(), PoolKind::Max, 2, 2));
+        Self { spec, layer, conv, bn, pool }
+    }
+
+    /// Shape and kind.
+    pub fn spec(&self) -> &ConvBlockSpec {
+        &self.spec
+    }
+
+    /// Shape of one output sample.
+    pub fn output(&self) -> Chw {
+        self.pool.map_or(self.conv.output(), |p| p.output())
+    }
+
+    /// Shape of the activation before pooling.
+    pub fn activation_shape(&self) -> Chw {
+        self.conv.output()
+    }
+
+    /// Number of f32 parameters, running statistics included.
+    pub fn param_len(&self) -> usize {
+        self.trainable_len() + 2 * self.spec.out_channels
+    }
+
+    /// Number of trained parameters (the running statistics follow them).
+    pub fn trainable_len(&self) -> usize {
+        self.conv.param_len() + self.bn.param_len()
+    }
+
+    /// PyTorch's default initialization (Kaiming-uniform with `a = sqrt(5)`,
+    /// i.e. W and b uniform in `±1/sqrt(fan_in)`), BatchNorm gain 1, bias 0,
+    /// running mean 0, variance 1. Drawn from the stream `(seed, WeightInit, layer)`.
+    pub fn init_params(&self, seed: u64, params: &mut [f32]) {
+        let conv_len = self.conv.param_len();
+        let bound = 1.0 / ((self.spec.in_channels * 9) as f64).sqrt();
+        let mut stream = Stream::new(StreamKey::new(seed, Purpose::WeightInit, self.layer, 0, 0));
+        for v in &mut params[..conv_len] {
+            *v = ((2.0 * stream.uniform() - 1.0) * bound) as f32;
+        }
+        let c = self.spec.out_channels;
+        let (bn, running) = params[conv_len..self.param_len()].split_at_mut(2 * c);
+        bn[..c].fill(1.0);
+        bn[c..].fill(0.0);
+        self.bn.init_running(running);
+    }
+
+    /// Forward over `rows` samples of `x` into `out`, filling `cache` for
+    /// [`ConvBlock::backward`]. In training BatchNorm uses (and the running
+    /// statistics in `params` follow) the batch statistics.
+    pub fn forward(&self, params: &mut [f32], x: &[f32], rows: usize, cache: &mut ConvBlockCache, out: &mut [f32], mode: Mode) {
+        let conv_len = self.conv.param_len();
+        let plane = rows * self.conv.output().len();
+        let (conv_p, rest) = params.split_at_mut(conv_len);
+        let (bn_p, running) = rest.split_at_mut(self.bn.param_len());
+        // The convolution writes into d_conv, free until the backward.
+        let z = &mut cache.d_conv[..plane];
+        self.conv.forward(conv_p, x, rows, z, &mut cache.col);
+        let act = if self.pool.is_some() { &mut cache.act[..plane] } else { &mut out[..plane] };
+        match mode {
+            Mode::Train { .. } => {
+                self.bn.forward_train(bn_p, running, z, rows, act, &mut cache.xhat[..plane], &mut cache.rstd);
+            }
+            Mode::Infer => self.bn.forward_infer(bn_p, running, z, rows, act),
+        }
+        for v in act.iter_mut() {
+            *v = v.max(0.0);
+        }
+        if let Some(pool) = &self.pool {
+            pool.forward(&cache.act[..plane], rows, out);
+        } else {
+            // The backward reads the activation from the cache.
+            cache.act[..plane].copy_from_slice(&out[..plane]);
+        }
+    }
+
+    /// Backward from `dout` (gradient wrt this block's output) after a training
+    /// forward of the same `x`: the gradient of the trained parameters into
+    /// `grad` (overwriting; [`ConvBlock::trainable_len`] values) and, if given,
+    /// the gradient wrt `x` into `dx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        rows: usize,
+        cache: &mut ConvBlockCache,
+        dout: &[f32],
+        grad: &mut [f32],
+        dx: Option<&mut [f32]>,
+    ) {
+        let conv_len = self.conv.param_len();
+        let plane = rows * self.conv.output().len();
+        let c = &mut *cache;
+        let d_act = &mut c.d_act[..plane];
+        match &self.pool {
+            Some(pool) => pool.backward(&c.act[..plane], rows, dout, d_act),
+            None => d_act.copy_from_slice(&dout[..plane]),
+        }
+        for (g, &a) in d_act.iter_mut().zip(&c.act[..plane]) {
+            if a <= 0.0 {
+                *g = 0.0;
+            }
+        }
+        let (g_conv, g_bn) = grad[..self.trainable_len()].split_at_mut(conv_len);
+        let bn_p = &params[conv_len..conv_len + self.bn.param_len()];
+        self.bn.backward(bn_p, &c.xhat[..plane], &c.rstd, rows, d_act, g_bn, &mut c.d_conv[..plane]);
+        self.conv.backward(&params[..conv_len], x, rows, &c.d_conv[..plane], g_conv, dx, &mut c.col, &mut c.dcol);
+    }
+}
