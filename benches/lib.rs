@@ -214,7 +214,7 @@ impl GemmOperands {
 /// A trainer of `method` on the reference model, with one batch of real data.
 pub struct StepBench {
     /// The model.
-    pub model: svp_train::Mlp,
+    pub model: svp_train::Network,
     /// The trainer.
     pub trainer: Box<dyn svp_train::Trainer>,
     /// Batch inputs.
@@ -232,7 +232,7 @@ impl StepBench {
     /// As [`StepBench::new`] with another config.
     pub fn with_config(method: svp_train::Method, config: Config) -> Self {
         let data = svp_data::DataSplit::embedded();
-        let model = svp_train::Mlp::new(data.features(), data.classes, &config.model, 1);
+        let model = svp_train::Network::new(data.features(), data.classes, &config.model, 1);
         let trainer: Box<dyn svp_train::Trainer> = match method {
             svp_train::Method::Svp => Box::new(svp_train::SvpTrainer::new(&model, &config)),
             svp_train::Method::Bp => Box::new(svp_train::BpTrainer::new(&model, &config)),

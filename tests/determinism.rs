@@ -112,7 +112,7 @@ fn resume_case(method: Method, mutate: impl Fn(&mut svp_train::Config)) {
     }
 }
 
-fn bits(m: &svp_train::Mlp) -> Vec<u32> {
+fn bits(m: &svp_train::Network) -> Vec<u32> {
     m.params().iter().map(|v| v.to_bits()).collect()
 }
 
@@ -131,7 +131,7 @@ fn resuming_bp_from_any_checkpoint_is_bit_identical() {
 
 #[test]
 fn head_lambda_weights_only_the_heads_alignment() {
-    use svp_train::{Mlp, SvpTrainer, Trainer};
+    use svp_train::{Network, SvpTrainer, Trainer};
     let data = embedded_subset(64);
     let norm = svp_data::Normalization::fit(&data.train);
     let mut b = svp_data::Batcher::new(64, 64, norm);
@@ -141,7 +141,7 @@ fn head_lambda_weights_only_the_heads_alignment() {
     let one_step = |mutate: &dyn Fn(&mut svp_train::Config)| {
         let mut c = small_config(Method::Svp, 1);
         mutate(&mut c);
-        let mut m = Mlp::new(784, 10, &c.model, c.train.seed);
+        let mut m = Network::new(784, 10, &c.model, c.train.seed);
         SvpTrainer::new(&m, &c).step(&mut m, &x, &y, 1.0).unwrap();
         m
     };

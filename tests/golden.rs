@@ -11,7 +11,7 @@ use serde_json::Value;
 use svp_nn::{DenseCache, Mode};
 use svp_tensor::{view, view_mut};
 use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
-use svp_train::{Config, Method, Mlp, ProjectionHeads, SvpTrainer, Trainer};
+use svp_train::{Config, Method, Network, ProjectionHeads, SvpTrainer, Trainer};
 
 fn fixture() -> Value {
     serde_json::from_str(include_str!("golden/svp_step.json")).expect("fixture parses")
@@ -72,11 +72,11 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     }
 }
 
-fn setup(g: &Value, optimizer: svp_optim::Optimizer) -> (Config, Mlp, Vec<f32>, Vec<u32>) {
+fn setup(g: &Value, optimizer: svp_optim::Optimizer) -> (Config, Network, Vec<f32>, Vec<u32>) {
     let cfg = config(g, optimizer);
     let input = g["input"].as_u64().unwrap() as usize;
     let classes = g["classes"].as_u64().unwrap() as usize;
-    let model = Mlp::new(input, classes, &cfg.model, cfg.train.seed);
+    let model = Network::new(input, classes, &cfg.model, cfg.train.seed);
     let x = floats(&g["x"]);
     let y: Vec<u32> = g["y"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     (cfg, model, x, y)

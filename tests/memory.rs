@@ -2,7 +2,7 @@
 
 use svp_alloc::CountingAlloc;
 use svp_integration_tests::small_config;
-use svp_train::{Method, Mlp, SvpTrainer, Trainer};
+use svp_train::{Method, Network, SvpTrainer, Trainer};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc::new();
@@ -26,7 +26,7 @@ fn projection_is_never_materialized_whole() {
     let mut y = vec![0; 128];
     batcher.gather(&data.train, 0, &mut x, &mut y);
 
-    let mut model = Mlp::new(784, 10, &config.model, 1);
+    let mut model = Network::new(784, 10, &config.model, 1);
     ALLOC.reset_peaks();
     let mut trainer = SvpTrainer::new(&model, &config);
     let setup_largest = ALLOC.stats().largest;

@@ -20,7 +20,7 @@ use svp_model::CheckpointRef;
 use svp_model::ModelFile;
 use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
 use svp_train::{
-    Config, FitObserver, FitOptions, FitStateRef, InferenceWorkspace, Method, Mlp, evaluate, try_fit_with,
+    Config, FitObserver, FitOptions, FitStateRef, InferenceWorkspace, Method, Network, evaluate, try_fit_with,
 };
 
 #[global_allocator]
@@ -121,7 +121,7 @@ fn mib(b: usize) -> f64 {
     b as f64 / 1048576.0
 }
 
-fn accuracy(model: &Mlp, data: &Dataset, norm: svp_data::Normalization) -> f64 {
+fn accuracy(model: &Network, data: &Dataset, norm: svp_data::Normalization) -> f64 {
     evaluate(model, data, norm, 256, None, &mut InferenceWorkspace::default()).accuracy
 }
 

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use svp_rng::{Purpose, Stream, StreamKey};
 use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
-use svp_train::{BpTrainer, Config, Method, Mlp, SvpTrainer, Trainer};
+use svp_train::{BpTrainer, Config, Method, Network, SvpTrainer, Trainer};
 
 /// What a child measured.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -109,7 +109,7 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
         }
     };
     let baseline_rss_kib = current_rss_kib().unwrap_or(0);
-    let mut model = Mlp::new(features, classes, &config.model, config.train.seed);
+    let mut model = Network::new(features, classes, &config.model, config.train.seed);
     let mut trainer: Box<dyn Trainer> = match method {
         Method::Svp => Box::new(SvpTrainer::new(&model, &config)),
         Method::Bp => Box::new(BpTrainer::new(&model, &config)),

@@ -6,7 +6,7 @@ use crate::{ModelError, ModelFile, layer_param_len};
 use std::path::Path;
 use svp_nn::{DenseCache, Mode};
 use svp_tensor::{view, view_mut};
-use svp_train::Mlp;
+use svp_train::Network;
 
 /// A model ready to predict.
 pub struct InferenceModel {
@@ -37,7 +37,7 @@ impl InferenceModel {
 
     /// Wraps a checked model file.
     pub fn new(file: ModelFile) -> Self {
-        let layers = Mlp::with_specs(file.meta.layers.clone()).layers().to_vec();
+        let layers = Network::with_specs(file.meta.layers.clone()).layers().to_vec();
         Self { file, layers }
     }
 

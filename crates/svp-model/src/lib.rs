@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use svp_data::Normalization;
 use svp_nn::{Dense, DenseSpec, Norm};
-use svp_train::{Mlp, ProjectionHeads};
+use svp_train::{Network, ProjectionHeads};
 
 /// First eight bytes of every model file.
 pub const MAGIC: [u8; 8] = *b"SVPMODEL";
@@ -259,7 +259,7 @@ impl ModelFile {
     /// Encodes a network with its weight matrices in `dtype` (biases and
     /// LayerNorm parameters stay f32: they are a fraction of a percent of the
     /// bytes and carry the most per value).
-    pub fn from_mlp(model: &Mlp, info: ModelInfo, dtype: DType) -> Self {
+    pub fn from_mlp(model: &Network, info: ModelInfo, dtype: DType) -> Self {
         let layers: Vec<DenseSpec> = model.layers().iter().map(|l| *l.spec()).collect();
         let mut data = Vec::new();
         let mut tensors = Vec::new();
@@ -484,8 +484,8 @@ impl ModelFile {
     }
 
     /// The network with every weight dequantized to f32.
-    pub fn to_mlp(&self) -> Mlp {
-        let mut m = Mlp::with_specs(self.meta.layers.clone());
+    pub fn to_mlp(&self) -> Network {
+        let mut m = Network::with_specs(self.meta.layers.clone());
         for l in 0..self.meta.layers.len() {
             let (_, params) = m.layer_mut(l);
             self.layer_params_into(l, params);
@@ -536,7 +536,7 @@ mod tests {
             activation: svp_nn::Activation::Relu,
             dropout: 0.0,
         };
-        let m = Mlp::new(6, 3, &cfg, 9);
+        let m = Network::new(6, 3, &cfg, 9);
         let info = ModelInfo {
             heads: Some(ProjectionHeads { seed: 9, dim: 3, sigma: None, dropout: 0.0, label_classes: None }),
             norm: Normalization { mean: 0.3, std: 0.4 },
@@ -562,7 +562,7 @@ mod tests {
             assert_eq!(back.meta.weight_dtype(), dtype);
         }
         let f32_file = sample(DType::F32);
-        assert_eq!(f32_file.to_mlp().params(), Mlp::new(6, 3, &sample_cfg(), 9).params());
+        assert_eq!(f32_file.to_mlp().params(), Network::new(6, 3, &sample_cfg(), 9).params());
     }
 
     fn sample_cfg() -> ModelConfig {

@@ -8,7 +8,7 @@ use std::path::Path;
 use svp_model::{Checkpoint, DType, InferenceModel, InferenceWorkspace, ModelFile, ModelInfo, Provenance, fnv1a64};
 use svp_rng::{Purpose, Stream, StreamKey};
 use svp_train::config::ModelConfig;
-use svp_train::{Mlp, ProjectionHeads};
+use svp_train::{Network, ProjectionHeads};
 
 fn sample(dtype: DType) -> Vec<u8> {
     let cfg = ModelConfig {
@@ -18,7 +18,7 @@ fn sample(dtype: DType) -> Vec<u8> {
         activation: svp_nn::Activation::Gelu,
         dropout: 0.0,
     };
-    let m = Mlp::new(12, 4, &cfg, 3);
+    let m = Network::new(12, 4, &cfg, 3);
     let info = ModelInfo {
         heads: Some(ProjectionHeads { seed: 3, dim: 4, sigma: None, dropout: 0.0, label_classes: None }),
         norm: svp_data::Normalization { mean: 0.2, std: 0.3 },

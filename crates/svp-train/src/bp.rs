@@ -1,7 +1,7 @@
 //! Backpropagation over the same layers: the baseline SVP is measured against.
 
 use crate::config::Config;
-use crate::model::Mlp;
+use crate::model::Network;
 use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_nn::{DenseCache, Mode, softmax_cross_entropy};
@@ -27,12 +27,12 @@ impl BpTrainer {
     ///
     /// # Panics
     /// If the memory is not there (see [`BpTrainer::try_new`]).
-    pub fn new(model: &Mlp, config: &Config) -> Self {
+    pub fn new(model: &Network, config: &Config) -> Self {
         Self::try_new(model, config).expect("memory for the backprop activations")
     }
 
     /// [`BpTrainer::new`], failing cleanly when the memory is not there.
-    pub fn try_new(model: &Mlp, config: &Config) -> Result<Self, OutOfMemory> {
+    pub fn try_new(model: &Network, config: &Config) -> Result<Self, OutOfMemory> {
         let rows = config.train.batch_size;
         let layers = model.layers();
         let acts = layers
@@ -54,7 +54,7 @@ impl BpTrainer {
 }
 
 impl Trainer for BpTrainer {
-    fn step(&mut self, model: &mut Mlp, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError> {
+    fn step(&mut self, model: &mut Network, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError> {
         let rows = y.len();
         assert!(rows > 0 && rows <= self.max_rows, "batch of {rows} rows for a trainer sized for {}", self.max_rows);
         let step = self.updater.step();

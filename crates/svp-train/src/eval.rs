@@ -1,6 +1,6 @@
 //! Test-set evaluation.
 
-use crate::model::{InferenceWorkspace, Mlp, ProjectionHeads};
+use crate::model::{InferenceWorkspace, Network, ProjectionHeads};
 use svp_data::{Batcher, Dataset, Normalization};
 
 /// Accuracy of a model on a data set.
@@ -28,7 +28,7 @@ pub fn argmax(row: &[f32]) -> usize {
 
 /// Evaluates `model` on `data` in batches of `batch_size`.
 pub fn evaluate(
-    model: &Mlp,
+    model: &Network,
     data: &Dataset,
     norm: Normalization,
     batch_size: usize,

@@ -2,7 +2,7 @@
 
 use crate::config::{Config, Method};
 use crate::eval::{EvalReport, evaluate};
-use crate::model::{InferenceWorkspace, Mlp, ProjectionHeads};
+use crate::model::{InferenceWorkspace, Network, ProjectionHeads};
 use crate::{BpTrainer, SvpTrainer, TrainError, Trainer, TrainerState, TrainerStateRef};
 use std::time::Instant;
 use svp_alloc::OutOfMemory;
@@ -57,7 +57,7 @@ pub struct EpochReport {
 /// diverged), the epochs completed and, if it stopped early, why.
 pub struct FitOutcome {
     /// The trained network.
-    pub model: Mlp,
+    pub model: Network,
     /// SVP projection heads (`None` for backpropagation).
     pub heads: Option<ProjectionHeads>,
     /// Input normalization fitted on the training set.
@@ -197,7 +197,7 @@ pub fn try_fit_with(
 ) -> Result<FitOutcome, OutOfMemory> {
     let seed = config.train.seed;
     let mut options = options;
-    let mut model = Mlp::try_new(data.features(), data.classes, &config.model, seed)?;
+    let mut model = Network::try_new(data.features(), data.classes, &config.model, seed)?;
     if let Some(init) = options.initial_params.take() {
         model.params_mut().copy_from_slice(&init);
     }
@@ -233,7 +233,7 @@ pub fn try_fit_with(
         history = state.history;
     }
     fn snapshot<'a>(
-        model: &'a Mlp,
+        model: &'a Network,
         trainer: &'a dyn Trainer,
         (epoch, next_batch, loss_sum, samples): (usize, usize, f64, usize),
         history: &'a [(usize, f64, f64)],

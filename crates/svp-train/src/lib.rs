@@ -1,6 +1,6 @@
 //! Training rules for svp.
 //!
-//! * [`Mlp`]: the network (dense blocks and a linear head) with all parameters
+//! * [`Network`]: the network (dense blocks and a linear head) with all parameters
 //!   in one contiguous buffer, and its inference path.
 //! * [`SvpTrainer`]: Stochastic Variational Propagation. Layer by layer: forward,
 //!   project with the seed-regenerated `R_l`, local loss `CE + lambda * FA`,
@@ -29,7 +29,7 @@ pub use fit::{
     EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown, Progress,
     fit, fit_with, try_fit_with,
 };
-pub use model::{InferenceWorkspace, Mlp, ProjectionHeads};
+pub use model::{InferenceWorkspace, Network, ProjectionHeads};
 pub use schedule::Schedule;
 pub use svp::{LayerMetrics, SvpTrainer};
 pub use updater::Updater;
@@ -54,7 +54,7 @@ pub enum TrainError {
 pub trait Trainer {
     /// One step on a batch `x` (rows x features) with labels `y`; returns the
     /// classifier head's cross-entropy. On error no update from that loss was applied.
-    fn step(&mut self, model: &mut Mlp, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError>;
+    fn step(&mut self, model: &mut Network, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError>;
 
     /// The optimizer, its per-layer state and the step counter.
     fn updater(&self) -> &Updater;

@@ -50,7 +50,7 @@ impl ProjectionHeads {
 /// A multilayer perceptron: dense hidden blocks, then a linear head. All
 /// parameters live in one contiguous buffer, layer after layer.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Mlp {
+pub struct Network {
     input: usize,
     classes: usize,
     layers: Vec<Dense>,
@@ -58,7 +58,7 @@ pub struct Mlp {
     params: Vec<f32>,
 }
 
-impl Mlp {
+impl Network {
     /// The layer specs of `config` for `input` features and `classes` classes.
     pub fn specs(input: usize, classes: usize, config: &ModelConfig) -> Vec<DenseSpec> {
         let mut specs = Vec::with_capacity(config.hidden.len() + 1);
@@ -80,12 +80,12 @@ impl Mlp {
     /// A freshly initialized network (weights from `seed`).
     ///
     /// # Panics
-    /// If the memory is not there (see [`Mlp::try_new`]).
+    /// If the memory is not there (see [`Network::try_new`]).
     pub fn new(input: usize, classes: usize, config: &ModelConfig, seed: u64) -> Self {
         Self::try_new(input, classes, config, seed).expect("memory for the network's weights")
     }
 
-    /// [`Mlp::new`], failing cleanly when the memory is not there.
+    /// [`Network::new`], failing cleanly when the memory is not there.
     pub fn try_new(input: usize, classes: usize, config: &ModelConfig, seed: u64) -> Result<Self, OutOfMemory> {
         let mut m = Self::try_with_specs(Self::specs(input, classes, config))?;
         for l in 0..m.layers.len() {
@@ -103,7 +103,7 @@ impl Mlp {
         Self::try_with_specs(specs).expect("memory for the network's weights")
     }
 
-    /// [`Mlp::with_specs`], failing cleanly when the memory is not there.
+    /// [`Network::with_specs`], failing cleanly when the memory is not there.
     ///
     /// # Panics
     /// If `specs` is empty or consecutive widths do not chain.
@@ -219,7 +219,7 @@ impl Mlp {
     }
 }
 
-/// Buffers for [`Mlp::predict`], grown on first use and reused after.
+/// Buffers for [`Network::predict`], grown on first use and reused after.
 #[derive(Debug, Default)]
 pub struct InferenceWorkspace {
     act: [Vec<f32>; 2],
@@ -234,14 +234,14 @@ pub struct InferenceWorkspace {
 const EXIT_TILE_FLOATS: usize = 16 * 1024;
 
 impl InferenceWorkspace {
-    fn ensure(&mut self, rows: usize, model: &Mlp, exit_dim: Option<usize>) {
+    fn ensure(&mut self, rows: usize, model: &Network, exit_dim: Option<usize>) {
         self.try_prepare(rows, model, exit_dim).expect("memory for inference buffers");
     }
 
     /// Sizes the buffers for batches of `rows` (and exits of width `exit_dim`)
     /// now, failing cleanly when the memory is not there; later predictions of
     /// up to that size allocate nothing.
-    pub fn try_prepare(&mut self, rows: usize, model: &Mlp, exit_dim: Option<usize>) -> Result<(), OutOfMemory> {
+    pub fn try_prepare(&mut self, rows: usize, model: &Network, exit_dim: Option<usize>) -> Result<(), OutOfMemory> {
         let width = model.max_out_width();
         let need = rows * width;
         if self.act[0].len() < need || self.rows < rows {
@@ -267,7 +267,7 @@ impl InferenceWorkspace {
     }
 
     /// Early-exit logits of hidden layer `l` (0-based) from the last
-    /// [`Mlp::predict`] with exits: rows x `d'`.
+    /// [`Network::predict`] with exits: rows x `d'`.
     pub fn exit_logits(&self, l: usize, rows: usize) -> &[f32] {
         let n = rows * self.exit_dim;
         &self.exits[l * n..(l + 1) * n]

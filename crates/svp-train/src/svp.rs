@@ -1,7 +1,7 @@
 //! The SVP training step: every layer learns from its own local loss.
 
 use crate::config::{Config, FirstLayerAlignment};
-use crate::model::{Mlp, ProjectionHeads};
+use crate::model::{Network, ProjectionHeads};
 use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_nn::{DenseCache, FaWorkspace, FeatureAlignment, Mode, Projection, softmax_cross_entropy};
@@ -103,12 +103,12 @@ impl SvpTrainer {
     ///
     /// # Panics
     /// If the memory is not there (see [`SvpTrainer::try_new`]).
-    pub fn new(model: &Mlp, config: &Config) -> Self {
+    pub fn new(model: &Network, config: &Config) -> Self {
         Self::try_new(model, config).expect("memory for the SVP workspace")
     }
 
     /// [`SvpTrainer::new`], failing cleanly when the memory is not there.
-    pub fn try_new(model: &Mlp, config: &Config) -> Result<Self, OutOfMemory> {
+    pub fn try_new(model: &Network, config: &Config) -> Result<Self, OutOfMemory> {
         let classes = model.classes();
         let heads = ProjectionHeads::from_config(config, classes);
         let dim = heads.dim;
@@ -162,7 +162,7 @@ impl SvpTrainer {
 }
 
 impl Trainer for SvpTrainer {
-    fn step(&mut self, model: &mut Mlp, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError> {
+    fn step(&mut self, model: &mut Network, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError> {
         let rows = y.len();
         assert!(rows > 0 && rows <= self.max_rows, "batch of {rows} rows for a trainer sized for {}", self.max_rows);
         let step = self.updater.step();

@@ -1,6 +1,6 @@
 //! What both trainers update weights with, and what a checkpoint restores.
 
-use crate::{Mlp, TrainerState};
+use crate::{Network, TrainerState};
 use svp_alloc::OutOfMemory;
 use svp_optim::{LayerState, Optimizer};
 
@@ -14,7 +14,7 @@ pub struct Updater {
 
 impl Updater {
     /// Fresh state for every layer of `model`, failing cleanly without the memory.
-    pub fn try_new(model: &Mlp, optimizer: Optimizer) -> Result<Self, OutOfMemory> {
+    pub fn try_new(model: &Network, optimizer: Optimizer) -> Result<Self, OutOfMemory> {
         let states = (0..model.layers().len())
             .map(|l| optimizer.try_new_state(model.layer_params(l).len()))
             .collect::<Result<_, _>>()?;
