@@ -21,6 +21,8 @@ fn toml_free_parse(text: &str) -> Config {
             norm: svp_nn::Norm::LayerNorm,
             activation: svp_nn::Activation::Relu,
             dropout: 0.0,
+            conv: Vec::new(),
+            conv_readout: 2,
         },
         svp: Default::default(),
         train: svp_train::config::TrainConfig { batch_size: 128, ..Default::default() },

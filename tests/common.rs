@@ -14,6 +14,8 @@ pub fn small_config(method: svp_train::Method, epochs: usize) -> Config {
             norm: svp_nn::Norm::LayerNorm,
             activation: svp_nn::Activation::Relu,
             dropout: 0.0,
+            conv: Vec::new(),
+            conv_readout: 2,
         },
         svp: SvpConfig::default(),
         train: TrainConfig { method, epochs, batch_size: 64, seed: 7, shuffle: true },

@@ -155,3 +155,15 @@ fn head_lambda_weights_only_the_heads_alignment() {
     assert_ne!(head_off.layer_params(head), default.layer_params(head), "head_lambda changes the head");
     assert_eq!(head_off.layer_params(0), default.layer_params(0), "and nothing below it");
 }
+
+#[test]
+fn resuming_a_cnn_is_bit_identical() {
+    // BatchNorm's running statistics live in the parameters, so a checkpoint carries them.
+    use svp_train::config::{ConvItem, PoolMarker};
+    for method in [Method::Svp, Method::Bp] {
+        resume_case(method, |c| {
+            c.model.conv = vec![ConvItem::Channels(4), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(4)];
+            c.model.hidden = vec![32];
+        });
+    }
+}

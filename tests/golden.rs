@@ -36,6 +36,8 @@ fn config(g: &Value, optimizer: svp_optim::Optimizer) -> Config {
             norm: svp_nn::Norm::LayerNorm,
             activation: svp_nn::Activation::Relu,
             dropout: 0.0,
+            conv: Vec::new(),
+            conv_readout: 2,
         },
         svp: SvpConfig {
             lambda: g["lambda"].as_f64().unwrap() as f32,

@@ -180,6 +180,8 @@ fn run() -> Result<bool, String> {
                 norm: first.norm,
                 activation: first.activation,
                 dropout: 0.0,
+                conv: Vec::new(),
+                conv_readout: 2,
             },
             svp: SvpConfig::default(),
             train: TrainConfig { method, epochs: args.epochs, batch_size: args.batch, seed: 11, shuffle: true },
@@ -192,7 +194,7 @@ fn run() -> Result<bool, String> {
             },
             schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
         };
-        config.validate_for_data(split.features(), split.classes, split.train.len()).map_err(|e| e.to_string())?;
+        config.validate_for_data(&split).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(&args.flash);
         let flash = Flash::open(&args.flash, profile.flash_mib << 20).map_err(|e| e.to_string())?;
         let (store, _) = CheckpointStore::open(flash).map_err(|e| e.to_string())?;

@@ -100,6 +100,8 @@ fn a_run_interrupted_by_power_cuts_ends_bit_identical() {
             norm: svp_nn::Norm::LayerNorm,
             activation: svp_nn::Activation::Relu,
             dropout: 0.0,
+            conv: Vec::new(),
+            conv_readout: 2,
         },
         svp: svp_train::config::SvpConfig { projection_dropout: 0.1, ..Default::default() },
         train: svp_train::config::TrainConfig { epochs: 3, batch_size: 32, seed: 5, ..Default::default() },

@@ -67,6 +67,8 @@ fn config(run: &MemoryRun, method: Method, depth: usize) -> Config {
             norm: svp_nn::Norm::LayerNorm,
             activation: svp_nn::Activation::Relu,
             dropout: 0.0,
+            conv: Vec::new(),
+            conv_readout: 2,
         },
         svp: SvpConfig::default(),
         train: TrainConfig { method, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false },

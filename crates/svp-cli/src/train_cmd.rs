@@ -92,10 +92,16 @@ pub fn check_writable(path: &Path) -> Result<(), CliError> {
 }
 
 fn describe(config: &Config, data: &DataSplit) -> String {
-    let widths: Vec<String> = std::iter::once(data.features())
-        .chain(config.model.hidden.iter().copied())
-        .chain([data.classes])
-        .map(|w| w.to_string())
+    let (h, w) = data.train.image_shape;
+    let input = if config.model.conv.is_empty() { data.features().to_string() } else { format!("{h}x{w}") };
+    let convs = config.model.conv.iter().map(|item| match item {
+        svp_train::config::ConvItem::Channels(c) => format!("c{c}"),
+        svp_train::config::ConvItem::Pool(_) => "M".to_string(),
+    });
+    let widths: Vec<String> = std::iter::once(input)
+        .chain(convs)
+        .chain(config.model.hidden.iter().map(|w| w.to_string()))
+        .chain([data.classes.to_string()])
         .collect();
     format!(
         "svp train: method {}, network {}, {} train / {} test samples from {}, batch {}, {} epochs, {} threads",
@@ -196,6 +202,14 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         }
         None => load_config(&args)?,
     };
+    if args.out.is_some() && !config.model.conv.is_empty() {
+        return Err(svp_train::ConfigError::Invalid(
+            "--out: model files (format v1) hold MLPs only, and this config has conv blocks; \
+             train without --out, or keep the run with --checkpoint"
+                .into(),
+        )
+        .into());
+    }
     for path in [&args.out, &args.checkpoint].into_iter().flatten() {
         check_writable(path)?;
     }
@@ -207,7 +221,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         data.train.images.truncate(n * f);
         data.origin = format!("{} (first {n} training samples)", data.origin);
     }
-    config.validate_for_data(data.features(), data.classes, data.train.len())?;
+    config.validate_for_data(&data)?;
     if let Some(c) = &resume
         && (c.data_origin != data.origin || c.train_len != data.train.len() as u64)
     {

@@ -259,7 +259,11 @@ impl ModelFile {
     /// Encodes a network with its weight matrices in `dtype` (biases and
     /// LayerNorm parameters stay f32: they are a fraction of a percent of the
     /// bytes and carry the most per value).
+    ///
+    /// # Panics
+    /// If the network has conv blocks: format version 1 describes MLPs only.
     pub fn from_mlp(model: &Network, info: ModelInfo, dtype: DType) -> Self {
+        assert!(model.convs().is_empty(), "model file format v1 holds MLPs only");
         let layers: Vec<DenseSpec> = model.layers().iter().map(|l| *l.spec()).collect();
         let mut data = Vec::new();
         let mut tensors = Vec::new();
@@ -535,6 +539,8 @@ mod tests {
             norm: svp_nn::Norm::LayerNorm,
             activation: svp_nn::Activation::Relu,
             dropout: 0.0,
+            conv: Vec::new(),
+            conv_readout: 2,
         };
         let m = Network::new(6, 3, &cfg, 9);
         let info = ModelInfo {
@@ -572,6 +578,8 @@ mod tests {
             norm: svp_nn::Norm::LayerNorm,
             activation: svp_nn::Activation::Relu,
             dropout: 0.0,
+            conv: Vec::new(),
+            conv_readout: 2,
         }
     }
 

@@ -17,6 +17,8 @@ fn sample(dtype: DType) -> Vec<u8> {
         norm: svp_nn::Norm::LayerNorm,
         activation: svp_nn::Activation::Gelu,
         dropout: 0.0,
+        conv: Vec::new(),
+        conv_readout: 2,
     };
     let m = Network::new(12, 4, &cfg, 3);
     let info = ModelInfo {

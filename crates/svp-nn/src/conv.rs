@@ -70,28 +70,33 @@ impl Conv2d {
         self.patch() * o.h * o.w
     }
 
-    /// Calls `f(column entry, input index)` for every entry of the column
-    /// matrix (patch x out_h*out_w) that reads an input value; entries over the
-    /// zero padding are skipped.
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize)) {
+    /// Calls `f(column offset, input offset, len, stride)` for every run of the
+    /// column matrix (patch x out_h*out_w) that reads input values: column
+    /// entries `col + i` read input `x + i * stride` for `i < len`. Entries over
+    /// the zero padding are in no run.
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
         let (i, o) = (self.input, self.output());
-        let (k, s, p) = (self.k, self.stride, self.padding as isize);
+        let (k, s, p) = (self.k, self.stride, self.padding);
         let hw = o.h * o.w;
+        // Output positions along an axis whose input index o*s + tap - p lies in [0, n).
+        let valid = |tap: usize, n: usize, outs: usize| {
+            let first = p.saturating_sub(tap).div_ceil(s);
+            let last = (n + p).checked_sub(tap + 1).map(|m| m / s + 1).unwrap_or(0).min(outs);
+            (first, last.max(first))
+        };
         for c in 0..i.c {
             for ky in 0..k {
+                let (oy0, oy1) = valid(ky, i.h, o.h);
                 for kx in 0..k {
+                    let (ox0, ox1) = valid(kx, i.w, o.w);
+                    if ox0 == ox1 {
+                        continue;
+                    }
                     let row = ((c * k + ky) * k + kx) * hw;
-                    for oy in 0..o.h {
-                        let y = (oy * s + ky) as isize - p;
-                        if y < 0 || y as usize >= i.h {
-                            continue;
-                        }
-                        for ox in 0..o.w {
-                            let xx = (ox * s + kx) as isize - p;
-                            if xx >= 0 && (xx as usize) < i.w {
-                                f(row + oy * o.w + ox, (c * i.h + y as usize) * i.w + xx as usize);
-                            }
-                        }
+                    for oy in oy0..oy1 {
+                        let y = oy * s + ky - p;
+                        let xx = ox0 * s + kx - p;
+                        f(row + oy * o.w + ox0, (c * i.h + y) * i.w + xx, ox1 - ox0, s);
                     }
                 }
             }
@@ -101,12 +106,24 @@ impl Conv2d {
     /// Unfolds one sample into `col`.
     fn im2col(&self, x: &[f32], col: &mut [f32]) {
         col[..self.col_len()].fill(0.0);
-        self.for_each_tap(|ci, xi| col[ci] = x[xi]);
+        self.for_each_run(|ci, xi, len, stride| {
+            if stride == 1 {
+                col[ci..ci + len].copy_from_slice(&x[xi..xi + len]);
+            } else {
+                for (j, c) in col[ci..ci + len].iter_mut().enumerate() {
+                    *c = x[xi + j * stride];
+                }
+            }
+        });
     }
 
     /// Adds the columns back into one sample's gradient (the adjoint of `im2col`).
     fn col2im_add(&self, col: &[f32], dx: &mut [f32]) {
-        self.for_each_tap(|ci, xi| dx[xi] += col[ci]);
+        self.for_each_run(|ci, xi, len, stride| {
+            for (j, &c) in col[ci..ci + len].iter().enumerate() {
+                dx[xi + j * stride] += c;
+            }
+        });
     }
 
     /// `out = conv(x) + b` for `rows` samples; `col` holds [`Conv2d::col_len`] floats.
@@ -230,10 +247,12 @@ impl Pool2d {
         for r in 0..rows {
             let (xs, ys) = (&x[r * il..(r + 1) * il], &mut out[r * ol..(r + 1) * ol]);
             self.cells(|base, o, (y0, y1), (x0, x1)| {
-                let vals = (y0..y1).flat_map(|y| (x0..x1).map(move |xx| base + y * w + xx));
+                let window = (y0..y1).map(|y| &xs[base + y * w + x0..base + y * w + x1]);
                 ys[o] = match self.kind {
-                    PoolKind::Max => vals.map(|i| xs[i]).fold(f32::NEG_INFINITY, f32::max),
-                    PoolKind::Avg => vals.map(|i| xs[i]).sum::<f32>() / ((y1 - y0) * (x1 - x0)) as f32,
+                    PoolKind::Max => window.fold(f32::NEG_INFINITY, |m, row| row.iter().fold(m, |m, &v| m.max(v))),
+                    PoolKind::Avg => {
+                        window.map(|row| row.iter().sum::<f32>()).sum::<f32>() / ((y1 - y0) * (x1 - x0)) as f32
+                    }
                 };
             });
         }

@@ -20,6 +20,9 @@ pub struct ConvBlockSpec {
     pub out_channels: usize,
     /// 2x2 max pooling (stride 2) after the activation.
     pub pool: bool,
+    /// Side of the adaptive average pooling that reads the block's output out
+    /// for a projection head (see [`ConvBlock::readout`]).
+    pub readout: usize,
 }
 
 impl ConvBlockSpec {
@@ -49,11 +52,25 @@ pub struct ConvBlockCache {
 impl ConvBlockCache {
     /// A cache for `block` and batches of up to `max_rows` samples.
     pub fn try_new(block: &ConvBlock, max_rows: usize) -> Result<Self, OutOfMemory> {
-        let (plane, col) = (block.conv.output().len(), block.conv.col_len());
+        Self::try_new_for([block], max_rows)
+    }
+
+    /// One cache that serves each of `blocks` (one at a time), for batches of
+    /// up to `max_rows` samples.
+    pub fn try_new_for<'a>(
+        blocks: impl IntoIterator<Item = &'a ConvBlock>,
+        max_rows: usize,
+    ) -> Result<Self, OutOfMemory> {
+        let (mut plane, mut col, mut channels) = (0, 0, 0);
+        for b in blocks {
+            plane = plane.max(b.conv.output().len());
+            col = col.max(b.conv.col_len());
+            channels = channels.max(b.conv.c_out);
+        }
         Ok(Self {
             xhat: try_zeros(max_rows * plane, "a conv block's normalized values")?,
             act: try_zeros(max_rows * plane, "a conv block's activations")?,
-            rstd: try_zeros(block.conv.c_out, "a conv block's BatchNorm statistics")?,
+            rstd: try_zeros(channels, "a conv block's BatchNorm statistics")?,
             d_act: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
             d_conv: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
             col: try_zeros(col, "im2col columns")?,
@@ -111,6 +128,14 @@ impl ConvBlock {
         self.conv.output()
     }
 
+    /// The adaptive average pooling that summarizes the block's output for a
+    /// projection head: `channels x readout x readout` values per sample
+    /// (no larger than the output itself).
+    pub fn readout(&self) -> Pool2d {
+        let o = self.output();
+        Pool2d::adaptive(o, self.spec.readout.min(o.h), self.spec.readout.min(o.w))
+    }
+
     /// Number of f32 parameters, running statistics included.
     pub fn param_len(&self) -> usize {
         self.trainable_len() + 2 * self.spec.out_channels
@@ -141,7 +166,18 @@ impl ConvBlock {
     /// Forward over `rows` samples of `x` into `out`, filling `cache` for
     /// [`ConvBlock::backward`]. In training BatchNorm uses (and the running
     /// statistics in `params` follow) the batch statistics.
-    pub fn forward(&self, params: &mut [f32], x: &[f32], rows: usize, cache: &mut ConvBlockCache, out: &mut [f32], mode: Mode) {
+    pub fn forward(
+        &self,
+        params: &mut [f32],
+        x: &[f32],
+        rows: usize,
+        cache: &mut ConvBlockCache,
+        out: &mut [f32],
+        mode: Mode,
+    ) {
+        if mode == Mode::Infer {
+            return self.infer(params, x, rows, cache, out);
+        }
         let conv_len = self.conv.param_len();
         let plane = rows * self.conv.output().len();
         let (conv_p, rest) = params.split_at_mut(conv_len);
@@ -150,12 +186,28 @@ impl ConvBlock {
         let z = &mut cache.d_conv[..plane];
         self.conv.forward(conv_p, x, rows, z, &mut cache.col);
         let act = if self.pool.is_some() { &mut cache.act[..plane] } else { &mut out[..plane] };
-        match mode {
-            Mode::Train { .. } => {
-                self.bn.forward_train(bn_p, running, z, rows, act, &mut cache.xhat[..plane], &mut cache.rstd);
-            }
-            Mode::Infer => self.bn.forward_infer(bn_p, running, z, rows, act),
-        }
+        self.bn.forward_train(bn_p, running, z, rows, act, &mut cache.xhat[..plane], &mut cache.rstd);
+        self.finish(rows, cache, out);
+    }
+
+    /// Inference forward (BatchNorm with the running statistics); `cache` is scratch.
+    pub fn infer(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut ConvBlockCache, out: &mut [f32]) {
+        let conv_len = self.conv.param_len();
+        let plane = rows * self.conv.output().len();
+        let (conv_p, rest) = params.split_at(conv_len);
+        let (bn_p, running) = rest.split_at(self.bn.param_len());
+        let z = &mut cache.d_conv[..plane];
+        self.conv.forward(conv_p, x, rows, z, &mut cache.col);
+        let act = if self.pool.is_some() { &mut cache.act[..plane] } else { &mut out[..plane] };
+        self.bn.forward_infer(bn_p, running, z, rows, act);
+        self.finish(rows, cache, out);
+    }
+
+    /// ReLU, then pooling into `out` (or, without pooling, the activation
+    /// copied to the cache for the backward).
+    fn finish(&self, rows: usize, cache: &mut ConvBlockCache, out: &mut [f32]) {
+        let plane = rows * self.conv.output().len();
+        let act = if self.pool.is_some() { &mut cache.act[..plane] } else { &mut out[..plane] };
         for v in act.iter_mut() {
             *v = v.max(0.0);
         }

@@ -73,6 +73,8 @@ fn conv2d_forward_and_backward() {
         Conv2d { input: Chw { c: 2, h: 5, w: 6 }, c_out: 3, k: 3, stride: 1, padding: 1 },
         Conv2d { input: Chw { c: 1, h: 7, w: 7 }, c_out: 2, k: 3, stride: 2, padding: 0 },
         Conv2d { input: Chw { c: 3, h: 4, w: 4 }, c_out: 2, k: 1, stride: 1, padding: 0 },
+        // A real first layer: large enough for the GEMMs' parallel split.
+        Conv2d { input: Chw { c: 1, h: 28, w: 28 }, c_out: 3, k: 3, stride: 1, padding: 1 },
     ];
     for (n, conv) in cases.iter().enumerate() {
         let rows = 2;
@@ -227,9 +229,9 @@ fn batch_norm_2d_training_inference_and_gradients() {
 fn conv_block_forward_and_backward() {
     use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockSpec, Mode};
     for (n, pool) in [false, true].into_iter().enumerate() {
-        let spec = ConvBlockSpec { in_channels: 2, in_h: 4, in_w: 6, out_channels: 3, pool };
+        let spec = ConvBlockSpec { in_channels: 2, in_h: 4, in_w: 6, out_channels: 3, pool, readout: 2 };
         let block = ConvBlock::new(spec, 1);
-        let rows = 3;
+        let rows = 8;
         let mut params = vec![0.0; block.param_len()];
         block.init_params(9, &mut params);
         // BatchNorm's gain and bias away from their initial 1 and 0, so the

@@ -1,11 +1,11 @@
 //! Backpropagation over the same layers: the baseline SVP is measured against.
 
 use crate::config::Config;
-use crate::model::Network;
+use crate::model::{Layer, Network};
 use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
-use svp_nn::{DenseCache, Mode, softmax_cross_entropy};
-use svp_tensor::{view, view_mut};
+use svp_nn::{ConvBlockCache, DenseCache, Mode, softmax_cross_entropy};
+use svp_tensor::view;
 
 /// Backpropagation trainer. It keeps every layer's output and backward cache
 /// for the whole step, so its memory grows with depth (the contrast to SVP).
@@ -16,7 +16,10 @@ pub struct BpTrainer {
     max_rows: usize,
     /// Output of every layer (the head's logits last).
     acts: Vec<Vec<f32>>,
+    /// Each dense layer's backward cache (empty for conv blocks).
     caches: Vec<DenseCache>,
+    /// Each conv block's backward cache (empty for dense layers).
+    conv_caches: Vec<ConvBlockCache>,
     /// Ping-pong gradients wrt layer outputs.
     grads_out: [Vec<f32>; 2],
     grad: Vec<f32>,
@@ -34,12 +37,24 @@ impl BpTrainer {
     /// [`BpTrainer::new`], failing cleanly when the memory is not there.
     pub fn try_new(model: &Network, config: &Config) -> Result<Self, OutOfMemory> {
         let rows = config.train.batch_size;
-        let layers = model.layers();
-        let acts = layers
-            .iter()
-            .map(|l| try_zeros(rows * l.spec().out_dim, "every layer's activations"))
+        let n = model.n_layers();
+        let acts = (0..n)
+            .map(|l| try_zeros(rows * model.out_len(l), "every layer's activations"))
             .collect::<Result<_, _>>()?;
-        let caches = layers.iter().map(|l| DenseCache::try_new(rows, l.spec().out_dim)).collect::<Result<_, _>>()?;
+        let mut caches = Vec::with_capacity(n);
+        let mut conv_caches = Vec::with_capacity(n);
+        for l in 0..n {
+            match model.layer(l) {
+                Layer::Conv(c) => {
+                    caches.push(DenseCache::default());
+                    conv_caches.push(ConvBlockCache::try_new(c, rows)?);
+                }
+                Layer::Dense(d) => {
+                    caches.push(DenseCache::try_new(rows, d.spec().out_dim)?);
+                    conv_caches.push(ConvBlockCache::default());
+                }
+            }
+        }
         let width = model.max_out_width();
         Ok(Self {
             updater: Updater::try_new(model, config.optimizer)?,
@@ -47,6 +62,7 @@ impl BpTrainer {
             max_rows: rows,
             acts,
             caches,
+            conv_caches,
             grads_out: [try_zeros(rows * width, "output gradients")?, try_zeros(rows * width, "input gradients")?],
             grad: try_zeros(model.max_layer_params(), "one layer's gradient")?,
         })
@@ -59,14 +75,13 @@ impl Trainer for BpTrainer {
         assert!(rows > 0 && rows <= self.max_rows, "batch of {rows} rows for a trainer sized for {}", self.max_rows);
         let step = self.updater.step();
         let mode = Mode::Train { seed: self.seed, step };
-        let n = model.layers().len();
+        let n = model.n_layers();
 
         for l in 0..n {
-            let layer = &model.layers()[l];
-            let d_in = layer.spec().in_dim;
+            let (layer, params) = model.layer_mut(l);
             let (before, after) = self.acts.split_at_mut(l);
-            let input = if l == 0 { view(x, rows, d_in) } else { view(&before[l - 1], rows, d_in) };
-            layer.forward(model.layer_params(l), input, &mut self.caches[l], &mut after[0], mode);
+            let input = if l == 0 { x } else { &before[l - 1][..] };
+            layer.forward(params, input, rows, &mut self.caches[l], &mut self.conv_caches[l], &mut after[0], mode);
         }
         let classes = model.classes();
         let (loss, _) = softmax_cross_entropy(view(&self.acts[n - 1], rows, classes), y, &mut self.grads_out[0]);
@@ -76,15 +91,16 @@ impl Trainer for BpTrainer {
 
         let mut cur = 0;
         for l in (0..n).rev() {
+            let trainable = model.trainable_len(l);
             let (layer, params) = model.layer_mut(l);
-            let d_in = layer.spec().in_dim;
-            let input = if l == 0 { view(x, rows, d_in) } else { view(&self.acts[l - 1], rows, d_in) };
+            let input = if l == 0 { x } else { &self.acts[l - 1][..] };
             let (a, b) = self.grads_out.split_at_mut(1);
             let (dout, dx) = if cur == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
-            let dx = (l > 0).then(|| view_mut(dx, rows, d_in));
-            let grad = &mut self.grad[..params.len()];
-            layer.backward(params, input, &self.caches[l], dout, grad, dx, mode);
-            self.updater.update(l, lr_scale, params, grad);
+            let dx = (l > 0).then_some(&mut dx[..]);
+            let grad = &mut self.grad[..trainable];
+            let conv = &mut self.conv_caches[l];
+            layer.backward(params, input, rows, &self.caches[l], conv, dout, grad, dx, mode);
+            self.updater.update(l, lr_scale, &mut params[..trainable], grad);
             cur = 1 - cur;
         }
         self.updater.finish_step();
@@ -105,5 +121,6 @@ impl Trainer for BpTrainer {
             + self.grads_out[1].len()
             + self.grad.len())
             + self.caches.iter().map(DenseCache::bytes).sum::<usize>()
+            + self.conv_caches.iter().map(ConvBlockCache::bytes).sum::<usize>()
     }
 }

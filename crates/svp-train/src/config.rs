@@ -24,8 +24,8 @@ impl std::fmt::Display for Method {
     }
 }
 
-/// The network: hidden dense blocks, then a linear classifier. Input width and
-/// class count come from the data.
+/// The network: optional convolutional blocks, hidden dense blocks, then a
+/// linear classifier. Input width, image shape and class count come from the data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -43,6 +43,55 @@ pub struct ModelConfig {
     /// Dropout on hidden activations (training only).
     #[serde(default)]
     pub dropout: f32,
+    /// Convolutional blocks before the dense ones, VGG style: a number is a
+    /// block `conv3x3 -> BatchNorm -> ReLU` with that many output channels,
+    /// `"M"` a 2x2 max pooling after the block before it. Empty: an MLP.
+    #[serde(default)]
+    pub conv: Vec<ConvItem>,
+    /// Side of the adaptive average pooling that reads a conv block's output
+    /// out for its projection head (SVP's local loss and early exits):
+    /// `R_l` sees `channels x conv_readout x conv_readout` values.
+    #[serde(default = "default_conv_readout")]
+    pub conv_readout: usize,
+}
+
+/// One entry of [`ModelConfig::conv`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ConvItem {
+    /// A conv block with this many output channels.
+    Channels(usize),
+    /// `"M"`: 2x2 max pooling after the previous block.
+    Pool(PoolMarker),
+}
+
+/// The `"M"` of a VGG layer list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PoolMarker {
+    /// 2x2 max pooling, stride 2.
+    M,
+}
+
+impl ModelConfig {
+    /// The conv blocks as (output channels, pool after) pairs.
+    pub fn conv_blocks(&self) -> Vec<(usize, bool)> {
+        let mut blocks: Vec<(usize, bool)> = Vec::new();
+        for item in &self.conv {
+            match item {
+                ConvItem::Channels(c) => blocks.push((*c, false)),
+                ConvItem::Pool(_) => {
+                    if let Some(last) = blocks.last_mut() {
+                        last.1 = true;
+                    }
+                }
+            }
+        }
+        blocks
+    }
+}
+
+fn default_conv_readout() -> usize {
+    2
 }
 
 fn default_norm() -> Norm {
@@ -217,8 +266,22 @@ fn invalid(msg: impl Into<String>) -> Result<(), ConfigError> {
 impl Config {
     /// Checks every value that would otherwise fail (or silently misbehave) later.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.model.hidden.is_empty() {
-            return invalid("model.hidden must list at least one hidden layer width");
+        if self.model.hidden.is_empty() && self.model.conv.is_empty() {
+            return invalid("model.hidden must list at least one hidden layer width (or model.conv one conv block)");
+        }
+        let mut after_block = false;
+        for (i, item) in self.model.conv.iter().enumerate() {
+            match item {
+                ConvItem::Channels(0) => return invalid(format!("model.conv[{i}] is 0: a block needs channels")),
+                ConvItem::Channels(_) => after_block = true,
+                ConvItem::Pool(_) if !after_block => {
+                    return invalid(format!("model.conv[{i}] is \"M\" with no conv block before it to pool"));
+                }
+                ConvItem::Pool(_) => after_block = false,
+            }
+        }
+        if self.model.conv_readout == 0 {
+            return invalid("model.conv_readout must be at least 1");
         }
         if let Some(i) = self.model.hidden.iter().position(|&w| w == 0) {
             return invalid(format!("model.hidden[{i}] is 0: every width must be positive"));
@@ -265,8 +328,22 @@ impl Config {
     }
 
     /// Checks the config against a data set's input width and class count.
-    pub fn validate_for_data(&self, features: usize, classes: usize, train_len: usize) -> Result<(), ConfigError> {
+    pub fn validate_for_data(&self, data: &svp_data::DataSplit) -> Result<(), ConfigError> {
+        let (features, classes, train_len) = (data.features(), data.classes, data.train.len());
         self.validate()?;
+        let (mut h, mut w) = data.train.image_shape;
+        for (i, (_, pool)) in self.model.conv_blocks().into_iter().enumerate() {
+            if pool {
+                (h, w) = (h / 2, w / 2);
+            }
+            if h == 0 || w == 0 {
+                return Err(ConfigError::DataMismatch(format!(
+                    "{:?} images shrink to nothing after conv block {} and its pooling",
+                    data.train.image_shape,
+                    i + 1
+                )));
+            }
+        }
         if features == 0 || classes < 2 {
             return Err(ConfigError::DataMismatch(format!("data has {features} features and {classes} classes")));
         }

@@ -197,7 +197,7 @@ pub fn try_fit_with(
 ) -> Result<FitOutcome, OutOfMemory> {
     let seed = config.train.seed;
     let mut options = options;
-    let mut model = Network::try_new(data.features(), data.classes, &config.model, seed)?;
+    let mut model = Network::try_for_images(data.train.image_shape, data.classes, &config.model, seed)?;
     if let Some(init) = options.initial_params.take() {
         model.params_mut().copy_from_slice(&init);
     }

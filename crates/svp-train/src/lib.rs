@@ -29,7 +29,7 @@ pub use fit::{
     EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown, Progress,
     fit, fit_with, try_fit_with,
 };
-pub use model::{InferenceWorkspace, Network, ProjectionHeads};
+pub use model::{InferenceWorkspace, Layer, Network, ProjectionHeads};
 pub use schedule::Schedule;
 pub use svp::{LayerMetrics, SvpTrainer};
 pub use updater::Updater;

@@ -3,8 +3,8 @@
 use crate::config::{Config, ModelConfig};
 use serde::{Deserialize, Serialize};
 use svp_alloc::OutOfMemory;
-use svp_nn::{Dense, DenseCache, DenseSpec, Mode, Projection};
-use svp_tensor::view;
+use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockSpec, Dense, DenseCache, DenseSpec, Mode, Projection};
+use svp_tensor::{view, view_mut};
 
 /// The SVP projection heads of a model: enough to regenerate every `R_l`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,18 +47,128 @@ impl ProjectionHeads {
     }
 }
 
-/// A multilayer perceptron: dense hidden blocks, then a linear head. All
-/// parameters live in one contiguous buffer, layer after layer.
+/// A feed-forward network: optional conv blocks, dense hidden blocks, then a
+/// linear head. All parameters live in one contiguous buffer, layer after
+/// layer. Layers are numbered globally, conv blocks first: layer `l` of a
+/// network with `c` conv blocks is `convs()[l]` for `l < c`, else `layers()[l - c]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Network {
     input: usize,
     classes: usize,
+    convs: Vec<ConvBlock>,
     layers: Vec<Dense>,
     offsets: Vec<usize>,
     params: Vec<f32>,
 }
 
+/// One layer of a [`Network`].
+#[derive(Clone, Copy, Debug)]
+pub enum Layer<'a> {
+    /// A conv block.
+    Conv(&'a ConvBlock),
+    /// A dense block or the head.
+    Dense(&'a Dense),
+}
+
+impl Layer<'_> {
+    /// Forward over `rows` samples of `x` into `out` (conv blocks in training
+    /// update their running statistics in `params`). A dense layer fills
+    /// `dense`, a conv block `conv`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        params: &mut [f32],
+        x: &[f32],
+        rows: usize,
+        dense: &mut DenseCache,
+        conv: &mut ConvBlockCache,
+        out: &mut [f32],
+        mode: Mode,
+    ) {
+        match self {
+            Layer::Conv(c) => c.forward(params, x, rows, conv, out, mode),
+            Layer::Dense(d) => d.forward(params, view(x, rows, d.spec().in_dim), dense, out, mode),
+        }
+    }
+
+    /// Backward of [`Layer::forward`] from `dout` (overwritten as scratch):
+    /// the trained parameters' gradient into `grad`, and the input gradient
+    /// into `dx` if given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        rows: usize,
+        dense: &DenseCache,
+        conv: &mut ConvBlockCache,
+        dout: &mut [f32],
+        grad: &mut [f32],
+        dx: Option<&mut [f32]>,
+        mode: Mode,
+    ) {
+        match self {
+            Layer::Conv(c) => c.backward(params, x, rows, conv, dout, grad, dx),
+            Layer::Dense(d) => {
+                let d_in = d.spec().in_dim;
+                let dx = dx.map(|dx| view_mut(dx, rows, d_in));
+                d.backward(params, view(x, rows, d_in), dense, dout, grad, dx, mode)
+            }
+        }
+    }
+}
+
 impl Network {
+    /// The conv block specs of `config` for `(height, width)` single-channel images.
+    pub fn conv_specs(image_shape: (usize, usize), config: &ModelConfig) -> Vec<ConvBlockSpec> {
+        let (mut c, (mut h, mut w)) = (1, image_shape);
+        let mut specs = Vec::new();
+        for (out_channels, pool) in config.conv_blocks() {
+            specs.push(ConvBlockSpec {
+                in_channels: c,
+                in_h: h,
+                in_w: w,
+                out_channels,
+                pool,
+                readout: config.conv_readout,
+            });
+            c = out_channels;
+            if pool {
+                (h, w) = (h / 2, w / 2);
+            }
+        }
+        specs
+    }
+
+    /// A freshly initialized network for images of `image_shape` (conv blocks
+    /// need the shape; an MLP sees only its `h * w` features).
+    pub fn try_for_images(
+        image_shape: (usize, usize),
+        classes: usize,
+        config: &ModelConfig,
+        seed: u64,
+    ) -> Result<Self, OutOfMemory> {
+        let convs = Self::conv_specs(image_shape, config);
+        let flat = convs.last().map_or(image_shape.0 * image_shape.1, |s| {
+            let b = ConvBlock::new(*s, 0);
+            b.output().len()
+        });
+        let mut m = Self::try_with_blocks(convs, Self::specs(flat, classes, config))?;
+        m.input = image_shape.0 * image_shape.1;
+        m.init(seed);
+        Ok(m)
+    }
+
+    fn init(&mut self, seed: u64) {
+        for l in 0..self.n_layers() {
+            let range = self.offsets[l]..self.offsets[l + 1];
+            match self.layer(l) {
+                Layer::Conv(c) => c.clone().init_params(seed, &mut self.params[range]),
+                Layer::Dense(d) => d.clone().init_params(seed, &mut self.params[range]),
+            }
+        }
+    }
+
     /// The layer specs of `config` for `input` features and `classes` classes.
     pub fn specs(input: usize, classes: usize, config: &ModelConfig) -> Vec<DenseSpec> {
         let mut specs = Vec::with_capacity(config.hidden.len() + 1);
@@ -86,12 +196,13 @@ impl Network {
     }
 
     /// [`Network::new`], failing cleanly when the memory is not there.
+    ///
+    /// # Panics
+    /// If `config` has conv blocks (they need the image shape: [`Network::try_for_images`]).
     pub fn try_new(input: usize, classes: usize, config: &ModelConfig, seed: u64) -> Result<Self, OutOfMemory> {
+        assert!(config.conv.is_empty(), "a network with conv blocks needs the image shape");
         let mut m = Self::try_with_specs(Self::specs(input, classes, config))?;
-        for l in 0..m.layers.len() {
-            let range = m.offsets[l]..m.offsets[l + 1];
-            m.layers[l].init_params(seed, &mut m.params[range]);
-        }
+        m.init(seed);
         Ok(m)
     }
 
@@ -108,19 +219,38 @@ impl Network {
     /// # Panics
     /// If `specs` is empty or consecutive widths do not chain.
     pub fn try_with_specs(specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
+        Self::try_with_blocks(Vec::new(), specs)
+    }
+
+    /// A zero network of conv blocks, then dense layers (the last one is the head).
+    ///
+    /// # Panics
+    /// If `specs` is empty or consecutive shapes do not chain.
+    pub fn try_with_blocks(conv: Vec<ConvBlockSpec>, specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
         assert!(!specs.is_empty(), "a network needs at least a head");
         for pair in specs.windows(2) {
             assert_eq!(pair[0].out_dim, pair[1].in_dim, "layer widths must chain");
         }
-        let input = specs[0].in_dim;
+        let n_conv = conv.len();
+        let convs: Vec<ConvBlock> =
+            conv.into_iter().enumerate().map(|(i, s)| ConvBlock::new(s, i as u64 + 1)).collect();
+        for pair in convs.windows(2) {
+            assert_eq!(pair[0].output(), pair[1].spec().input(), "conv shapes must chain");
+        }
+        if let Some(last) = convs.last() {
+            assert_eq!(last.output().len(), specs[0].in_dim, "the first dense layer reads the last conv block");
+        }
+        let input = convs.first().map_or(specs[0].in_dim, |c| c.spec().input().len());
         let classes = specs.last().map(|s| s.out_dim).unwrap_or(0);
-        let layers: Vec<Dense> = specs.into_iter().enumerate().map(|(i, s)| Dense::new(s, i as u64 + 1)).collect();
+        let layers: Vec<Dense> =
+            specs.into_iter().enumerate().map(|(i, s)| Dense::new(s, (n_conv + i) as u64 + 1)).collect();
         let mut offsets = vec![0];
-        for l in &layers {
-            offsets.push(offsets.last().copied().unwrap_or(0) + l.param_len());
+        let lens = convs.iter().map(ConvBlock::param_len).chain(layers.iter().map(Dense::param_len));
+        for len in lens {
+            offsets.push(offsets.last().copied().unwrap_or(0) + len);
         }
         let params = svp_alloc::try_zeros(*offsets.last().unwrap_or(&0), "the network's weights")?;
-        Ok(Self { input, classes, layers, offsets, params })
+        Ok(Self { input, classes, convs, layers, offsets, params })
     }
 
     /// Input width.
@@ -133,30 +263,79 @@ impl Network {
         self.classes
     }
 
-    /// All layers, the head last.
+    /// The dense layers, the head last.
     pub fn layers(&self) -> &[Dense] {
         &self.layers
     }
 
-    /// Number of hidden layers.
+    /// The conv blocks, first to last.
+    pub fn convs(&self) -> &[ConvBlock] {
+        &self.convs
+    }
+
+    /// Number of layers: conv blocks, dense blocks and the head.
+    pub fn n_layers(&self) -> usize {
+        self.convs.len() + self.layers.len()
+    }
+
+    /// Layer `l` (global numbering, see [`Network`]).
+    pub fn layer(&self, l: usize) -> Layer<'_> {
+        match l.checked_sub(self.convs.len()) {
+            None => Layer::Conv(&self.convs[l]),
+            Some(d) => Layer::Dense(&self.layers[d]),
+        }
+    }
+
+    /// Number of hidden layers (conv and dense; the head excluded).
     pub fn hidden_layers(&self) -> usize {
-        self.layers.len() - 1
+        self.n_layers() - 1
+    }
+
+    /// Values per sample of layer `l`'s output.
+    pub fn out_len(&self, l: usize) -> usize {
+        match self.layer(l) {
+            Layer::Conv(c) => c.output().len(),
+            Layer::Dense(d) => d.spec().out_dim,
+        }
+    }
+
+    /// Values per sample of what layer `l`'s projection head reads: a conv
+    /// block's pooled readout, a dense block's output.
+    pub fn readout_len(&self, l: usize) -> usize {
+        match self.layer(l) {
+            Layer::Conv(c) => c.readout().output().len(),
+            Layer::Dense(d) => d.spec().out_dim,
+        }
     }
 
     /// Widest activation (input included).
     pub fn max_width(&self) -> usize {
-        self.layers.iter().map(|l| l.spec().out_dim).chain([self.input]).max().unwrap_or(0)
+        (0..self.n_layers()).map(|l| self.out_len(l)).chain([self.input]).max().unwrap_or(0)
     }
 
     /// Widest layer output (what activation and gradient buffers must hold; the
     /// input itself is never copied into them).
     pub fn max_out_width(&self) -> usize {
-        self.layers.iter().map(|l| l.spec().out_dim).max().unwrap_or(0)
+        (0..self.n_layers()).map(|l| self.out_len(l)).max().unwrap_or(0)
+    }
+
+    /// Widest projection-head input.
+    pub fn max_readout_len(&self) -> usize {
+        (0..self.n_layers()).map(|l| self.readout_len(l)).max().unwrap_or(0)
     }
 
     /// Largest parameter count of one layer.
     pub fn max_layer_params(&self) -> usize {
-        self.layers.iter().map(Dense::param_len).max().unwrap_or(0)
+        (0..self.n_layers()).map(|l| self.offsets[l + 1] - self.offsets[l]).max().unwrap_or(0)
+    }
+
+    /// Parameters of layer `l` that the optimizer trains (a conv block's
+    /// BatchNorm running statistics follow them and are not trained).
+    pub fn trainable_len(&self, l: usize) -> usize {
+        match self.layer(l) {
+            Layer::Conv(c) => c.trainable_len(),
+            Layer::Dense(d) => d.param_len(),
+        }
     }
 
     /// All parameters, layer after layer.
@@ -175,8 +354,18 @@ impl Network {
     }
 
     /// Layer `l` and its parameters, mutable.
-    pub fn layer_mut(&mut self, l: usize) -> (&Dense, &mut [f32]) {
-        (&self.layers[l], &mut self.params[self.offsets[l]..self.offsets[l + 1]])
+    pub fn layer_mut(&mut self, l: usize) -> (Layer<'_>, &mut [f32]) {
+        let params = &mut self.params[self.offsets[l]..self.offsets[l + 1]];
+        let layer = match l.checked_sub(self.convs.len()) {
+            None => Layer::Conv(&self.convs[l]),
+            Some(d) => Layer::Dense(&self.layers[d]),
+        };
+        (layer, params)
+    }
+
+    /// Parameters of layer `l`, mutable.
+    pub fn layer_params_mut(&mut self, l: usize) -> &mut [f32] {
+        &mut self.params[self.offsets[l]..self.offsets[l + 1]]
     }
 
     /// Bytes of parameters.
@@ -195,23 +384,34 @@ impl Network {
         exits: Option<&ProjectionHeads>,
     ) -> &'w [f32] {
         ws.ensure(rows, self, exits.map(|h| h.dim));
-        let mut input_is_x = true;
         let mut cur = 0;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let d_in = layer.spec().in_dim;
-            let d_out = layer.spec().out_dim;
+        for l in 0..self.n_layers() {
             let (a, b) = ws.act.split_at_mut(1);
             let (src, dst) = if cur == 0 { (&a[0], &mut b[0]) } else { (&b[0], &mut a[0]) };
-            let input = if input_is_x { view(x, rows, d_in) } else { view(src, rows, d_in) };
-            layer.forward(self.layer_params(l), input, &mut ws.cache, dst, Mode::Infer);
-            if let Some(heads) = exits
-                && l + 1 < self.layers.len()
-            {
-                let p = heads.for_layer(l + 1, d_out, false);
-                let out = &mut ws.exits[l * rows * heads.dim..(l + 1) * rows * heads.dim];
-                p.forward(view(dst, rows, d_out), None, None, svp_tensor::view_mut(out, rows, heads.dim), &mut ws.tile);
+            let input = if l == 0 { x } else { &src[..] };
+            let d_out = self.out_len(l);
+            match self.layer(l) {
+                Layer::Conv(c) => c.infer(self.layer_params(l), input, rows, &mut ws.conv_cache, dst),
+                Layer::Dense(d) => {
+                    let d_in = d.spec().in_dim;
+                    d.forward(self.layer_params(l), view(input, rows, d_in), &mut ws.cache, dst, Mode::Infer);
+                }
             }
-            input_is_x = false;
+            if let Some(heads) = exits
+                && l + 1 < self.n_layers()
+            {
+                let width = self.readout_len(l);
+                let read = match self.layer(l) {
+                    Layer::Conv(c) => {
+                        c.readout().forward(&dst[..rows * d_out], rows, &mut ws.readout);
+                        &ws.readout[..rows * width]
+                    }
+                    Layer::Dense(_) => &dst[..rows * d_out],
+                };
+                let p = heads.for_layer(l + 1, width, false);
+                let out = &mut ws.exits[l * rows * heads.dim..(l + 1) * rows * heads.dim];
+                p.forward(view(read, rows, width), None, None, view_mut(out, rows, heads.dim), &mut ws.tile);
+            }
             cur = 1 - cur;
         }
         let last = if cur == 0 { &ws.act[0] } else { &ws.act[1] };
@@ -224,6 +424,8 @@ impl Network {
 pub struct InferenceWorkspace {
     act: [Vec<f32>; 2],
     cache: DenseCache,
+    conv_cache: ConvBlockCache,
+    readout: Vec<f32>,
     exits: Vec<f32>,
     tile: Vec<f32>,
     rows: usize,
@@ -250,12 +452,16 @@ impl InferenceWorkspace {
                 svp_alloc::try_zeros(need, "inference activations")?,
             ];
             self.cache = DenseCache::try_new(rows, width)?;
+            self.conv_cache = ConvBlockCache::try_new_for(model.convs(), rows)?;
             self.rows = rows;
         }
         if let Some(d) = exit_dim {
             let need = rows * d * model.hidden_layers();
             if self.exits.len() < need {
                 self.exits = svp_alloc::try_zeros(need, "early-exit logits")?;
+            }
+            if !model.convs().is_empty() && self.readout.len() < rows * model.max_readout_len() {
+                self.readout = svp_alloc::try_zeros(rows * model.max_readout_len(), "conv readouts")?;
             }
             let tile = EXIT_TILE_FLOATS.max(model.max_width());
             if self.tile.len() < tile {

@@ -1,10 +1,10 @@
 //! The SVP training step: every layer learns from its own local loss.
 
 use crate::config::{Config, FirstLayerAlignment};
-use crate::model::{Network, ProjectionHeads};
+use crate::model::{Layer, Network, ProjectionHeads};
 use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
-use svp_nn::{DenseCache, FaWorkspace, FeatureAlignment, Mode, Projection, softmax_cross_entropy};
+use svp_nn::{ConvBlockCache, DenseCache, FaWorkspace, FeatureAlignment, Mode, Projection, softmax_cross_entropy};
 use svp_tensor::{view, view_mut};
 
 /// Sums of per-layer local losses and head accuracies over the steps since
@@ -57,8 +57,13 @@ struct Workspace {
     /// Hidden activations: a unit's input and the outputs of its layers, in
     /// rotation (`layers_per_unit + 1` buffers; two for plain SVP).
     act: Vec<Vec<f32>>,
-    /// One backward cache per layer of a unit.
+    /// One backward cache per dense layer of a unit.
     caches: Vec<DenseCache>,
+    /// The backward cache of a conv block (each conv block is its own unit).
+    conv_cache: ConvBlockCache,
+    /// A conv block's pooled readout, and its gradient.
+    readout: Vec<f32>,
+    d_readout: Vec<f32>,
     /// Gradient wrt the current layer's output.
     dh: Vec<f32>,
     /// Gradient wrt the current layer's input, inside an SVP+ unit (empty for plain SVP).
@@ -82,6 +87,8 @@ impl Workspace {
             + self.tile.len()
             + self.grad.len())
             + self.caches.iter().map(DenseCache::bytes).sum::<usize>()
+            + self.conv_cache.bytes()
+            + 4 * (self.readout.len() + self.d_readout.len())
             + self.fa.bytes()
     }
 }
@@ -116,17 +123,21 @@ impl SvpTrainer {
         let width = model.max_out_width();
         let vdim = dim.max(classes);
         let label_cols = if config.svp.label_concat { classes } else { 0 };
-        let tile_floats = (config.svp.tile_bytes / 4).max(width + label_cols);
-        let hidden = model.layers().len() - 1;
-        let layers_per_unit = config.svp.layers_per_unit.clamp(1, hidden.max(1));
-        let act = (0..=layers_per_unit)
-            .map(|_| try_zeros(rows * width, "layer activations"))
-            .collect::<Result<_, _>>()?;
-        let caches = (0..layers_per_unit).map(|_| DenseCache::try_new(rows, width)).collect::<Result<_, _>>()?;
+        let tile_floats = (config.svp.tile_bytes / 4).max(model.max_readout_len() + label_cols);
+        let dense_hidden = model.layers().len() - 1;
+        let layers_per_unit = config.svp.layers_per_unit.clamp(1, dense_hidden.max(1));
+        let readout_len = if model.convs().is_empty() { 0 } else { rows * model.max_readout_len() };
+        let act =
+            (0..=layers_per_unit).map(|_| try_zeros(rows * width, "layer activations")).collect::<Result<_, _>>()?;
+        let dense_width = model.layers().iter().map(|l| l.spec().out_dim).max().unwrap_or(0);
+        let caches = (0..layers_per_unit).map(|_| DenseCache::try_new(rows, dense_width)).collect::<Result<_, _>>()?;
         let dx_len = if layers_per_unit > 1 { rows * width } else { 0 };
         let ws = Workspace {
             act,
             caches,
+            conv_cache: ConvBlockCache::try_new_for(model.convs(), rows)?,
+            readout: try_zeros(readout_len, "conv readouts")?,
+            d_readout: try_zeros(readout_len, "conv readout gradients")?,
             dh: try_zeros(rows * width, "the activation gradient")?,
             dx: try_zeros(dx_len, "the input gradient inside a unit")?,
             v_cur: try_zeros(rows * vdim, "the projections")?,
@@ -146,7 +157,7 @@ impl SvpTrainer {
             layers_per_unit,
             max_rows: rows,
             ws,
-            metrics: LayerMetrics::new(model.layers().len()),
+            metrics: LayerMetrics::new(model.n_layers()),
         })
     }
 
@@ -167,8 +178,9 @@ impl Trainer for SvpTrainer {
         assert!(rows > 0 && rows <= self.max_rows, "batch of {rows} rows for a trainer sized for {}", self.max_rows);
         let step = self.updater.step();
         let mode = Mode::Train { seed: self.heads.seed, step };
-        let n_layers = model.layers().len();
+        let n_layers = model.n_layers();
         let n_hidden = n_layers - 1;
+        let n_conv = model.convs().len();
         let input_dim = model.input();
         let vdim = self.heads.dim;
         let slots = self.ws.act.len();
@@ -189,28 +201,52 @@ impl Trainer for SvpTrainer {
         let mut unit_input = 0;
         let mut first = 0;
         while first < n_layers {
-            // A unit: `layers_per_unit` hidden layers, or the classifier head alone.
-            let end = if first == n_hidden { n_layers } else { (first + self.layers_per_unit).min(n_hidden) };
+            // A unit: one conv block, `layers_per_unit` dense hidden layers, or the head alone.
+            let end = if first < n_conv {
+                first + 1
+            } else if first == n_hidden {
+                n_layers
+            } else {
+                (first + self.layers_per_unit).min(n_hidden)
+            };
             let is_head = end == n_layers;
             let slot = |j: usize| (unit_input + 1 + j) % slots;
             let ws = &mut self.ws;
 
             for (j, l) in (first..end).enumerate() {
                 let (layer, params) = model.layer_mut(l);
-                let d_in = layer.spec().in_dim;
                 let (src, dst) = read_write(&mut ws.act, if j == 0 { unit_input } else { slot(j - 1) }, slot(j));
-                let input = if l == 0 { view(x, rows, input_dim) } else { view(src, rows, d_in) };
-                layer.forward(params, input, &mut ws.caches[j], dst, mode);
+                let input = if l == 0 { x } else { src };
+                layer.forward(params, input, rows, &mut ws.caches[j], &mut ws.conv_cache, dst, mode);
             }
             let last = end - 1;
-            let d_out = model.layers()[last].spec().out_dim;
+            let d_out = model.out_len(last);
             let out = &ws.act[slot(end - first - 1)][..rows * d_out];
+
+            // What the projection reads: a conv block's pooled readout, a dense block's output.
+            let conv_readout = match model.layer(last) {
+                Layer::Conv(c) => Some(c.readout()),
+                Layer::Dense(_) => None,
+            };
+            let read_len = model.readout_len(last);
+            let read = if let Some(pool) = &conv_readout {
+                pool.forward(out, rows, &mut ws.readout);
+                &ws.readout[..rows * read_len]
+            } else {
+                out
+            };
 
             // Local logits: v = Dropout(R) h at the unit's output, or the head's own output.
             let out_dim = if is_head { d_out } else { vdim };
-            let proj = (!is_head).then(|| self.heads.for_layer(end, d_out, true));
+            let proj = (!is_head).then(|| self.heads.for_layer(end, read_len, true));
             let v = if let Some(p) = &proj {
-                p.forward(view(out, rows, d_out), Some(y), Some(step), view_mut(&mut ws.v_cur, rows, vdim), &mut ws.tile);
+                p.forward(
+                    view(read, rows, read_len),
+                    Some(y),
+                    Some(step),
+                    view_mut(&mut ws.v_cur, rows, vdim),
+                    &mut ws.tile,
+                );
                 &ws.v_cur[..rows * vdim]
             } else {
                 out
@@ -238,28 +274,38 @@ impl Trainer for SvpTrainer {
             self.metrics.fa_sum[last] += fa as f64;
             self.metrics.correct[last] += correct as u64;
 
-            // eps = dL/dh through R only (or the head's logit gradient), then
-            // backprop inside the unit, each layer updated right after its own
-            // backward; the unit's input stays detached. (Overlapping an update
-            // with the next layer's forward, which SVP allows, measured no faster
-            // on 2 cores: both compete for the same cores and memory bandwidth.)
-            let mut dout = if let Some(p) = &proj {
-                p.backward(view(&ws.dv, rows, vdim), Some(step), view_mut(&mut ws.dh, rows, d_out), &mut ws.tile);
-                &mut ws.dh
-            } else {
-                head_ce = ce;
-                &mut ws.dv
+            // eps = dL/dh through R only (and the readout pooling), or the head's
+            // logit gradient; then backprop inside the unit, each layer updated
+            // right after its own backward; the unit's input stays detached.
+            // (Overlapping an update with the next layer's forward, which SVP
+            // allows, measured no faster on 2 cores: both compete for the same
+            // cores and memory bandwidth.)
+            let mut dout = match (&proj, &conv_readout) {
+                (Some(p), Some(pool)) => {
+                    let d_read = view_mut(&mut ws.d_readout, rows, read_len);
+                    p.backward(view(&ws.dv, rows, vdim), Some(step), d_read, &mut ws.tile);
+                    pool.backward(&ws.act[slot(0)][..rows * d_out], rows, &ws.d_readout, &mut ws.dh);
+                    &mut ws.dh
+                }
+                (Some(p), None) => {
+                    p.backward(view(&ws.dv, rows, vdim), Some(step), view_mut(&mut ws.dh, rows, d_out), &mut ws.tile);
+                    &mut ws.dh
+                }
+                (None, _) => {
+                    head_ce = ce;
+                    &mut ws.dv
+                }
             };
             let mut dx = &mut ws.dx;
             for (j, l) in (first..end).enumerate().rev() {
+                let trainable = model.trainable_len(l);
                 let (layer, params) = model.layer_mut(l);
-                let d_in = layer.spec().in_dim;
                 let src = &ws.act[if j == 0 { unit_input } else { slot(j - 1) }];
-                let input = if l == 0 { view(x, rows, input_dim) } else { view(src, rows, d_in) };
-                let grad = &mut ws.grad[..params.len()];
-                let dinput = (j > 0).then(|| view_mut(&mut dx[..], rows, d_in));
-                layer.backward(params, input, &ws.caches[j], dout, grad, dinput, mode);
-                self.updater.update(l, lr_scale, params, grad);
+                let input = if l == 0 { x } else { &src[..] };
+                let grad = &mut ws.grad[..trainable];
+                let dinput = (j > 0).then_some(&mut dx[..]);
+                layer.backward(params, input, rows, &ws.caches[j], &mut ws.conv_cache, dout, grad, dinput, mode);
+                self.updater.update(l, lr_scale, &mut params[..trainable], grad);
                 if j > 0 {
                     std::mem::swap(&mut dout, &mut dx);
                 }

@@ -15,9 +15,8 @@ pub struct Updater {
 impl Updater {
     /// Fresh state for every layer of `model`, failing cleanly without the memory.
     pub fn try_new(model: &Network, optimizer: Optimizer) -> Result<Self, OutOfMemory> {
-        let states = (0..model.layers().len())
-            .map(|l| optimizer.try_new_state(model.layer_params(l).len()))
-            .collect::<Result<_, _>>()?;
+        let states =
+            (0..model.n_layers()).map(|l| optimizer.try_new_state(model.trainable_len(l))).collect::<Result<_, _>>()?;
         Ok(Self { optimizer, states, step: 0 })
     }
 
