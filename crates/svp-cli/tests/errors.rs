@@ -108,12 +108,27 @@ fn config_errors() {
         (TINY.replace("hidden = [8]", "hidden = [8]\ninput = 784"), "model.input = 784 but the data has 4"),
         (TINY.replace("lr = 0.01", "lr = -1.0"), "optimizer.lr"),
         ("[model\nhidden = [8]".to_string(), "line 1"),
+        (TINY.replace("hidden = [8]", "hidden = [8]\nconv = [0]"), "model.conv[0] is 0"),
+        (TINY.replace("hidden = [8]", "hidden = [8]\nconv = [\"M\", 4]"), "no conv block before it"),
+        // The test images are 2x2: a second pooling leaves nothing.
+        (TINY.replace("hidden = [8]", "hidden = [8]\nconv = [4, \"M\", 4, \"M\"]"), "shrink to nothing"),
+        (format!("{TINY}[svp]\nlayers_per_unit = 0\n"), "svp.layers_per_unit"),
+        (format!("{TINY}[svp]\nhead_lr_scale = 0.0\n"), "svp.head_lr_scale"),
     ];
     for (body, needle) in cases {
         let cfg = write_config(&d, &body);
         assert_fails(&svp(&["train", "--config", &cfg, "--data", &data]), 1, needle);
     }
     assert_fails(&svp(&["train", "--config", "/nonexistent/run.toml"]), 1, "cannot read config");
+    // Model files describe MLPs only (format v1): refused before training, not written wrong.
+    let cnn = write_config(&d, &TINY.replace("hidden = [8]", "hidden = [8]\nconv = [4]"));
+    let out = d.join("cnn.svpm");
+    assert_fails(
+        &svp(&["train", "--config", &cnn, "--data", &data, "--out", out.to_str().unwrap()]),
+        1,
+        "hold MLPs only",
+    );
+    assert!(!out.exists());
 }
 
 #[test]

@@ -148,6 +148,10 @@ pub struct SvpConfig {
     /// local loss sits on the unit's output. Memory grows with k, not depth.
     #[serde(default = "default_layers_per_unit")]
     pub layers_per_unit: usize,
+    /// Learning-rate multiplier of the classifier head (a per-layer learning
+    /// rate: the head is a convex problem on features that keep moving).
+    #[serde(default = "default_head_lr_scale")]
+    pub head_lr_scale: f32,
 }
 
 fn default_lambda() -> f32 {
@@ -161,6 +165,9 @@ fn default_tile_bytes() -> usize {
 }
 fn default_layers_per_unit() -> usize {
     1
+}
+fn default_head_lr_scale() -> f32 {
+    1.0
 }
 
 impl Default for SvpConfig {
@@ -176,6 +183,7 @@ impl Default for SvpConfig {
             mean_center: false,
             tile_bytes: default_tile_bytes(),
             layers_per_unit: default_layers_per_unit(),
+            head_lr_scale: default_head_lr_scale(),
         }
     }
 }
@@ -310,6 +318,9 @@ impl Config {
         }
         if self.svp.tile_bytes < 4 {
             return invalid("svp.tile_bytes must be at least 4");
+        }
+        if !(self.svp.head_lr_scale.is_finite() && self.svp.head_lr_scale > 0.0) {
+            return invalid(format!("svp.head_lr_scale = {} must be a positive number", self.svp.head_lr_scale));
         }
         if self.svp.layers_per_unit == 0 {
             return invalid("svp.layers_per_unit must be at least 1");

@@ -47,6 +47,7 @@ pub struct SvpTrainer {
     align_first: bool,
     fa: FeatureAlignment,
     layers_per_unit: usize,
+    head_lr_scale: f32,
     max_rows: usize,
     ws: Workspace,
     metrics: LayerMetrics,
@@ -155,6 +156,7 @@ impl SvpTrainer {
             align_first: config.svp.first_layer_alignment == FirstLayerAlignment::Input,
             fa: FeatureAlignment { mean_center: config.svp.mean_center },
             layers_per_unit,
+            head_lr_scale: config.svp.head_lr_scale,
             max_rows: rows,
             ws,
             metrics: LayerMetrics::new(model.n_layers()),
@@ -305,7 +307,8 @@ impl Trainer for SvpTrainer {
                 let grad = &mut ws.grad[..trainable];
                 let dinput = (j > 0).then_some(&mut dx[..]);
                 layer.backward(params, input, rows, &ws.caches[j], &mut ws.conv_cache, dout, grad, dinput, mode);
-                self.updater.update(l, lr_scale, &mut params[..trainable], grad);
+                let lr = if is_head { lr_scale * self.head_lr_scale } else { lr_scale };
+                self.updater.update(l, lr, &mut params[..trainable], grad);
                 if j > 0 {
                     std::mem::swap(&mut dout, &mut dx);
                 }
