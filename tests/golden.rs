@@ -43,6 +43,7 @@ fn config(g: &Value, optimizer: svp_optim::Optimizer) -> Config {
             lambda: g["lambda"].as_f64().unwrap() as f32,
             projection_dropout: g["projection_dropout"].as_f64().unwrap() as f32,
             layers_per_unit: g["layers_per_unit"].as_u64().unwrap_or(1) as usize,
+            head_joins_last_unit: g["head_joins_last_unit"].as_bool().unwrap_or(false),
             ..SvpConfig::default()
         },
         train: TrainConfig {
@@ -178,6 +179,19 @@ fn svp_plus_one_step_matches_blockwise_backprop() {
 #[test]
 fn svp_plus_five_step_loss_trajectory_matches() {
     check_trajectory(&plus_fixture());
+}
+
+/// SVP+ over three hidden layers in units of two, the head inside the second unit.
+fn plus_head_fixture() -> Value {
+    let g: Value = serde_json::from_str(include_str!("golden/svp_plus_head_step.json")).expect("fixture parses");
+    assert_eq!(g["head_joins_last_unit"].as_bool(), Some(true));
+    g
+}
+
+#[test]
+fn svp_plus_with_the_head_in_the_last_unit_matches() {
+    check_one_step(&plus_head_fixture());
+    check_trajectory(&plus_head_fixture());
 }
 
 #[test]

@@ -7,11 +7,14 @@ independent Python implementation of svp-rng), then one step of Algorithm 1
 runs with PyTorch autograd: per layer, local loss CE(v_l) + lambda * FA(v_l,
 sg(v_{l-1})), gradients of that layer only, Adam update. With
 --layers-per-unit K it is blockwise SVP+: backprop inside each unit of K
-hidden layers, the local loss on the unit's output (the head is its own unit).
+hidden layers, the local loss on the unit's output (the head is its own unit,
+or with --head-joins-last-unit part of the last one).
 
     pip install torch
     python3 tools/golden/svp_step.py > tests/golden/svp_step.json
     python3 tools/golden/svp_step.py --hidden 5,4,4,3 --layers-per-unit 2 > tests/golden/svp_plus_step.json
+    python3 tools/golden/svp_step.py --hidden 5,4,3 --layers-per-unit 2 --head-joins-last-unit \
+        > tests/golden/svp_plus_head_step.json
 
 tests/golden.rs reads the JSON; the tests never need PyTorch.
 """
@@ -35,6 +38,7 @@ PROJ_DROPOUT = 0.25
 LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
 STEPS = 5
 LAYERS_PER_UNIT = 1
+HEAD_JOINS = False
 f32 = torch.float32
 
 
@@ -115,12 +119,14 @@ def step(layers, opts, x, y, t, record):
     while first < len(layers):
         # A unit: LAYERS_PER_UNIT hidden layers, or the classifier head alone.
         end = len(layers) if first == hidden else min(first + LAYERS_PER_UNIT, hidden)
+        if end == hidden and HEAD_JOINS:
+            end = len(layers)
         head = end == len(layers)
         out = h
-        for p in layers[first:end]:
-            for o in p:
+        for l in range(first, end):
+            for o in layers[l]:
                 o.grad = None
-            out = forward(p, out, head)
+            out = forward(layers[l], out, l == len(layers) - 1)
         v = out if head else out @ projection(end, out.shape[1], t).t()
         ce = torch.nn.functional.cross_entropy(v, y)
         fa = fa_loss(v, v_prev)
@@ -146,11 +152,13 @@ def step(layers, opts, x, y, t, record):
 
 
 def main():
-    global HIDDEN, LAYERS_PER_UNIT
+    global HIDDEN, LAYERS_PER_UNIT, HEAD_JOINS
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--hidden", default=",".join(map(str, HIDDEN)), help="hidden widths, comma-separated")
     args.add_argument("--layers-per-unit", type=int, default=1, help="SVP+ unit size (1 = plain SVP)")
+    args.add_argument("--head-joins-last-unit", action="store_true", help="train the head inside the last unit")
     a = args.parse_args()
+    HEAD_JOINS = a.head_joins_last_unit
     HIDDEN = [int(w) for w in a.hidden.split(",")]
     LAYERS_PER_UNIT = a.layers_per_unit
     torch.manual_seed(0)
@@ -168,6 +176,7 @@ def main():
             "input": INPUT,
             "hidden": HIDDEN,
             "layers_per_unit": LAYERS_PER_UNIT,
+            "head_joins_last_unit": HEAD_JOINS,
             "classes": CLASSES,
             "lambda": LAMBDA,
             "projection_dropout": PROJ_DROPOUT,

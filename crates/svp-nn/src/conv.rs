@@ -7,6 +7,7 @@
 //! buffer holds one sample at a time and the backward recomputes it from the
 //! input, so nothing per-sample is kept between forward and backward.
 
+use rayon::prelude::*;
 use svp_tensor::{gemm, view, view_mut};
 
 /// Shape of one sample: channels, height, width.
@@ -64,20 +65,32 @@ impl Conv2d {
         self.input.c * self.k * self.k
     }
 
-    /// Floats of the per-sample column buffer.
-    pub fn col_len(&self) -> usize {
+    /// Values per output channel plane.
+    fn hw(&self) -> usize {
         let o = self.output();
-        self.patch() * o.h * o.w
+        o.h * o.w
     }
 
-    /// Calls `f(column offset, input offset, len, stride)` for every run of the
-    /// column matrix (patch x out_h*out_w) that reads input values: column
-    /// entries `col + i` read input `x + i * stride` for `i < len`. Entries over
-    /// the zero padding are in no run.
-    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
+    /// Samples unfolded side by side for one GEMM: enough that a GEMM has
+    /// about [`GROUP_COLUMNS`] columns even when planes are small (a 7x7
+    /// plane alone makes a GEMM too narrow to run well).
+    pub fn group_size(&self) -> usize {
+        (GROUP_COLUMNS / self.hw().max(1)).max(1)
+    }
+
+    /// Floats of the scratch buffers `forward` and `backward` take: the
+    /// columns of one group of samples and its GEMM output.
+    pub fn col_len(&self) -> usize {
+        (self.patch() + self.c_out) * self.hw() * self.group_size()
+    }
+
+    /// Calls `f(patch row, offset in the sample's plane, input offset, len,
+    /// stride)` for every run of the column matrix that reads input values:
+    /// plane entries `offset + i` of that row read input `x + i * stride` for
+    /// `i < len`. Entries over the zero padding are in no run.
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
         let (i, o) = (self.input, self.output());
         let (k, s, p) = (self.k, self.stride, self.padding);
-        let hw = o.h * o.w;
         // Output positions along an axis whose input index o*s + tap - p lies in [0, n).
         let valid = |tap: usize, n: usize, outs: usize| {
             let first = p.saturating_sub(tap).div_ceil(s);
@@ -92,35 +105,37 @@ impl Conv2d {
                     if ox0 == ox1 {
                         continue;
                     }
-                    let row = ((c * k + ky) * k + kx) * hw;
+                    let row = (c * k + ky) * k + kx;
                     for oy in oy0..oy1 {
                         let y = oy * s + ky - p;
                         let xx = ox0 * s + kx - p;
-                        f(row + oy * o.w + ox0, (c * i.h + y) * i.w + xx, ox1 - ox0, s);
+                        f(row, oy * o.w + ox0, (c * i.h + y) * i.w + xx, ox1 - ox0, s);
                     }
                 }
             }
         }
     }
 
-    /// Unfolds one sample into `col`.
-    fn im2col(&self, x: &[f32], col: &mut [f32]) {
-        col[..self.col_len()].fill(0.0);
-        self.for_each_run(|ci, xi, len, stride| {
+    /// Unfolds one sample into columns `at..at + hw` of `col` (rows of `ld`
+    /// floats), whose padding entries the caller has zeroed.
+    fn im2col(&self, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
+        self.for_each_run(|row, off, xi, len, stride| {
+            let dst = &mut col[row * ld + at + off..][..len];
             if stride == 1 {
-                col[ci..ci + len].copy_from_slice(&x[xi..xi + len]);
+                dst.copy_from_slice(&x[xi..xi + len]);
             } else {
-                for (j, c) in col[ci..ci + len].iter_mut().enumerate() {
+                for (j, c) in dst.iter_mut().enumerate() {
                     *c = x[xi + j * stride];
                 }
             }
         });
     }
 
-    /// Adds the columns back into one sample's gradient (the adjoint of `im2col`).
-    fn col2im_add(&self, col: &[f32], dx: &mut [f32]) {
-        self.for_each_run(|ci, xi, len, stride| {
-            for (j, &c) in col[ci..ci + len].iter().enumerate() {
+    /// Adds columns `at..at + hw` of `col` back into one sample's gradient
+    /// (the adjoint of `im2col`).
+    fn col2im_add(&self, col: &[f32], ld: usize, at: usize, dx: &mut [f32]) {
+        self.for_each_run(|row, off, xi, len, stride| {
+            for (j, &c) in col[row * ld + at + off..][..len].iter().enumerate() {
                 dx[xi + j * stride] += c;
             }
         });
@@ -128,16 +143,27 @@ impl Conv2d {
 
     /// `out = conv(x) + b` for `rows` samples; `col` holds [`Conv2d::col_len`] floats.
     pub fn forward(&self, params: &[f32], x: &[f32], rows: usize, out: &mut [f32], col: &mut [f32]) {
-        let (il, o) = (self.input.len(), self.output());
-        let (hw, patch) = (o.h * o.w, self.patch());
+        let (il, ol, hw, patch) = (self.input.len(), self.output().len(), self.hw(), self.patch());
+        let group = self.group_size();
         let (w, b) = params.split_at(self.c_out * patch);
-        for r in 0..rows {
-            self.im2col(&x[r * il..(r + 1) * il], col);
-            let y = &mut out[r * o.len()..(r + 1) * o.len()];
-            for (ch, plane) in y.chunks_exact_mut(hw).enumerate() {
-                plane.fill(b[ch]);
+        let (cols, y) = col[..self.col_len()].split_at_mut(patch * hw * group);
+        for g0 in (0..rows).step_by(group) {
+            let n = group.min(rows - g0);
+            let ld = n * hw;
+            cols[..patch * ld].fill(0.0);
+            for s in 0..n {
+                self.im2col(&x[(g0 + s) * il..][..il], cols, ld, s * hw);
             }
-            gemm(1.0, view(w, self.c_out, patch), view(col, patch, hw), 1.0, view_mut(y, self.c_out, hw));
+            let y = &mut y[..self.c_out * ld];
+            gemm(1.0, view(w, self.c_out, patch), view(cols, patch, ld), 0.0, view_mut(y, self.c_out, ld));
+            for s in 0..n {
+                let sample = &mut out[(g0 + s) * ol..][..ol];
+                for (ch, plane) in sample.chunks_exact_mut(hw).enumerate() {
+                    for (o, &v) in plane.iter_mut().zip(&y[ch * ld + s * hw..][..hw]) {
+                        *o = v + b[ch];
+                    }
+                }
+            }
         }
     }
 
@@ -156,28 +182,48 @@ impl Conv2d {
         col: &mut [f32],
         dcol: &mut [f32],
     ) {
-        let (il, o) = (self.input.len(), self.output());
-        let (hw, patch) = (o.h * o.w, self.patch());
+        let (il, ol, hw, patch) = (self.input.len(), self.output().len(), self.hw(), self.patch());
+        let group = self.group_size();
         let (w, _) = params.split_at(self.c_out * patch);
         let (gw, gb) = grad[..self.param_len()].split_at_mut(self.c_out * patch);
         gw.fill(0.0);
         gb.fill(0.0);
-        for r in 0..rows {
-            let d = &dout[r * o.len()..(r + 1) * o.len()];
-            for (g, plane) in gb.iter_mut().zip(d.chunks_exact(hw)) {
-                *g += svp_tensor::reduce::sum(plane);
+        let (cols, dy) = col[..self.col_len()].split_at_mut(patch * hw * group);
+        for g0 in (0..rows).step_by(group) {
+            let n = group.min(rows - g0);
+            let ld = n * hw;
+            // The group's output gradient, channel-major like the GEMM's output.
+            let dy = &mut dy[..self.c_out * ld];
+            for s in 0..n {
+                let sample = &dout[(g0 + s) * ol..][..ol];
+                for (ch, plane) in sample.chunks_exact(hw).enumerate() {
+                    dy[ch * ld + s * hw..][..hw].copy_from_slice(plane);
+                }
             }
-            self.im2col(&x[r * il..(r + 1) * il], col);
-            gemm(1.0, view(d, self.c_out, hw), view(col, patch, hw).t(), 1.0, view_mut(gw, self.c_out, patch));
+            for (g, row) in gb.iter_mut().zip(dy.chunks_exact(ld)) {
+                *g += svp_tensor::reduce::sum(row);
+            }
+            cols[..patch * ld].fill(0.0);
+            for s in 0..n {
+                self.im2col(&x[(g0 + s) * il..][..il], cols, ld, s * hw);
+            }
+            let dy = view(dy, self.c_out, ld);
+            gemm(1.0, dy, view(cols, patch, ld).t(), 1.0, view_mut(gw, self.c_out, patch));
             if let Some(dx) = dx.as_deref_mut() {
-                gemm(1.0, view(w, self.c_out, patch).t(), view(d, self.c_out, hw), 0.0, view_mut(dcol, patch, hw));
-                let dxs = &mut dx[r * il..(r + 1) * il];
-                dxs.fill(0.0);
-                self.col2im_add(dcol, dxs);
+                let dcols = &mut dcol[..patch * ld];
+                gemm(1.0, view(w, self.c_out, patch).t(), dy, 0.0, view_mut(dcols, patch, ld));
+                for s in 0..n {
+                    let dxs = &mut dx[(g0 + s) * il..][..il];
+                    dxs.fill(0.0);
+                    self.col2im_add(dcols, ld, s * hw, dxs);
+                }
             }
         }
     }
 }
+
+/// Columns a convolution's GEMM aims for when it unfolds several samples at once.
+const GROUP_COLUMNS: usize = 2048;
 
 /// How a pooling window combines its values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,8 +290,8 @@ impl Pool2d {
     /// Forward for `rows` samples.
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         let (il, ol, w) = (self.input.len(), self.output().len(), self.input.w);
-        for r in 0..rows {
-            let (xs, ys) = (&x[r * il..(r + 1) * il], &mut out[r * ol..(r + 1) * ol]);
+        let samples = x[..rows * il].par_chunks(il).zip(out[..rows * ol].par_chunks_mut(ol));
+        samples.for_each(|(xs, ys)| {
             self.cells(|base, o, (y0, y1), (x0, x1)| {
                 let window = (y0..y1).map(|y| &xs[base + y * w + x0..base + y * w + x1]);
                 ys[o] = match self.kind {
@@ -255,15 +301,16 @@ impl Pool2d {
                     }
                 };
             });
-        }
+        });
     }
 
     /// Input gradient (overwriting `dx`) from `dout`; `x` is the forward's input.
     pub fn backward(&self, x: &[f32], rows: usize, dout: &[f32], dx: &mut [f32]) {
         let (il, ol, w) = (self.input.len(), self.output().len(), self.input.w);
         dx[..rows * il].fill(0.0);
-        for r in 0..rows {
-            let (xs, ds, dxs) = (&x[r * il..(r + 1) * il], &dout[r * ol..(r + 1) * ol], &mut dx[r * il..(r + 1) * il]);
+        let samples =
+            x[..rows * il].par_chunks(il).zip(dout[..rows * ol].par_chunks(ol)).zip(dx[..rows * il].par_chunks_mut(il));
+        samples.for_each(|((xs, ds), dxs)| {
             self.cells(|base, o, (y0, y1), (x0, x1)| match self.kind {
                 PoolKind::Max => {
                     let mut best = (f32::NEG_INFINITY, base + y0 * w + x0);
@@ -286,7 +333,7 @@ impl Pool2d {
                     }
                 }
             });
-        }
+        });
     }
 }
 
@@ -323,8 +370,10 @@ impl BatchNorm2d {
     }
 
     /// Training forward: normalizes with the batch's statistics, writes
-    /// `xhat` (the normalized input, kept for the backward) and `1/std` per
-    /// channel into `rstd`, and updates `running`.
+    /// `xhat` (the normalized input, kept for the backward) and, in `stats`
+    /// (`2 * channels` floats), `1/std` per channel then the batch mean, and
+    /// updates `running`. Channels' statistics and samples' values are each
+    /// computed by one task, so the result does not depend on the thread count.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_train(
         &self,
@@ -334,30 +383,39 @@ impl BatchNorm2d {
         rows: usize,
         out: &mut [f32],
         xhat: &mut [f32],
-        rstd: &mut [f32],
+        stats: &mut [f32],
     ) {
         let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
         let n = (rows * hw) as f64;
         let (gamma, beta) = params.split_at(c);
-        for ch in 0..c {
-            let planes = (0..rows).map(|r| &x[r * len + ch * hw..][..hw]);
-            let mean = planes.clone().map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / n;
-            let var = planes.map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum::<f64>() / n;
-            let r = 1.0 / (var as f32 + BATCH_NORM_EPS).sqrt();
-            rstd[ch] = r;
-            for row in 0..rows {
-                let at = row * len + ch * hw;
-                for i in at..at + hw {
-                    xhat[i] = (x[i] - mean as f32) * r;
-                    out[i] = gamma[ch] * xhat[i] + beta[ch];
-                }
-            }
-            let m = self.momentum;
-            running[ch] = (1.0 - m) * running[ch] + m * mean as f32;
+        let (rstd, mean) = stats[..2 * c].split_at_mut(c);
+        let x = &x[..rows * len];
+        let (run_mean, run_var) = running[..2 * c].split_at_mut(c);
+        let per_channel = rstd.par_iter_mut().zip(mean.par_iter_mut()).zip(run_mean.par_iter_mut().zip(run_var));
+        per_channel.enumerate().for_each(|(ch, ((r, m), (run_mean, run_var)))| {
+            let planes = x.chunks_exact(len).map(|sample| &sample[ch * hw..][..hw]);
+            let mu = planes.clone().map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / n;
+            let var = planes.map(|p| p.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>()).sum::<f64>() / n;
+            *r = 1.0 / (var as f32 + BATCH_NORM_EPS).sqrt();
+            *m = mu as f32;
+            let k = self.momentum;
+            *run_mean = (1.0 - k) * *run_mean + k * mu as f32;
             // The running variance is unbiased, as PyTorch keeps it.
             let unbiased = if n > 1.0 { var * n / (n - 1.0) } else { var };
-            running[c + ch] = (1.0 - m) * running[c + ch] + m * unbiased as f32;
-        }
+            *run_var = (1.0 - k) * *run_var + k * unbiased as f32;
+        });
+        let (rstd, mean) = (&*rstd, &*mean);
+        let samples =
+            x.par_chunks(len).zip(out[..rows * len].par_chunks_mut(len)).zip(xhat[..rows * len].par_chunks_mut(len));
+        samples.for_each(|((xs, os), hs)| {
+            for ch in 0..c {
+                let range = ch * hw..(ch + 1) * hw;
+                for ((&v, o), h) in xs[range.clone()].iter().zip(&mut os[range.clone()]).zip(&mut hs[range]) {
+                    *h = (v - mean[ch]) * rstd[ch];
+                    *o = gamma[ch] * *h + beta[ch];
+                }
+            }
+        });
     }
 
     /// Inference forward with the running statistics.
@@ -377,6 +435,7 @@ impl BatchNorm2d {
 
     /// Backward of [`BatchNorm2d::forward_train`]: parameter gradient into
     /// `grad` (overwriting) and the input gradient into `dx` (overwriting).
+    /// `rstd` is the first half of the forward's `stats`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -392,25 +451,29 @@ impl BatchNorm2d {
         let n = (rows * hw) as f32;
         let gamma = &params[..c];
         let (dgamma, dbeta) = grad[..2 * c].split_at_mut(c);
-        for ch in 0..c {
+        let (xhat, dout) = (&xhat[..rows * len], &dout[..rows * len]);
+        dgamma.par_iter_mut().zip(dbeta.par_iter_mut()).enumerate().for_each(|(ch, (dg, db))| {
             let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
-            for row in 0..rows {
-                let at = row * len + ch * hw;
-                for i in at..at + hw {
-                    sum_dy += dout[i] as f64;
-                    sum_dy_xhat += (dout[i] * xhat[i]) as f64;
+            for (hs, ds) in xhat.chunks_exact(len).zip(dout.chunks_exact(len)) {
+                for (&h, &d) in hs[ch * hw..][..hw].iter().zip(&ds[ch * hw..][..hw]) {
+                    sum_dy += d as f64;
+                    sum_dy_xhat += (d * h) as f64;
                 }
             }
-            dgamma[ch] = sum_dy_xhat as f32;
-            dbeta[ch] = sum_dy as f32;
-            // dx = gamma * rstd / n * (n dy - sum(dy) - xhat sum(dy xhat))
-            let k = gamma[ch] * rstd[ch] / n;
-            for row in 0..rows {
-                let at = row * len + ch * hw;
-                for i in at..at + hw {
-                    dx[i] = k * (n * dout[i] - sum_dy as f32 - xhat[i] * sum_dy_xhat as f32);
+            *dg = sum_dy_xhat as f32;
+            *db = sum_dy as f32;
+        });
+        let (dgamma, dbeta) = (&*dgamma, &*dbeta);
+        // dx = gamma * rstd / n * (n dy - sum(dy) - xhat sum(dy xhat))
+        let samples = xhat.par_chunks(len).zip(dout.par_chunks(len)).zip(dx[..rows * len].par_chunks_mut(len));
+        samples.for_each(|((hs, ds), dxs)| {
+            for ch in 0..c {
+                let k = gamma[ch] * rstd[ch] / n;
+                let range = ch * hw..(ch + 1) * hw;
+                for ((&h, &d), g) in hs[range.clone()].iter().zip(&ds[range.clone()]).zip(&mut dxs[range]) {
+                    *g = k * (n * d - dbeta[ch] - h * dgamma[ch]);
                 }
             }
-        }
+        });
     }
 }

@@ -39,8 +39,8 @@ pub struct ConvBlockCache {
     xhat: Vec<f32>,
     /// The activation before pooling.
     act: Vec<f32>,
-    /// BatchNorm's `1/std` per channel.
-    rstd: Vec<f32>,
+    /// BatchNorm's `1/std` and mean per channel.
+    bn_stats: Vec<f32>,
     /// Backward scratch, before and after BatchNorm.
     d_act: Vec<f32>,
     d_conv: Vec<f32>,
@@ -70,7 +70,7 @@ impl ConvBlockCache {
         Ok(Self {
             xhat: try_zeros(max_rows * plane, "a conv block's normalized values")?,
             act: try_zeros(max_rows * plane, "a conv block's activations")?,
-            rstd: try_zeros(channels, "a conv block's BatchNorm statistics")?,
+            bn_stats: try_zeros(2 * channels, "a conv block's BatchNorm statistics")?,
             d_act: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
             d_conv: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
             col: try_zeros(col, "im2col columns")?,
@@ -82,7 +82,7 @@ impl ConvBlockCache {
     pub fn bytes(&self) -> usize {
         4 * (self.xhat.len()
             + self.act.len()
-            + self.rstd.len()
+            + self.bn_stats.len()
             + self.d_act.len()
             + self.d_conv.len()
             + self.col.len()
@@ -186,7 +186,7 @@ impl ConvBlock {
         let z = &mut cache.d_conv[..plane];
         self.conv.forward(conv_p, x, rows, z, &mut cache.col);
         let act = if self.pool.is_some() { &mut cache.act[..plane] } else { &mut out[..plane] };
-        self.bn.forward_train(bn_p, running, z, rows, act, &mut cache.xhat[..plane], &mut cache.rstd);
+        self.bn.forward_train(bn_p, running, z, rows, act, &mut cache.xhat[..plane], &mut cache.bn_stats);
         self.finish(rows, cache, out);
     }
 
@@ -249,7 +249,7 @@ impl ConvBlock {
         }
         let (g_conv, g_bn) = grad[..self.trainable_len()].split_at_mut(conv_len);
         let bn_p = &params[conv_len..conv_len + self.bn.param_len()];
-        self.bn.backward(bn_p, &c.xhat[..plane], &c.rstd, rows, d_act, g_bn, &mut c.d_conv[..plane]);
+        self.bn.backward(bn_p, &c.xhat[..plane], &c.bn_stats, rows, d_act, g_bn, &mut c.d_conv[..plane]);
         self.conv.backward(&params[..conv_len], x, rows, &c.d_conv[..plane], g_conv, dx, &mut c.col, &mut c.dcol);
     }
 }

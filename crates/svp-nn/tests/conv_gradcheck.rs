@@ -16,16 +16,19 @@ fn weighted(out: &[f32], probe: &[f32]) -> f64 {
 /// [`check`] for losses with ReLU kinks: `numeric(i, eps)` at two step sizes;
 /// where they disagree the loss is not smooth within the step (a pre-activation
 /// crossed zero) and the entry is skipped. At most 5 % may be skipped.
+/// Differences of f32 losses at these steps carry ~5e-4 of rounding noise,
+/// so gradients far below 1 (a conv bias under BatchNorm: exactly 0) are
+/// compared against an absolute floor of 0.05.
 fn check_kinked(what: &str, analytic: &[f32], mut numeric: impl FnMut(usize, f32) -> f64) {
     let eps = 1e-3;
     let mut skipped = 0;
     for (i, &a) in analytic.iter().enumerate() {
         let (n, half) = (numeric(i, eps), numeric(i, eps / 2.0));
-        if (n - half).abs() > 1e-2 * (n.abs() + half.abs()) + 1e-4 {
+        if (n - half).abs() > 1e-2 * (n.abs() + half.abs()) + 1e-3 {
             skipped += 1;
             continue;
         }
-        let err = (a as f64 - n).abs() / (a.abs() as f64 + n.abs()).max(1e-2);
+        let err = (a as f64 - n).abs() / (a.abs() as f64 + n.abs()).max(5e-2);
         assert!(err < 2e-2, "{what}[{i}]: analytic {a} vs numeric {n}");
     }
     assert!(skipped * 20 <= analytic.len(), "{what}: {skipped} of {} entries not smooth", analytic.len());
@@ -172,7 +175,7 @@ fn batch_norm_2d_training_inference_and_gradients() {
     let probe = random(rows * len, 52);
     let mut running = vec![0.0; 6];
     bn.init_running(&mut running);
-    let (mut out, mut xhat, mut rstd) = (vec![0.0; rows * len], vec![0.0; rows * len], vec![0.0; 3]);
+    let (mut out, mut xhat, mut rstd) = (vec![0.0; rows * len], vec![0.0; rows * len], vec![0.0; 6]);
     bn.forward_train(&params, &mut running, &x, rows, &mut out, &mut xhat, &mut rstd);
     // Each channel of xhat has mean 0 and (biased) variance 1 over the batch.
     for ch in 0..3 {
@@ -206,7 +209,7 @@ fn batch_norm_2d_training_inference_and_gradients() {
     let loss = |p: &[f32], x: &[f32]| {
         let mut run = vec![0.0; 6];
         bn.init_running(&mut run);
-        let (mut o, mut h, mut r) = (vec![0.0; rows * len], vec![0.0; rows * len], vec![0.0; 3]);
+        let (mut o, mut h, mut r) = (vec![0.0; rows * len], vec![0.0; rows * len], vec![0.0; 6]);
         bn.forward_train(p, &mut run, x, rows, &mut o, &mut h, &mut r);
         weighted(&o, &probe)
     };

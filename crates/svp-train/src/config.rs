@@ -152,6 +152,13 @@ pub struct SvpConfig {
     /// rate: the head is a convex problem on features that keep moving).
     #[serde(default = "default_head_lr_scale")]
     pub head_lr_scale: f32,
+    /// The classifier head joins the last unit of dense hidden layers: that
+    /// unit is trained by backprop from the head's own loss, so its features
+    /// are made for the head rather than for a random projection (as SVP+
+    /// feeds a ViT's last unit into its classifier). Still local: no gradient
+    /// leaves the unit.
+    #[serde(default)]
+    pub head_joins_last_unit: bool,
 }
 
 fn default_lambda() -> f32 {
@@ -184,6 +191,7 @@ impl Default for SvpConfig {
             tile_bytes: default_tile_bytes(),
             layers_per_unit: default_layers_per_unit(),
             head_lr_scale: default_head_lr_scale(),
+            head_joins_last_unit: false,
         }
     }
 }

@@ -47,6 +47,7 @@ pub struct SvpTrainer {
     align_first: bool,
     fa: FeatureAlignment,
     layers_per_unit: usize,
+    head_joins_last_unit: bool,
     head_lr_scale: f32,
     max_rows: usize,
     ws: Workspace,
@@ -56,7 +57,7 @@ pub struct SvpTrainer {
 /// Everything a step touches besides the weights and optimizer state.
 struct Workspace {
     /// Hidden activations: a unit's input and the outputs of its layers, in
-    /// rotation (`layers_per_unit + 1` buffers; two for plain SVP).
+    /// rotation (one more than the longest unit; two for plain SVP).
     act: Vec<Vec<f32>>,
     /// One backward cache per dense layer of a unit.
     caches: Vec<DenseCache>,
@@ -127,12 +128,14 @@ impl SvpTrainer {
         let tile_floats = (config.svp.tile_bytes / 4).max(model.max_readout_len() + label_cols);
         let dense_hidden = model.layers().len() - 1;
         let layers_per_unit = config.svp.layers_per_unit.clamp(1, dense_hidden.max(1));
+        let head_joins = config.svp.head_joins_last_unit && dense_hidden > 0;
+        // Layers of the longest unit (the last one, when the head joins it).
+        let unit_len = layers_per_unit + usize::from(head_joins);
         let readout_len = if model.convs().is_empty() { 0 } else { rows * model.max_readout_len() };
-        let act =
-            (0..=layers_per_unit).map(|_| try_zeros(rows * width, "layer activations")).collect::<Result<_, _>>()?;
+        let act = (0..=unit_len).map(|_| try_zeros(rows * width, "layer activations")).collect::<Result<_, _>>()?;
         let dense_width = model.layers().iter().map(|l| l.spec().out_dim).max().unwrap_or(0);
-        let caches = (0..layers_per_unit).map(|_| DenseCache::try_new(rows, dense_width)).collect::<Result<_, _>>()?;
-        let dx_len = if layers_per_unit > 1 { rows * width } else { 0 };
+        let caches = (0..unit_len).map(|_| DenseCache::try_new(rows, dense_width)).collect::<Result<_, _>>()?;
+        let dx_len = if unit_len > 1 { rows * width } else { 0 };
         let ws = Workspace {
             act,
             caches,
@@ -156,6 +159,7 @@ impl SvpTrainer {
             align_first: config.svp.first_layer_alignment == FirstLayerAlignment::Input,
             fa: FeatureAlignment { mean_center: config.svp.mean_center },
             layers_per_unit,
+            head_joins_last_unit: head_joins,
             head_lr_scale: config.svp.head_lr_scale,
             max_rows: rows,
             ws,
@@ -203,13 +207,15 @@ impl Trainer for SvpTrainer {
         let mut unit_input = 0;
         let mut first = 0;
         while first < n_layers {
-            // A unit: one conv block, `layers_per_unit` dense hidden layers, or the head alone.
+            // A unit: one conv block, `layers_per_unit` dense hidden layers
+            // (the last of them with the head, if it joins), or the head alone.
             let end = if first < n_conv {
                 first + 1
             } else if first == n_hidden {
                 n_layers
             } else {
-                (first + self.layers_per_unit).min(n_hidden)
+                let end = (first + self.layers_per_unit).min(n_hidden);
+                if end == n_hidden && self.head_joins_last_unit { n_layers } else { end }
             };
             let is_head = end == n_layers;
             let slot = |j: usize| (unit_input + 1 + j) % slots;
