@@ -53,13 +53,53 @@ fn method_of(m: MethodArg) -> Method {
     }
 }
 
-fn config(run: &MemoryRun, method: Method, depth: usize) -> Config {
-    let optimizer = match run.optimizer {
+/// The network a sweep row trains: `run.config`'s scaled to `depth`, or a
+/// plain MLP of `run.width`.
+fn config(run: &MemoryRun, method: Method, depth: usize) -> Result<Config, CliError> {
+    let mut config = match &run.config {
+        Some(path) => scaled(crate::train_cmd::read_config(path)?, depth),
+        None => mlp_config(run, depth),
+    };
+    config.train = TrainConfig { method, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false };
+    config.optimizer = optimizer(run);
+    config.schedule = Default::default();
+    config.validate()?;
+    Ok(config)
+}
+
+/// `config`'s network at `depth`: conv networks get `depth` conv blocks (the
+/// list's first ones with their pooling, then copies of its last block without
+/// pooling); MLPs `depth` hidden layers of their first width.
+fn scaled(mut config: Config, depth: usize) -> Config {
+    use svp_train::config::{ConvItem, PoolMarker};
+    let blocks = config.model.conv_blocks();
+    if let Some(&(last, _)) = blocks.last() {
+        let mut conv = Vec::new();
+        for i in 0..depth {
+            let (channels, pool) = blocks.get(i).copied().unwrap_or((last, false));
+            conv.push(ConvItem::Channels(channels));
+            if pool {
+                conv.push(ConvItem::Pool(PoolMarker::M));
+            }
+        }
+        config.model.conv = conv;
+    } else if let Some(&width) = config.model.hidden.first() {
+        config.model.hidden = vec![width; depth];
+    }
+    config
+}
+
+fn optimizer(run: &MemoryRun) -> svp_optim::Optimizer {
+    match run.optimizer {
         OptimizerArg::Sgd => svp_optim::Optimizer::Sgd { lr: 0.01, momentum: 0.0, weight_decay: 0.0 },
         OptimizerArg::Adam => {
             svp_optim::Optimizer::Adam { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
         }
-    };
+    }
+}
+
+/// A plain MLP of `run.width` (train, optimizer and schedule are set by [`config`]).
+fn mlp_config(run: &MemoryRun, depth: usize) -> Config {
     Config {
         model: ModelConfig {
             input: None,
@@ -71,8 +111,8 @@ fn config(run: &MemoryRun, method: Method, depth: usize) -> Config {
             conv_readout: 2,
         },
         svp: SvpConfig::default(),
-        train: TrainConfig { method, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false },
-        optimizer,
+        train: TrainConfig { method: Method::Svp, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false },
+        optimizer: optimizer(run),
         schedule: Default::default(),
     }
 }
@@ -81,16 +121,15 @@ fn config(run: &MemoryRun, method: Method, depth: usize) -> Config {
 pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
     let run = &args.run;
     let method = method_of(args.method);
-    let config = config(run, method, args.depth);
-    config.validate()?;
+    let config = config(run, method, args.depth)?;
     // Inputs: one batch, reused every step (random by default, so no data set
     // sits in memory and the baseline is the binary alone).
-    let (features, classes, x, y) = match run.data.as_str() {
+    let (image_shape, classes, x, y) = match run.data.as_str() {
         "random" => {
             let mut s = Stream::new(StreamKey::new(1, Purpose::Shuffle, 99, 0, 0));
             let x: Vec<f32> = (0..run.batch * 784).map(|_| s.gaussian() as f32).collect();
             let y: Vec<u32> = (0..run.batch).map(|_| s.below(10) as u32).collect();
-            (784, 10, x, y)
+            ((28, 28), 10, x, y)
         }
         "embedded" => {
             let data = svp_data::DataSplit::embedded();
@@ -102,7 +141,7 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
             let n = b.gather(&data.train, 0, &mut x, &mut y);
             x.truncate(n * data.features());
             y.truncate(n);
-            (data.features(), data.classes, x, y)
+            (data.train.image_shape, data.classes, x, y)
         }
         other => {
             return Err(
@@ -111,7 +150,8 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
         }
     };
     let baseline_rss_kib = current_rss_kib().unwrap_or(0);
-    let mut model = Network::new(features, classes, &config.model, config.train.seed);
+    let mut model = Network::try_for_images(image_shape, classes, &config.model, config.train.seed)
+        .map_err(|e| CliError::Output { path: "svp memory-child".into(), reason: e.to_string() })?;
     let mut trainer: Box<dyn Trainer> = match method {
         Method::Svp => Box::new(SvpTrainer::new(&model, &config)),
         Method::Bp => Box::new(BpTrainer::new(&model, &config)),
@@ -184,6 +224,7 @@ fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, 
         .args(["memory-child", "--method", method_name, "--depth", &depth.to_string()])
         .args(["--width", &run.width.to_string(), "--batch", &run.batch.to_string()])
         .args(["--steps", &run.steps.to_string(), "--optimizer", optimizer, "--data", &run.data])
+        .args(run.config.iter().flat_map(|c| [std::ffi::OsStr::new("--config"), c.as_os_str()]))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -221,6 +262,18 @@ fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, 
     Ok(Row { peak_rss_kib: outside.max(report.peak_rss_kib), report })
 }
 
+fn is_conv(run: &MemoryRun) -> bool {
+    run.config.as_ref().and_then(|p| crate::train_cmd::read_config(p).ok()).is_some_and(|c| !c.model.conv.is_empty())
+}
+
+fn network_name(run: &MemoryRun) -> String {
+    match &run.config {
+        Some(path) if is_conv(run) => format!("conv network of {}", path.display()),
+        Some(path) => format!("MLP of {}", path.display()),
+        None => format!("MLP, width {}", run.width),
+    }
+}
+
 fn optimizer_name(o: OptimizerArg) -> &'static str {
     match o {
         OptimizerArg::Sgd => "SGD",
@@ -240,9 +293,11 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
     for path in [&args.csv, &args.plot] {
         crate::train_cmd::check_writable(path)?;
     }
+    // A config that cannot be read or scaled fails here, once, not in every child.
+    config(&args.run, Method::Svp, args.depths[0])?;
     eprintln!(
-        "svp memory: width {}, batch {}, {} steps, optimizer {}, data {}; one child process per row",
-        args.run.width,
+        "svp memory: {}, batch {}, {} steps, optimizer {}, data {}; one child process per row",
+        network_name(&args.run),
         args.run.batch,
         args.run.steps,
         optimizer_name(args.run.optimizer),
@@ -340,12 +395,13 @@ fn write_plot(args: &MemoryArgs, rows: &[Row]) -> Result<(), CliError> {
         });
     }
     let title = format!(
-        "Peak training memory vs depth (MLP, width {}, batch {}, {})",
-        args.run.width,
+        "Peak training memory vs depth ({}, batch {}, {})",
+        network_name(&args.run),
         args.run.batch,
         optimizer_name(args.run.optimizer)
     );
-    let svg = line_chart_svg(&title, "hidden layers (log scale)", "MiB", &series);
+    let x_label = if is_conv(&args.run) { "conv blocks (log scale)" } else { "hidden layers (log scale)" };
+    let svg = line_chart_svg(&title, x_label, "MiB", &series);
     svp_model::atomic::write(&args.plot, svg.as_bytes())
         .map_err(|e| CliError::Output { path: args.plot.clone(), reason: e.to_string() })
 }

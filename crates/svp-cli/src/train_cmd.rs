@@ -39,13 +39,16 @@ pub fn data_source(arg: Option<&Path>) -> DataSource {
     }
 }
 
+/// Reads and parses a config file (not yet validated).
+pub fn read_config(path: &Path) -> Result<Config, CliError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| CliError::ConfigRead { path: path.to_path_buf(), source })?;
+    parse_config(&text, path)
+}
+
 fn load_config(args: &TrainArgs) -> Result<Config, CliError> {
     let mut config = match &args.config {
-        Some(path) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| CliError::ConfigRead { path: path.clone(), source })?;
-            parse_config(&text, path)?
-        }
+        Some(path) => read_config(path)?,
         None => parse_config(DEFAULT_CONFIG, Path::new("<built-in models/mlp-fmnist.toml>"))?,
     };
     if let Some(m) = args.method {
