@@ -73,9 +73,11 @@ impl Conv2d {
 
     /// Samples unfolded side by side for one GEMM: enough that a GEMM has
     /// about [`GROUP_COLUMNS`] columns even when planes are small (a 7x7
-    /// plane alone makes a GEMM too narrow to run well).
+    /// plane alone makes a GEMM too narrow to run well), within [`GROUP_FLOATS`].
     pub fn group_size(&self) -> usize {
-        (GROUP_COLUMNS / self.hw().max(1)).max(1)
+        let hw = self.hw().max(1);
+        let per_sample = (self.patch() + self.c_out) * hw;
+        (GROUP_COLUMNS / hw).min(GROUP_FLOATS / per_sample).max(1)
     }
 
     /// Floats of the scratch buffers `forward` and `backward` take: the
@@ -224,6 +226,10 @@ impl Conv2d {
 
 /// Columns a convolution's GEMM aims for when it unfolds several samples at once.
 const GROUP_COLUMNS: usize = 2048;
+/// Most floats of a group's columns and output (2 MiB): small planes with
+/// many channels would otherwise make the scratch buffers the largest thing a
+/// conv step holds.
+const GROUP_FLOATS: usize = 1 << 19;
 
 /// How a pooling window combines its values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
