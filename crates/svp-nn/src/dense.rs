@@ -230,7 +230,7 @@ fn rows_per_task(d: usize) -> usize {
 
 /// Normalizes each row of `z` in place (leaving `xhat`), writes `1/std` per row
 /// into `rstd` and `y = gamma * xhat + beta`.
-fn layer_norm_forward(z: &mut [f32], rstd: &mut [f32], y: &mut [f32], gamma: &[f32], beta: &[f32]) {
+pub(crate) fn layer_norm_forward(z: &mut [f32], rstd: &mut [f32], y: &mut [f32], gamma: &[f32], beta: &[f32]) {
     let d = gamma.len();
     let inv_d = 1.0 / d as f32;
     z.par_chunks_mut(d).zip(rstd.par_iter_mut()).zip(y.par_chunks_mut(d)).with_min_len(rows_per_task(d)).for_each(
@@ -248,7 +248,7 @@ fn layer_norm_forward(z: &mut [f32], rstd: &mut [f32], y: &mut [f32], gamma: &[f
 
 /// LayerNorm backward: accumulates `dgamma`, `dbeta` (overwriting) and turns
 /// `dy` (gradient wrt `y`) into the gradient wrt the normalized input, in place.
-fn layer_norm_backward(
+pub(crate) fn layer_norm_backward(
     xhat: &[f32],
     rstd: &[f32],
     gamma: &[f32],

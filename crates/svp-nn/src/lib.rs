@@ -10,6 +10,8 @@
 //! * [`conv`]: 2-D convolution (im2col + GEMM), BatchNorm2d, max, average and
 //!   adaptive average pooling over NCHW batches.
 //! * [`loss`]: softmax cross-entropy and the SVP feature-alignment loss.
+//! * [`vit`]: vision-transformer layers: patch embedding with class token and
+//!   positions, the pre-norm transformer block, the token readout.
 //! * [`projection`]: the fixed random projection `R_l`, regenerated from the
 //!   seed tile by tile each time it is used and never stored whole.
 
@@ -21,6 +23,7 @@ pub mod conv_block;
 pub mod dense;
 pub mod loss;
 pub mod projection;
+pub mod vit;
 
 pub use activation::Activation;
 pub use conv_block::{ConvBlock, ConvBlockCache, ConvBlockSpec};

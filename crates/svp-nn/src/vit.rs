@@ -1,0 +1,526 @@
+//! Vision-transformer layers over token batches: patch embedding (with class
+//! token and learned positions), the pre-norm transformer block (multi-head
+//! self-attention and a GELU MLP, each with a residual connection) and the
+//! token readout (LayerNorm of the class token or of the token mean).
+//!
+//! A batch is `rows` samples of `tokens x dim` values each, row-major, so the
+//! whole batch is one `(rows * tokens) x dim` matrix for the GEMMs.
+
+use crate::Activation;
+use crate::conv::Chw;
+use crate::dense::{layer_norm_backward, layer_norm_forward};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use svp_alloc::{OutOfMemory, try_zeros};
+use svp_rng::{Purpose, Stream, StreamKey};
+use svp_tensor::{gemm, reduce, view, view_mut};
+
+/// Standard deviation of the class token and position embeddings at
+/// initialization (ViT's truncated-normal 0.02, untruncated here).
+const TOKEN_INIT_STD: f64 = 0.02;
+
+fn uniform_init(stream: &mut Stream, values: &mut [f32], fan_in: usize) {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    for v in values {
+        *v = ((2.0 * stream.uniform() - 1.0) * bound) as f32;
+    }
+}
+
+/// Splits an image into `patch x patch` squares, embeds each linearly, puts a
+/// learned class token first and adds a learned position embedding.
+/// Parameters: `[W (dim x c*p*p) | b (dim) | cls (dim) | pos (tokens x dim)]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchEmbed {
+    /// Image channels.
+    pub channels: usize,
+    /// Image height.
+    pub h: usize,
+    /// Image width.
+    pub w: usize,
+    /// Side of a patch (divides `h` and `w`).
+    pub patch: usize,
+    /// Token width.
+    pub dim: usize,
+}
+
+impl PatchEmbed {
+    /// Input shape of one sample.
+    pub fn input(&self) -> Chw {
+        Chw { c: self.channels, h: self.h, w: self.w }
+    }
+
+    /// Patches per image.
+    pub fn patches(&self) -> usize {
+        (self.h / self.patch) * (self.w / self.patch)
+    }
+
+    /// Tokens per sample: the class token and one per patch.
+    pub fn tokens(&self) -> usize {
+        self.patches() + 1
+    }
+
+    fn patch_len(&self) -> usize {
+        self.channels * self.patch * self.patch
+    }
+
+    /// Number of parameters.
+    pub fn param_len(&self) -> usize {
+        self.dim * self.patch_len() + 2 * self.dim + self.tokens() * self.dim
+    }
+
+    /// Floats of the scratch buffer for batches of `rows`: the unfolded patches.
+    pub fn scratch_len(&self, rows: usize) -> usize {
+        rows * self.patches() * self.patch_len()
+    }
+
+    /// W and b uniform in `±1/sqrt(fan_in)`, class token and positions
+    /// `N(0, 0.02^2)`, from the stream `(seed, WeightInit, layer)`.
+    pub fn init_params(&self, seed: u64, layer: u64, params: &mut [f32]) {
+        let mut stream = Stream::new(StreamKey::new(seed, Purpose::WeightInit, layer, 0, 0));
+        let wb = self.dim * self.patch_len() + self.dim;
+        uniform_init(&mut stream, &mut params[..wb], self.patch_len());
+        for v in &mut params[wb..self.param_len()] {
+            *v = (stream.gaussian() * TOKEN_INIT_STD) as f32;
+        }
+    }
+
+    /// Patch `n` of each sample as a row of `scratch` (`(rows * patches) x c*p*p`).
+    fn unfold(&self, x: &[f32], rows: usize, scratch: &mut [f32]) {
+        let (p, pl, per_row) = (self.patch, self.patch_len(), self.w / self.patch);
+        let il = self.input().len();
+        let n = self.patches();
+        scratch[..rows * n * pl].par_chunks_mut(n * pl).zip(x[..rows * il].par_chunks(il)).for_each(|(dst, img)| {
+            for (k, patch) in dst.chunks_exact_mut(pl).enumerate() {
+                let (py, px) = (k / per_row, k % per_row);
+                for c in 0..self.channels {
+                    for dy in 0..p {
+                        let src = (c * self.h + py * p + dy) * self.w + px * p;
+                        patch[(c * p + dy) * p..][..p].copy_from_slice(&img[src..src + p]);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Tokens of `rows` images of `x` into `out` (`rows x tokens*dim`).
+    pub fn forward(&self, params: &[f32], x: &[f32], rows: usize, scratch: &mut [f32], out: &mut [f32]) {
+        let (d, pl, n, t) = (self.dim, self.patch_len(), self.patches(), self.tokens());
+        self.unfold(x, rows, scratch);
+        let (w, rest) = params.split_at(d * pl);
+        let (b, rest) = rest.split_at(d);
+        let (cls, pos) = rest.split_at(d);
+        for r in 0..rows {
+            let sample = &mut out[r * t * d..][..t * d];
+            let (first, patches) = sample.split_at_mut(d);
+            for ((o, &c), &p) in first.iter_mut().zip(cls).zip(&pos[..d]) {
+                *o = c + p;
+            }
+            for (row, pos_row) in patches.chunks_exact_mut(d).zip(pos[d..].chunks_exact(d)) {
+                for ((o, &bv), &p) in row.iter_mut().zip(b).zip(pos_row) {
+                    *o = bv + p;
+                }
+            }
+            let x_r = view(&scratch[r * n * pl..], n, pl);
+            gemm(1.0, x_r, view(w, d, pl).t(), 1.0, view_mut(patches, n, d));
+        }
+    }
+
+    /// Parameter gradient into `grad` (overwriting) from `dout`; the patch
+    /// embedding is a network's first layer, so there is no input gradient.
+    /// `scratch` is refilled from `x`.
+    pub fn backward(&self, x: &[f32], rows: usize, scratch: &mut [f32], dout: &[f32], grad: &mut [f32]) {
+        let (d, pl, n, t) = (self.dim, self.patch_len(), self.patches(), self.tokens());
+        self.unfold(x, rows, scratch);
+        let (gw, rest) = grad[..self.param_len()].split_at_mut(d * pl);
+        let (gb, rest) = rest.split_at_mut(d);
+        let (gcls, gpos) = rest.split_at_mut(d);
+        gw.fill(0.0);
+        gb.fill(0.0);
+        gcls.fill(0.0);
+        gpos.fill(0.0);
+        for r in 0..rows {
+            let sample = &dout[r * t * d..][..t * d];
+            for (g, row) in gpos.chunks_exact_mut(d).zip(sample.chunks_exact(d)) {
+                g.iter_mut().zip(row).for_each(|(g, &v)| *g += v);
+            }
+            gcls.iter_mut().zip(&sample[..d]).for_each(|(g, &v)| *g += v);
+            for row in sample[d..].chunks_exact(d) {
+                gb.iter_mut().zip(row).for_each(|(g, &v)| *g += v);
+            }
+            let dy = view(&sample[d..], n, d);
+            gemm(1.0, dy.t(), view(&scratch[r * n * pl..], n, pl), 1.0, view_mut(gw, d, pl));
+        }
+    }
+}
+
+/// Shape of a pre-norm transformer block:
+/// `x1 = x + Attn(LN1(x))`, `out = x1 + W2 GELU(W1 LN2(x1))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockSpec {
+    /// Tokens per sample.
+    pub tokens: usize,
+    /// Token width.
+    pub dim: usize,
+    /// Attention heads (divides `dim`).
+    pub heads: usize,
+    /// Hidden width of the MLP.
+    pub mlp: usize,
+}
+
+/// A transformer block. Parameters:
+/// `[ln1 gamma, beta (dim each) | Wqkv (3dim x dim) | bqkv (3dim) | Wo (dim x dim) | bo (dim) |
+///   ln2 gamma, beta | W1 (mlp x dim) | b1 (mlp) | W2 (dim x mlp) | b2 (dim)]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TransformerBlock {
+    /// Shape.
+    pub spec: BlockSpec,
+}
+
+/// Parameter slices of a block, by role.
+struct BlockParams<T> {
+    ln1_g: T,
+    ln1_b: T,
+    wqkv: T,
+    bqkv: T,
+    wo: T,
+    bo: T,
+    ln2_g: T,
+    ln2_b: T,
+    w1: T,
+    b1: T,
+    w2: T,
+    b2: T,
+}
+
+macro_rules! split_block {
+    ($p:expr, $d:expr, $m:expr, $split:ident) => {{
+        let (d, m) = ($d, $m);
+        let (ln1_g, r) = $p.$split(d);
+        let (ln1_b, r) = r.$split(d);
+        let (wqkv, r) = r.$split(3 * d * d);
+        let (bqkv, r) = r.$split(3 * d);
+        let (wo, r) = r.$split(d * d);
+        let (bo, r) = r.$split(d);
+        let (ln2_g, r) = r.$split(d);
+        let (ln2_b, r) = r.$split(d);
+        let (w1, r) = r.$split(m * d);
+        let (b1, r) = r.$split(m);
+        let (w2, r) = r.$split(d * m);
+        let (b2, _) = r.$split(d);
+        BlockParams { ln1_g, ln1_b, wqkv, bqkv, wo, bo, ln2_g, ln2_b, w1, b1, w2, b2 }
+    }};
+}
+
+/// What a block's backward needs from its forward (and its backward scratch),
+/// for batches of up to a given size.
+#[derive(Debug, Default)]
+pub struct BlockCache {
+    xhat1: Vec<f32>,
+    rstd1: Vec<f32>,
+    ln1: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    attn: Vec<f32>,
+    xhat2: Vec<f32>,
+    rstd2: Vec<f32>,
+    ln2: Vec<f32>,
+    pre: Vec<f32>,
+    act: Vec<f32>,
+    /// Backward scratch: one token-width and one MLP-width buffer, and one for qkv.
+    d_tok: Vec<f32>,
+    d_mlp: Vec<f32>,
+    d_qkv: Vec<f32>,
+}
+
+impl BlockCache {
+    /// A cache for blocks of `spec`'s shape and batches of up to `max_rows` samples.
+    pub fn try_new(spec: &BlockSpec, max_rows: usize) -> Result<Self, OutOfMemory> {
+        let n = max_rows * spec.tokens;
+        let (d, m) = (spec.dim, spec.mlp);
+        let z = |len: usize| try_zeros(len, "a transformer block's cache");
+        Ok(Self {
+            xhat1: z(n * d)?,
+            rstd1: z(n)?,
+            ln1: z(n * d)?,
+            qkv: z(n * 3 * d)?,
+            probs: z(max_rows * spec.heads * spec.tokens * spec.tokens)?,
+            attn: z(n * d)?,
+            xhat2: z(n * d)?,
+            rstd2: z(n)?,
+            ln2: z(n * d)?,
+            pre: z(n * m)?,
+            act: z(n * m)?,
+            d_tok: z(n * d)?,
+            d_mlp: z(n * m)?,
+            d_qkv: z(n * 3 * d)?,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * [
+            &self.xhat1,
+            &self.rstd1,
+            &self.ln1,
+            &self.qkv,
+            &self.probs,
+            &self.attn,
+            &self.xhat2,
+            &self.rstd2,
+            &self.ln2,
+            &self.pre,
+            &self.act,
+            &self.d_tok,
+            &self.d_mlp,
+            &self.d_qkv,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum::<usize>()
+    }
+}
+
+/// `out[i, :] = bias` for every row, then `out += a · w^T`.
+fn linear(a: &[f32], n: usize, k: usize, w: &[f32], b: &[f32], out: &mut [f32]) {
+    let m = b.len();
+    for row in out[..n * m].chunks_exact_mut(m) {
+        row.copy_from_slice(b);
+    }
+    gemm(1.0, view(a, n, k), view(w, m, k).t(), 1.0, view_mut(&mut out[..n * m], n, m));
+}
+
+/// Weight and bias gradients of [`linear`] (overwriting), and, if asked, the
+/// input gradient `dy · w` into `dx` (overwriting).
+#[allow(clippy::too_many_arguments)]
+fn linear_backward(
+    a: &[f32],
+    n: usize,
+    k: usize,
+    w: &[f32],
+    dy: &[f32],
+    gw: &mut [f32],
+    gb: &mut [f32],
+    dx: Option<&mut [f32]>,
+) {
+    let m = gb.len();
+    reduce::column_sums(&dy[..n * m], gb);
+    let dy = view(dy, n, m);
+    gemm(1.0, dy.t(), view(a, n, k), 0.0, view_mut(gw, m, k));
+    if let Some(dx) = dx {
+        gemm(1.0, dy, view(w, m, k), 0.0, view_mut(dx, n, k));
+    }
+}
+
+impl TransformerBlock {
+    /// Number of parameters.
+    pub fn param_len(&self) -> usize {
+        let (d, m) = (self.spec.dim, self.spec.mlp);
+        4 * d + 3 * d * d + 3 * d + d * d + d + m * d + m + d * m + d
+    }
+
+    /// Values per sample.
+    pub fn sample_len(&self) -> usize {
+        self.spec.tokens * self.spec.dim
+    }
+
+    /// LayerNorm gains 1 and biases 0; linear maps uniform in `±1/sqrt(fan_in)`
+    /// (PyTorch's default), from the stream `(seed, WeightInit, layer)`.
+    pub fn init_params(&self, seed: u64, layer: u64, params: &mut [f32]) {
+        let (d, m) = (self.spec.dim, self.spec.mlp);
+        let mut stream = Stream::new(StreamKey::new(seed, Purpose::WeightInit, layer, 0, 0));
+        let p = split_block!(params, d, m, split_at_mut);
+        p.ln1_g.fill(1.0);
+        p.ln1_b.fill(0.0);
+        p.ln2_g.fill(1.0);
+        p.ln2_b.fill(0.0);
+        for (w, b, fan_in) in [(p.wqkv, p.bqkv, d), (p.wo, p.bo, d), (p.w1, p.b1, d), (p.w2, p.b2, m)] {
+            uniform_init(&mut stream, w, fan_in);
+            uniform_init(&mut stream, b, fan_in);
+        }
+    }
+
+    /// Forward over `rows` samples of `x` into `out`, filling `cache`.
+    pub fn forward(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut BlockCache, out: &mut [f32]) {
+        let BlockSpec { tokens: t, dim: d, mlp: m, .. } = self.spec;
+        let n = rows * t;
+        let p = split_block!(params, d, m, split_at);
+        let c = cache;
+        // Attention half.
+        c.xhat1[..n * d].copy_from_slice(&x[..n * d]);
+        layer_norm_forward(&mut c.xhat1[..n * d], &mut c.rstd1[..n], &mut c.ln1[..n * d], p.ln1_g, p.ln1_b);
+        linear(&c.ln1, n, d, p.wqkv, p.bqkv, &mut c.qkv);
+        self.attention(rows, &c.qkv, &mut c.probs, &mut c.attn);
+        // out = x + attn Wo^T + bo (the residual stream x1, kept in `out`).
+        linear(&c.attn, n, d, p.wo, p.bo, out);
+        out[..n * d].iter_mut().zip(&x[..n * d]).for_each(|(o, &v)| *o += v);
+        // MLP half.
+        c.xhat2[..n * d].copy_from_slice(&out[..n * d]);
+        layer_norm_forward(&mut c.xhat2[..n * d], &mut c.rstd2[..n], &mut c.ln2[..n * d], p.ln2_g, p.ln2_b);
+        linear(&c.ln2, n, d, p.w1, p.b1, &mut c.pre);
+        Activation::Gelu.forward(&c.pre[..n * m], &mut c.act[..n * m]);
+        // out = x1 + act W2^T + b2, through d_tok as scratch.
+        linear(&c.act, n, m, p.w2, p.b2, &mut c.d_tok);
+        out[..n * d].iter_mut().zip(&c.d_tok[..n * d]).for_each(|(o, &v)| *o += v);
+    }
+
+    /// Softmax attention per sample and head: `probs` (`rows x heads x t x t`)
+    /// and the heads' outputs side by side in `attn` (`rows*t x dim`).
+    fn attention(&self, rows: usize, qkv: &[f32], probs: &mut [f32], attn: &mut [f32]) {
+        let BlockSpec { tokens: t, dim: d, heads, .. } = self.spec;
+        let dh = d / heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let per_sample = (qkv[..rows * t * 3 * d].par_chunks(t * 3 * d))
+            .zip(probs[..rows * heads * t * t].par_chunks_mut(heads * t * t))
+            .zip(attn[..rows * t * d].par_chunks_mut(t * d));
+        per_sample.for_each(|((qkv, probs), attn)| {
+            for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
+                let (qo, ko, vo) = (h * dh, d + h * dh, 2 * d + h * dh);
+                for i in 0..t {
+                    let q = &qkv[i * 3 * d + qo..][..dh];
+                    let row = &mut p[i * t..][..t];
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = reduce::dot(q, &qkv[j * 3 * d + ko..][..dh]) * scale;
+                    }
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut z = 0.0;
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp();
+                        z += *s;
+                    }
+                    let inv = 1.0 / z;
+                    row.iter_mut().for_each(|s| *s *= inv);
+                    let o = &mut attn[i * d + h * dh..][..dh];
+                    o.fill(0.0);
+                    for (j, &pj) in row.iter().enumerate() {
+                        let v = &qkv[j * 3 * d + vo..][..dh];
+                        o.iter_mut().zip(v).for_each(|(o, &v)| *o += pj * v);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Backward of [`TransformerBlock::attention`]: from `d_attn`, the
+    /// gradient wrt `qkv` into `d_qkv` (overwriting).
+    fn attention_backward(&self, rows: usize, qkv: &[f32], probs: &[f32], d_attn: &[f32], d_qkv: &mut [f32]) {
+        let BlockSpec { tokens: t, dim: d, heads, .. } = self.spec;
+        let dh = d / heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let per_sample = (qkv[..rows * t * 3 * d].par_chunks(t * 3 * d))
+            .zip(probs[..rows * heads * t * t].par_chunks(heads * t * t))
+            .zip(d_attn[..rows * t * d].par_chunks(t * d))
+            .zip(d_qkv[..rows * t * 3 * d].par_chunks_mut(t * 3 * d));
+        per_sample.for_each(|(((qkv, probs), d_attn), d_qkv)| {
+            d_qkv.fill(0.0);
+            for (h, p) in probs.chunks_exact(t * t).enumerate() {
+                let (qo, ko, vo) = (h * dh, d + h * dh, 2 * d + h * dh);
+                for i in 0..t {
+                    let row = &p[i * t..][..t];
+                    let g = &d_attn[i * d + h * dh..][..dh];
+                    // dP[i, j] = g . v_j;  dv_j += P[i, j] g;  dS = P (dP - sum_j P dP).
+                    let mut weighted = 0.0;
+                    for (j, &pj) in row.iter().enumerate() {
+                        weighted += pj * reduce::dot(g, &qkv[j * 3 * d + vo..][..dh]);
+                    }
+                    for (j, &pj) in row.iter().enumerate() {
+                        let dp = reduce::dot(g, &qkv[j * 3 * d + vo..][..dh]);
+                        let dv = &mut d_qkv[j * 3 * d + vo..][..dh];
+                        dv.iter_mut().zip(g).for_each(|(a, &b)| *a += pj * b);
+                        let dsij = pj * (dp - weighted) * scale;
+                        if dsij != 0.0 {
+                            // dq_i += dS k_j;  dk_j += dS q_i.
+                            for e in 0..dh {
+                                let (qv, kv) = (qkv[i * 3 * d + qo + e], qkv[j * 3 * d + ko + e]);
+                                d_qkv[i * 3 * d + qo + e] += dsij * kv;
+                                d_qkv[j * 3 * d + ko + e] += dsij * qv;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Backward from `dout` (gradient wrt this block's output; overwritten as
+    /// scratch) after the matching forward: the parameter gradient into `grad`
+    /// (overwriting) and, if given, the gradient wrt `x` into `dx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &[f32],
+        rows: usize,
+        cache: &mut BlockCache,
+        dout: &mut [f32],
+        grad: &mut [f32],
+        dx: Option<&mut [f32]>,
+    ) {
+        let BlockSpec { tokens: t, dim: d, mlp: m, .. } = self.spec;
+        let n = rows * t;
+        let p = split_block!(params, d, m, split_at);
+        let g = split_block!(&mut grad[..self.param_len()], d, m, split_at_mut);
+        let c = cache;
+        let dout = &mut dout[..n * d];
+        // MLP half: dout is the gradient wrt out = x1 + mlp(x1).
+        linear_backward(&c.act, n, m, p.w2, dout, g.w2, g.b2, Some(&mut c.d_mlp));
+        Activation::Gelu.backward(&c.pre[..n * m], &mut c.d_mlp[..n * m]);
+        linear_backward(&c.ln2, n, d, p.w1, &c.d_mlp, g.w1, g.b1, Some(&mut c.d_tok));
+        layer_norm_backward(&c.xhat2[..n * d], &c.rstd2[..n], p.ln2_g, &mut c.d_tok[..n * d], g.ln2_g, g.ln2_b);
+        // dx1 = dout + the LN2 path, kept in dout.
+        dout.iter_mut().zip(&c.d_tok[..n * d]).for_each(|(a, &b)| *a += b);
+        // Attention half: dout is now the gradient wrt x1 = x + attn(x).
+        linear_backward(&c.attn, n, d, p.wo, dout, g.wo, g.bo, Some(&mut c.d_tok));
+        self.attention_backward(rows, &c.qkv, &c.probs, &c.d_tok, &mut c.d_qkv);
+        linear_backward(&c.ln1, n, d, p.wqkv, &c.d_qkv, g.wqkv, g.bqkv, Some(&mut c.d_tok));
+        layer_norm_backward(&c.xhat1[..n * d], &c.rstd1[..n], p.ln1_g, &mut c.d_tok[..n * d], g.ln1_g, g.ln1_b);
+        if let Some(dx) = dx {
+            dx[..n * d].iter_mut().zip(dout.iter().zip(&c.d_tok[..n * d])).for_each(|(o, (&a, &b))| *o = a + b);
+        }
+    }
+}
+
+/// Which token summarizes a sample for a classifier or a projection head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenReadout {
+    /// The class token (token 0).
+    Cls,
+    /// The mean over all tokens.
+    Mean,
+}
+
+impl TokenReadout {
+    /// `out` (`rows x dim`) from token batches `x` (`rows x tokens*dim`).
+    pub fn forward(self, x: &[f32], rows: usize, tokens: usize, dim: usize, out: &mut [f32]) {
+        for (o, sample) in out[..rows * dim].chunks_exact_mut(dim).zip(x.chunks_exact(tokens * dim)) {
+            match self {
+                TokenReadout::Cls => o.copy_from_slice(&sample[..dim]),
+                TokenReadout::Mean => {
+                    o.fill(0.0);
+                    for tok in sample.chunks_exact(dim) {
+                        o.iter_mut().zip(tok).for_each(|(a, &b)| *a += b);
+                    }
+                    let inv = 1.0 / tokens as f32;
+                    o.iter_mut().for_each(|a| *a *= inv);
+                }
+            }
+        }
+    }
+
+    /// The gradient wrt the tokens (overwriting `dx`) from the gradient wrt the readout.
+    pub fn backward(self, dout: &[f32], rows: usize, tokens: usize, dim: usize, dx: &mut [f32]) {
+        for (dx, g) in dx[..rows * tokens * dim].chunks_exact_mut(tokens * dim).zip(dout.chunks_exact(dim)) {
+            match self {
+                TokenReadout::Cls => {
+                    dx.fill(0.0);
+                    dx[..dim].copy_from_slice(g);
+                }
+                TokenReadout::Mean => {
+                    let inv = 1.0 / tokens as f32;
+                    for tok in dx.chunks_exact_mut(dim) {
+                        tok.iter_mut().zip(g).for_each(|(a, &b)| *a = b * inv);
+                    }
+                }
+            }
+        }
+    }
+}
