@@ -23,6 +23,7 @@ fn toml_free_parse(text: &str) -> Config {
             dropout: 0.0,
             conv: Vec::new(),
             conv_readout: 2,
+            vit: None,
         },
         svp: Default::default(),
         train: svp_train::config::TrainConfig { batch_size: 128, ..Default::default() },

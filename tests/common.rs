@@ -16,6 +16,7 @@ pub fn small_config(method: svp_train::Method, epochs: usize) -> Config {
             dropout: 0.0,
             conv: Vec::new(),
             conv_readout: 2,
+            vit: None,
         },
         svp: SvpConfig::default(),
         train: TrainConfig { method, epochs, batch_size: 64, seed: 7, shuffle: true },

@@ -38,6 +38,7 @@ fn config(g: &Value, optimizer: svp_optim::Optimizer) -> Config {
             dropout: 0.0,
             conv: Vec::new(),
             conv_readout: 2,
+            vit: None,
         },
         svp: SvpConfig {
             lambda: g["lambda"].as_f64().unwrap() as f32,
@@ -181,7 +182,7 @@ fn svp_plus_five_step_loss_trajectory_matches() {
     check_trajectory(&plus_fixture());
 }
 
-/// SVP+ over three hidden layers in units of two, the head inside the second unit.
+/// SVP+ over four hidden layers in units of two, the head inside the second unit.
 fn plus_head_fixture() -> Value {
     let g: Value = serde_json::from_str(include_str!("golden/svp_plus_head_step.json")).expect("fixture parses");
     assert_eq!(g["head_joins_last_unit"].as_bool(), Some(true));

@@ -182,6 +182,7 @@ fn run() -> Result<bool, String> {
                 dropout: 0.0,
                 conv: Vec::new(),
                 conv_readout: 2,
+                vit: None,
             },
             svp: SvpConfig::default(),
             train: TrainConfig { method, epochs: args.epochs, batch_size: args.batch, seed: 11, shuffle: true },

@@ -102,6 +102,7 @@ fn a_run_interrupted_by_power_cuts_ends_bit_identical() {
             dropout: 0.0,
             conv: Vec::new(),
             conv_readout: 2,
+            vit: None,
         },
         svp: svp_train::config::SvpConfig { projection_dropout: 0.1, ..Default::default() },
         train: svp_train::config::TrainConfig { epochs: 3, batch_size: 32, seed: 5, ..Default::default() },

@@ -13,7 +13,7 @@ or with --head-joins-last-unit part of the last one).
     pip install torch
     python3 tools/golden/svp_step.py > tests/golden/svp_step.json
     python3 tools/golden/svp_step.py --hidden 5,4,4,3 --layers-per-unit 2 > tests/golden/svp_plus_step.json
-    python3 tools/golden/svp_step.py --hidden 5,4,3 --layers-per-unit 2 --head-joins-last-unit \
+    python3 tools/golden/svp_step.py --hidden 5,4,4,3 --layers-per-unit 2 --head-joins-last-unit \
         > tests/golden/svp_plus_head_step.json
 
 tests/golden.rs reads the JSON; the tests never need PyTorch.

@@ -109,6 +109,7 @@ fn mlp_config(run: &MemoryRun, depth: usize) -> Config {
             dropout: 0.0,
             conv: Vec::new(),
             conv_readout: 2,
+            vit: None,
         },
         svp: SvpConfig::default(),
         train: TrainConfig { method: Method::Svp, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false },

@@ -96,13 +96,22 @@ pub fn check_writable(path: &Path) -> Result<(), CliError> {
 
 fn describe(config: &Config, data: &DataSplit) -> String {
     let (h, w) = data.train.image_shape;
-    let input = if config.model.conv.is_empty() { data.features().to_string() } else { format!("{h}x{w}") };
+    let mlp = config.model.conv.is_empty() && config.model.vit.is_none();
+    let input = if mlp { data.features().to_string() } else { format!("{h}x{w}") };
     let convs = config.model.conv.iter().map(|item| match item {
         svp_train::config::ConvItem::Channels(c) => format!("c{c}"),
         svp_train::config::ConvItem::Pool(_) => "M".to_string(),
     });
+    let vit = config.model.vit.iter().map(|v| {
+        format!(
+            "vit(patch {}, dim {}, {} blocks, {} heads, mlp {}, {:?})",
+            v.patch, v.dim, v.depth, v.heads, v.mlp, v.readout
+        )
+        .to_lowercase()
+    });
     let widths: Vec<String> = std::iter::once(input)
         .chain(convs)
+        .chain(vit)
         .chain(config.model.hidden.iter().map(|w| w.to_string()))
         .chain([data.classes.to_string()])
         .collect();
@@ -205,9 +214,9 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         }
         None => load_config(&args)?,
     };
-    if args.out.is_some() && !config.model.conv.is_empty() {
+    if args.out.is_some() && (!config.model.conv.is_empty() || config.model.vit.is_some()) {
         return Err(svp_train::ConfigError::Invalid(
-            "--out: model files (format v1) hold MLPs only, and this config has conv blocks; \
+            "--out: model files (format v1) hold MLPs only, and this config has conv blocks or a ViT; \
              train without --out, or keep the run with --checkpoint"
                 .into(),
         )

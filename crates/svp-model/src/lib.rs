@@ -263,7 +263,7 @@ impl ModelFile {
     /// # Panics
     /// If the network has conv blocks: format version 1 describes MLPs only.
     pub fn from_mlp(model: &Network, info: ModelInfo, dtype: DType) -> Self {
-        assert!(model.convs().is_empty(), "model file format v1 holds MLPs only");
+        assert!(model.is_mlp(), "model file format v1 holds MLPs only");
         let layers: Vec<DenseSpec> = model.layers().iter().map(|l| *l.spec()).collect();
         let mut data = Vec::new();
         let mut tensors = Vec::new();
@@ -541,6 +541,7 @@ mod tests {
             dropout: 0.0,
             conv: Vec::new(),
             conv_readout: 2,
+            vit: None,
         };
         let m = Network::new(6, 3, &cfg, 9);
         let info = ModelInfo {
@@ -580,6 +581,7 @@ mod tests {
             dropout: 0.0,
             conv: Vec::new(),
             conv_readout: 2,
+            vit: None,
         }
     }
 

@@ -19,6 +19,7 @@ fn sample(dtype: DType) -> Vec<u8> {
         dropout: 0.0,
         conv: Vec::new(),
         conv_readout: 2,
+        vit: None,
     };
     let m = Network::new(12, 4, &cfg, 3);
     let info = ModelInfo {

@@ -86,6 +86,12 @@ impl DenseCache {
     pub fn bytes(&self) -> usize {
         4 * (self.pre_act.len() + self.xhat.len() + self.rstd.len())
     }
+
+    /// The LayerNorm buffers for `rows x width` (other layers that normalize
+    /// rows keep their statistics here too).
+    pub(crate) fn xhat_rstd(&mut self, rows: usize, width: usize) -> (&mut [f32], &mut [f32]) {
+        (&mut self.xhat[..rows * width], &mut self.rstd[..rows])
+    }
 }
 
 /// A dense block; its parameters live in a slice the caller owns, laid out

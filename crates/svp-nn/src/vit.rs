@@ -524,3 +524,58 @@ impl TokenReadout {
         }
     }
 }
+
+/// The classifier side of a ViT: the readout token of each sample, then a
+/// LayerNorm (`rows x dim` out). Parameters: `[gamma (dim) | beta (dim)]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenHead {
+    /// Tokens per sample.
+    pub tokens: usize,
+    /// Token width.
+    pub dim: usize,
+    /// Which token summarizes a sample.
+    pub readout: TokenReadout,
+}
+
+impl TokenHead {
+    /// Number of parameters.
+    pub fn param_len(&self) -> usize {
+        2 * self.dim
+    }
+
+    /// Gain 1, bias 0.
+    pub fn init_params(&self, params: &mut [f32]) {
+        params[..self.dim].fill(1.0);
+        params[self.dim..2 * self.dim].fill(0.0);
+    }
+
+    /// `out = LN(readout(x))`; `cache` keeps what the backward needs.
+    pub fn forward(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut crate::DenseCache, out: &mut [f32]) {
+        let n = rows * self.dim;
+        let (xhat, rstd) = cache.xhat_rstd(rows, self.dim);
+        self.readout.forward(x, rows, self.tokens, self.dim, xhat);
+        let (gamma, beta) = params.split_at(self.dim);
+        layer_norm_forward(&mut xhat[..n], &mut rstd[..rows], &mut out[..n], gamma, &beta[..self.dim]);
+    }
+
+    /// Parameter gradient into `grad` and, if given, the token gradient into
+    /// `dx`, from `dout` (overwritten as scratch).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &[f32],
+        rows: usize,
+        cache: &mut crate::DenseCache,
+        dout: &mut [f32],
+        grad: &mut [f32],
+        dx: Option<&mut [f32]>,
+    ) {
+        let n = rows * self.dim;
+        let (xhat, rstd) = cache.xhat_rstd(rows, self.dim);
+        let (dgamma, dbeta) = grad[..2 * self.dim].split_at_mut(self.dim);
+        layer_norm_backward(&xhat[..n], &rstd[..rows], &params[..self.dim], &mut dout[..n], dgamma, dbeta);
+        if let Some(dx) = dx {
+            self.readout.backward(&dout[..n], rows, self.tokens, self.dim, dx);
+        }
+    }
+}

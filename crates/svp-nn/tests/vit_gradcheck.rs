@@ -165,3 +165,39 @@ fn token_readouts_and_their_adjoints() {
         assert!((lhs - rhs).abs() < 1e-5, "{readout:?}: {lhs} vs {rhs}");
     }
 }
+
+#[test]
+fn token_head_gradients() {
+    use svp_nn::DenseCache;
+    use svp_nn::vit::TokenHead;
+    let (rows, tokens, dim) = (3, 4, 5);
+    for readout in [TokenReadout::Cls, TokenReadout::Mean] {
+        let head = TokenHead { tokens, dim, readout };
+        let mut params = random(head.param_len(), 20);
+        params[..dim].iter_mut().for_each(|g| *g += 1.0);
+        let x = random(rows * tokens * dim, 21);
+        let probe = random(rows * dim, 22);
+        let mut cache = DenseCache::new(rows, dim);
+        let mut out = vec![0.0; rows * dim];
+        head.forward(&params, &x, rows, &mut cache, &mut out);
+        let mut dout = probe.clone();
+        let (mut grad, mut dx) = (vec![0.0; params.len()], vec![0.0; x.len()]);
+        head.backward(&params, rows, &mut cache, &mut dout, &mut grad, Some(&mut dx));
+        let loss = |p: &[f32], x: &[f32]| {
+            let mut c = DenseCache::new(rows, dim);
+            let mut o = vec![0.0; rows * dim];
+            head.forward(p, x, rows, &mut c, &mut o);
+            weighted(&o, &probe)
+        };
+        check(&format!("{readout:?} head params"), &grad, 1e-2, |i, e| {
+            let mut p = params.clone();
+            p[i] += e;
+            loss(&p, &x)
+        });
+        check(&format!("{readout:?} head input"), &dx, 1e-2, |i, e| {
+            let mut xx = x.clone();
+            xx[i] += e;
+            loss(&params, &xx)
+        });
+    }
+}

@@ -1,10 +1,10 @@
 //! Backpropagation over the same layers: the baseline SVP is measured against.
 
 use crate::config::Config;
-use crate::model::{Layer, Network};
+use crate::model::{LayerCache, Network};
 use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
-use svp_nn::{ConvBlockCache, DenseCache, Mode, softmax_cross_entropy};
+use svp_nn::{Mode, softmax_cross_entropy};
 use svp_tensor::view;
 
 /// Backpropagation trainer. It keeps every layer's output and backward cache
@@ -16,10 +16,8 @@ pub struct BpTrainer {
     max_rows: usize,
     /// Output of every layer (the head's logits last).
     acts: Vec<Vec<f32>>,
-    /// Each dense layer's backward cache (empty for conv blocks).
-    caches: Vec<DenseCache>,
-    /// Each conv block's backward cache (empty for dense layers).
-    conv_caches: Vec<ConvBlockCache>,
+    /// Each layer's backward cache.
+    caches: Vec<LayerCache>,
     /// Ping-pong gradients wrt layer outputs.
     grads_out: [Vec<f32>; 2],
     grad: Vec<f32>,
@@ -41,20 +39,7 @@ impl BpTrainer {
         let acts = (0..n)
             .map(|l| try_zeros(rows * model.out_len(l), "every layer's activations"))
             .collect::<Result<_, _>>()?;
-        let mut caches = Vec::with_capacity(n);
-        let mut conv_caches = Vec::with_capacity(n);
-        for l in 0..n {
-            match model.layer(l) {
-                Layer::Conv(c) => {
-                    caches.push(DenseCache::default());
-                    conv_caches.push(ConvBlockCache::try_new(c, rows)?);
-                }
-                Layer::Dense(d) => {
-                    caches.push(DenseCache::try_new(rows, d.spec().out_dim)?);
-                    conv_caches.push(ConvBlockCache::default());
-                }
-            }
-        }
+        let caches = model.all_layers().map(|l| LayerCache::try_for([l], rows)).collect::<Result<_, _>>()?;
         let width = model.max_out_width();
         Ok(Self {
             updater: Updater::try_new(model, config.optimizer)?,
@@ -62,7 +47,6 @@ impl BpTrainer {
             max_rows: rows,
             acts,
             caches,
-            conv_caches,
             grads_out: [try_zeros(rows * width, "output gradients")?, try_zeros(rows * width, "input gradients")?],
             grad: try_zeros(model.max_layer_params(), "one layer's gradient")?,
         })
@@ -81,7 +65,7 @@ impl Trainer for BpTrainer {
             let (layer, params) = model.layer_mut(l);
             let (before, after) = self.acts.split_at_mut(l);
             let input = if l == 0 { x } else { &before[l - 1][..] };
-            layer.forward(params, input, rows, &mut self.caches[l], &mut self.conv_caches[l], &mut after[0], mode);
+            layer.forward(params, input, rows, &mut self.caches[l], &mut after[0], mode);
         }
         let classes = model.classes();
         let (loss, _) = softmax_cross_entropy(view(&self.acts[n - 1], rows, classes), y, &mut self.grads_out[0]);
@@ -98,8 +82,7 @@ impl Trainer for BpTrainer {
             let (dout, dx) = if cur == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
             let dx = (l > 0).then_some(&mut dx[..]);
             let grad = &mut self.grad[..trainable];
-            let conv = &mut self.conv_caches[l];
-            layer.backward(params, input, rows, &self.caches[l], conv, dout, grad, dx, mode);
+            layer.backward(params, input, rows, &mut self.caches[l], dout, grad, dx, mode);
             self.updater.update(l, lr_scale, &mut params[..trainable], grad);
             cur = 1 - cur;
         }
@@ -120,7 +103,6 @@ impl Trainer for BpTrainer {
             + self.grads_out[0].len()
             + self.grads_out[1].len()
             + self.grad.len())
-            + self.caches.iter().map(DenseCache::bytes).sum::<usize>()
-            + self.conv_caches.iter().map(ConvBlockCache::bytes).sum::<usize>()
+            + self.caches.iter().map(LayerCache::bytes).sum::<usize>()
     }
 }

@@ -53,6 +53,34 @@ pub struct ModelConfig {
     /// `R_l` sees `channels x conv_readout x conv_readout` values.
     #[serde(default = "default_conv_readout")]
     pub conv_readout: usize,
+    /// A vision transformer before the dense layers (`[model.vit]`); not
+    /// together with `conv`.
+    #[serde(default)]
+    pub vit: Option<VitConfig>,
+}
+
+/// A vision transformer: patch embedding with class token and learned
+/// positions, `depth` pre-norm blocks, then LayerNorm of the readout token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitConfig {
+    /// Side of a square patch (divides the image sides).
+    pub patch: usize,
+    /// Token width.
+    pub dim: usize,
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Attention heads (divides `dim`).
+    pub heads: usize,
+    /// Hidden width of each block's MLP.
+    pub mlp: usize,
+    /// What the classifier and SVP's projections read: `"cls"` or `"mean"`.
+    #[serde(default = "default_token_readout")]
+    pub readout: svp_nn::vit::TokenReadout,
+}
+
+fn default_token_readout() -> svp_nn::vit::TokenReadout {
+    svp_nn::vit::TokenReadout::Cls
 }
 
 /// One entry of [`ModelConfig::conv`].
@@ -282,8 +310,25 @@ fn invalid(msg: impl Into<String>) -> Result<(), ConfigError> {
 impl Config {
     /// Checks every value that would otherwise fail (or silently misbehave) later.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.model.hidden.is_empty() && self.model.conv.is_empty() {
-            return invalid("model.hidden must list at least one hidden layer width (or model.conv one conv block)");
+        if self.model.hidden.is_empty() && self.model.conv.is_empty() && self.model.vit.is_none() {
+            return invalid(
+                "model.hidden must list at least one hidden layer width (or model.conv a conv block, or model.vit)",
+            );
+        }
+        if let Some(v) = &self.model.vit {
+            if !self.model.conv.is_empty() {
+                return invalid("model.conv and model.vit cannot both be given");
+            }
+            for (name, value) in
+                [("patch", v.patch), ("dim", v.dim), ("depth", v.depth), ("heads", v.heads), ("mlp", v.mlp)]
+            {
+                if value == 0 {
+                    return invalid(format!("model.vit.{name} must be at least 1"));
+                }
+            }
+            if v.dim % v.heads != 0 {
+                return invalid(format!("model.vit.dim = {} is not a multiple of heads = {}", v.dim, v.heads));
+            }
         }
         let mut after_block = false;
         for (i, item) in self.model.conv.iter().enumerate() {
@@ -351,6 +396,14 @@ impl Config {
         let (features, classes, train_len) = (data.features(), data.classes, data.train.len());
         self.validate()?;
         let (mut h, mut w) = data.train.image_shape;
+        if let Some(v) = &self.model.vit
+            && (h % v.patch != 0 || w % v.patch != 0)
+        {
+            return Err(ConfigError::DataMismatch(format!(
+                "model.vit.patch = {} does not divide the {h}x{w} images",
+                v.patch
+            )));
+        }
         for (i, (_, pool)) in self.model.conv_blocks().into_iter().enumerate() {
             if pool {
                 (h, w) = (h / 2, w / 2);

@@ -29,9 +29,9 @@ pub use fit::{
     EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown, Progress,
     fit, fit_with, try_fit_with,
 };
-pub use model::{InferenceWorkspace, Layer, Network, ProjectionHeads};
+pub use model::{InferenceWorkspace, Layer, LayerCache, Network, ProjectionHeads, Readout};
 pub use schedule::Schedule;
-pub use svp::{LayerMetrics, SvpTrainer};
+pub use svp::{LayerMetrics, SvpTrainer, units};
 pub use updater::Updater;
 
 /// Why a training step stopped.

@@ -3,6 +3,7 @@
 use crate::config::{Config, ModelConfig};
 use serde::{Deserialize, Serialize};
 use svp_alloc::OutOfMemory;
+use svp_nn::vit::{BlockCache, BlockSpec, PatchEmbed, TokenHead, TokenReadout, TransformerBlock};
 use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockSpec, Dense, DenseCache, DenseSpec, Mode, Projection};
 use svp_tensor::{view, view_mut};
 
@@ -47,18 +48,38 @@ impl ProjectionHeads {
     }
 }
 
-/// A feed-forward network: optional conv blocks, dense hidden blocks, then a
-/// linear head. All parameters live in one contiguous buffer, layer after
-/// layer. Layers are numbered globally, conv blocks first: layer `l` of a
-/// network with `c` conv blocks is `convs()[l]` for `l < c`, else `layers()[l - c]`.
+/// A feed-forward network: optional conv blocks or a vision transformer,
+/// dense hidden blocks, then a linear head. All parameters live in one
+/// contiguous buffer, layer after layer. Layers are numbered globally, front
+/// layers (conv blocks, or a ViT's patch embedding, blocks and token head)
+/// first: layer `l` of a network with `f` front layers is a front layer for
+/// `l < f`, else `layers()[l - f]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Network {
     input: usize,
     classes: usize,
-    convs: Vec<ConvBlock>,
+    front: Vec<Front>,
     layers: Vec<Dense>,
     offsets: Vec<usize>,
     params: Vec<f32>,
+}
+
+/// A layer before the dense ones.
+#[derive(Clone, Debug, PartialEq)]
+enum Front {
+    Conv(ConvBlock),
+    Patch(PatchEmbed),
+    Block(TransformerBlock),
+    Readout(TokenHead),
+}
+
+fn front_layer(f: &Front) -> Layer<'_> {
+    match f {
+        Front::Conv(c) => Layer::Conv(c),
+        Front::Patch(p) => Layer::Patch(p),
+        Front::Block(b) => Layer::Block(b),
+        Front::Readout(r) => Layer::Readout(r),
+    }
 }
 
 /// One layer of a [`Network`].
@@ -66,54 +87,189 @@ pub struct Network {
 pub enum Layer<'a> {
     /// A conv block.
     Conv(&'a ConvBlock),
+    /// A ViT's patch embedding (always a network's first layer).
+    Patch(&'a PatchEmbed),
+    /// A transformer block.
+    Block(&'a TransformerBlock),
+    /// A ViT's readout token, layer-normalized.
+    Readout(&'a TokenHead),
     /// A dense block or the head.
     Dense(&'a Dense),
 }
 
+/// What layers' backward passes need from their forward passes: one part per
+/// kind of layer, each sized for the largest of the layers it serves.
+#[derive(Debug, Default)]
+pub struct LayerCache {
+    dense: DenseCache,
+    conv: ConvBlockCache,
+    block: BlockCache,
+    patches: Vec<f32>,
+}
+
+impl LayerCache {
+    /// A cache that serves any one of `layers` at a time, for batches of up to `rows`.
+    pub fn try_for<'a>(layers: impl IntoIterator<Item = Layer<'a>>, rows: usize) -> Result<Self, OutOfMemory> {
+        let (mut dense_width, mut convs, mut block, mut patches) = (0, Vec::new(), None, 0);
+        for layer in layers {
+            match layer {
+                Layer::Conv(c) => convs.push(c),
+                Layer::Patch(p) => patches = patches.max(p.scratch_len(rows)),
+                Layer::Block(b) => block = Some(b.spec),
+                Layer::Readout(r) => dense_width = dense_width.max(r.dim),
+                Layer::Dense(d) => dense_width = dense_width.max(d.spec().out_dim),
+            }
+        }
+        Ok(Self {
+            dense: if dense_width > 0 { DenseCache::try_new(rows, dense_width)? } else { DenseCache::default() },
+            conv: ConvBlockCache::try_new_for(convs, rows)?,
+            block: block.map_or(Ok(BlockCache::default()), |spec| BlockCache::try_new(&spec, rows))?,
+            patches: svp_alloc::try_zeros(patches, "unfolded patches")?,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.dense.bytes() + self.conv.bytes() + self.block.bytes() + 4 * self.patches.len()
+    }
+}
+
 impl Layer<'_> {
-    /// Forward over `rows` samples of `x` into `out` (conv blocks in training
-    /// update their running statistics in `params`). A dense layer fills
-    /// `dense`, a conv block `conv`.
-    #[allow(clippy::too_many_arguments)]
+    /// Forward over `rows` samples of `x` into `out`, filling `cache` (conv
+    /// blocks in training also update their running statistics in `params`).
     pub fn forward(
         &self,
         params: &mut [f32],
         x: &[f32],
         rows: usize,
-        dense: &mut DenseCache,
-        conv: &mut ConvBlockCache,
+        cache: &mut LayerCache,
         out: &mut [f32],
         mode: Mode,
     ) {
         match self {
-            Layer::Conv(c) => c.forward(params, x, rows, conv, out, mode),
-            Layer::Dense(d) => d.forward(params, view(x, rows, d.spec().in_dim), dense, out, mode),
+            Layer::Conv(c) => c.forward(params, x, rows, &mut cache.conv, out, mode),
+            Layer::Patch(p) => p.forward(params, x, rows, &mut cache.patches, out),
+            Layer::Block(b) => b.forward(params, x, rows, &mut cache.block, out),
+            Layer::Readout(r) => r.forward(params, x, rows, &mut cache.dense, out),
+            Layer::Dense(d) => d.forward(params, view(x, rows, d.spec().in_dim), &mut cache.dense, out, mode),
+        }
+    }
+
+    /// Inference forward (no dropout, BatchNorm with running statistics).
+    pub fn infer(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut LayerCache, out: &mut [f32]) {
+        match self {
+            Layer::Conv(c) => c.infer(params, x, rows, &mut cache.conv, out),
+            Layer::Patch(p) => p.forward(params, x, rows, &mut cache.patches, out),
+            Layer::Block(b) => b.forward(params, x, rows, &mut cache.block, out),
+            Layer::Readout(r) => r.forward(params, x, rows, &mut cache.dense, out),
+            Layer::Dense(d) => d.forward(params, view(x, rows, d.spec().in_dim), &mut cache.dense, out, Mode::Infer),
         }
     }
 
     /// Backward of [`Layer::forward`] from `dout` (overwritten as scratch):
     /// the trained parameters' gradient into `grad`, and the input gradient
-    /// into `dx` if given.
+    /// into `dx` if given (a patch embedding has none: it reads the images).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         params: &[f32],
         x: &[f32],
         rows: usize,
-        dense: &DenseCache,
-        conv: &mut ConvBlockCache,
+        cache: &mut LayerCache,
         dout: &mut [f32],
         grad: &mut [f32],
         dx: Option<&mut [f32]>,
         mode: Mode,
     ) {
         match self {
-            Layer::Conv(c) => c.backward(params, x, rows, conv, dout, grad, dx),
+            Layer::Conv(c) => c.backward(params, x, rows, &mut cache.conv, dout, grad, dx),
+            Layer::Patch(p) => {
+                assert!(dx.is_none(), "a patch embedding reads the input images: no input gradient");
+                p.backward(x, rows, &mut cache.patches, dout, grad);
+            }
+            Layer::Block(b) => b.backward(params, rows, &mut cache.block, dout, grad, dx),
+            Layer::Readout(r) => r.backward(params, rows, &mut cache.dense, dout, grad, dx),
             Layer::Dense(d) => {
                 let d_in = d.spec().in_dim;
                 let dx = dx.map(|dx| view_mut(dx, rows, d_in));
-                d.backward(params, view(x, rows, d_in), dense, dout, grad, dx, mode)
+                d.backward(params, view(x, rows, d_in), &cache.dense, dout, grad, dx, mode)
             }
+        }
+    }
+
+    /// How a projection head reads this layer's output, if not as it is.
+    pub fn readout(&self) -> Readout {
+        match self {
+            Layer::Conv(c) => Readout::Pool(c.readout()),
+            Layer::Block(b) => Readout::Token { tokens: b.spec.tokens, dim: b.spec.dim },
+            _ => Readout::Whole,
+        }
+    }
+}
+
+/// How a projection head (SVP's local loss, an early exit) reads a layer's output.
+#[derive(Clone, Copy, Debug)]
+pub enum Readout {
+    /// The output itself.
+    Whole,
+    /// A conv block's adaptive average pooling.
+    Pool(svp_nn::conv::Pool2d),
+    /// A transformer block's readout token (the network's [`TokenReadout`]).
+    Token {
+        /// Tokens per sample.
+        tokens: usize,
+        /// Token width.
+        dim: usize,
+    },
+}
+
+impl Readout {
+    /// Values per sample read from a layer output of `out_len`.
+    pub fn len(&self, out_len: usize) -> usize {
+        match self {
+            Readout::Whole => out_len,
+            Readout::Pool(p) => p.output().len(),
+            Readout::Token { dim, .. } => *dim,
+        }
+    }
+
+    /// What a head reads from `h` (`rows` samples of `out_len`): `h` itself,
+    /// or the pooled or token readout written into `buf`.
+    pub fn read<'a>(
+        &self,
+        h: &'a [f32],
+        rows: usize,
+        out_len: usize,
+        token: TokenReadout,
+        buf: &'a mut [f32],
+    ) -> &'a [f32] {
+        match self {
+            Readout::Whole => &h[..rows * out_len],
+            Readout::Pool(p) => {
+                p.forward(h, rows, buf);
+                &buf[..rows * p.output().len()]
+            }
+            Readout::Token { tokens, dim } => {
+                token.forward(h, rows, *tokens, *dim, buf);
+                &buf[..rows * dim]
+            }
+        }
+    }
+
+    /// The gradient wrt `h` (into `dh`, overwriting) from the gradient wrt the readout.
+    pub fn backward(
+        &self,
+        h: &[f32],
+        rows: usize,
+        out_len: usize,
+        token: TokenReadout,
+        d_read: &[f32],
+        dh: &mut [f32],
+    ) {
+        match self {
+            Readout::Whole => dh[..rows * out_len].copy_from_slice(&d_read[..rows * out_len]),
+            Readout::Pool(p) => p.backward(h, rows, d_read, dh),
+            Readout::Token { tokens, dim } => token.backward(d_read, rows, *tokens, *dim, dh),
         }
     }
 }
@@ -140,20 +296,34 @@ impl Network {
         specs
     }
 
-    /// A freshly initialized network for images of `image_shape` (conv blocks
-    /// need the shape; an MLP sees only its `h * w` features).
+    /// A freshly initialized network for single-channel images of
+    /// `image_shape` (conv blocks and a ViT need the shape; an MLP sees only
+    /// its `h * w` features).
     pub fn try_for_images(
         image_shape: (usize, usize),
         classes: usize,
         config: &ModelConfig,
         seed: u64,
     ) -> Result<Self, OutOfMemory> {
-        let convs = Self::conv_specs(image_shape, config);
-        let flat = convs.last().map_or(image_shape.0 * image_shape.1, |s| {
-            let b = ConvBlock::new(*s, 0);
-            b.output().len()
-        });
-        let mut m = Self::try_with_blocks(convs, Self::specs(flat, classes, config))?;
+        let mut front: Vec<Front> = Self::conv_specs(image_shape, config)
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| Front::Conv(ConvBlock::new(s, i as u64 + 1)))
+            .collect();
+        if let Some(v) = &config.vit {
+            let patch = PatchEmbed { channels: 1, h: image_shape.0, w: image_shape.1, patch: v.patch, dim: v.dim };
+            let spec = BlockSpec { tokens: patch.tokens(), dim: v.dim, heads: v.heads, mlp: v.mlp };
+            front.push(Front::Patch(patch));
+            front.extend((0..v.depth).map(|_| Front::Block(TransformerBlock { spec })));
+            front.push(Front::Readout(TokenHead { tokens: spec.tokens, dim: v.dim, readout: v.readout }));
+        }
+        let flat = match front.last() {
+            None => image_shape.0 * image_shape.1,
+            Some(Front::Conv(c)) => c.output().len(),
+            Some(Front::Readout(r)) => r.dim,
+            Some(_) => unreachable!("a ViT ends with its token head"),
+        };
+        let mut m = Self::try_with_front(front, Self::specs(flat, classes, config))?;
         m.input = image_shape.0 * image_shape.1;
         m.init(seed);
         Ok(m)
@@ -161,10 +331,13 @@ impl Network {
 
     fn init(&mut self, seed: u64) {
         for l in 0..self.n_layers() {
-            let range = self.offsets[l]..self.offsets[l + 1];
-            match self.layer(l) {
-                Layer::Conv(c) => c.clone().init_params(seed, &mut self.params[range]),
-                Layer::Dense(d) => d.clone().init_params(seed, &mut self.params[range]),
+            let (layer, params) = self.layer_mut(l);
+            match layer {
+                Layer::Conv(c) => c.init_params(seed, params),
+                Layer::Patch(p) => p.init_params(seed, l as u64 + 1, params),
+                Layer::Block(b) => b.init_params(seed, l as u64 + 1, params),
+                Layer::Readout(r) => r.init_params(params),
+                Layer::Dense(d) => d.init_params(seed, params),
             }
         }
     }
@@ -198,9 +371,9 @@ impl Network {
     /// [`Network::new`], failing cleanly when the memory is not there.
     ///
     /// # Panics
-    /// If `config` has conv blocks (they need the image shape: [`Network::try_for_images`]).
+    /// If `config` has conv blocks or a ViT (they need the image shape: [`Network::try_for_images`]).
     pub fn try_new(input: usize, classes: usize, config: &ModelConfig, seed: u64) -> Result<Self, OutOfMemory> {
-        assert!(config.conv.is_empty(), "a network with conv blocks needs the image shape");
+        assert!(config.conv.is_empty() && config.vit.is_none(), "a conv or ViT network needs the image shape");
         let mut m = Self::try_with_specs(Self::specs(input, classes, config))?;
         m.init(seed);
         Ok(m)
@@ -219,7 +392,7 @@ impl Network {
     /// # Panics
     /// If `specs` is empty or consecutive widths do not chain.
     pub fn try_with_specs(specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
-        Self::try_with_blocks(Vec::new(), specs)
+        Self::try_with_front(Vec::new(), specs)
     }
 
     /// A zero network of conv blocks, then dense layers (the last one is the head).
@@ -227,30 +400,48 @@ impl Network {
     /// # Panics
     /// If `specs` is empty or consecutive shapes do not chain.
     pub fn try_with_blocks(conv: Vec<ConvBlockSpec>, specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
+        let front = conv.into_iter().enumerate().map(|(i, s)| Front::Conv(ConvBlock::new(s, i as u64 + 1))).collect();
+        Self::try_with_front(front, specs)
+    }
+
+    fn try_with_front(front: Vec<Front>, specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
         assert!(!specs.is_empty(), "a network needs at least a head");
         for pair in specs.windows(2) {
             assert_eq!(pair[0].out_dim, pair[1].in_dim, "layer widths must chain");
         }
-        let n_conv = conv.len();
-        let convs: Vec<ConvBlock> =
-            conv.into_iter().enumerate().map(|(i, s)| ConvBlock::new(s, i as u64 + 1)).collect();
-        for pair in convs.windows(2) {
-            assert_eq!(pair[0].output(), pair[1].spec().input(), "conv shapes must chain");
-        }
-        if let Some(last) = convs.last() {
-            assert_eq!(last.output().len(), specs[0].in_dim, "the first dense layer reads the last conv block");
-        }
-        let input = convs.first().map_or(specs[0].in_dim, |c| c.spec().input().len());
+        let n_front = front.len();
+        let input = match front.first() {
+            None => specs[0].in_dim,
+            Some(Front::Conv(c)) => c.spec().input().len(),
+            Some(Front::Patch(p)) => p.input().len(),
+            Some(_) => panic!("a ViT starts with its patch embedding"),
+        };
         let classes = specs.last().map(|s| s.out_dim).unwrap_or(0);
         let layers: Vec<Dense> =
-            specs.into_iter().enumerate().map(|(i, s)| Dense::new(s, (n_conv + i) as u64 + 1)).collect();
+            specs.into_iter().enumerate().map(|(i, s)| Dense::new(s, (n_front + i) as u64 + 1)).collect();
+        let lens = front.iter().map(|f| match f {
+            Front::Conv(c) => c.param_len(),
+            Front::Patch(p) => p.param_len(),
+            Front::Block(b) => b.param_len(),
+            Front::Readout(r) => r.param_len(),
+        });
         let mut offsets = vec![0];
-        let lens = convs.iter().map(ConvBlock::param_len).chain(layers.iter().map(Dense::param_len));
-        for len in lens {
+        for len in lens.chain(layers.iter().map(Dense::param_len)) {
             offsets.push(offsets.last().copied().unwrap_or(0) + len);
         }
         let params = svp_alloc::try_zeros(*offsets.last().unwrap_or(&0), "the network's weights")?;
-        Ok(Self { input, classes, convs, layers, offsets, params })
+        let m = Self { input, classes, front, layers, offsets, params };
+        for l in 1..m.n_layers() {
+            let want = match m.layer(l) {
+                Layer::Conv(c) => c.spec().input().len(),
+                Layer::Patch(_) => panic!("a patch embedding must be the first layer"),
+                Layer::Block(b) => b.sample_len(),
+                Layer::Readout(r) => r.tokens * r.dim,
+                Layer::Dense(d) => d.spec().in_dim,
+            };
+            assert_eq!(m.out_len(l - 1), want, "layer {} does not read what layer {l} writes", l + 1);
+        }
+        Ok(m)
     }
 
     /// Input width.
@@ -268,21 +459,31 @@ impl Network {
         &self.layers
     }
 
-    /// The conv blocks, first to last.
-    pub fn convs(&self) -> &[ConvBlock] {
-        &self.convs
+    /// Whether every layer is dense (what model files of format v1 hold).
+    pub fn is_mlp(&self) -> bool {
+        self.front.is_empty()
     }
 
-    /// Number of layers: conv blocks, dense blocks and the head.
+    /// Number of layers before the dense ones.
+    pub fn front_len(&self) -> usize {
+        self.front.len()
+    }
+
+    /// Number of layers: front layers, dense blocks and the head.
     pub fn n_layers(&self) -> usize {
-        self.convs.len() + self.layers.len()
+        self.front.len() + self.layers.len()
+    }
+
+    /// Every layer, first to last.
+    pub fn all_layers(&self) -> impl Iterator<Item = Layer<'_>> {
+        (0..self.n_layers()).map(|l| self.layer(l))
     }
 
     /// Layer `l` (global numbering, see [`Network`]).
     pub fn layer(&self, l: usize) -> Layer<'_> {
-        match l.checked_sub(self.convs.len()) {
-            None => Layer::Conv(&self.convs[l]),
-            Some(d) => Layer::Dense(&self.layers[d]),
+        match self.front.get(l) {
+            Some(f) => front_layer(f),
+            None => Layer::Dense(&self.layers[l - self.front.len()]),
         }
     }
 
@@ -295,17 +496,33 @@ impl Network {
     pub fn out_len(&self, l: usize) -> usize {
         match self.layer(l) {
             Layer::Conv(c) => c.output().len(),
+            Layer::Patch(p) => p.tokens() * p.dim,
+            Layer::Block(b) => b.sample_len(),
+            Layer::Readout(r) => r.dim,
             Layer::Dense(d) => d.spec().out_dim,
         }
     }
 
     /// Values per sample of what layer `l`'s projection head reads: a conv
-    /// block's pooled readout, a dense block's output.
+    /// block's pooled readout, a transformer block's readout token, the output
+    /// of anything else.
     pub fn readout_len(&self, l: usize) -> usize {
-        match self.layer(l) {
-            Layer::Conv(c) => c.readout().output().len(),
-            Layer::Dense(d) => d.spec().out_dim,
+        match self.layer(l).readout() {
+            Readout::Whole => self.out_len(l),
+            Readout::Pool(p) => p.output().len(),
+            Readout::Token { dim, .. } => dim,
         }
+    }
+
+    /// Which token a ViT's projection heads and classifier read.
+    pub fn token_readout(&self) -> TokenReadout {
+        self.front
+            .iter()
+            .find_map(|f| match f {
+                Front::Readout(r) => Some(r.readout),
+                _ => None,
+            })
+            .unwrap_or(TokenReadout::Cls)
     }
 
     /// Widest activation (input included).
@@ -334,7 +551,7 @@ impl Network {
     pub fn trainable_len(&self, l: usize) -> usize {
         match self.layer(l) {
             Layer::Conv(c) => c.trainable_len(),
-            Layer::Dense(d) => d.param_len(),
+            _ => self.offsets[l + 1] - self.offsets[l],
         }
     }
 
@@ -356,9 +573,9 @@ impl Network {
     /// Layer `l` and its parameters, mutable.
     pub fn layer_mut(&mut self, l: usize) -> (Layer<'_>, &mut [f32]) {
         let params = &mut self.params[self.offsets[l]..self.offsets[l + 1]];
-        let layer = match l.checked_sub(self.convs.len()) {
-            None => Layer::Conv(&self.convs[l]),
-            Some(d) => Layer::Dense(&self.layers[d]),
+        let layer = match self.front.get(l) {
+            Some(f) => front_layer(f),
+            None => Layer::Dense(&self.layers[l - self.front.len()]),
         };
         (layer, params)
     }
@@ -384,30 +601,19 @@ impl Network {
         exits: Option<&ProjectionHeads>,
     ) -> &'w [f32] {
         ws.ensure(rows, self, exits.map(|h| h.dim));
+        let token = self.token_readout();
         let mut cur = 0;
         for l in 0..self.n_layers() {
             let (a, b) = ws.act.split_at_mut(1);
             let (src, dst) = if cur == 0 { (&a[0], &mut b[0]) } else { (&b[0], &mut a[0]) };
             let input = if l == 0 { x } else { &src[..] };
-            let d_out = self.out_len(l);
-            match self.layer(l) {
-                Layer::Conv(c) => c.infer(self.layer_params(l), input, rows, &mut ws.conv_cache, dst),
-                Layer::Dense(d) => {
-                    let d_in = d.spec().in_dim;
-                    d.forward(self.layer_params(l), view(input, rows, d_in), &mut ws.cache, dst, Mode::Infer);
-                }
-            }
+            let layer = self.layer(l);
+            layer.infer(self.layer_params(l), input, rows, &mut ws.cache, dst);
             if let Some(heads) = exits
                 && l + 1 < self.n_layers()
             {
                 let width = self.readout_len(l);
-                let read = match self.layer(l) {
-                    Layer::Conv(c) => {
-                        c.readout().forward(&dst[..rows * d_out], rows, &mut ws.readout);
-                        &ws.readout[..rows * width]
-                    }
-                    Layer::Dense(_) => &dst[..rows * d_out],
-                };
+                let read = layer.readout().read(dst, rows, self.out_len(l), token, &mut ws.readout);
                 let p = heads.for_layer(l + 1, width, false);
                 let out = &mut ws.exits[l * rows * heads.dim..(l + 1) * rows * heads.dim];
                 p.forward(view(read, rows, width), None, None, view_mut(out, rows, heads.dim), &mut ws.tile);
@@ -423,8 +629,7 @@ impl Network {
 #[derive(Debug, Default)]
 pub struct InferenceWorkspace {
     act: [Vec<f32>; 2],
-    cache: DenseCache,
-    conv_cache: ConvBlockCache,
+    cache: LayerCache,
     readout: Vec<f32>,
     exits: Vec<f32>,
     tile: Vec<f32>,
@@ -451,8 +656,7 @@ impl InferenceWorkspace {
                 svp_alloc::try_zeros(need, "inference activations")?,
                 svp_alloc::try_zeros(need, "inference activations")?,
             ];
-            self.cache = DenseCache::try_new(rows, width)?;
-            self.conv_cache = ConvBlockCache::try_new_for(model.convs(), rows)?;
+            self.cache = LayerCache::try_for(model.all_layers(), rows)?;
             self.rows = rows;
         }
         if let Some(d) = exit_dim {
@@ -460,8 +664,8 @@ impl InferenceWorkspace {
             if self.exits.len() < need {
                 self.exits = svp_alloc::try_zeros(need, "early-exit logits")?;
             }
-            if !model.convs().is_empty() && self.readout.len() < rows * model.max_readout_len() {
-                self.readout = svp_alloc::try_zeros(rows * model.max_readout_len(), "conv readouts")?;
+            if !model.is_mlp() && self.readout.len() < rows * model.max_readout_len() {
+                self.readout = svp_alloc::try_zeros(rows * model.max_readout_len(), "projection readouts")?;
             }
             let tile = EXIT_TILE_FLOATS.max(model.max_width());
             if self.tile.len() < tile {

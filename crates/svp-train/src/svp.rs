@@ -1,10 +1,11 @@
 //! The SVP training step: every layer learns from its own local loss.
 
 use crate::config::{Config, FirstLayerAlignment};
-use crate::model::{Layer, Network, ProjectionHeads};
+use crate::model::{Layer, LayerCache, Network, ProjectionHeads, Readout};
 use crate::{TrainError, Trainer, Updater};
+use std::ops::Range;
 use svp_alloc::{OutOfMemory, try_zeros};
-use svp_nn::{ConvBlockCache, DenseCache, FaWorkspace, FeatureAlignment, Mode, Projection, softmax_cross_entropy};
+use svp_nn::{FaWorkspace, FeatureAlignment, Mode, Projection, softmax_cross_entropy};
 use svp_tensor::{view, view_mut};
 
 /// Sums of per-layer local losses and head accuracies over the steps since
@@ -46,8 +47,7 @@ pub struct SvpTrainer {
     head_lambda: f32,
     align_first: bool,
     fa: FeatureAlignment,
-    layers_per_unit: usize,
-    head_joins_last_unit: bool,
+    units: Vec<Range<usize>>,
     head_lr_scale: f32,
     max_rows: usize,
     ws: Workspace,
@@ -56,19 +56,18 @@ pub struct SvpTrainer {
 
 /// Everything a step touches besides the weights and optimizer state.
 struct Workspace {
-    /// Hidden activations: a unit's input and the outputs of its layers, in
+    /// Activations: a unit's input and the outputs of its layers, in
     /// rotation (one more than the longest unit; two for plain SVP).
     act: Vec<Vec<f32>>,
-    /// One backward cache per dense layer of a unit.
-    caches: Vec<DenseCache>,
-    /// The backward cache of a conv block (each conv block is its own unit).
-    conv_cache: ConvBlockCache,
-    /// A conv block's pooled readout, and its gradient.
+    /// One backward cache per position in a unit, serving that position of every unit.
+    caches: Vec<LayerCache>,
+    /// What a projection reads from a unit's output (a conv block's pooling,
+    /// a transformer block's readout token), and its gradient.
     readout: Vec<f32>,
     d_readout: Vec<f32>,
     /// Gradient wrt the current layer's output.
     dh: Vec<f32>,
-    /// Gradient wrt the current layer's input, inside an SVP+ unit (empty for plain SVP).
+    /// Gradient wrt the current layer's input, inside a unit of several layers (else empty).
     dx: Vec<f32>,
     v_cur: Vec<f32>,
     v_prev: Vec<f32>,
@@ -87,10 +86,10 @@ impl Workspace {
             + self.v_prev.len()
             + self.dv.len()
             + self.tile.len()
-            + self.grad.len())
-            + self.caches.iter().map(DenseCache::bytes).sum::<usize>()
-            + self.conv_cache.bytes()
-            + 4 * (self.readout.len() + self.d_readout.len())
+            + self.grad.len()
+            + self.readout.len()
+            + self.d_readout.len())
+            + self.caches.iter().map(LayerCache::bytes).sum::<usize>()
             + self.fa.bytes()
     }
 }
@@ -105,6 +104,47 @@ fn read_write(bufs: &mut [Vec<f32>], read: usize, write: usize) -> (&[f32], &mut
         let (a, b) = bufs.split_at_mut(read);
         (&b[0], &mut a[write])
     }
+}
+
+/// The units of a step, in order: ranges of consecutive layers trained
+/// together by backprop from one local loss at the unit's last layer, with
+/// no gradient between units. A conv block is a unit of its own; transformer
+/// blocks and dense hidden layers go in runs of up to `per_unit` of a kind;
+/// a ViT's patch embedding and token head join the unit after them; the
+/// classifier head ends the last unit, which is the head alone (with the
+/// token head, if any) unless `head_joins` merges it into the unit before.
+pub fn units(model: &Network, per_unit: usize, head_joins: bool) -> Vec<Range<usize>> {
+    let head = model.n_layers() - 1;
+    let same_kind =
+        |a: Layer, b: Layer| matches!((a, b), (Layer::Block(_), Layer::Block(_)) | (Layer::Dense(_), Layer::Dense(_)));
+    let mut units = Vec::new();
+    let (mut start, mut l) = (0, 0);
+    while l < head {
+        match model.layer(l) {
+            Layer::Patch(_) | Layer::Readout(_) => {
+                l += 1;
+                continue;
+            }
+            Layer::Conv(_) => l += 1,
+            kind => {
+                let first = l;
+                while l < head && l - first < per_unit.max(1) && same_kind(kind, model.layer(l)) {
+                    l += 1;
+                }
+            }
+        }
+        units.push(start..l);
+        start = l;
+    }
+    units.push(start..head + 1);
+    let n = units.len();
+    if head_joins && n >= 2 && matches!(model.layer(units[n - 2].end - 1), Layer::Block(_) | Layer::Dense(_)) {
+        let last = units.pop().unwrap_or_default();
+        if let Some(prev) = units.last_mut() {
+            prev.end = last.end;
+        }
+    }
+    units
 }
 
 impl SvpTrainer {
@@ -126,24 +166,19 @@ impl SvpTrainer {
         let vdim = dim.max(classes);
         let label_cols = if config.svp.label_concat { classes } else { 0 };
         let tile_floats = (config.svp.tile_bytes / 4).max(model.max_readout_len() + label_cols);
-        let dense_hidden = model.layers().len() - 1;
-        let layers_per_unit = config.svp.layers_per_unit.clamp(1, dense_hidden.max(1));
-        let head_joins = config.svp.head_joins_last_unit && dense_hidden > 0;
-        // Layers of the longest unit (the last one, when the head joins it).
-        let unit_len = layers_per_unit + usize::from(head_joins);
-        let readout_len = if model.convs().is_empty() { 0 } else { rows * model.max_readout_len() };
-        let act = (0..=unit_len).map(|_| try_zeros(rows * width, "layer activations")).collect::<Result<_, _>>()?;
-        let dense_width = model.layers().iter().map(|l| l.spec().out_dim).max().unwrap_or(0);
-        let caches = (0..unit_len).map(|_| DenseCache::try_new(rows, dense_width)).collect::<Result<_, _>>()?;
-        let dx_len = if unit_len > 1 { rows * width } else { 0 };
+        let units = units(model, config.svp.layers_per_unit, config.svp.head_joins_last_unit);
+        let unit_len = units.iter().map(|u| u.len()).max().unwrap_or(1);
+        let caches = (0..unit_len)
+            .map(|j| LayerCache::try_for(units.iter().filter_map(|u| u.clone().nth(j)).map(|l| model.layer(l)), rows))
+            .collect::<Result<_, _>>()?;
+        let readout_len = if model.is_mlp() { 0 } else { rows * model.max_readout_len() };
         let ws = Workspace {
-            act,
+            act: (0..=unit_len).map(|_| try_zeros(rows * width, "layer activations")).collect::<Result<_, _>>()?,
             caches,
-            conv_cache: ConvBlockCache::try_new_for(model.convs(), rows)?,
-            readout: try_zeros(readout_len, "conv readouts")?,
-            d_readout: try_zeros(readout_len, "conv readout gradients")?,
+            readout: try_zeros(readout_len, "projection readouts")?,
+            d_readout: try_zeros(readout_len, "projection readout gradients")?,
             dh: try_zeros(rows * width, "the activation gradient")?,
-            dx: try_zeros(dx_len, "the input gradient inside a unit")?,
+            dx: try_zeros(if unit_len > 1 { rows * width } else { 0 }, "the input gradient inside a unit")?,
             v_cur: try_zeros(rows * vdim, "the projections")?,
             v_prev: try_zeros(rows * vdim, "the projections")?,
             dv: try_zeros(rows * vdim, "the projection gradient")?,
@@ -158,8 +193,7 @@ impl SvpTrainer {
             head_lambda: config.svp.head_lambda.unwrap_or(config.svp.lambda),
             align_first: config.svp.first_layer_alignment == FirstLayerAlignment::Input,
             fa: FeatureAlignment { mean_center: config.svp.mean_center },
-            layers_per_unit,
-            head_joins_last_unit: head_joins,
+            units,
             head_lr_scale: config.svp.head_lr_scale,
             max_rows: rows,
             ws,
@@ -185,11 +219,10 @@ impl Trainer for SvpTrainer {
         let step = self.updater.step();
         let mode = Mode::Train { seed: self.heads.seed, step };
         let n_layers = model.n_layers();
-        let n_hidden = n_layers - 1;
-        let n_conv = model.convs().len();
         let input_dim = model.input();
         let vdim = self.heads.dim;
         let slots = self.ws.act.len();
+        let token = model.token_readout();
 
         // v_0: the alignment target of layer 1.
         let mut have_prev = false;
@@ -205,18 +238,8 @@ impl Trainer for SvpTrainer {
         let mut head_ce = 0.0;
         // The activation slot holding the current unit's input (unused while it is `x`).
         let mut unit_input = 0;
-        let mut first = 0;
-        while first < n_layers {
-            // A unit: one conv block, `layers_per_unit` dense hidden layers
-            // (the last of them with the head, if it joins), or the head alone.
-            let end = if first < n_conv {
-                first + 1
-            } else if first == n_hidden {
-                n_layers
-            } else {
-                let end = (first + self.layers_per_unit).min(n_hidden);
-                if end == n_hidden && self.head_joins_last_unit { n_layers } else { end }
-            };
+        for unit in 0..self.units.len() {
+            let (first, end) = (self.units[unit].start, self.units[unit].end);
             let is_head = end == n_layers;
             let slot = |j: usize| (unit_input + 1 + j) % slots;
             let ws = &mut self.ws;
@@ -225,29 +248,19 @@ impl Trainer for SvpTrainer {
                 let (layer, params) = model.layer_mut(l);
                 let (src, dst) = read_write(&mut ws.act, if j == 0 { unit_input } else { slot(j - 1) }, slot(j));
                 let input = if l == 0 { x } else { src };
-                layer.forward(params, input, rows, &mut ws.caches[j], &mut ws.conv_cache, dst, mode);
+                layer.forward(params, input, rows, &mut ws.caches[j], dst, mode);
             }
             let last = end - 1;
             let d_out = model.out_len(last);
             let out = &ws.act[slot(end - first - 1)][..rows * d_out];
 
-            // What the projection reads: a conv block's pooled readout, a dense block's output.
-            let conv_readout = match model.layer(last) {
-                Layer::Conv(c) => Some(c.readout()),
-                Layer::Dense(_) => None,
-            };
+            // Local logits: v = Dropout(R) readout(h) at the unit's output, or the head's own output.
+            let readout = model.layer(last).readout();
             let read_len = model.readout_len(last);
-            let read = if let Some(pool) = &conv_readout {
-                pool.forward(out, rows, &mut ws.readout);
-                &ws.readout[..rows * read_len]
-            } else {
-                out
-            };
-
-            // Local logits: v = Dropout(R) h at the unit's output, or the head's own output.
             let out_dim = if is_head { d_out } else { vdim };
             let proj = (!is_head).then(|| self.heads.for_layer(end, read_len, true));
             let v = if let Some(p) = &proj {
+                let read = readout.read(out, rows, d_out, token, &mut ws.readout);
                 p.forward(
                     view(read, rows, read_len),
                     Some(y),
@@ -282,26 +295,30 @@ impl Trainer for SvpTrainer {
             self.metrics.fa_sum[last] += fa as f64;
             self.metrics.correct[last] += correct as u64;
 
-            // eps = dL/dh through R only (and the readout pooling), or the head's
+            // eps = dL/dh through R only (and the readout), or the head's
             // logit gradient; then backprop inside the unit, each layer updated
             // right after its own backward; the unit's input stays detached.
             // (Overlapping an update with the next layer's forward, which SVP
             // allows, measured no faster on 2 cores: both compete for the same
             // cores and memory bandwidth.)
-            let mut dout = match (&proj, &conv_readout) {
-                (Some(p), Some(pool)) => {
-                    let d_read = view_mut(&mut ws.d_readout, rows, read_len);
-                    p.backward(view(&ws.dv, rows, vdim), Some(step), d_read, &mut ws.tile);
-                    pool.backward(&ws.act[slot(0)][..rows * d_out], rows, &ws.d_readout, &mut ws.dh);
-                    &mut ws.dh
-                }
-                (Some(p), None) => {
+            let mut dout = match &proj {
+                Some(p) if matches!(readout, Readout::Whole) => {
                     p.backward(view(&ws.dv, rows, vdim), Some(step), view_mut(&mut ws.dh, rows, d_out), &mut ws.tile);
                     &mut ws.dh
                 }
-                (None, _) => {
+                Some(p) => {
+                    let d_read = view_mut(&mut ws.d_readout, rows, read_len);
+                    p.backward(view(&ws.dv, rows, vdim), Some(step), d_read, &mut ws.tile);
+                    let out = &ws.act[slot(end - first - 1)][..rows * d_out];
+                    readout.backward(out, rows, d_out, token, &ws.d_readout, &mut ws.dh);
+                    &mut ws.dh
+                }
+                None => {
+                    // The logit gradient moves to a full-width buffer: inside a
+                    // unit, dout and dx trade places layer by layer.
                     head_ce = ce;
-                    &mut ws.dv
+                    ws.dh[..rows * d_out].copy_from_slice(&ws.dv[..rows * d_out]);
+                    &mut ws.dh
                 }
             };
             let mut dx = &mut ws.dx;
@@ -312,8 +329,8 @@ impl Trainer for SvpTrainer {
                 let input = if l == 0 { x } else { &src[..] };
                 let grad = &mut ws.grad[..trainable];
                 let dinput = (j > 0).then_some(&mut dx[..]);
-                layer.backward(params, input, rows, &ws.caches[j], &mut ws.conv_cache, dout, grad, dinput, mode);
-                let lr = if is_head { lr_scale * self.head_lr_scale } else { lr_scale };
+                layer.backward(params, input, rows, &mut ws.caches[j], dout, grad, dinput, mode);
+                let lr = if l + 1 == n_layers { lr_scale * self.head_lr_scale } else { lr_scale };
                 self.updater.update(l, lr, &mut params[..trainable], grad);
                 if j > 0 {
                     std::mem::swap(&mut dout, &mut dx);
@@ -326,7 +343,6 @@ impl Trainer for SvpTrainer {
                 prev_dim = vdim;
             }
             unit_input = slot(end - first - 1);
-            first = end;
         }
         self.metrics.steps += 1;
         self.metrics.samples += rows as u64;

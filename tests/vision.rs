@@ -1,17 +1,26 @@
-//! Conv networks end to end: the SVP and backprop steps of a small CNN give
-//! the gradients finite differences of their losses give, and training is
-//! bit-identical on 1 or 2 threads and across a resume.
+//! Conv networks and vision transformers end to end: the SVP (and SVP+) and
+//! backprop steps of a small CNN and a small ViT give the gradients finite
+//! differences of their losses give, and training is bit-identical on 1 or 2
+//! threads.
 
 use svp_integration_tests::{embedded_subset, small_config};
-use svp_nn::{ConvBlockCache, DenseCache, FaWorkspace, FeatureAlignment, Mode, softmax_cross_entropy};
+use svp_nn::{FaWorkspace, FeatureAlignment, Mode, softmax_cross_entropy};
 use svp_tensor::{view, view_mut};
-use svp_train::config::{ConvItem, PoolMarker};
-use svp_train::{BpTrainer, Config, Method, Network, ProjectionHeads, SvpTrainer, Trainer};
+use svp_train::config::{ConvItem, PoolMarker, VitConfig};
+use svp_train::{BpTrainer, Config, LayerCache, Method, Network, ProjectionHeads, SvpTrainer, Trainer};
 
 /// conv 3 -> M -> conv 4, readout 2x2, then a linear head.
 fn cnn_config(method: Method) -> Config {
     let mut c = small_config(method, 1);
     c.model.conv = vec![ConvItem::Channels(3), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(4)];
+    c.model.hidden = vec![];
+    c
+}
+
+/// Patch 7 (16 patches and a class token), width 8, three blocks of 2 heads.
+fn vit_config(method: Method, readout: svp_nn::vit::TokenReadout) -> Config {
+    let mut c = small_config(method, 1);
+    c.model.vit = Some(VitConfig { patch: 7, dim: 8, depth: 3, heads: 2, mlp: 16, readout });
     c.model.hidden = vec![];
     c
 }
@@ -43,12 +52,11 @@ fn applied_gradient(config: &Config, x: &[f32], y: &[u32]) -> (Network, Network)
 /// Runs layers `0..=last` of `net` forward in training mode; returns the output of `last`.
 fn forward_to(net: &mut Network, last: usize, x: &[f32], rows: usize) -> Vec<f32> {
     let mut h = x.to_vec();
-    let mut dense = DenseCache::new(rows, 64);
-    let mut conv = ConvBlockCache::try_new_for(net.convs().to_vec().iter(), rows).unwrap();
+    let mut cache = LayerCache::try_for(net.all_layers(), rows).unwrap();
     for l in 0..=last {
         let mut out = vec![0.0; rows * net.out_len(l)];
         let (layer, params) = net.layer_mut(l);
-        layer.forward(params, &h, rows, &mut dense, &mut conv, &mut out, Mode::Train { seed: 7, step: 0 });
+        layer.forward(params, &h, rows, &mut cache, &mut out, Mode::Train { seed: 7, step: 0 });
         h = out;
     }
     h
@@ -84,12 +92,10 @@ fn check_layer(what: &str, before: &Network, after: &Network, l: usize, loss: im
     assert!(median < 0.03, "{what}, layer {}: median relative error {median}", l + 1);
 }
 
-#[test]
-fn backprop_cnn_gradient_matches_finite_differences() {
+fn check_backprop(config: &Config) {
     let rows = 8;
     let (x, y) = batch(rows);
-    let config = cnn_config(Method::Bp);
-    let (before, after) = applied_gradient(&config, &x, &y);
+    let (before, after) = applied_gradient(config, &x, &y);
     let loss = |net: &Network| {
         let mut net = net.clone();
         let last = net.n_layers() - 1;
@@ -102,16 +108,17 @@ fn backprop_cnn_gradient_matches_finite_differences() {
     }
 }
 
-#[test]
-fn svp_cnn_local_gradients_match_finite_differences() {
+/// Each unit's local loss as a function of its layers' parameters (the
+/// perturbed network differs from `before` in one layer), with the unit's
+/// input and alignment target from the units below, as SVP computes them.
+fn check_svp(config: &Config) {
     let rows = 8;
     let (x, y) = batch(rows);
-    let config = cnn_config(Method::Svp);
-    let (before, after) = applied_gradient(&config, &x, &y);
-    let heads = ProjectionHeads::from_config(&config, 10);
+    let (before, after) = applied_gradient(config, &x, &y);
+    let heads = ProjectionHeads::from_config(config, 10);
     let fa = FeatureAlignment { mean_center: false };
+    // Written here from the layers' shapes, not with the trainer's readout code.
     let project = |net: &Network, l: usize, h: &[f32]| {
-        // Conv blocks are read out through their adaptive pooling.
         let (read, width) = match net.layer(l) {
             svp_train::Layer::Conv(c) => {
                 let pool = c.readout();
@@ -119,69 +126,115 @@ fn svp_cnn_local_gradients_match_finite_differences() {
                 pool.forward(h, rows, &mut r);
                 (r, pool.output().len())
             }
+            svp_train::Layer::Block(b) => {
+                let (t, d) = (b.spec.tokens, b.spec.dim);
+                let mut r = vec![0.0; rows * d];
+                for s in 0..rows {
+                    let tokens = &h[s * t * d..(s + 1) * t * d];
+                    for k in 0..d {
+                        r[s * d + k] = match config.model.vit.as_ref().map(|v| v.readout) {
+                            Some(svp_nn::vit::TokenReadout::Mean) => {
+                                (0..t).map(|i| tokens[i * d + k]).sum::<f32>() / t as f32
+                            }
+                            _ => tokens[k],
+                        };
+                    }
+                }
+                (r, d)
+            }
             svp_train::Layer::Dense(d) => (h.to_vec(), d.spec().out_dim),
+            other => panic!("no projection reads a {other:?}"),
         };
         let mut v = vec![0.0; rows * heads.dim];
         let mut tile = vec![0.0; 4096];
-        heads.for_layer(l + 1, width, true).forward(
-            view(&read, rows, width),
-            Some(&y),
-            Some(0),
-            view_mut(&mut v, rows, heads.dim),
-            &mut tile,
-        );
+        let p = heads.for_layer(l + 1, width, true);
+        p.forward(view(&read, rows, width), Some(&y), Some(0), view_mut(&mut v, rows, heads.dim), &mut tile);
         v
     };
-    // Each layer's local loss as a function of its own parameters (the
-    // perturbed network differs from `before` in layer l only), with its input
-    // and alignment target from the layers below, as SVP computes them.
-    let (heads, y, x, project, fa) = (&heads, &y[..], &x[..], &project, &fa);
-    let local = |l: usize| {
-        move |net: &Network| {
+    let units = svp_train::units(&before, config.svp.layers_per_unit, config.svp.head_joins_last_unit);
+    for (k, unit) in units.iter().enumerate() {
+        let end = unit.end - 1;
+        let below = k.checked_sub(1).map(|p| units[p].end - 1);
+        let loss = |net: &Network| {
             let mut net = net.clone();
             let mut tile = vec![0.0; 4096];
-            let v_prev = if l == 0 {
-                let mut v0 = vec![0.0; rows * heads.dim];
-                let input = view(x, rows, 784);
-                heads.for_layer(0, 784, false).forward(
-                    input,
-                    None,
-                    None,
-                    view_mut(&mut v0, rows, heads.dim),
-                    &mut tile,
-                );
-                v0
-            } else {
-                let h = forward_to(&mut net, l - 1, x, rows);
-                project(&net, l - 1, &h)
+            let v_prev = match below {
+                None => {
+                    let mut v0 = vec![0.0; rows * heads.dim];
+                    let input = view(&x, rows, 784);
+                    heads.for_layer(0, 784, false).forward(
+                        input,
+                        None,
+                        None,
+                        view_mut(&mut v0, rows, heads.dim),
+                        &mut tile,
+                    );
+                    v0
+                }
+                Some(b) => {
+                    let h = forward_to(&mut net, b, &x, rows);
+                    project(&net, b, &h)
+                }
             };
-            let h = forward_to(&mut net, l, x, rows);
-            let v = if l + 1 == net.n_layers() { h } else { project(&net, l, &h) };
+            let h = forward_to(&mut net, end, &x, rows);
+            let v = if end + 1 == net.n_layers() { h } else { project(&net, end, &h) };
             let d = v.len() / rows;
             let mut g = vec![0.0; v.len()];
-            let ce = softmax_cross_entropy(view(&v, rows, d), y, &mut g).0 as f64;
+            let ce = softmax_cross_entropy(view(&v, rows, d), &y, &mut g).0 as f64;
             let mut ws = FaWorkspace::new(rows, d.max(heads.dim));
             let fa = fa.loss_and_grad(view(&v, rows, d), view(&v_prev, rows, heads.dim), &mut ws, 1.0, &mut g);
             ce + fa as f64
+        };
+        for l in unit.clone() {
+            check_layer("SVP local loss", &before, &after, l, loss);
         }
-    };
-    for l in 0..before.n_layers() {
-        check_layer("SVP local loss", &before, &after, l, local(l));
     }
 }
 
-fn train_bits(method: Method, threads: usize) -> Vec<u32> {
-    let config = cnn_config(method);
+#[test]
+fn backprop_cnn_gradient_matches_finite_differences() {
+    check_backprop(&cnn_config(Method::Bp));
+}
+
+#[test]
+fn svp_cnn_local_gradients_match_finite_differences() {
+    check_svp(&cnn_config(Method::Svp));
+}
+
+#[test]
+fn backprop_vit_gradient_matches_finite_differences() {
+    check_backprop(&vit_config(Method::Bp, svp_nn::vit::TokenReadout::Cls));
+}
+
+#[test]
+fn svp_vit_local_gradients_match_finite_differences() {
+    use svp_nn::vit::TokenReadout;
+    // Plain SVP (every block a unit), SVP+ in units of two with the mean
+    // token, and the head inside the last unit.
+    check_svp(&vit_config(Method::Svp, TokenReadout::Cls));
+    let mut plus = vit_config(Method::Svp, TokenReadout::Mean);
+    plus.svp.layers_per_unit = 2;
+    check_svp(&plus);
+    plus.svp.head_joins_last_unit = true;
+    check_svp(&plus);
+}
+
+fn train_bits(config: &Config, threads: usize) -> Vec<u32> {
     let data = embedded_subset(256);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    let outcome = pool.install(|| svp_train::fit(&config, &data, &mut ()));
+    let outcome = pool.install(|| svp_train::fit(config, &data, &mut ()));
     assert!(outcome.diverged.is_none());
     outcome.model.params().iter().map(|v| v.to_bits()).collect()
 }
 
 #[test]
-fn cnn_training_is_bit_identical_on_one_and_two_threads() {
-    for method in [Method::Svp, Method::Bp] {
-        assert_eq!(train_bits(method, 1), train_bits(method, 2), "{method}: 1 vs 2 threads");
+fn cnn_and_vit_training_is_bit_identical_on_one_and_two_threads() {
+    let vit = |m| {
+        let mut c = vit_config(m, svp_nn::vit::TokenReadout::Cls);
+        c.svp.layers_per_unit = 2;
+        c
+    };
+    for config in [cnn_config(Method::Svp), cnn_config(Method::Bp), vit(Method::Svp), vit(Method::Bp)] {
+        assert_eq!(train_bits(&config, 1), train_bits(&config, 2), "{:?}: 1 vs 2 threads", config.train.method);
     }
 }
