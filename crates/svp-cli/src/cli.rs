@@ -112,9 +112,10 @@ pub struct MemoryRun {
     #[arg(long, default_value = "random")]
     pub data: String,
     /// Sweep this config's network instead of a plain MLP of `--width`: for a
-    /// conv network, depth is the number of conv blocks (its first blocks,
-    /// then more like its last, without further pooling); for an MLP, the
-    /// number of hidden layers of its first width. Its `[svp]` options apply;
+    /// ViT, depth is the number of transformer blocks; for a conv network, the
+    /// number of conv blocks (its first blocks, then more like its last,
+    /// without further pooling); for an MLP, the number of hidden layers of
+    /// its first width. Its `[svp]` options apply;
     /// batch and optimizer come from the flags.
     #[arg(long)]
     pub config: Option<PathBuf>,

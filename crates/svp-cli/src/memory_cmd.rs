@@ -67,13 +67,16 @@ fn config(run: &MemoryRun, method: Method, depth: usize) -> Result<Config, CliEr
     Ok(config)
 }
 
-/// `config`'s network at `depth`: conv networks get `depth` conv blocks (the
-/// list's first ones with their pooling, then copies of its last block without
-/// pooling); MLPs `depth` hidden layers of their first width.
+/// `config`'s network at `depth`: a ViT gets `depth` transformer blocks; conv
+/// networks `depth` conv blocks (the list's first ones with their pooling,
+/// then copies of its last block without pooling); MLPs `depth` hidden layers
+/// of their first width.
 fn scaled(mut config: Config, depth: usize) -> Config {
     use svp_train::config::{ConvItem, PoolMarker};
     let blocks = config.model.conv_blocks();
-    if let Some(&(last, _)) = blocks.last() {
+    if let Some(vit) = &mut config.model.vit {
+        vit.depth = depth;
+    } else if let Some(&(last, _)) = blocks.last() {
         let mut conv = Vec::new();
         for i in 0..depth {
             let (channels, pool) = blocks.get(i).copied().unwrap_or((last, false));
@@ -263,14 +266,18 @@ fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, 
     Ok(Row { peak_rss_kib: outside.max(report.peak_rss_kib), report })
 }
 
-fn is_conv(run: &MemoryRun) -> bool {
-    run.config.as_ref().and_then(|p| crate::train_cmd::read_config(p).ok()).is_some_and(|c| !c.model.conv.is_empty())
+/// What depth counts in this sweep.
+fn depth_unit(run: &MemoryRun) -> &'static str {
+    match run.config.as_ref().and_then(|p| crate::train_cmd::read_config(p).ok()) {
+        Some(c) if c.model.vit.is_some() => "transformer blocks",
+        Some(c) if !c.model.conv.is_empty() => "conv blocks",
+        _ => "hidden layers",
+    }
 }
 
 fn network_name(run: &MemoryRun) -> String {
     match &run.config {
-        Some(path) if is_conv(run) => format!("conv network of {}", path.display()),
-        Some(path) => format!("MLP of {}", path.display()),
+        Some(path) => format!("{} of {}", depth_unit(run), path.display()),
         None => format!("MLP, width {}", run.width),
     }
 }
@@ -401,8 +408,8 @@ fn write_plot(args: &MemoryArgs, rows: &[Row]) -> Result<(), CliError> {
         args.run.batch,
         optimizer_name(args.run.optimizer)
     );
-    let x_label = if is_conv(&args.run) { "conv blocks (log scale)" } else { "hidden layers (log scale)" };
-    let svg = line_chart_svg(&title, x_label, "MiB", &series);
+    let x_label = format!("{} (log scale)", depth_unit(&args.run));
+    let svg = line_chart_svg(&title, &x_label, "MiB", &series);
     svp_model::atomic::write(&args.plot, svg.as_bytes())
         .map_err(|e| CliError::Output { path: args.plot.clone(), reason: e.to_string() })
 }

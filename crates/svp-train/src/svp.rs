@@ -48,6 +48,8 @@ pub struct SvpTrainer {
     align_first: bool,
     fa: FeatureAlignment,
     units: Vec<Range<usize>>,
+    /// Which of the workspace's caches each layer uses.
+    cache_slots: Vec<usize>,
     head_lr_scale: f32,
     max_rows: usize,
     ws: Workspace,
@@ -147,6 +149,17 @@ pub fn units(model: &Network, per_unit: usize, head_joins: bool) -> Vec<Range<us
     units
 }
 
+/// The workspace cache layer `l` uses: its position in its unit, except that
+/// a patch embedding shares the first cache with the block after it (it uses
+/// only the cache's patch buffer), so the first unit, one layer longer than
+/// the others, needs no cache of its own and memory does not depend on how
+/// many units there are.
+fn cache_slot(model: &Network, units: &[Range<usize>], l: usize) -> usize {
+    let unit = units.iter().find(|u| u.contains(&l)).expect("every layer is in a unit");
+    let j = l - unit.start;
+    if j > 0 && matches!(model.layer(unit.start), Layer::Patch(_)) { j - 1 } else { j }
+}
+
 impl SvpTrainer {
     /// A trainer for `model` under `config`, for batches of up to `config.train.batch_size` rows.
     ///
@@ -169,7 +182,10 @@ impl SvpTrainer {
         let units = units(model, config.svp.layers_per_unit, config.svp.head_joins_last_unit);
         let unit_len = units.iter().map(|u| u.len()).max().unwrap_or(1);
         let caches = (0..unit_len)
-            .map(|j| LayerCache::try_for(units.iter().filter_map(|u| u.clone().nth(j)).map(|l| model.layer(l)), rows))
+            .map(|slot| {
+                let served = units.iter().flat_map(|u| u.clone()).filter(|&l| cache_slot(model, &units, l) == slot);
+                LayerCache::try_for(served.map(|l| model.layer(l)), rows)
+            })
             .collect::<Result<_, _>>()?;
         let readout_len = if model.is_mlp() { 0 } else { rows * model.max_readout_len() };
         let ws = Workspace {
@@ -193,6 +209,7 @@ impl SvpTrainer {
             head_lambda: config.svp.head_lambda.unwrap_or(config.svp.lambda),
             align_first: config.svp.first_layer_alignment == FirstLayerAlignment::Input,
             fa: FeatureAlignment { mean_center: config.svp.mean_center },
+            cache_slots: (0..model.n_layers()).map(|l| cache_slot(model, &units, l)).collect(),
             units,
             head_lr_scale: config.svp.head_lr_scale,
             max_rows: rows,
@@ -248,7 +265,7 @@ impl Trainer for SvpTrainer {
                 let (layer, params) = model.layer_mut(l);
                 let (src, dst) = read_write(&mut ws.act, if j == 0 { unit_input } else { slot(j - 1) }, slot(j));
                 let input = if l == 0 { x } else { src };
-                layer.forward(params, input, rows, &mut ws.caches[j], dst, mode);
+                layer.forward(params, input, rows, &mut ws.caches[self.cache_slots[l]], dst, mode);
             }
             let last = end - 1;
             let d_out = model.out_len(last);
@@ -329,7 +346,7 @@ impl Trainer for SvpTrainer {
                 let input = if l == 0 { x } else { &src[..] };
                 let grad = &mut ws.grad[..trainable];
                 let dinput = (j > 0).then_some(&mut dx[..]);
-                layer.backward(params, input, rows, &mut ws.caches[j], dout, grad, dinput, mode);
+                layer.backward(params, input, rows, &mut ws.caches[self.cache_slots[l]], dout, grad, dinput, mode);
                 let lr = if l + 1 == n_layers { lr_scale * self.head_lr_scale } else { lr_scale };
                 self.updater.update(l, lr, &mut params[..trainable], grad);
                 if j > 0 {
