@@ -32,6 +32,44 @@ fn toml_free_parse(text: &str) -> Config {
     }
 }
 
+/// `models/cnn-fmnist.toml`'s network and rule (checked against the file's key lines).
+pub fn cnn_config() -> Config {
+    use svp_train::config::{ConvItem, PoolMarker};
+    let text = include_str!("../models/cnn-fmnist.toml");
+    assert!(
+        text.contains(r#"conv = [32, 32, "M", 64, 64, "M", 128, 128, "M"]"#),
+        "CNN config changed: update the benches"
+    );
+    let mut c = reference_config();
+    let m = ConvItem::Pool(PoolMarker::M);
+    c.model.conv = [32, 32, 0, 64, 64, 0, 128, 128, 0]
+        .into_iter()
+        .map(|ch| if ch == 0 { m } else { ConvItem::Channels(ch) })
+        .collect();
+    c.model.hidden = vec![];
+    c
+}
+
+/// `models/vit-fmnist.toml`'s network and rule (checked against the file's key lines).
+pub fn vit_config() -> Config {
+    let text = include_str!("../models/vit-fmnist.toml");
+    for line in ["patch = 7", "dim = 128", "depth = 6", "heads = 4", "mlp = 256", "layers_per_unit = 2"] {
+        assert!(text.contains(line), "ViT config changed ({line}): update the benches");
+    }
+    let mut c = reference_config();
+    c.model.vit = Some(svp_train::config::VitConfig {
+        patch: 7,
+        dim: 128,
+        depth: 6,
+        heads: 4,
+        mlp: 256,
+        readout: svp_nn::vit::TokenReadout::Cls,
+    });
+    c.model.hidden = vec![];
+    c.svp.layers_per_unit = 2;
+    c
+}
+
 /// One GEMM the training steps run: `(m, k) x (k, n)`, with a name saying where.
 #[derive(Clone, Copy, Debug)]
 pub struct GemmShape {
@@ -235,7 +273,8 @@ impl StepBench {
     /// As [`StepBench::new`] with another config.
     pub fn with_config(method: svp_train::Method, config: Config) -> Self {
         let data = svp_data::DataSplit::embedded();
-        let model = svp_train::Network::new(data.features(), data.classes, &config.model, 1);
+        let model = svp_train::Network::try_for_images(data.train.image_shape, data.classes, &config.model, 1)
+            .expect("memory for the model");
         let trainer: Box<dyn svp_train::Trainer> = match method {
             svp_train::Method::Svp => Box::new(svp_train::SvpTrainer::new(&model, &config)),
             svp_train::Method::Bp => Box::new(svp_train::BpTrainer::new(&model, &config)),

@@ -118,9 +118,27 @@ impl Conv2d {
         }
     }
 
+    /// Stride 1 and an output as wide as the input ("same" padding): then a
+    /// tap's runs over consecutive output rows sit at one constant offset from
+    /// the input, so each tap is one contiguous copy plus a few padding
+    /// entries, instead of one short copy per output row.
+    fn same_width(&self) -> bool {
+        self.stride == 1 && self.output().w == self.input.w
+    }
+
     /// Unfolds one sample into columns `at..at + hw` of `col` (rows of `ld`
     /// floats), whose padding entries the caller has zeroed.
     fn im2col(&self, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
+        if self.same_width() {
+            let ow = self.output().w;
+            self.for_each_tap_span(|row, off, xi, len, ox| {
+                let dst = &mut col[row * ld + at..][..self.hw()];
+                dst[off..off + len].copy_from_slice(&x[xi..xi + len]);
+                // The copy wrapped across row ends; those entries are padding.
+                zero_gaps(dst, off, len, ow, ox);
+            });
+            return;
+        }
         self.for_each_run(|row, off, xi, len, stride| {
             let dst = &mut col[row * ld + at + off..][..len];
             if stride == 1 {
@@ -134,13 +152,54 @@ impl Conv2d {
     }
 
     /// Adds columns `at..at + hw` of `col` back into one sample's gradient
-    /// (the adjoint of `im2col`).
-    fn col2im_add(&self, col: &[f32], ld: usize, at: usize, dx: &mut [f32]) {
+    /// (the adjoint of `im2col`). The entries over the padding are zeroed in
+    /// `col` on the way (they are gradients of nothing).
+    fn col2im_add(&self, col: &mut [f32], ld: usize, at: usize, dx: &mut [f32]) {
+        if self.same_width() {
+            let ow = self.output().w;
+            self.for_each_tap_span(|row, off, xi, len, ox| {
+                let src = &mut col[row * ld + at..][..self.hw()];
+                zero_gaps(src, off, len, ow, ox);
+                dx[xi..xi + len].iter_mut().zip(&src[off..off + len]).for_each(|(d, &c)| *d += c);
+            });
+            return;
+        }
         self.for_each_run(|row, off, xi, len, stride| {
             for (j, &c) in col[row * ld + at + off..][..len].iter().enumerate() {
                 dx[xi + j * stride] += c;
             }
         });
+    }
+
+    /// For a same-width convolution: `f(patch row, plane offset, input offset,
+    /// len, (ox0, ox1))` once per tap, the span covering all of the tap's
+    /// output rows; within it only columns `ox0..ox1` of each output row read
+    /// the input, the rest (where the span wraps from one row to the next)
+    /// are padding.
+    fn for_each_tap_span(&self, mut f: impl FnMut(usize, usize, usize, usize, (usize, usize))) {
+        let (i, o) = (self.input, self.output());
+        let (k, p) = (self.k, self.padding);
+        let valid = |tap: usize, n: usize, outs: usize| {
+            let first = p.saturating_sub(tap);
+            let last = (n + p).saturating_sub(tap).min(outs);
+            (first, last.max(first))
+        };
+        for c in 0..i.c {
+            for ky in 0..k {
+                let (oy0, oy1) = valid(ky, i.h, o.h);
+                for kx in 0..k {
+                    let (ox0, ox1) = valid(kx, i.w, o.w);
+                    if oy0 == oy1 || ox0 == ox1 {
+                        continue;
+                    }
+                    let row = (c * k + ky) * k + kx;
+                    let start = oy0 * o.w + ox0;
+                    let end = (oy1 - 1) * o.w + ox1;
+                    let xi = (c * i.h + oy0 + ky - p) * i.w + ox0 + kx - p;
+                    f(row, start, xi, end - start, (ox0, ox1));
+                }
+            }
+        }
     }
 
     /// `out = conv(x) + b` for `rows` samples; `col` holds [`Conv2d::col_len`] floats.
@@ -221,6 +280,19 @@ impl Conv2d {
                 }
             }
         }
+    }
+}
+
+/// Zeroes the entries of `plane[off..off + len]` outside columns `ox0..ox1`
+/// of their row (rows of `width`).
+fn zero_gaps(plane: &mut [f32], off: usize, len: usize, width: usize, (ox0, ox1): (usize, usize)) {
+    if ox0 == 0 && ox1 == width {
+        return;
+    }
+    let (first_row, last_row) = (off / width, (off + len - 1) / width);
+    for r in first_row..last_row {
+        // From the end of row r's run to the start of row r+1's.
+        plane[r * width + ox1..(r + 1) * width + ox0].fill(0.0);
     }
 }
 
