@@ -77,3 +77,39 @@ fn one_epoch_on_full_fashion_mnist() {
     eprintln!("SVP 784-256-256-10, 1 epoch on full Fashion-MNIST: {:.2}%", 100.0 * acc);
     assert!(acc >= 0.84, "test accuracy {acc}");
 }
+
+/// Two epochs on the 6k embedded subset: a small CNN (conv 8 -> M -> conv 16
+/// -> M -> head) and a small ViT (patch 7, width 32, 4 blocks; SVP+ in units
+/// of two blocks, the head in the last unit), under SVP and BP.
+#[test]
+fn cnn_and_vit_learn_fashion_mnist() {
+    use svp_train::config::{ConvItem, PoolMarker, VitConfig};
+    let data = embedded_subset(6000);
+    let cnn = |method| {
+        let mut c = small_config(method, 2);
+        let m = ConvItem::Pool(PoolMarker::M);
+        c.model.conv = vec![ConvItem::Channels(8), m, ConvItem::Channels(16), m];
+        c.model.hidden = vec![];
+        c
+    };
+    let vit = |method| {
+        let mut c = small_config(method, 2);
+        let readout = svp_nn::vit::TokenReadout::Cls;
+        c.model.vit = Some(VitConfig { patch: 7, dim: 32, depth: 4, heads: 2, mlp: 64, readout });
+        c.model.hidden = vec![];
+        c.svp.layers_per_unit = 2;
+        c.svp.head_joins_last_unit = true;
+        c
+    };
+    let acc = |c: svp_train::Config| fit(&c, &data, &mut ()).epochs.last().unwrap().test_acc;
+    let results = [
+        ("CNN SVP", acc(cnn(Method::Svp)), 0.75),
+        ("CNN BP", acc(cnn(Method::Bp)), 0.78),
+        ("ViT SVP+", acc(vit(Method::Svp)), 0.60),
+        ("ViT BP", acc(vit(Method::Bp)), 0.68),
+    ];
+    for (what, got, floor) in results {
+        eprintln!("{what}: {:.2}% (floor {:.0}%)", 100.0 * got, 100.0 * floor);
+        assert!(got >= floor, "{what} test accuracy {got} below {floor}");
+    }
+}
