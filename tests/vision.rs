@@ -199,6 +199,10 @@ fn backprop_cnn_gradient_matches_finite_differences() {
 #[test]
 fn svp_cnn_local_gradients_match_finite_differences() {
     check_svp(&cnn_config(Method::Svp));
+    // SVP+: both conv blocks in one unit, backprop between them.
+    let mut plus = cnn_config(Method::Svp);
+    plus.svp.layers_per_unit = 2;
+    check_svp(&plus);
 }
 
 #[test]

@@ -171,16 +171,17 @@ pub struct SvpConfig {
     /// Largest piece of `R_l` held at once, in bytes.
     #[serde(default = "default_tile_bytes")]
     pub tile_bytes: usize,
-    /// Hidden layers per unit: 1 is plain SVP; k > 1 is blockwise SVP+, where
-    /// backprop runs inside each unit of k consecutive hidden layers and the
-    /// local loss sits on the unit's output. Memory grows with k, not depth.
+    /// Layers per unit: 1 is plain SVP; k > 1 is blockwise SVP+, where
+    /// backprop runs inside each unit of k consecutive layers of a kind (conv
+    /// blocks, transformer blocks or dense hidden layers) and the local loss
+    /// sits on the unit's output. Memory grows with k, not depth.
     #[serde(default = "default_layers_per_unit")]
     pub layers_per_unit: usize,
     /// Learning-rate multiplier of the classifier head (a per-layer learning
     /// rate: the head is a convex problem on features that keep moving).
     #[serde(default = "default_head_lr_scale")]
     pub head_lr_scale: f32,
-    /// The classifier head joins the last unit of dense hidden layers: that
+    /// The classifier head joins the last unit of hidden layers: that
     /// unit is trained by backprop from the head's own loss, so its features
     /// are made for the head rather than for a random projection (as SVP+
     /// feeds a ViT's last unit into its classifier). Still local: no gradient

@@ -110,15 +110,19 @@ fn read_write(bufs: &mut [Vec<f32>], read: usize, write: usize) -> (&[f32], &mut
 
 /// The units of a step, in order: ranges of consecutive layers trained
 /// together by backprop from one local loss at the unit's last layer, with
-/// no gradient between units. A conv block is a unit of its own; transformer
-/// blocks and dense hidden layers go in runs of up to `per_unit` of a kind;
+/// no gradient between units. Conv blocks, transformer blocks and dense
+/// hidden layers go in runs of up to `per_unit` of a kind (1: plain SVP);
 /// a ViT's patch embedding and token head join the unit after them; the
 /// classifier head ends the last unit, which is the head alone (with the
 /// token head, if any) unless `head_joins` merges it into the unit before.
 pub fn units(model: &Network, per_unit: usize, head_joins: bool) -> Vec<Range<usize>> {
     let head = model.n_layers() - 1;
-    let same_kind =
-        |a: Layer, b: Layer| matches!((a, b), (Layer::Block(_), Layer::Block(_)) | (Layer::Dense(_), Layer::Dense(_)));
+    let same_kind = |a: Layer, b: Layer| {
+        matches!(
+            (a, b),
+            (Layer::Conv(_), Layer::Conv(_)) | (Layer::Block(_), Layer::Block(_)) | (Layer::Dense(_), Layer::Dense(_))
+        )
+    };
     let mut units = Vec::new();
     let (mut start, mut l) = (0, 0);
     while l < head {
@@ -127,7 +131,6 @@ pub fn units(model: &Network, per_unit: usize, head_joins: bool) -> Vec<Range<us
                 l += 1;
                 continue;
             }
-            Layer::Conv(_) => l += 1,
             kind => {
                 let first = l;
                 while l < head && l - first < per_unit.max(1) && same_kind(kind, model.layer(l)) {
@@ -140,7 +143,7 @@ pub fn units(model: &Network, per_unit: usize, head_joins: bool) -> Vec<Range<us
     }
     units.push(start..head + 1);
     let n = units.len();
-    if head_joins && n >= 2 && matches!(model.layer(units[n - 2].end - 1), Layer::Block(_) | Layer::Dense(_)) {
+    if head_joins && n >= 2 {
         let last = units.pop().unwrap_or_default();
         if let Some(prev) = units.last_mut() {
             prev.end = last.end;
