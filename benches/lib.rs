@@ -47,6 +47,7 @@ pub fn cnn_config() -> Config {
         .map(|ch| if ch == 0 { m } else { ConvItem::Channels(ch) })
         .collect();
     c.model.hidden = vec![];
+    c.svp.layers_per_unit = 2;
     c
 }
 

@@ -72,8 +72,8 @@ impl Conv2d {
     }
 
     /// Samples unfolded side by side for one GEMM: enough that a GEMM has
-    /// about [`GROUP_COLUMNS`] columns even when planes are small (a 7x7
-    /// plane alone makes a GEMM too narrow to run well), within [`GROUP_FLOATS`].
+    /// about 2048 columns even when planes are small (a 7x7
+    /// plane alone makes a GEMM too narrow to run well), within 2 MiB of scratch.
     pub fn group_size(&self) -> usize {
         let hw = self.hw().max(1);
         let per_sample = (self.patch() + self.c_out) * hw;
