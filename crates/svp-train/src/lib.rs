@@ -1,11 +1,14 @@
 //! Training rules for svp.
 //!
-//! * [`Network`]: the network (dense blocks and a linear head) with all parameters
-//!   in one contiguous buffer, and its inference path.
-//! * [`SvpTrainer`]: Stochastic Variational Propagation. Layer by layer: forward,
-//!   project with the seed-regenerated `R_l`, local loss `CE + lambda * FA`,
-//!   backward of that layer alone, update, move on. One workspace sized for the
-//!   widest layer serves every layer and step, so memory does not grow with depth.
+//! * [`Network`]: the network (conv blocks or a vision transformer in front,
+//!   dense blocks, a linear head) with all parameters in one contiguous buffer,
+//!   and its inference path.
+//! * [`SvpTrainer`]: Stochastic Variational Propagation. Unit by unit (a layer,
+//!   or for SVP+ a few consecutive layers, see [`units`]): forward, project the
+//!   unit's output with the seed-regenerated `R_l`, local loss `CE + lambda *
+//!   FA`, backward inside the unit alone, update, move on. One workspace sized
+//!   for the widest unit serves every unit and step, so memory does not grow
+//!   with depth.
 //! * [`BpTrainer`]: backpropagation over the same layers; it keeps every layer's
 //!   activations, which is the memory contrast.
 //! * [`config`]: what a run is (network, rule options, optimizer, schedule),
