@@ -331,3 +331,25 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every config shipped in `models/` parses and fits the embedded data.
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let data = DataSplit::embedded();
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("models/ exists") {
+            let path = entry.expect("readable entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let config = read_config(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                config.validate_for_data(&data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 6, "only {seen} configs found in {}", dir.display());
+    }
+}
