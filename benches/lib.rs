@@ -15,16 +15,7 @@ pub fn reference_config() -> Config {
 fn toml_free_parse(text: &str) -> Config {
     assert!(text.contains("hidden = [1024, 1024, 1024]"), "reference config changed: update the benches");
     Config {
-        model: svp_train::config::ModelConfig {
-            input: None,
-            hidden: vec![1024, 1024, 1024],
-            norm: svp_nn::Norm::LayerNorm,
-            activation: svp_nn::Activation::Relu,
-            dropout: 0.0,
-            conv: Vec::new(),
-            conv_readout: 2,
-            vit: None,
-        },
+        model: svp_train::config::ModelConfig::mlp(vec![1024, 1024, 1024]),
         svp: Default::default(),
         train: svp_train::config::TrainConfig { batch_size: 128, ..Default::default() },
         optimizer: svp_optim::Optimizer::Adam { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },

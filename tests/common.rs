@@ -8,16 +8,7 @@ use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
 /// A small but real run: 784-256-256-10 with LayerNorm + ReLU, Adam.
 pub fn small_config(method: svp_train::Method, epochs: usize) -> Config {
     Config {
-        model: ModelConfig {
-            input: None,
-            hidden: vec![256, 256],
-            norm: svp_nn::Norm::LayerNorm,
-            activation: svp_nn::Activation::Relu,
-            dropout: 0.0,
-            conv: Vec::new(),
-            conv_readout: 2,
-            vit: None,
-        },
+        model: ModelConfig::mlp(vec![256, 256]),
         svp: SvpConfig::default(),
         train: TrainConfig { method, epochs, batch_size: 64, seed: 7, shuffle: true },
         optimizer: svp_optim::Optimizer::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },

@@ -30,16 +30,7 @@ fn floats(v: &Value) -> Vec<f32> {
 
 fn config(g: &Value, optimizer: svp_optim::Optimizer) -> Config {
     Config {
-        model: ModelConfig {
-            input: None,
-            hidden: g["hidden"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap() as usize).collect(),
-            norm: svp_nn::Norm::LayerNorm,
-            activation: svp_nn::Activation::Relu,
-            dropout: 0.0,
-            conv: Vec::new(),
-            conv_readout: 2,
-            vit: None,
-        },
+        model: ModelConfig::mlp(g["hidden"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap() as usize).collect()),
         svp: SvpConfig {
             lambda: g["lambda"].as_f64().unwrap() as f32,
             projection_dropout: g["projection_dropout"].as_f64().unwrap() as f32,

@@ -176,13 +176,9 @@ fn run() -> Result<bool, String> {
         let config = Config {
             model: ModelConfig {
                 input: Some(first.in_dim),
-                hidden: hidden.clone(),
                 norm: first.norm,
                 activation: first.activation,
-                dropout: 0.0,
-                conv: Vec::new(),
-                conv_readout: 2,
-                vit: None,
+                ..ModelConfig::mlp(hidden.clone())
             },
             svp: SvpConfig::default(),
             train: TrainConfig { method, epochs: args.epochs, batch_size: args.batch, seed: 11, shuffle: true },

@@ -94,16 +94,7 @@ fn a_run_interrupted_by_power_cuts_ends_bit_identical() {
     data.train.labels.truncate(256);
     data.train.images.truncate(256 * 784);
     let mut config = svp_train::Config {
-        model: svp_train::config::ModelConfig {
-            input: None,
-            hidden: vec![32, 32],
-            norm: svp_nn::Norm::LayerNorm,
-            activation: svp_nn::Activation::Relu,
-            dropout: 0.0,
-            conv: Vec::new(),
-            conv_readout: 2,
-            vit: None,
-        },
+        model: svp_train::config::ModelConfig::mlp(vec![32, 32]),
         svp: svp_train::config::SvpConfig { projection_dropout: 0.1, ..Default::default() },
         train: svp_train::config::TrainConfig { epochs: 3, batch_size: 32, seed: 5, ..Default::default() },
         optimizer: svp_optim::Optimizer::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },

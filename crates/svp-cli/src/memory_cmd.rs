@@ -104,16 +104,7 @@ fn optimizer(run: &MemoryRun) -> svp_optim::Optimizer {
 /// A plain MLP of `run.width` (train, optimizer and schedule are set by [`config`]).
 fn mlp_config(run: &MemoryRun, depth: usize) -> Config {
     Config {
-        model: ModelConfig {
-            input: None,
-            hidden: vec![run.width; depth],
-            norm: svp_nn::Norm::LayerNorm,
-            activation: svp_nn::Activation::Relu,
-            dropout: 0.0,
-            conv: Vec::new(),
-            conv_readout: 2,
-            vit: None,
-        },
+        model: ModelConfig::mlp(vec![run.width; depth]),
         svp: SvpConfig::default(),
         train: TrainConfig { method: Method::Svp, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false },
         optimizer: optimizer(run),
@@ -266,18 +257,20 @@ fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, 
     Ok(Row { peak_rss_kib: outside.max(report.peak_rss_kib), report })
 }
 
-/// What depth counts in this sweep.
-fn depth_unit(run: &MemoryRun) -> &'static str {
-    match run.config.as_ref().and_then(|p| crate::train_cmd::read_config(p).ok()) {
-        Some(c) if c.model.vit.is_some() => "transformer blocks",
-        Some(c) if !c.model.conv.is_empty() => "conv blocks",
-        _ => "hidden layers",
+/// What depth counts in a sweep of `model`.
+fn depth_unit(model: &ModelConfig) -> &'static str {
+    if model.vit.is_some() {
+        "transformer blocks"
+    } else if !model.conv.is_empty() {
+        "conv blocks"
+    } else {
+        "hidden layers"
     }
 }
 
-fn network_name(run: &MemoryRun) -> String {
+fn network_name(run: &MemoryRun, depth_unit: &str) -> String {
     match &run.config {
-        Some(path) => format!("{} of {}", depth_unit(run), path.display()),
+        Some(path) => format!("{depth_unit} of {}", path.display()),
         None => format!("MLP, width {}", run.width),
     }
 }
@@ -302,10 +295,10 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
         crate::train_cmd::check_writable(path)?;
     }
     // A config that cannot be read or scaled fails here, once, not in every child.
-    config(&args.run, Method::Svp, args.depths[0])?;
+    let unit = depth_unit(&config(&args.run, Method::Svp, args.depths[0])?.model);
     eprintln!(
         "svp memory: {}, batch {}, {} steps, optimizer {}, data {}; one child process per row",
-        network_name(&args.run),
+        network_name(&args.run, unit),
         args.run.batch,
         args.run.steps,
         optimizer_name(args.run.optimizer),
@@ -345,7 +338,7 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
         }
     }
     write_csv(&args, &rows)?;
-    write_plot(&args, &rows)?;
+    write_plot(&args, unit, &rows)?;
     summarize(&rows);
     eprintln!("wrote {} and {}", args.csv.display(), args.plot.display());
     Ok(())
@@ -381,7 +374,7 @@ fn write_csv(args: &MemoryArgs, rows: &[Row]) -> Result<(), CliError> {
         .map_err(|e| CliError::Output { path: args.csv.clone(), reason: e.to_string() })
 }
 
-fn write_plot(args: &MemoryArgs, rows: &[Row]) -> Result<(), CliError> {
+fn write_plot(args: &MemoryArgs, depth_unit: &str, rows: &[Row]) -> Result<(), CliError> {
     let mut series = Vec::new();
     for (method, color) in [("svp", "#1f77b4"), ("bp", "#d62728")] {
         let of: Vec<&Row> = rows.iter().filter(|r| r.report.method == method).collect();
@@ -404,11 +397,11 @@ fn write_plot(args: &MemoryArgs, rows: &[Row]) -> Result<(), CliError> {
     }
     let title = format!(
         "Peak training memory vs depth ({}, batch {}, {})",
-        network_name(&args.run),
+        network_name(&args.run, depth_unit),
         args.run.batch,
         optimizer_name(args.run.optimizer)
     );
-    let x_label = format!("{} (log scale)", depth_unit(&args.run));
+    let x_label = format!("{depth_unit} (log scale)");
     let svg = line_chart_svg(&title, &x_label, "MiB", &series);
     svp_model::atomic::write(&args.plot, svg.as_bytes())
         .map_err(|e| CliError::Output { path: args.plot.clone(), reason: e.to_string() })

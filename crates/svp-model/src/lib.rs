@@ -533,16 +533,7 @@ mod tests {
     use svp_train::config::ModelConfig;
 
     pub(crate) fn sample(dtype: DType) -> ModelFile {
-        let cfg = ModelConfig {
-            input: None,
-            hidden: vec![5, 4],
-            norm: svp_nn::Norm::LayerNorm,
-            activation: svp_nn::Activation::Relu,
-            dropout: 0.0,
-            conv: Vec::new(),
-            conv_readout: 2,
-            vit: None,
-        };
+        let cfg = sample_cfg();
         let m = Network::new(6, 3, &cfg, 9);
         let info = ModelInfo {
             heads: Some(ProjectionHeads { seed: 9, dim: 3, sigma: None, dropout: 0.0, label_classes: None }),
@@ -573,16 +564,7 @@ mod tests {
     }
 
     fn sample_cfg() -> ModelConfig {
-        ModelConfig {
-            input: None,
-            hidden: vec![5, 4],
-            norm: svp_nn::Norm::LayerNorm,
-            activation: svp_nn::Activation::Relu,
-            dropout: 0.0,
-            conv: Vec::new(),
-            conv_readout: 2,
-            vit: None,
-        }
+        ModelConfig::mlp(vec![5, 4])
     }
 
     #[test]

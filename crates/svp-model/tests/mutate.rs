@@ -11,16 +11,7 @@ use svp_train::config::ModelConfig;
 use svp_train::{Network, ProjectionHeads};
 
 fn sample(dtype: DType) -> Vec<u8> {
-    let cfg = ModelConfig {
-        input: None,
-        hidden: vec![7, 5],
-        norm: svp_nn::Norm::LayerNorm,
-        activation: svp_nn::Activation::Gelu,
-        dropout: 0.0,
-        conv: Vec::new(),
-        conv_readout: 2,
-        vit: None,
-    };
+    let cfg = ModelConfig { activation: svp_nn::Activation::Gelu, ..ModelConfig::mlp(vec![7, 5]) };
     let m = Network::new(12, 4, &cfg, 3);
     let info = ModelInfo {
         heads: Some(ProjectionHeads { seed: 3, dim: 4, sigma: None, dropout: 0.0, label_classes: None }),

@@ -101,6 +101,21 @@ pub enum PoolMarker {
 }
 
 impl ModelConfig {
+    /// An MLP of these hidden widths with the defaults a config file gets:
+    /// LayerNorm + ReLU, no dropout, no conv blocks or ViT.
+    pub fn mlp(hidden: Vec<usize>) -> Self {
+        Self {
+            input: None,
+            hidden,
+            norm: default_norm(),
+            activation: default_activation(),
+            dropout: 0.0,
+            conv: Vec::new(),
+            conv_readout: default_conv_readout(),
+            vit: None,
+        }
+    }
+
     /// The conv blocks as (output channels, pool after) pairs.
     pub fn conv_blocks(&self) -> Vec<(usize, bool)> {
         let mut blocks: Vec<(usize, bool)> = Vec::new();
