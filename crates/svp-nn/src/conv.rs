@@ -86,14 +86,13 @@ impl Conv2d {
         (self.patch() + self.c_out) * self.hw() * self.group_size()
     }
 
-    /// Calls `f(patch row, offset in the sample's plane, input offset, len,
-    /// stride)` for every run of the column matrix that reads input values:
-    /// plane entries `offset + i` of that row read input `x + i * stride` for
-    /// `i < len`. Entries over the zero padding are in no run.
-    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+    /// Calls `f(patch row, channel, ky, kx, oy range, ox range)` for every
+    /// kernel tap that reads the input somewhere: the ranges hold the output
+    /// positions whose input index `o * stride + tap - padding` lies inside
+    /// the input rather than over the zero padding.
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize, (usize, usize), (usize, usize))) {
         let (i, o) = (self.input, self.output());
         let (k, s, p) = (self.k, self.stride, self.padding);
-        // Output positions along an axis whose input index o*s + tap - p lies in [0, n).
         let valid = |tap: usize, n: usize, outs: usize| {
             let first = p.saturating_sub(tap).div_ceil(s);
             let last = (n + p).checked_sub(tap + 1).map(|m| m / s + 1).unwrap_or(0).min(outs);
@@ -101,21 +100,30 @@ impl Conv2d {
         };
         for c in 0..i.c {
             for ky in 0..k {
-                let (oy0, oy1) = valid(ky, i.h, o.h);
+                let oy = valid(ky, i.h, o.h);
                 for kx in 0..k {
-                    let (ox0, ox1) = valid(kx, i.w, o.w);
-                    if ox0 == ox1 {
-                        continue;
-                    }
-                    let row = (c * k + ky) * k + kx;
-                    for oy in oy0..oy1 {
-                        let y = oy * s + ky - p;
-                        let xx = ox0 * s + kx - p;
-                        f(row, oy * o.w + ox0, (c * i.h + y) * i.w + xx, ox1 - ox0, s);
+                    let ox = valid(kx, i.w, o.w);
+                    if oy.0 < oy.1 && ox.0 < ox.1 {
+                        f((c * k + ky) * k + kx, c, ky, kx, oy, ox);
                     }
                 }
             }
         }
+    }
+
+    /// Calls `f(patch row, offset in the sample's plane, input offset, len,
+    /// stride)` for every run of the column matrix that reads input values:
+    /// plane entries `offset + i` of that row read input `x + i * stride` for
+    /// `i < len`. Entries over the zero padding are in no run.
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+        let (i, ow, s, p) = (self.input, self.output().w, self.stride, self.padding);
+        self.for_each_tap(|row, c, ky, kx, (oy0, oy1), (ox0, ox1)| {
+            for oy in oy0..oy1 {
+                let y = oy * s + ky - p;
+                let xx = ox0 * s + kx - p;
+                f(row, oy * ow + ox0, (c * i.h + y) * i.w + xx, ox1 - ox0, s);
+            }
+        });
     }
 
     /// Stride 1 and an output as wide as the input ("same" padding): then a
@@ -177,29 +185,13 @@ impl Conv2d {
     /// the input, the rest (where the span wraps from one row to the next)
     /// are padding.
     fn for_each_tap_span(&self, mut f: impl FnMut(usize, usize, usize, usize, (usize, usize))) {
-        let (i, o) = (self.input, self.output());
-        let (k, p) = (self.k, self.padding);
-        let valid = |tap: usize, n: usize, outs: usize| {
-            let first = p.saturating_sub(tap);
-            let last = (n + p).saturating_sub(tap).min(outs);
-            (first, last.max(first))
-        };
-        for c in 0..i.c {
-            for ky in 0..k {
-                let (oy0, oy1) = valid(ky, i.h, o.h);
-                for kx in 0..k {
-                    let (ox0, ox1) = valid(kx, i.w, o.w);
-                    if oy0 == oy1 || ox0 == ox1 {
-                        continue;
-                    }
-                    let row = (c * k + ky) * k + kx;
-                    let start = oy0 * o.w + ox0;
-                    let end = (oy1 - 1) * o.w + ox1;
-                    let xi = (c * i.h + oy0 + ky - p) * i.w + ox0 + kx - p;
-                    f(row, start, xi, end - start, (ox0, ox1));
-                }
-            }
-        }
+        let (i, ow, p) = (self.input, self.output().w, self.padding);
+        self.for_each_tap(|row, c, ky, kx, (oy0, oy1), (ox0, ox1)| {
+            let start = oy0 * ow + ox0;
+            let end = (oy1 - 1) * ow + ox1;
+            let xi = (c * i.h + oy0 + ky - p) * i.w + ox0 + kx - p;
+            f(row, start, xi, end - start, (ox0, ox1));
+        });
     }
 
     /// `out = conv(x) + b` for `rows` samples; `col` holds [`Conv2d::col_len`] floats.

@@ -395,15 +395,6 @@ impl Network {
         Self::try_with_front(Vec::new(), specs)
     }
 
-    /// A zero network of conv blocks, then dense layers (the last one is the head).
-    ///
-    /// # Panics
-    /// If `specs` is empty or consecutive shapes do not chain.
-    pub fn try_with_blocks(conv: Vec<ConvBlockSpec>, specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
-        let front = conv.into_iter().enumerate().map(|(i, s)| Front::Conv(ConvBlock::new(s, i as u64 + 1))).collect();
-        Self::try_with_front(front, specs)
-    }
-
     fn try_with_front(front: Vec<Front>, specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
         assert!(!specs.is_empty(), "a network needs at least a head");
         for pair in specs.windows(2) {
@@ -464,11 +455,6 @@ impl Network {
         self.front.is_empty()
     }
 
-    /// Number of layers before the dense ones.
-    pub fn front_len(&self) -> usize {
-        self.front.len()
-    }
-
     /// Number of layers: front layers, dense blocks and the head.
     pub fn n_layers(&self) -> usize {
         self.front.len() + self.layers.len()
@@ -507,11 +493,7 @@ impl Network {
     /// block's pooled readout, a transformer block's readout token, the output
     /// of anything else.
     pub fn readout_len(&self, l: usize) -> usize {
-        match self.layer(l).readout() {
-            Readout::Whole => self.out_len(l),
-            Readout::Pool(p) => p.output().len(),
-            Readout::Token { dim, .. } => dim,
-        }
+        self.layer(l).readout().len(self.out_len(l))
     }
 
     /// Which token a ViT's projection heads and classifier read.
