@@ -37,7 +37,7 @@ impl ConvBlockSpec {
 pub struct ConvBlockCache {
     /// BatchNorm's normalized input.
     xhat: Vec<f32>,
-    /// The activation before pooling.
+    /// The activation before pooling (blocks without pooling keep none).
     act: Vec<f32>,
     /// BatchNorm's `1/std` and mean per channel.
     bn_stats: Vec<f32>,
@@ -61,15 +61,18 @@ impl ConvBlockCache {
         blocks: impl IntoIterator<Item = &'a ConvBlock>,
         max_rows: usize,
     ) -> Result<Self, OutOfMemory> {
-        let (mut plane, mut col, mut channels) = (0, 0, 0);
+        let (mut plane, mut pooled, mut col, mut channels) = (0, 0, 0, 0);
         for b in blocks {
             plane = plane.max(b.conv.output().len());
+            if b.pool.is_some() {
+                pooled = pooled.max(b.conv.output().len());
+            }
             col = col.max(b.conv.col_len());
             channels = channels.max(b.conv.c_out);
         }
         Ok(Self {
             xhat: try_zeros(max_rows * plane, "a conv block's normalized values")?,
-            act: try_zeros(max_rows * plane, "a conv block's activations")?,
+            act: try_zeros(max_rows * pooled, "a conv block's activations before pooling")?,
             bn_stats: try_zeros(2 * channels, "a conv block's BatchNorm statistics")?,
             d_act: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
             d_conv: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
@@ -123,11 +126,6 @@ impl ConvBlock {
         self.pool.map_or(self.conv.output(), |p| p.output())
     }
 
-    /// Shape of the activation before pooling.
-    pub fn activation_shape(&self) -> Chw {
-        self.conv.output()
-    }
-
     /// The adaptive average pooling that summarizes the block's output for a
     /// projection head: `channels x readout x readout` values per sample
     /// (no larger than the output itself).
@@ -178,44 +176,44 @@ impl ConvBlock {
         if mode == Mode::Infer {
             return self.infer(params, x, rows, cache, out);
         }
-        let conv_len = self.conv.param_len();
-        let plane = rows * self.conv.output().len();
-        let (conv_p, rest) = params.split_at_mut(conv_len);
+        let (conv_p, rest) = params.split_at_mut(self.conv.param_len());
         let (bn_p, running) = rest.split_at_mut(self.bn.param_len());
-        // The convolution writes into d_conv, free until the backward.
-        let z = &mut cache.d_conv[..plane];
-        self.conv.forward(conv_p, x, rows, z, &mut cache.col);
-        let act = if self.pool.is_some() { &mut cache.act[..plane] } else { &mut out[..plane] };
-        self.bn.forward_train(bn_p, running, z, rows, act, &mut cache.xhat[..plane], &mut cache.bn_stats);
-        self.finish(rows, cache, out);
+        self.run(conv_p, x, rows, cache, out, |z, act, xhat, stats| {
+            self.bn.forward_train(bn_p, running, z, rows, act, xhat, stats);
+        });
     }
 
     /// Inference forward (BatchNorm with the running statistics); `cache` is scratch.
     pub fn infer(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut ConvBlockCache, out: &mut [f32]) {
-        let conv_len = self.conv.param_len();
-        let plane = rows * self.conv.output().len();
-        let (conv_p, rest) = params.split_at(conv_len);
+        let (conv_p, rest) = params.split_at(self.conv.param_len());
         let (bn_p, running) = rest.split_at(self.bn.param_len());
-        let z = &mut cache.d_conv[..plane];
-        self.conv.forward(conv_p, x, rows, z, &mut cache.col);
-        let act = if self.pool.is_some() { &mut cache.act[..plane] } else { &mut out[..plane] };
-        self.bn.forward_infer(bn_p, running, z, rows, act);
-        self.finish(rows, cache, out);
+        self.run(conv_p, x, rows, cache, out, |z, act, _, _| self.bn.forward_infer(bn_p, running, z, rows, act));
     }
 
-    /// ReLU, then pooling into `out` (or, without pooling, the activation
-    /// copied to the cache for the backward).
-    fn finish(&self, rows: usize, cache: &mut ConvBlockCache, out: &mut [f32]) {
+    /// The convolution into the cache's scratch, `normalize(z, activation,
+    /// xhat, statistics)`, ReLU, then pooling into `out`. The activation is
+    /// `out` itself when no pooling follows, else the cache's (the pooling's
+    /// backward reads it).
+    fn run(
+        &self,
+        conv_p: &[f32],
+        x: &[f32],
+        rows: usize,
+        cache: &mut ConvBlockCache,
+        out: &mut [f32],
+        normalize: impl FnOnce(&[f32], &mut [f32], &mut [f32], &mut [f32]),
+    ) {
         let plane = rows * self.conv.output().len();
-        let act = if self.pool.is_some() { &mut cache.act[..plane] } else { &mut out[..plane] };
+        let c = cache;
+        // The convolution writes into d_conv, free until the backward.
+        self.conv.forward(conv_p, x, rows, &mut c.d_conv[..plane], &mut c.col);
+        let act = if self.pool.is_some() { &mut c.act[..plane] } else { &mut out[..plane] };
+        normalize(&c.d_conv[..plane], act, &mut c.xhat[..plane], &mut c.bn_stats);
         for v in act.iter_mut() {
             *v = v.max(0.0);
         }
         if let Some(pool) = &self.pool {
-            pool.forward(&cache.act[..plane], rows, out);
-        } else {
-            // The backward reads the activation from the cache.
-            cache.act[..plane].copy_from_slice(&out[..plane]);
+            pool.forward(&c.act[..plane], rows, out);
         }
     }
 
@@ -238,17 +236,32 @@ impl ConvBlock {
         let plane = rows * self.conv.output().len();
         let c = &mut *cache;
         let d_act = &mut c.d_act[..plane];
+        let bn_p = &params[conv_len..conv_len + self.bn.param_len()];
         match &self.pool {
-            Some(pool) => pool.backward(&c.act[..plane], rows, dout, d_act),
-            None => d_act.copy_from_slice(&dout[..plane]),
-        }
-        for (g, &a) in d_act.iter_mut().zip(&c.act[..plane]) {
-            if a <= 0.0 {
-                *g = 0.0;
+            Some(pool) => {
+                pool.backward(&c.act[..plane], rows, dout, d_act);
+                for (g, &a) in d_act.iter_mut().zip(&c.act[..plane]) {
+                    if a <= 0.0 {
+                        *g = 0.0;
+                    }
+                }
+            }
+            None => {
+                // No copy of the activation was kept: ReLU let through exactly
+                // where BatchNorm's output `gamma * xhat + beta` (recomputed
+                // bit for bit) was positive.
+                let (gamma, beta) = bn_p.split_at(self.spec.out_channels);
+                let hw = self.conv.output().h * self.conv.output().w;
+                let per_channel = d_act.chunks_exact_mut(hw).zip(dout[..plane].chunks_exact(hw));
+                for (k, ((g, d), h)) in per_channel.zip(c.xhat[..plane].chunks_exact(hw)).enumerate() {
+                    let ch = k % self.spec.out_channels;
+                    for ((g, &d), &h) in g.iter_mut().zip(d).zip(h) {
+                        *g = if gamma[ch] * h + beta[ch] > 0.0 { d } else { 0.0 };
+                    }
+                }
             }
         }
         let (g_conv, g_bn) = grad[..self.trainable_len()].split_at_mut(conv_len);
-        let bn_p = &params[conv_len..conv_len + self.bn.param_len()];
         self.bn.backward(bn_p, &c.xhat[..plane], &c.bn_stats, rows, d_act, g_bn, &mut c.d_conv[..plane]);
         self.conv.backward(&params[..conv_len], x, rows, &c.d_conv[..plane], g_conv, dx, &mut c.col, &mut c.dcol);
     }
