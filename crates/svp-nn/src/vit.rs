@@ -220,6 +220,8 @@ pub struct BlockCache {
     ln1: Vec<f32>,
     qkv: Vec<f32>,
     probs: Vec<f32>,
+    /// Backward scratch shaped like `probs`: the gradient wrt the probabilities.
+    d_probs: Vec<f32>,
     attn: Vec<f32>,
     xhat2: Vec<f32>,
     rstd2: Vec<f32>,
@@ -244,6 +246,7 @@ impl BlockCache {
             ln1: z(n * d)?,
             qkv: z(n * 3 * d)?,
             probs: z(max_rows * spec.heads * spec.tokens * spec.tokens)?,
+            d_probs: z(max_rows * spec.heads * spec.tokens * spec.tokens)?,
             attn: z(n * d)?,
             xhat2: z(n * d)?,
             rstd2: z(n)?,
@@ -264,6 +267,7 @@ impl BlockCache {
             &self.ln1,
             &self.qkv,
             &self.probs,
+            &self.d_probs,
             &self.attn,
             &self.xhat2,
             &self.rstd2,
@@ -401,29 +405,40 @@ impl TransformerBlock {
     }
 
     /// Backward of [`TransformerBlock::attention`]: from `d_attn`, the
-    /// gradient wrt `qkv` into `d_qkv` (overwriting).
-    fn attention_backward(&self, rows: usize, qkv: &[f32], probs: &[f32], d_attn: &[f32], d_qkv: &mut [f32]) {
+    /// gradient wrt `qkv` into `d_qkv` (overwriting); `d_probs` is scratch
+    /// shaped like `probs`.
+    fn attention_backward(
+        &self,
+        rows: usize,
+        qkv: &[f32],
+        probs: &[f32],
+        d_attn: &[f32],
+        d_probs: &mut [f32],
+        d_qkv: &mut [f32],
+    ) {
         let BlockSpec { tokens: t, dim: d, heads, .. } = self.spec;
         let dh = d / heads;
         let scale = 1.0 / (dh as f32).sqrt();
         let per_sample = (qkv[..rows * t * 3 * d].par_chunks(t * 3 * d))
             .zip(probs[..rows * heads * t * t].par_chunks(heads * t * t))
             .zip(d_attn[..rows * t * d].par_chunks(t * d))
+            .zip(d_probs[..rows * heads * t * t].par_chunks_mut(heads * t * t))
             .zip(d_qkv[..rows * t * 3 * d].par_chunks_mut(t * 3 * d));
-        per_sample.for_each(|(((qkv, probs), d_attn), d_qkv)| {
+        per_sample.for_each(|((((qkv, probs), d_attn), d_probs), d_qkv)| {
             d_qkv.fill(0.0);
-            for (h, p) in probs.chunks_exact(t * t).enumerate() {
+            for (h, (p, dps)) in probs.chunks_exact(t * t).zip(d_probs.chunks_exact_mut(t * t)).enumerate() {
                 let (qo, ko, vo) = (h * dh, d + h * dh, 2 * d + h * dh);
                 for i in 0..t {
                     let row = &p[i * t..][..t];
+                    let dp_row = &mut dps[i * t..][..t];
                     let g = &d_attn[i * d + h * dh..][..dh];
                     // dP[i, j] = g . v_j;  dv_j += P[i, j] g;  dS = P (dP - sum_j P dP).
                     let mut weighted = 0.0;
-                    for (j, &pj) in row.iter().enumerate() {
-                        weighted += pj * reduce::dot(g, &qkv[j * 3 * d + vo..][..dh]);
+                    for (j, (&pj, dp)) in row.iter().zip(dp_row.iter_mut()).enumerate() {
+                        *dp = reduce::dot(g, &qkv[j * 3 * d + vo..][..dh]);
+                        weighted += pj * *dp;
                     }
-                    for (j, &pj) in row.iter().enumerate() {
-                        let dp = reduce::dot(g, &qkv[j * 3 * d + vo..][..dh]);
+                    for (j, (&pj, &dp)) in row.iter().zip(dp_row.iter()).enumerate() {
                         let dv = &mut d_qkv[j * 3 * d + vo..][..dh];
                         dv.iter_mut().zip(g).for_each(|(a, &b)| *a += pj * b);
                         let dsij = pj * (dp - weighted) * scale;
@@ -469,7 +484,7 @@ impl TransformerBlock {
         dout.iter_mut().zip(&c.d_tok[..n * d]).for_each(|(a, &b)| *a += b);
         // Attention half: dout is now the gradient wrt x1 = x + attn(x).
         linear_backward(&c.attn, n, d, p.wo, dout, g.wo, g.bo, Some(&mut c.d_tok));
-        self.attention_backward(rows, &c.qkv, &c.probs, &c.d_tok, &mut c.d_qkv);
+        self.attention_backward(rows, &c.qkv, &c.probs, &c.d_tok, &mut c.d_probs, &mut c.d_qkv);
         linear_backward(&c.ln1, n, d, p.wqkv, &c.d_qkv, g.wqkv, g.bqkv, Some(&mut c.d_tok));
         layer_norm_backward(&c.xhat1[..n * d], &c.rstd1[..n], p.ln1_g, &mut c.d_tok[..n * d], g.ln1_g, g.ln1_b);
         if let Some(dx) = dx {
