@@ -234,13 +234,32 @@ impl GemmOperands {
         Self { a: fill(shape.m * shape.k, 1), b: fill(shape.k * shape.n, 2), c: vec![0.0; shape.m * shape.n], shape }
     }
 
-    /// Runs the GEMM once.
+    /// Runs the GEMM once on the rayon pool.
     pub fn run(&mut self) {
+        let (a, b, c) = self.views();
+        svp_tensor::gemm(1.0, a, b, 0.0, c);
+    }
+
+    /// Runs the GEMM once on the calling thread.
+    pub fn run_serial(&mut self) {
+        let (a, b, c) = self.views();
+        svp_tensor::gemm_with_chunks(1.0, a, b, 0.0, c, 1);
+    }
+
+    /// Runs the same product once with matrixmultiply (through ndarray), on the calling thread.
+    pub fn run_matrixmultiply(&mut self) {
+        let (a, b, mut c) = self.views();
+        ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+    }
+
+    fn views(
+        &mut self,
+    ) -> (svp_tensor::ArrayView2<'_, f32>, svp_tensor::ArrayView2<'_, f32>, svp_tensor::ArrayViewMut2<'_, f32>) {
         use svp_tensor::{view, view_mut};
         let GemmShape { m, k, n, a_t, b_t, .. } = self.shape;
         let a = if a_t { view(&self.a, k, m).reversed_axes() } else { view(&self.a, m, k) };
         let b = if b_t { view(&self.b, n, k).reversed_axes() } else { view(&self.b, k, n) };
-        svp_tensor::gemm(1.0, a, b, 0.0, view_mut(&mut self.c, m, n));
+        (a, b, view_mut(&mut self.c, m, n))
     }
 }
 

@@ -69,6 +69,8 @@ impl InferenceModel {
         let width =
             self.layers.iter().map(|l| l.spec().out_dim).chain([self.layers[0].spec().in_dim]).max().unwrap_or(0);
         if ws.rows < rows || ws.act[0].len() < rows * width {
+            // Later predictions then allocate nothing, GEMM packing included.
+            svp_tensor::try_reserve_workspaces().expect("memory for GEMM packing buffers");
             ws.act = [vec![0.0; rows * width], vec![0.0; rows * width]];
             ws.cache = DenseCache::new(rows, width);
             ws.rows = rows;

@@ -215,7 +215,7 @@ pub fn fnv1a64(pieces: &[&[u8]]) -> u64 {
 const CHECKED_HEADER: usize = 48;
 
 fn pad_to(out: &mut Vec<u8>, align: usize) {
-    while out.len() % align != 0 {
+    while !out.len().is_multiple_of(align) {
         out.push(0);
     }
 }

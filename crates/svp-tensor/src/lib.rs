@@ -3,10 +3,12 @@
 //! Tensors are [`ndarray`] arrays in row-major layout. This crate adds what
 //! ndarray does not give at the speed or with the guarantees svp needs:
 //!
-//! * [`gemm()`]: `C = alpha * A B + beta * C` over matrixmultiply, with the output
-//!   columns split across the rayon pool. Every output element is computed by
-//!   exactly one single-threaded matrixmultiply call whose summation order does
-//!   not depend on the split, so results are bit-identical for any thread count.
+//! * [`gemm()`]: `C = alpha * A B + beta * C` with packed panels and a
+//!   register-tiled kernel (AVX-512 intrinsics, or plain Rust that LLVM
+//!   vectorizes for AVX2 and NEON), the output columns split across the rayon
+//!   pool. Every output element is summed in the same order whatever the split
+//!   or the thread count, so results are bit-identical. The packing buffers are
+//!   per thread and reused, so a GEMM allocates nothing after a thread's first.
 //! * [`reduce`]: sums and dot products with a fixed number of accumulator lanes,
 //!   so they vectorize and still give the same bits on every run.
 
@@ -15,7 +17,7 @@
 pub mod gemm;
 pub mod reduce;
 
-pub use gemm::{gemm, gemm_clock, gemm_with_chunks, reset_gemm_clock};
+pub use gemm::{WORKSPACE_BYTES, gemm, gemm_clock, gemm_with_chunks, reset_gemm_clock, try_reserve_workspaces};
 pub use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, s};
 
 /// A `(rows, cols)` row-major view of the first `rows * cols` elements of `buf`.

@@ -34,6 +34,7 @@ impl BpTrainer {
 
     /// [`BpTrainer::new`], failing cleanly when the memory is not there.
     pub fn try_new(model: &Network, config: &Config) -> Result<Self, OutOfMemory> {
+        svp_tensor::try_reserve_workspaces()?;
         let rows = config.train.batch_size;
         let n = model.n_layers();
         let acts = (0..n)

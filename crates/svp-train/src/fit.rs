@@ -176,20 +176,40 @@ impl FitObserver for () {}
 
 /// Trains a fresh model on `data` as `config` says. `config` must have been
 /// validated against the data.
-pub fn fit(config: &Config, data: &DataSplit, observer: &mut impl FitObserver) -> FitOutcome {
+pub fn fit(config: &Config, data: &DataSplit, observer: &mut (impl FitObserver + Send)) -> FitOutcome {
     fit_with(config, data, observer, FitOptions::default())
 }
 
 /// [`fit`] with checkpoints and resumption. Resuming from a state taken after
 /// k steps gives bit-identical weights to a run that never stopped: data order
 /// is a function of (seed, epoch), dropout masks and the schedule of the step.
-pub fn fit_with(config: &Config, data: &DataSplit, observer: &mut impl FitObserver, options: FitOptions) -> FitOutcome {
+pub fn fit_with(
+    config: &Config,
+    data: &DataSplit,
+    observer: &mut (impl FitObserver + Send),
+    options: FitOptions,
+) -> FitOutcome {
     try_fit_with(config, data, observer, options).expect("memory for training")
 }
 
 /// [`fit_with`], failing cleanly (before any step) when the weights, optimizer
 /// state or training workspace do not fit the memory there is.
+///
+/// The loop runs on a thread of the rayon pool, where the steps' parallel
+/// work goes through that thread's own job queue: called from outside the
+/// pool, every parallel call would pass through rayon's shared injector queue,
+/// which allocates a block every 63 calls, and the steps would not be
+/// allocation-free.
 pub fn try_fit_with(
+    config: &Config,
+    data: &DataSplit,
+    observer: &mut (impl FitObserver + Send),
+    options: FitOptions,
+) -> Result<FitOutcome, OutOfMemory> {
+    rayon::scope(|_| fit_on_this_thread(config, data, observer, options))
+}
+
+fn fit_on_this_thread(
     config: &Config,
     data: &DataSplit,
     observer: &mut impl FitObserver,
@@ -276,7 +296,7 @@ pub fn try_fit_with(
             samples += n;
             if let Some(every) = options.checkpoint_every
                 && every > 0
-                && trainer.steps() % every == 0
+                && trainer.steps().is_multiple_of(every)
                 && b + 1 < batches
             {
                 let state = snapshot(&model, trainer.as_ref(), (epoch, b + 1, loss_sum, samples), &history);

@@ -634,6 +634,7 @@ impl InferenceWorkspace {
         let width = model.max_out_width();
         let need = rows * width;
         if self.act[0].len() < need || self.rows < rows {
+            svp_tensor::try_reserve_workspaces()?;
             self.act = [
                 svp_alloc::try_zeros(need, "inference activations")?,
                 svp_alloc::try_zeros(need, "inference activations")?,

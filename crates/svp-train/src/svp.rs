@@ -174,6 +174,7 @@ impl SvpTrainer {
 
     /// [`SvpTrainer::new`], failing cleanly when the memory is not there.
     pub fn try_new(model: &Network, config: &Config) -> Result<Self, OutOfMemory> {
+        svp_tensor::try_reserve_workspaces()?;
         let classes = model.classes();
         let heads = ProjectionHeads::from_config(config, classes);
         let dim = heads.dim;
