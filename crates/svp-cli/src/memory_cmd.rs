@@ -36,7 +36,8 @@ pub struct ChildReport {
     pub param_bytes: usize,
     /// Optimizer-state bytes.
     pub optimizer_bytes: usize,
-    /// Training workspace bytes (activations, caches, gradients, tiles).
+    /// Training workspace bytes (activations, caches, gradients, tiles, and
+    /// every thread's GEMM packing buffers).
     pub workspace_bytes: usize,
     /// Timed steps per second.
     pub steps_per_s: f64,
@@ -144,42 +145,56 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
             );
         }
     };
+    // On a pool thread, as in `svp_train::fit`: that is where steps allocate nothing.
+    let report = rayon::scope(|_| measure(args.depth, run.steps, method, &config, image_shape, classes, &x, &y))?;
+    println!("{}", serde_json::to_string(&report).expect("report serializes"));
+    Ok(())
+}
+
+/// Builds the network and trainer, takes one step, then times the rest.
+fn measure(
+    depth: usize,
+    steps: usize,
+    method: Method,
+    config: &Config,
+    image_shape: (usize, usize),
+    classes: usize,
+    x: &[f32],
+    y: &[u32],
+) -> Result<ChildReport, CliError> {
     let baseline_rss_kib = current_rss_kib().unwrap_or(0);
     let mut model = Network::try_for_images(image_shape, classes, &config.model, config.train.seed)
         .map_err(|e| CliError::Output { path: "svp memory-child".into(), reason: e.to_string() })?;
     let mut trainer: Box<dyn Trainer> = match method {
-        Method::Svp => Box::new(SvpTrainer::new(&model, &config)),
-        Method::Bp => Box::new(BpTrainer::new(&model, &config)),
+        Method::Svp => Box::new(SvpTrainer::new(&model, config)),
+        Method::Bp => Box::new(BpTrainer::new(&model, config)),
     };
-    trainer
-        .step(&mut model, &x, &y, 1.0)
-        .map_err(|error| CliError::Diverged { error, saved: "nothing saved".into() })?;
+    trainer.step(&mut model, x, y, 1.0).map_err(|error| CliError::Diverged { error, saved: "nothing saved".into() })?;
     ALLOC.reset_peaks();
     let heap_before = ALLOC.stats();
     let start = Instant::now();
-    let timed = run.steps.saturating_sub(1).max(1);
+    let timed = steps.saturating_sub(1).max(1);
     for _ in 0..timed {
         trainer
-            .step(&mut model, &x, &y, 1.0)
+            .step(&mut model, x, y, 1.0)
             .map_err(|error| CliError::Diverged { error, saved: "nothing saved".into() })?;
     }
     let seconds = start.elapsed().as_secs_f64();
     let heap = ALLOC.stats();
     let report = ChildReport {
         method: method.to_string(),
-        depth: args.depth,
+        depth,
         baseline_rss_kib,
         peak_rss_kib: peak_rss_kib().unwrap_or(0),
         heap_peak_bytes: heap.peak.max(heap_before.peak),
         param_bytes: model.param_bytes(),
         optimizer_bytes: trainer.optimizer_bytes(),
-        workspace_bytes: trainer.workspace_bytes(),
+        workspace_bytes: trainer.workspace_bytes() + svp_tensor::workspace_bytes_reserved(),
         steps_per_s: timed as f64 / seconds.max(1e-9),
         step_allocations: heap.allocations,
         step_largest_alloc: heap.largest,
     };
-    println!("{}", serde_json::to_string(&report).expect("report serializes"));
-    Ok(())
+    Ok(report)
 }
 
 /// One row of the sweep.
@@ -305,7 +320,7 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
         args.run.data
     );
     println!(
-        "{:<6} {:>5} {:>12} {:>14} {:>12} {:>12} {:>12} {:>10} {:>9}",
+        "{:<6} {:>5} {:>12} {:>14} {:>12} {:>12} {:>12} {:>10} {:>9} {:>11}",
         "method",
         "depth",
         "peak RSS MiB",
@@ -314,7 +329,8 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
         "params MiB",
         "optim MiB",
         "floor MiB",
-        "steps/s"
+        "steps/s",
+        "allocs/step"
     );
     let mut rows: Vec<Row> = Vec::new();
     for &method in &args.methods {
@@ -322,7 +338,7 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
             let row = spawn_child(method, depth, &args.run)?;
             let r = &row.report;
             println!(
-                "{:<6} {:>5} {:>12.1} {:>14.1} {:>12.1} {:>12.1} {:>12.1} {:>10.1} {:>9.2}",
+                "{:<6} {:>5} {:>12.1} {:>14.1} {:>12.1} {:>12.1} {:>12.1} {:>10.1} {:>9.2} {:>11}",
                 r.method,
                 depth,
                 mib(row.peak_rss_kib),
@@ -331,7 +347,9 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
                 r.param_bytes as f64 / 1048576.0,
                 r.optimizer_bytes as f64 / 1048576.0,
                 mib(row.floor_kib()),
-                r.steps_per_s
+                r.steps_per_s,
+                // Allocations over the timed steps (all but the first), per step.
+                format!("{:.1}", r.step_allocations as f64 / args.run.steps.saturating_sub(1).max(1) as f64)
             );
             let _ = std::io::stdout().flush();
             rows.push(row);

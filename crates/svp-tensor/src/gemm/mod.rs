@@ -15,7 +15,7 @@ mod pack;
 use kernel::{Blend, MR, NR};
 use ndarray::{ArrayView2, ArrayViewMut2, Axis, s};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use svp_alloc::{OutOfMemory, try_zeros};
 
@@ -98,7 +98,16 @@ impl Workspace {
     }
 
     fn try_new() -> Result<Self, OutOfMemory> {
-        Ok(Self { a: try_zeros(MC * KC, "GEMM packing buffers")?, b: try_zeros(KC * NC, "GEMM packing buffers")? })
+        let ws =
+            Self { a: try_zeros(MC * KC, "GEMM packing buffers")?, b: try_zeros(KC * NC, "GEMM packing buffers")? };
+        RESERVED_BYTES.fetch_add(WORKSPACE_BYTES, Ordering::Relaxed);
+        Ok(ws)
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        RESERVED_BYTES.fetch_sub(WORKSPACE_BYTES, Ordering::Relaxed);
     }
 }
 
@@ -108,6 +117,14 @@ thread_local! {
 
 /// Bytes of packing buffers each thread that runs a GEMM keeps.
 pub const WORKSPACE_BYTES: usize = (MC * KC + KC * NC) * size_of::<f32>();
+
+/// Packing-buffer bytes held by all threads together.
+static RESERVED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of GEMM packing buffers the process holds now, over all threads.
+pub fn workspace_bytes_reserved() -> usize {
+    RESERVED_BYTES.load(Ordering::Relaxed)
+}
 
 /// Allocates the packing buffers ([`WORKSPACE_BYTES`]) of the calling thread
 /// and of every thread of the current rayon pool now, so that no later GEMM
