@@ -120,12 +120,12 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
     let config = config(run, method, args.depth)?;
     // Inputs: one batch, reused every step (random by default, so no data set
     // sits in memory and the baseline is the binary alone).
-    let (image_shape, classes, x, y) = match run.data.as_str() {
+    let inputs = match run.data.as_str() {
         "random" => {
             let mut s = Stream::new(StreamKey::new(1, Purpose::Shuffle, 99, 0, 0));
             let x: Vec<f32> = (0..run.batch * 784).map(|_| s.gaussian() as f32).collect();
             let y: Vec<u32> = (0..run.batch).map(|_| s.below(10) as u32).collect();
-            ((28, 28), 10, x, y)
+            Inputs { image_shape: (28, 28), classes: 10, x, y }
         }
         "embedded" => {
             let data = svp_data::DataSplit::embedded();
@@ -137,7 +137,7 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
             let n = b.gather(&data.train, 0, &mut x, &mut y);
             x.truncate(n * data.features());
             y.truncate(n);
-            (data.train.image_shape, data.classes, x, y)
+            Inputs { image_shape: data.train.image_shape, classes: data.classes, x, y }
         }
         other => {
             return Err(
@@ -146,9 +146,17 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
         }
     };
     // On a pool thread, as in `svp_train::fit`: that is where steps allocate nothing.
-    let report = rayon::scope(|_| measure(args.depth, run.steps, method, &config, image_shape, classes, &x, &y))?;
+    let report = rayon::scope(|_| measure(args.depth, run.steps, method, &config, &inputs))?;
     println!("{}", serde_json::to_string(&report).expect("report serializes"));
     Ok(())
+}
+
+/// One batch, reused by every step of a measurement.
+struct Inputs {
+    image_shape: (usize, usize),
+    classes: usize,
+    x: Vec<f32>,
+    y: Vec<u32>,
 }
 
 /// Builds the network and trainer, takes one step, then times the rest.
@@ -157,11 +165,10 @@ fn measure(
     steps: usize,
     method: Method,
     config: &Config,
-    image_shape: (usize, usize),
-    classes: usize,
-    x: &[f32],
-    y: &[u32],
+    inputs: &Inputs,
 ) -> Result<ChildReport, CliError> {
+    let Inputs { image_shape, classes, x, y } = inputs;
+    let (image_shape, classes) = (*image_shape, *classes);
     let baseline_rss_kib = current_rss_kib().unwrap_or(0);
     let mut model = Network::try_for_images(image_shape, classes, &config.model, config.train.seed)
         .map_err(|e| CliError::Output { path: "svp memory-child".into(), reason: e.to_string() })?;
