@@ -2,6 +2,7 @@
 
 #![warn(missing_docs)]
 
+use std::time::{Duration, Instant};
 use svp_train::Config;
 
 /// The reference run (`models/mlp-fmnist.toml`).
@@ -234,6 +235,17 @@ impl GemmOperands {
         Self { a: fill(shape.m * shape.k, 1), b: fill(shape.k * shape.n, 2), c: vec![0.0; shape.m * shape.n], shape }
     }
 
+    /// Wall time of `iters` runs of `run` on a thread of the rayon pool.
+    pub fn timed(&mut self, iters: u64) -> Duration {
+        on_pool(|| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                self.run();
+            }
+            start.elapsed()
+        })
+    }
+
     /// Runs the GEMM once on the rayon pool.
     pub fn run(&mut self) {
         let (a, b, c) = self.views();
@@ -268,7 +280,7 @@ pub struct StepBench {
     /// The model.
     pub model: svp_train::Network,
     /// The trainer.
-    pub trainer: Box<dyn svp_train::Trainer>,
+    pub trainer: Box<dyn svp_train::Trainer + Send>,
     /// Batch inputs.
     pub x: Vec<f32>,
     /// Batch labels.
@@ -286,7 +298,7 @@ impl StepBench {
         let data = svp_data::DataSplit::embedded();
         let model = svp_train::Network::try_for_images(data.train.image_shape, data.classes, &config.model, 1)
             .expect("memory for the model");
-        let trainer: Box<dyn svp_train::Trainer> = match method {
+        let trainer: Box<dyn svp_train::Trainer + Send> = match method {
             svp_train::Method::Svp => Box::new(svp_train::SvpTrainer::new(&model, &config)),
             svp_train::Method::Bp => Box::new(svp_train::BpTrainer::new(&model, &config)),
         };
@@ -303,4 +315,26 @@ impl StepBench {
     pub fn step(&mut self) {
         self.trainer.step(&mut self.model, &self.x, &self.y, 1.0).expect("finite loss");
     }
+
+    /// Wall time of `iters` steps on a thread of the rayon pool, as
+    /// `svp_train::fit` runs them.
+    pub fn timed(&mut self, iters: u64) -> Duration {
+        on_pool(|| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                self.step();
+            }
+            start.elapsed()
+        })
+    }
+}
+
+/// Runs `f` on a thread of the rayon pool and waits for it.
+///
+/// Training runs there (`svp_train::fit`): from outside the pool, every
+/// parallel call inside a step would be injected into the pool and the caller
+/// woken afterwards, several microseconds each, which a benchmark would count
+/// as the engine's time.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }

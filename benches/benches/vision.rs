@@ -14,7 +14,7 @@ fn vision_steps(c: &mut Criterion) {
         for (rule, method) in [("svp", Method::Svp), ("bp", Method::Bp)] {
             let mut bench = StepBench::with_config(method, config.clone());
             bench.step();
-            group.bench_function(format!("{net}/{rule}"), |b| b.iter(|| bench.step()));
+            group.bench_function(format!("{net}/{rule}"), |b| b.iter_custom(|iters| bench.timed(iters)));
         }
     }
     group.finish();

@@ -14,6 +14,23 @@
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Wall time spent in [`Optimizer::update`] since the last [`reset_update_clock`], in ns.
+static UPDATE_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Wall time spent in [`Optimizer::update`] since the last reset, so a
+/// benchmark can split a step's time without an instrumented build (two
+/// `Instant::now` per layer update).
+pub fn update_clock() -> Duration {
+    Duration::from_nanos(UPDATE_NANOS.load(Ordering::Relaxed))
+}
+
+/// Zeroes [`update_clock`].
+pub fn reset_update_clock() {
+    UPDATE_NANOS.store(0, Ordering::Relaxed);
+}
 
 /// Which update rule, with its hyperparameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -140,77 +157,146 @@ impl Optimizer {
     /// # Panics
     /// If the slices and state differ in length (the trainer sizes them together).
     pub fn update(&self, lr_scale: f32, params: &mut [f32], grad: &[f32], state: &mut LayerState) {
+        let start = Instant::now();
         assert_eq!(params.len(), grad.len(), "optimizer: gradient length");
-        state.steps += 1;
-        match *self {
-            Optimizer::Sgd { lr, momentum, weight_decay } => {
-                let lr = lr * lr_scale;
-                if momentum == 0.0 {
-                    params.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).for_each(|(p, g)| {
-                        for (p, &g) in p.iter_mut().zip(g) {
-                            *p -= lr * (g + weight_decay * *p);
-                        }
-                    });
-                } else {
-                    assert_eq!(state.m.len(), params.len(), "optimizer: state length");
-                    let first = state.steps == 1;
-                    params
-                        .par_chunks_mut(CHUNK)
-                        .zip(grad.par_chunks(CHUNK))
-                        .zip(state.m.par_chunks_mut(CHUNK))
-                        .for_each(|((p, g), m)| {
-                            for ((p, &g), m) in p.iter_mut().zip(g).zip(m) {
-                                let g = g + weight_decay * *p;
-                                // PyTorch: the first step's buffer is the gradient itself.
-                                *m = if first { g } else { flush(momentum * *m + g) };
-                                *p -= lr * *m;
-                            }
-                        });
-                }
-            }
-            Optimizer::Adam { lr, beta1, beta2, eps, weight_decay } => {
-                self.adam(lr * lr_scale, beta1, beta2, eps, weight_decay, 0.0, params, grad, state)
-            }
-            Optimizer::AdamW { lr, beta1, beta2, eps, weight_decay } => {
-                self.adam(lr * lr_scale, beta1, beta2, eps, 0.0, weight_decay, params, grad, state)
-            }
+        let rule = self.begin(lr_scale, state);
+        let (m, v) = (&mut state.m[..], &mut state.v[..]);
+        let chunks = params.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK));
+        // A rule without moments gets empty moment slices (a zip with the
+        // empty state would stop at once).
+        match (m.is_empty(), v.is_empty()) {
+            (true, _) => chunks.for_each(|(p, g)| rule.apply(p, g, &mut [], &mut [])),
+            (false, true) => chunks.zip(m.par_chunks_mut(CHUNK)).for_each(|((p, g), m)| rule.apply(p, g, m, &mut [])),
+            (false, false) => chunks
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| rule.apply(p, g, m, v)),
         }
+        UPDATE_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn adam(
-        &self,
+    /// Starts one update of a layer: counts the step in `state` and fixes the
+    /// step's scalars. [`StepRule::apply`] then updates the layer piece by
+    /// piece, in any order and on any thread, with the bits of [`Optimizer::update`].
+    ///
+    /// # Panics
+    /// If `state` is not this optimizer's (its moments missing).
+    pub fn begin(&self, lr_scale: f32, state: &mut LayerState) -> StepRule {
+        state.steps += 1;
+        let rule = match *self {
+            Optimizer::Sgd { lr, momentum: 0.0, weight_decay } => {
+                StepRule::Sgd { lr: lr * lr_scale, weight_decay }
+            }
+            Optimizer::Sgd { lr, momentum, weight_decay } => {
+                StepRule::Momentum { lr: lr * lr_scale, momentum, weight_decay, first: state.steps == 1 }
+            }
+            Optimizer::Adam { lr, beta1, beta2, eps, weight_decay } => {
+                StepRule::adam(lr * lr_scale, beta1, beta2, eps, weight_decay, 0.0, state.steps)
+            }
+            Optimizer::AdamW { lr, beta1, beta2, eps, weight_decay } => {
+                StepRule::adam(lr * lr_scale, beta1, beta2, eps, 0.0, weight_decay, state.steps)
+            }
+        };
+        let moments = match rule {
+            StepRule::Sgd { .. } => (0, 0),
+            StepRule::Momentum { .. } => (1, 0),
+            StepRule::Adam { .. } => (1, 1),
+        };
+        assert!(
+            (moments.0 == 0 || !state.m.is_empty()) && (moments.1 == 0 || !state.v.is_empty()),
+            "optimizer: state without the rule's moments"
+        );
+        rule
+    }
+}
+
+/// One layer's update at one step, its scalars fixed by [`Optimizer::begin`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepRule {
+    /// Plain SGD.
+    Sgd {
+        /// Learning rate (schedule applied).
         lr: f32,
+        /// L2 coefficient added to the gradient.
+        weight_decay: f32,
+    },
+    /// SGD with momentum.
+    Momentum {
+        /// Learning rate (schedule applied).
+        lr: f32,
+        /// Momentum factor.
+        momentum: f32,
+        /// L2 coefficient added to the gradient.
+        weight_decay: f32,
+        /// The layer's first step (PyTorch: the buffer starts as the gradient).
+        first: bool,
+    },
+    /// Adam or AdamW.
+    Adam {
+        /// First-moment decay rate.
         beta1: f32,
+        /// Second-moment decay rate.
         beta2: f32,
+        /// Denominator guard.
         eps: f32,
+        /// L2 coefficient added to the gradient (Adam).
         l2: f32,
-        decoupled: f32,
-        params: &mut [f32],
-        grad: &[f32],
-        state: &mut LayerState,
-    ) {
-        assert_eq!(state.m.len(), params.len(), "optimizer: state length");
-        assert_eq!(state.v.len(), params.len(), "optimizer: state length");
-        let t = state.steps as i32;
-        let bc1 = 1.0 - beta1.powi(t);
-        let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let step = lr / bc1;
-        let decay = 1.0 - lr * decoupled;
-        params
-            .par_chunks_mut(CHUNK)
-            .zip(grad.par_chunks(CHUNK))
-            .zip(state.m.par_chunks_mut(CHUNK))
-            .zip(state.v.par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), m), v)| {
-                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+        /// Decoupled decay factor applied to the weights (AdamW): `1 - lr * wd`.
+        decay: f32,
+        /// `lr / (1 - beta1^t)`.
+        step: f32,
+        /// `1 / sqrt(1 - beta2^t)`.
+        inv_bc2_sqrt: f32,
+    },
+}
+
+impl StepRule {
+    fn adam(lr: f32, beta1: f32, beta2: f32, eps: f32, l2: f32, decoupled: f32, t: u64) -> Self {
+        let t = t as i32;
+        // A product with the reciprocal instead of PyTorch's division by
+        // sqrt(bias correction): within an ulp of it, and a division fewer
+        // per element.
+        let inv_bc2_sqrt = 1.0 / (1.0 - beta2.powi(t)).sqrt();
+        let step = lr / (1.0 - beta1.powi(t));
+        StepRule::Adam { beta1, beta2, eps, l2, decay: 1.0 - lr * decoupled, step, inv_bc2_sqrt }
+    }
+
+    /// Updates `params` from `grad` and the moments `m`, `v`: equal-length
+    /// pieces of the layer's parameters, gradient and state, at the same
+    /// offset (moments the rule keeps none of may be empty).
+    ///
+    /// # Panics
+    /// If the pieces differ in length.
+    #[inline(always)]
+    pub fn apply(&self, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let n = params.len();
+        assert_eq!(grad.len(), n, "optimizer: gradient length");
+        match *self {
+            StepRule::Sgd { lr, weight_decay } => {
+                for (p, &g) in params.iter_mut().zip(grad) {
+                    *p -= lr * (g + weight_decay * *p);
+                }
+            }
+            StepRule::Momentum { lr, momentum, weight_decay, first } => {
+                assert_eq!(m.len(), n, "optimizer: state length");
+                for ((p, &g), m) in params.iter_mut().zip(grad).zip(m) {
+                    let g = g + weight_decay * *p;
+                    // PyTorch: the first step's buffer is the gradient itself.
+                    *m = if first { g } else { flush(momentum * *m + g) };
+                    *p -= lr * *m;
+                }
+            }
+            StepRule::Adam { beta1, beta2, eps, l2, decay, step, inv_bc2_sqrt } => {
+                assert!(m.len() == n && v.len() == n, "optimizer: state length");
+                for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m).zip(v) {
                     let g = g + l2 * *p;
                     *m = flush(beta1 * *m + (1.0 - beta1) * g);
                     *v = flush(beta2 * *v + (1.0 - beta2) * g * g);
-                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    let denom = v.sqrt() * inv_bc2_sqrt + eps;
                     *p = *p * decay - step * *m / denom;
                 }
-            });
+            }
+        }
     }
 }
 
