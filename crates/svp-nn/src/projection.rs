@@ -10,6 +10,9 @@ use rayon::prelude::*;
 use svp_rng::{Purpose, Stream, StreamKey, drop_threshold};
 use svp_tensor::{ArrayView2, ArrayViewMut2, Axis, gemm, s, view};
 
+/// Samples of `R` below which a fill stays on one thread.
+const FILL_PARALLEL_MIN: usize = 4096;
+
 /// One layer's projection `v = Dropout(R) [h, onehot(y)?]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Projection {
@@ -57,7 +60,9 @@ impl Projection {
             }
         };
         let tile = &mut tile[..rows * cols];
-        if rows * cols < svp_tensor::PARALLEL_MIN_ELEMS {
+        // Rows are independent streams at ~3 ns a sample, so a few thousand
+        // samples already pay for a second thread.
+        if rows < 2 || rows * cols < FILL_PARALLEL_MIN {
             tile.chunks_exact_mut(cols).enumerate().for_each(fill);
         } else {
             tile.par_chunks_mut(cols).enumerate().for_each(fill);
@@ -103,15 +108,44 @@ impl Projection {
 
     /// `dh = dv R[:, :d_l]` (overwriting `dh`), regenerating `R` tile by tile with
     /// the same `step` as the forward.
-    pub fn backward(&self, dv: ArrayView2<f32>, step: Option<u64>, mut dh: ArrayViewMut2<f32>, tile: &mut [f32]) {
+    pub fn backward(&self, dv: ArrayView2<f32>, step: Option<u64>, dh: ArrayViewMut2<f32>, tile: &mut [f32]) {
+        self.backward_from(dv, step, dh, tile, false);
+    }
+
+    /// [`Projection::backward`] right after this projection's
+    /// [`Projection::forward`] with the same `step` and `tile`, the tile
+    /// untouched in between: when all of `R` fit the tile (`d' = 10` rows of
+    /// a layer, 40 KiB), the forward left it there and it is not regenerated.
+    /// Otherwise it regenerates tile by tile, as `backward` does.
+    pub fn backward_after_forward(
+        &self,
+        dv: ArrayView2<f32>,
+        step: Option<u64>,
+        dh: ArrayViewMut2<f32>,
+        tile: &mut [f32],
+    ) {
+        self.backward_from(dv, step, dh, tile, true);
+    }
+
+    fn backward_from(
+        &self,
+        dv: ArrayView2<f32>,
+        step: Option<u64>,
+        mut dh: ArrayViewMut2<f32>,
+        tile: &mut [f32],
+        tile_from_forward: bool,
+    ) {
         assert_eq!(dv.ncols(), self.out_dim, "projection backward: gradient width");
         assert_eq!(dh.dim(), (dv.nrows(), self.in_dim), "projection backward: output shape");
         let (d, cols) = (self.in_dim, self.cols());
         let per_tile = self.rows_per_tile(tile.len());
+        let reuse = tile_from_forward && per_tile >= self.out_dim;
         let mut r0 = 0;
         while r0 < self.out_dim {
             let rows = per_tile.min(self.out_dim - r0);
-            self.fill_rows(r0, rows, step, tile);
+            if !reuse {
+                self.fill_rows(r0, rows, step, tile);
+            }
             let r_tile = view(tile, rows, cols);
             let beta = if r0 == 0 { 0.0 } else { 1.0 };
             gemm(1.0, dv.slice(s![.., r0..r0 + rows]), r_tile.slice(s![.., ..d]), beta, dh.view_mut());

@@ -235,6 +235,12 @@ fn projection_backward_is_the_transpose_and_tiles_do_not_matter() {
             p.forward(view(&h, rows, 37), Some(&y), Some(9), v.view_mut(), &mut tile);
             let mut dh = Array2::<f32>::zeros((rows, 37));
             p.backward(view(&dv, rows, 11), Some(9), dh.view_mut(), &mut tile);
+            // Right after a forward, the tile (when it holds all of R) is
+            // reused instead of regenerated: the same bits either way.
+            p.forward(view(&h, rows, 37), Some(&y), Some(9), v.view_mut(), &mut tile);
+            let mut dh_after = Array2::<f32>::from_elem((rows, 37), f32::NAN);
+            p.backward_after_forward(view(&dv, rows, 11), Some(9), dh_after.view_mut(), &mut tile);
+            assert!(dh.iter().zip(dh_after.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "tile rows {tile_rows}");
             match (&reference_v, &reference_dh) {
                 (None, None) => {
                     reference_v = Some(v);

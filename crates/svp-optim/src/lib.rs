@@ -184,9 +184,7 @@ impl Optimizer {
     pub fn begin(&self, lr_scale: f32, state: &mut LayerState) -> StepRule {
         state.steps += 1;
         let rule = match *self {
-            Optimizer::Sgd { lr, momentum: 0.0, weight_decay } => {
-                StepRule::Sgd { lr: lr * lr_scale, weight_decay }
-            }
+            Optimizer::Sgd { lr, momentum: 0.0, weight_decay } => StepRule::Sgd { lr: lr * lr_scale, weight_decay },
             Optimizer::Sgd { lr, momentum, weight_decay } => {
                 StepRule::Momentum { lr: lr * lr_scale, momentum, weight_decay, first: state.steps == 1 }
             }

@@ -324,12 +324,13 @@ impl Trainer for SvpTrainer {
             // cores and memory bandwidth.)
             let mut dout = match &proj {
                 Some(p) if matches!(readout, Readout::Whole) => {
-                    p.backward(view(&ws.dv, rows, vdim), Some(step), view_mut(&mut ws.dh, rows, d_out), &mut ws.tile);
+                    let dh = view_mut(&mut ws.dh, rows, d_out);
+                    p.backward_after_forward(view(&ws.dv, rows, vdim), Some(step), dh, &mut ws.tile);
                     &mut ws.dh
                 }
                 Some(p) => {
                     let d_read = view_mut(&mut ws.d_readout, rows, read_len);
-                    p.backward(view(&ws.dv, rows, vdim), Some(step), d_read, &mut ws.tile);
+                    p.backward_after_forward(view(&ws.dv, rows, vdim), Some(step), d_read, &mut ws.tile);
                     let out = &ws.act[slot(end - first - 1)][..rows * d_out];
                     readout.backward(out, rows, d_out, token, &ws.d_readout, &mut ws.dh);
                     &mut ws.dh
