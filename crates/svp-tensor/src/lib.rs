@@ -5,8 +5,8 @@
 //!
 //! * [`gemm()`]: `C = alpha * A B + beta * C` with packed panels and a
 //!   register-tiled kernel (AVX-512 intrinsics, or plain Rust that LLVM
-//!   vectorizes for AVX2 and NEON), the output columns split across the rayon
-//!   pool. Every output element is summed in the same order whatever the split
+//!   vectorizes for AVX2 and NEON), the output rows or columns split across the
+//!   rayon pool. Every output element is summed in the same order whatever the split
 //!   or the thread count, so results are bit-identical. The packing buffers are
 //!   per thread and reused, so a GEMM allocates nothing after a thread's first.
 //! * [`reduce`]: sums and dot products with a fixed number of accumulator lanes,

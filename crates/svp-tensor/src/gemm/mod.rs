@@ -1,5 +1,5 @@
 //! General matrix multiply: packed panels, a register-tiled kernel, and a
-//! deterministic column split over the rayon pool.
+//! deterministic split over the rayon pool.
 //!
 //! The loop nest is the classic one (Goto and van de Geijn): blocks of `B`
 //! (`KC x NC`) and of `A` (`MC x KC`) are packed into per-thread buffers of a
@@ -48,15 +48,15 @@ const MIN_CHUNK_COLS: usize = 16;
 /// `c = alpha * a · b + beta * c`, shapes `(m, k) · (k, n) -> (m, n)`.
 ///
 /// Any strides are accepted (pass `w.t()` for a transposed operand). Large
-/// products are split by output columns over the current rayon pool.
+/// products are split by output rows or columns over the current rayon pool.
 ///
 /// # Panics
 /// If the shapes do not agree; shapes are fixed by the layer that calls this.
 pub fn gemm(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, c: ArrayViewMut2<f32>) {
     let (m, k) = a.dim();
     let n = b.ncols();
-    let chunks =
-        if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(n / MIN_CHUNK_COLS).max(1) };
+    let pieces = (n / MIN_CHUNK_COLS).max(m / MR);
+    let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(pieces).max(1) };
     let start = Instant::now();
     gemm_with_chunks(alpha, a, b, beta, c, chunks);
     GEMM_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -76,7 +76,7 @@ pub fn gemm_with_chunks(
 ) {
     assert_eq!(a.ncols(), b.nrows(), "gemm: inner dimensions differ");
     assert_eq!(c.dim(), (a.nrows(), b.ncols()), "gemm: output shape differs");
-    split_columns(alpha, a, b, beta, c, chunks.max(1));
+    split_product(alpha, a, b, beta, c, chunks.max(1));
 }
 
 /// Depth of a packed block: a `B` panel (`KC x NR`) stays in L1 beside the `A` panel.
@@ -239,20 +239,37 @@ fn block_product(kc: usize, a: &[f32], b: &[f32], alpha: f32, blend: Blend, mut 
     }
 }
 
-fn split_columns(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, c: ArrayViewMut2<f32>, chunks: usize) {
-    let n = b.ncols();
+/// Splits the product into `chunks` pieces over the rayon pool: by rows when
+/// the output is at least as tall as it is wide (a weight gradient: each
+/// thread then owns whole rows of it, which is how the optimizer's parallel
+/// pass splits the same buffer next), else by columns (a batch-by-features
+/// output, where each thread packs only its part of the weights).
+fn split_product(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, c: ArrayViewMut2<f32>, chunks: usize) {
+    let (m, n) = c.dim();
+    let left_chunks = chunks / 2;
+    if chunks > 1 && m >= n {
+        // Whole tiles on each side.
+        let split = (m * left_chunks / chunks) / MR * MR;
+        if split > 0 {
+            let (a_top, a_bottom) = a.split_at(Axis(0), split);
+            let (c_top, c_bottom) = c.split_at(Axis(0), split);
+            rayon::join(
+                || split_product(alpha, a_top, b, beta, c_top, left_chunks),
+                || split_product(alpha, a_bottom, b, beta, c_bottom, chunks - left_chunks),
+            );
+            return;
+        }
+    }
     if chunks <= 1 || n < 2 {
         gemm_serial(alpha, a, b, beta, c);
         return;
     }
-    // Split into `left_chunks` and the rest, proportionally, and recurse.
-    let left_chunks = chunks / 2;
     let split = n * left_chunks / chunks;
     let (b_left, b_right) = b.split_at(Axis(1), split);
     let (c_left, c_right) = c.split_at(Axis(1), split);
     rayon::join(
-        || split_columns(alpha, a, b_left, beta, c_left, left_chunks),
-        || split_columns(alpha, a, b_right, beta, c_right, chunks - left_chunks),
+        || split_product(alpha, a, b_left, beta, c_left, left_chunks),
+        || split_product(alpha, a, b_right, beta, c_right, chunks - left_chunks),
     );
 }
 
