@@ -29,7 +29,7 @@ fn steps(c: &mut Criterion) {
 /// the fastest of several rounds, and the rounds alternate steps and isolated
 /// GEMMs so that both see the same conditions.
 fn overhead(_c: &mut Criterion) {
-    const ROUNDS: usize = 7;
+    const ROUNDS: usize = 15;
     const STEPS: u64 = 20;
     let per_call = |d: Duration, n: u64| d.as_secs_f64() / n as f64;
     for (name, method) in [("svp", Method::Svp), ("bp", Method::Bp)] {
