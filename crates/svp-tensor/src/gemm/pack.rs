@@ -12,69 +12,50 @@ use ndarray::{ArrayView2, Axis};
 
 /// Packs the `(mc, kc)` block `a` into `out` (at least `mc.div_ceil(MR) * MR * kc` long).
 pub fn pack_a(a: ArrayView2<f32>, out: &mut [f32]) {
-    let (mc, kc) = a.dim();
-    let panel_len = MR * kc;
-    let out = &mut out[..mc.div_ceil(MR) * panel_len];
-    if a.strides()[0] == 1 {
-        // Columns are contiguous (a transposed view): each panel takes a run
-        // of every column. Panel by panel, so the writes are sequential.
-        let columns = lines(a.axis_iter(Axis(1)).map(|c| c.to_slice().expect("unit stride column")));
-        for (t, panel) in out.chunks_exact_mut(panel_len).enumerate() {
-            let rows = t * MR..((t + 1) * MR).min(mc);
-            for (column, dst) in columns[..kc].iter().zip(panel.chunks_exact_mut(MR)) {
-                copy_padded::<MR>(&column[rows.clone()], dst);
-            }
-        }
-    } else {
-        for (panel, rows) in out.chunks_exact_mut(panel_len).zip(a.axis_chunks_iter(Axis(0), MR)) {
-            let valid = rows.nrows();
-            if rows.strides()[1] == 1 {
-                // A transpose: gather one value from each row per step.
-                let row_slices: [&[f32]; MR] =
-                    std::array::from_fn(
-                        |r| if r < valid { rows.row(r).to_slice().expect("unit stride row") } else { &[] },
-                    );
-                transpose_into::<MR>(&row_slices, kc, panel);
-            } else {
-                for (p, dst) in panel.chunks_exact_mut(MR).enumerate() {
-                    for (r, d) in dst.iter_mut().enumerate() {
-                        *d = if r < valid { rows[(r, p)] } else { 0.0 };
-                    }
-                }
-            }
-        }
-    }
+    pack_panels::<MR>(a, out);
 }
 
 /// Packs the `(kc, nc)` block `b` into `out` (at least `nc.div_ceil(NR) * NR * kc` long).
+///
+/// Panels of `NR` columns of `b` are panels of `NR` rows of `b^T`, so this is
+/// [`pack_a`]'s layout for the transposed view.
 pub fn pack_b(b: ArrayView2<f32>, out: &mut [f32]) {
-    let (kc, nc) = b.dim();
-    let panel_len = NR * kc;
-    let out = &mut out[..nc.div_ceil(NR) * panel_len];
-    if b.strides()[1] == 1 {
-        // Rows are contiguous: each panel takes a run of every row. Panel by
-        // panel, so the writes are sequential (row by row, the panels' equal
-        // strides would alias in the L1 cache).
-        let rows = lines(b.axis_iter(Axis(0)).map(|r| r.to_slice().expect("unit stride row")));
+    pack_panels::<NR>(b.reversed_axes(), out);
+}
+
+/// Packs the `(rows, depth)` block `x` into panels of `W` rows: for each step
+/// `p` of the depth, the `W` values `x[i, p]` side by side, zeros past the
+/// last row.
+fn pack_panels<const W: usize>(x: ArrayView2<f32>, out: &mut [f32]) {
+    let (rows, depth) = x.dim();
+    let panel_len = W * depth;
+    let out = &mut out[..rows.div_ceil(W) * panel_len];
+    if x.strides()[0] == 1 {
+        // Each step's values are contiguous (the layout the kernel wants): each
+        // panel takes a run of every step. Panel by panel, so the writes are
+        // sequential (step by step, the panels' equal strides would alias in
+        // the L1 cache).
+        let steps = lines(x.axis_iter(Axis(1)).map(|c| c.to_slice().expect("unit stride")));
         for (t, panel) in out.chunks_exact_mut(panel_len).enumerate() {
-            let columns = t * NR..((t + 1) * NR).min(nc);
-            for (row, dst) in rows[..kc].iter().zip(panel.chunks_exact_mut(NR)) {
-                copy_padded::<NR>(&row[columns.clone()], dst);
+            let run = t * W..((t + 1) * W).min(rows);
+            for (step, dst) in steps[..depth].iter().zip(panel.chunks_exact_mut(W)) {
+                copy_padded::<W>(&step[run.clone()], dst);
             }
         }
     } else {
-        for (panel, columns) in out.chunks_exact_mut(panel_len).zip(b.axis_chunks_iter(Axis(1), NR)) {
-            let valid = columns.ncols();
-            if columns.strides()[0] == 1 {
-                // Columns are contiguous (a transposed view such as `W^T`).
-                let column_slices: [&[f32]; NR] = std::array::from_fn(|j| {
-                    if j < valid { columns.column(j).to_slice().expect("unit stride column") } else { &[] }
+        for (panel, block) in out.chunks_exact_mut(panel_len).zip(x.axis_chunks_iter(Axis(0), W)) {
+            let valid = block.nrows();
+            if block.strides()[1] == 1 {
+                // Each row is contiguous (`W^T` in a forward, row-major
+                // activations): a transpose, one value from each row per step.
+                let row_slices: [&[f32]; W] = std::array::from_fn(|r| {
+                    if r < valid { block.row(r).to_slice().expect("unit stride row") } else { &[] }
                 });
-                transpose_into::<NR>(&column_slices, kc, panel);
+                transpose_into::<W>(&row_slices, depth, panel);
             } else {
-                for (p, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                    for (j, d) in dst.iter_mut().enumerate() {
-                        *d = if j < valid { columns[(p, j)] } else { 0.0 };
+                for (p, dst) in panel.chunks_exact_mut(W).enumerate() {
+                    for (r, d) in dst.iter_mut().enumerate() {
+                        *d = if r < valid { block[(r, p)] } else { 0.0 };
                     }
                 }
             }
