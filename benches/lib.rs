@@ -237,13 +237,7 @@ impl GemmOperands {
 
     /// Wall time of `iters` runs of `run` on a thread of the rayon pool.
     pub fn timed(&mut self, iters: u64) -> Duration {
-        on_pool(|| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                self.run();
-            }
-            start.elapsed()
-        })
+        timed_on_pool(iters, || self.run())
     }
 
     /// Runs the GEMM once on the rayon pool.
@@ -319,14 +313,19 @@ impl StepBench {
     /// Wall time of `iters` steps on a thread of the rayon pool, as
     /// `svp_train::fit` runs them.
     pub fn timed(&mut self, iters: u64) -> Duration {
-        on_pool(|| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                self.step();
-            }
-            start.elapsed()
-        })
+        timed_on_pool(iters, || self.step())
     }
+}
+
+/// Wall time of `iters` calls of `f` on a thread of the rayon pool.
+fn timed_on_pool(iters: u64, mut f: impl FnMut() + Send) -> Duration {
+    on_pool(|| {
+        let start = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        start.elapsed()
+    })
 }
 
 /// Runs `f` on a thread of the rayon pool and waits for it.

@@ -46,25 +46,12 @@ pub fn tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
 }
 
 /// [`super::kernel::tile_into`] for a tile that lies wholly inside `rows`.
+/// (Callers know AVX-512F is there: the module docs.)
 ///
 /// # Panics
 /// If a row is shorter than `j0 + NR`.
-#[inline(always)]
-pub fn whole_tile_into(
-    kc: usize,
-    a: &[f32],
-    b: &[f32],
-    rows: &mut [&mut [f32]; MR],
-    j0: usize,
-    alpha: f32,
-    blend: Blend,
-) {
-    // SAFETY: the build targets AVX-512F (module docs).
-    unsafe { whole_tile_into_avx512(kc, a, b, rows, j0, alpha, blend) }
-}
-
 #[target_feature(enable = "avx512f")]
-fn whole_tile_into_avx512(
+pub fn whole_tile_into(
     kc: usize,
     a: &[f32],
     b: &[f32],

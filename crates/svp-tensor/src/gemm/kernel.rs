@@ -110,7 +110,9 @@ pub fn tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
 pub fn tile_into(kc: usize, a: &[f32], b: &[f32], rows: &mut [&mut [f32]; MR], j0: usize, alpha: f32, blend: Blend) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     if rows.iter().all(|r| r.len() >= j0 + NR) {
-        super::avx512::whole_tile_into(kc, a, b, rows, j0, alpha, blend);
+        // SAFETY: `avx512` is compiled only when the build targets AVX-512F
+        // (its module docs), so the CPU running this has the instructions.
+        unsafe { super::avx512::whole_tile_into(kc, a, b, rows, j0, alpha, blend) };
         return;
     }
     store_tile(&tile_product(kc, a, b), rows, j0, alpha, blend);
