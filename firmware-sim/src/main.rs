@@ -133,8 +133,14 @@ fn run() -> Result<bool, String> {
     let data = DataSplit::embedded();
     let shifted_stream = camera::shift_dataset(&data.train, 1, args.samples);
     let shifted_test = camera::shift_dataset(&data.test, 2, data.test.len());
+    if file.meta.front.is_some() {
+        return Err(format!(
+            "{}: the device simulator fine-tunes MLPs; this model has conv blocks or a ViT",
+            args.model.display()
+        ));
+    }
     let norm = file.meta.norm;
-    let base = file.to_mlp();
+    let base = file.to_network();
     let hidden: Vec<usize> = file.meta.layers[..file.meta.layers.len() - 1].iter().map(|l| l.out_dim).collect();
     let first = file.meta.layers[0];
     println!(

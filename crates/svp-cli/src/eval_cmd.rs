@@ -150,7 +150,7 @@ pub fn predict(args: PredictArgs) -> Result<(), CliError> {
     let model = InferenceModel::load(&args.model)?;
     check_exit(&model, args.exit_layer)?;
     let meta = model.meta();
-    let features = meta.layers[0].in_dim;
+    let features = meta.image_shape.0 as usize * meta.image_shape.1 as usize;
     let (values, n, pixels) = match &args.input {
         Some(path) => read_input(path, features, meta.image_shape)?,
         None => {
@@ -226,14 +226,19 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
     let m = &file.meta;
     let widths: Vec<String> =
         std::iter::once(m.layers[0].in_dim).chain(m.layers.iter().map(|l| l.out_dim)).map(|w| w.to_string()).collect();
-    let params: usize = m.layers.iter().map(svp_model::layer_param_len).sum();
+    let front = m.front.as_ref().map(describe_front);
+    let architecture = match &front {
+        Some(f) => format!("{f} -> {}", widths.join("-")),
+        None => widths.join("-"),
+    };
+    let params: usize = m.tensors.iter().map(|t| t.shape.iter().map(|&d| d as usize).product::<usize>()).sum();
     if args.json {
         println!(
             "{}",
             json!({
                 "file_bytes": bytes.len(),
-                "format_version": svp_model::FORMAT_VERSION,
-                "architecture": widths.join("-"),
+                "format_version": file.version(),
+                "architecture": architecture,
                 "parameters": params,
                 "weight_dtype": m.weight_dtype().name(),
                 "image_shape": [m.image_shape.0, m.image_shape.1],
@@ -250,20 +255,19 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let l0 = &m.layers[0];
-    println!(
-        "{}: svp model file, format version {}, {} bytes",
-        args.model.display(),
-        svp_model::FORMAT_VERSION,
-        bytes.len()
-    );
-    println!(
-        "  network      {} ({:?} + {:?} hidden blocks, {} parameters)",
-        widths.join("-"),
-        l0.norm,
-        l0.activation,
-        params
-    );
+    println!("{}: svp model file, format version {}, {} bytes", args.model.display(), file.version(), bytes.len());
+    if m.layers.len() > 1 {
+        println!(
+            "  network      {architecture} ({:?} + {:?} hidden blocks, {params} parameters)",
+            l0.norm, l0.activation
+        );
+    } else {
+        println!("  network      {architecture} ({params} parameters)");
+    }
     println!("  weights      {} (biases and LayerNorm f32)", m.weight_dtype().name());
+    if let Some(t) = m.tensors.iter().find(|t| t.role == svp_model::Role::Params) {
+        println!("  front        {} (conv or transformer parameters, flat per layer)", t.dtype.name());
+    }
     println!(
         "  input        {}x{} images, normalized with mean {:.4} std {:.4}",
         m.image_shape.0, m.image_shape.1, m.norm.mean, m.norm.std
@@ -287,4 +291,19 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
         None => println!("  projections  none (trained with backpropagation: no early exits)"),
     }
     Ok(())
+}
+
+/// `conv(32-32-M-64)` or `vit(patch 7, dim 128, 6 blocks, 4 heads, mlp 256, cls)`.
+fn describe_front(front: &svp_model::Front) -> String {
+    match front {
+        svp_model::Front::Conv { blocks, readout } => {
+            let items: Vec<String> =
+                blocks.iter().map(|&(c, pool)| if pool { format!("{c}-M") } else { c.to_string() }).collect();
+            format!("conv({}, readout {readout}x{readout})", items.join("-"))
+        }
+        &svp_model::Front::Vit { patch, dim, depth, heads, mlp, mean_readout } => format!(
+            "vit(patch {patch}, dim {dim}, {depth} blocks, {heads} heads, mlp {mlp}, {})",
+            if mean_readout { "mean" } else { "cls" }
+        ),
+    }
 }

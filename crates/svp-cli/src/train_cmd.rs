@@ -214,14 +214,6 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         }
         None => load_config(&args)?,
     };
-    if args.out.is_some() && (!config.model.conv.is_empty() || config.model.vit.is_some()) {
-        return Err(svp_train::ConfigError::Invalid(
-            "--out: model files (format v1) hold MLPs only, and this config has conv blocks or a ViT; \
-             train without --out, or keep the run with --checkpoint"
-                .into(),
-        )
-        .into());
-    }
     for path in [&args.out, &args.checkpoint].into_iter().flatten() {
         check_writable(path)?;
     }
@@ -286,7 +278,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
                 class_names: data.class_names(),
                 provenance,
             };
-            ModelFile::from_mlp(&outcome.model, info, DType::F32).save(path)?;
+            ModelFile::from_network(&outcome.model, &config.model, info, DType::F32).save(path)?;
             Some(path.clone())
         }
         None => None,

@@ -120,15 +120,6 @@ fn config_errors() {
         assert_fails(&svp(&["train", "--config", &cfg, "--data", &data]), 1, needle);
     }
     assert_fails(&svp(&["train", "--config", "/nonexistent/run.toml"]), 1, "cannot read config");
-    // Model files describe MLPs only (format v1): refused before training, not written wrong.
-    let cnn = write_config(&d, &TINY.replace("hidden = [8]", "hidden = [8]\nconv = [4]"));
-    let out = d.join("cnn.svpm");
-    assert_fails(
-        &svp(&["train", "--config", &cnn, "--data", &data, "--out", out.to_str().unwrap()]),
-        1,
-        "hold MLPs only",
-    );
-    assert!(!out.exists());
 }
 
 #[test]
@@ -167,6 +158,45 @@ fn garbage_model_file() {
     std::fs::write(&p, b"SVPM but not really").unwrap();
     assert_fails(&svp(&["eval", p.to_str().unwrap(), "--data", "embedded"]), 1, "not a valid svp model file");
     assert_fails(&svp(&["eval", "/nonexistent.svpm", "--data", "embedded"]), 1, "/nonexistent.svpm");
+}
+
+/// A CNN and a ViT written with `--out` are model files (format version 2)
+/// that `svp eval` reads back to the training-time accuracy, early exits
+/// included, and that `svp export` converts to f16.
+#[test]
+fn conv_and_vit_models_train_save_eval_and_export() {
+    let d = scratch("front-models");
+    let fronts = [
+        ("cnn", "hidden = []\nconv = [4, \"M\", 8]\n", "conv(4-M-8, readout 2x2)"),
+        ("vit", "hidden = []\n[model.vit]\npatch = 7\ndim = 16\ndepth = 2\nheads = 2\nmlp = 32\n", "vit(patch 7"),
+    ];
+    for (name, model_table, described) in fronts {
+        let body = format!(
+            "[model]\n{model_table}[train]\nepochs = 1\nbatch_size = 64\n[optimizer]\nkind = \"adam\"\nlr = 0.002\n"
+        );
+        let cfg = write_config(&d, &body);
+        let model = d.join(format!("{name}.svpm"));
+        let model = model.to_str().unwrap();
+        let out =
+            svp(&["train", "--config", &cfg, "--data", "embedded", "--limit-train", "1024", "--json", "--out", model]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+        let trained = serde_json::from_str::<serde_json::Value>(&last).unwrap()["test_acc"].as_f64().unwrap();
+        let eval = svp(&["eval", model, "--data", "embedded", "--json", "--exits"]);
+        assert!(eval.status.success(), "{name}: {}", String::from_utf8_lossy(&eval.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+        assert_eq!(report["test_acc"].as_f64().unwrap(), trained, "{name}: eval reproduces the training accuracy");
+        assert!(!report["exit_test_acc"].as_array().unwrap().is_empty(), "{name}: early exits");
+        let info = svp(&["info", model]);
+        let text = String::from_utf8_lossy(&info.stdout);
+        assert!(text.contains("format version 2") && text.contains(described), "{name}: {text}");
+        let half = d.join(format!("{name}-f16.svpm"));
+        let export = svp(&["export", model, "--dtype", "f16", "--out", half.to_str().unwrap()]);
+        assert!(export.status.success(), "{name}: {}", String::from_utf8_lossy(&export.stderr));
+        let eval16 = svp(&["eval", half.to_str().unwrap(), "--data", "embedded", "--json"]);
+        let acc16 = serde_json::from_slice::<serde_json::Value>(&eval16.stdout).unwrap()["test_acc"].as_f64().unwrap();
+        assert!((acc16 - trained).abs() <= 0.01, "{name}: f16 {acc16} against f32 {trained}");
+    }
 }
 
 #[test]

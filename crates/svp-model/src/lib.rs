@@ -25,13 +25,17 @@ pub use inference::{InferenceModel, InferenceWorkspace};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use svp_data::Normalization;
+use svp_nn::vit::TokenReadout;
 use svp_nn::{Dense, DenseSpec, Norm};
+use svp_train::config::{ConvItem, ModelConfig, PoolMarker, VitConfig};
 use svp_train::{Network, ProjectionHeads};
 
 /// First eight bytes of every model file.
 pub const MAGIC: [u8; 8] = *b"SVPMODEL";
-/// Format version written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// Newest format version this build writes and reads: 2 adds conv and ViT
+/// fronts ([`Front`]); a file without one is written as version 1, which
+/// every earlier build reads.
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every tensor's first byte, from the start of the file.
@@ -65,6 +69,126 @@ pub enum Role {
     Gamma,
     /// LayerNorm bias, `out`.
     Beta,
+    /// All of a conv or transformer layer's parameters, flat, in the layer's
+    /// own order (for a conv block: weights, bias, BatchNorm gain and shift,
+    /// running mean and variance). Format version 2.
+    Params,
+}
+
+/// What comes before the dense layers of a conv network or a vision
+/// transformer (format version 2); with the dense layers' specs and the image
+/// shape it rebuilds the network exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Front {
+    /// VGG-style conv blocks.
+    Conv {
+        /// Each block's output channels, and whether a 2x2 max pool follows it.
+        blocks: Vec<(u32, bool)>,
+        /// Side of the adaptive pooling a projection head reads.
+        readout: u32,
+    },
+    /// A vision transformer.
+    Vit {
+        /// Side of a square patch.
+        patch: u32,
+        /// Token width.
+        dim: u32,
+        /// Transformer blocks.
+        depth: u32,
+        /// Attention heads.
+        heads: u32,
+        /// Hidden width of each block's MLP.
+        mlp: u32,
+        /// The classifier reads the token mean (else the class token).
+        mean_readout: bool,
+    },
+}
+
+impl Front {
+    /// The front of `config`, if it has one.
+    pub fn of(config: &ModelConfig) -> Option<Self> {
+        if let Some(v) = &config.vit {
+            let [patch, dim, depth, heads, mlp] = [v.patch, v.dim, v.depth, v.heads, v.mlp].map(|x| x as u32);
+            let mean_readout = v.readout == TokenReadout::Mean;
+            return Some(Front::Vit { patch, dim, depth, heads, mlp, mean_readout });
+        }
+        (!config.conv.is_empty()).then(|| Front::Conv {
+            blocks: config.conv_blocks().into_iter().map(|(c, pool)| (c as u32, pool)).collect(),
+            readout: config.conv_readout as u32,
+        })
+    }
+
+    /// The model config of this front followed by dense layers `layers` (the head last).
+    fn config(&self, layers: &[DenseSpec]) -> ModelConfig {
+        let mut config = dense_config(layers);
+        match self {
+            Front::Conv { blocks, readout } => {
+                for &(channels, pool) in blocks {
+                    config.conv.push(ConvItem::Channels(channels as usize));
+                    if pool {
+                        config.conv.push(ConvItem::Pool(PoolMarker::M));
+                    }
+                }
+                config.conv_readout = *readout as usize;
+            }
+            &Front::Vit { patch, dim, depth, heads, mlp, mean_readout } => {
+                let [patch, dim, depth, heads, mlp] = [patch, dim, depth, heads, mlp].map(|x| x as usize);
+                let readout = if mean_readout { TokenReadout::Mean } else { TokenReadout::Cls };
+                config.vit = Some(VitConfig { patch, dim, depth, heads, mlp, readout });
+            }
+        }
+        config
+    }
+
+    /// An upper bound of the front's parameter count on `(h, w)` images.
+    fn param_bound(&self, (h, w): (usize, usize)) -> u128 {
+        match self {
+            Front::Conv { blocks, .. } => {
+                let mut c_in = 1u128;
+                blocks
+                    .iter()
+                    .map(|&(c, _)| {
+                        let c = c as u128;
+                        let n = 9 * c_in * c + 6 * c;
+                        c_in = c;
+                        n
+                    })
+                    .sum()
+            }
+            &Front::Vit { patch, dim, depth, mlp, .. } => {
+                let (p, d, m) = (patch.max(1) as u128, dim as u128, mlp as u128);
+                let tokens = (h as u128 * w as u128) / (p * p) + 1;
+                p * p * d + (tokens + 4) * d + depth as u128 * (4 * d * d + 2 * d * m + m + 9 * d)
+            }
+        }
+    }
+
+    /// Whether the numbers are sane for `image_shape` (before anything is
+    /// sized from them): a damaged or hostile file must not allocate a
+    /// network of absurd size.
+    fn check(&self, image_shape: (usize, usize)) -> Result<(), String> {
+        const MAX: u32 = 1 << 16;
+        let too_big = |name: &str, v: u32| (v == 0 || v > MAX).then(|| format!("{name} = {v}"));
+        let problem = match self {
+            Front::Conv { blocks, readout } => blocks
+                .iter()
+                .find_map(|&(c, _)| too_big("conv channels", c))
+                .or_else(|| too_big("conv readout", *readout))
+                .or_else(|| {
+                    (blocks.is_empty() || blocks.len() > 4096).then(|| format!("{} conv blocks", blocks.len()))
+                }),
+            &Front::Vit { patch, dim, depth, heads, mlp, .. } => {
+                [("patch", patch), ("dim", dim), ("depth", depth.min(MAX + 1)), ("heads", heads), ("mlp", mlp)]
+                    .into_iter()
+                    .find_map(|(n, v)| too_big(n, v))
+                    .or_else(|| (dim % heads != 0).then(|| format!("dim {dim} is not a multiple of {heads} heads")))
+            }
+        };
+        match problem {
+            Some(p) => Err(format!("front: {p}")),
+            None => self.config(&[]).check_image_shape(image_shape),
+        }
+    }
 }
 
 /// Where one tensor's bytes are.
@@ -111,8 +235,12 @@ pub struct ModelMeta {
     pub class_names: Vec<String>,
     /// Training provenance.
     pub provenance: Provenance,
-    /// Every tensor, layer by layer in [`Role`] order.
+    /// Every tensor, layer by layer (the front's first) in [`Role`] order.
     pub tensors: Vec<TensorEntry>,
+    /// Conv blocks or a vision transformer before `layers` (version 2; a
+    /// version-1 file is an MLP). Last, so that a version-1 metadata section
+    /// is this one without its final byte (postcard's `None`).
+    pub front: Option<Front>,
 }
 
 impl ModelMeta {
@@ -256,35 +384,57 @@ pub struct ModelInfo {
 }
 
 impl ModelFile {
-    /// Encodes a network with its weight matrices in `dtype` (biases and
+    /// Encodes an MLP with its weight matrices in `dtype` (biases and
     /// LayerNorm parameters stay f32: they are a fraction of a percent of the
     /// bytes and carry the most per value).
     ///
     /// # Panics
-    /// If the network has conv blocks: format version 1 describes MLPs only.
+    /// If the network has conv blocks or a ViT: use [`ModelFile::from_network`].
     pub fn from_mlp(model: &Network, info: ModelInfo, dtype: DType) -> Self {
-        assert!(model.is_mlp(), "model file format v1 holds MLPs only");
+        assert!(model.is_mlp(), "from_mlp: the network has a conv or ViT front");
+        Self::build(model, None, info, dtype)
+    }
+
+    /// Encodes any network built from `config` (an MLP as [`ModelFile::from_mlp`]
+    /// does). A conv or ViT front is stored layer by layer as flat tensors in
+    /// `dtype`, except that int8 stores the front in f16 (int8 has one scale
+    /// per row of a weight matrix; a front layer's parameters are one flat
+    /// run of several kinds).
+    pub fn from_network(model: &Network, config: &ModelConfig, info: ModelInfo, dtype: DType) -> Self {
+        Self::build(model, Front::of(config), info, dtype)
+    }
+
+    fn build(model: &Network, front: Option<Front>, info: ModelInfo, dtype: DType) -> Self {
         let layers: Vec<DenseSpec> = model.layers().iter().map(|l| *l.spec()).collect();
+        let front_len = model.n_layers() - layers.len();
         let mut data = Vec::new();
         let mut tensors = Vec::new();
-        for (l, spec) in layers.iter().enumerate() {
+        let mut push = |layer: usize, role: Role, dt: DType, shape: Vec<u32>, values: &[f32]| {
+            pad_to(&mut data, ALIGN);
+            let offset = data.len() as u64;
+            let scales = dtype::encode(dt, values, *shape.last().unwrap_or(&1) as usize, &mut data);
+            let scale_offset = scales.map(|s| {
+                pad_to(&mut data, ALIGN);
+                let off = data.len() as u64;
+                s.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
+                off
+            });
+            tensors.push(TensorEntry { layer: layer as u32, role, dtype: dt, shape, offset, scale_offset });
+        };
+        let front_dtype = if dtype == DType::I8 { DType::F16 } else { dtype };
+        for l in 0..front_len {
+            let params = model.layer_params(l);
+            push(l, Role::Params, front_dtype, vec![params.len() as u32], params);
+        }
+        for (d, spec) in layers.iter().enumerate() {
+            let l = front_len + d;
             let params = model.layer_params(l);
             let mut at = 0;
             for (role, shape) in layer_tensors(spec) {
                 let n: usize = shape.iter().map(|&d| d as usize).product();
-                let values = &params[at..at + n];
-                at += n;
                 let dt = if role == Role::Weight { dtype } else { DType::F32 };
-                pad_to(&mut data, ALIGN);
-                let offset = data.len() as u64;
-                let scales = dtype::encode(dt, values, *shape.last().unwrap_or(&1) as usize, &mut data);
-                let scale_offset = scales.map(|s| {
-                    pad_to(&mut data, ALIGN);
-                    let off = data.len() as u64;
-                    s.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
-                    off
-                });
-                tensors.push(TensorEntry { layer: l as u32, role, dtype: dt, shape, offset, scale_offset });
+                push(l, role, dt, shape, &params[at..at + n]);
+                at += n;
             }
         }
         let classes = model.classes();
@@ -302,13 +452,23 @@ impl ModelFile {
             class_names,
             provenance: info.provenance,
             tensors,
+            front,
         };
         Self { meta, data }
     }
 
+    /// The format version this file is written as: 1 for an MLP, 2 with a front.
+    pub fn version(&self) -> u32 {
+        if self.meta.front.is_some() { 2 } else { 1 }
+    }
+
     /// The whole file.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let meta = postcard::to_stdvec(&self.meta).expect("metadata serializes");
+        let mut meta = postcard::to_stdvec(&self.meta).expect("metadata serializes");
+        if self.meta.front.is_none() {
+            // Version 1: the same section without `front`, its last byte.
+            meta.pop();
+        }
         let meta_offset = HEADER_LEN as u64;
         let data_offset = (HEADER_LEN + meta.len()).div_ceil(ALIGN) * ALIGN;
         let mut out = vec![0u8; HEADER_LEN];
@@ -318,7 +478,7 @@ impl ModelFile {
         out.extend_from_slice(&self.data);
         let mut h = Vec::with_capacity(HEADER_LEN);
         h.extend_from_slice(&MAGIC);
-        h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h.extend_from_slice(&self.version().to_le_bytes());
         h.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
         h.extend_from_slice(&meta_offset.to_le_bytes());
         h.extend_from_slice(&(meta.len() as u64).to_le_bytes());
@@ -344,8 +504,8 @@ impl ModelFile {
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
         let version = u32_at(8);
-        if version != FORMAT_VERSION {
-            return Err(invalid(format!("format version {version}; this build reads version {FORMAT_VERSION}")));
+        if !(1..=FORMAT_VERSION).contains(&version) {
+            return Err(invalid(format!("format version {version}; this build reads versions 1 to {FORMAT_VERSION}")));
         }
         if u32_at(12) as usize != HEADER_LEN {
             return Err(invalid(format!("header length {} (expected {HEADER_LEN})", u32_at(12))));
@@ -370,8 +530,17 @@ impl ModelFile {
         if fnv1a64(&[&bytes[..CHECKED_HEADER], &bytes[HEADER_LEN..]]) != checksum {
             return Err(invalid("checksum mismatch (the file is damaged)".into()));
         }
-        let meta: ModelMeta = postcard::from_bytes(&bytes[meta_offset as usize..(meta_offset + meta_len) as usize])
-            .map_err(|e| invalid(format!("metadata: {e}")))?;
+        let mut section = bytes[meta_offset as usize..(meta_offset + meta_len) as usize].to_vec();
+        if version == 1 {
+            section.push(0); // `front: None`, which version 1 leaves out
+        }
+        let meta: ModelMeta = postcard::from_bytes(&section).map_err(|e| invalid(format!("metadata: {e}")))?;
+        if (version == 2) != meta.front.is_some() {
+            return Err(invalid(format!(
+                "a version {version} file {} a conv or ViT front",
+                if version == 2 { "without" } else { "with" }
+            )));
+        }
         let file = Self { meta, data: bytes[data_offset as usize..].to_vec() };
         file.check().map_err(invalid)?;
         Ok(file)
@@ -403,9 +572,13 @@ impl ModelFile {
             }
         }
         let (h, w) = m.image_shape;
-        if h as usize * w as usize != m.layers[0].in_dim {
-            return Err(format!("image shape {h}x{w} does not match input width {}", m.layers[0].in_dim));
-        }
+        let front_lens = match &m.front {
+            None if h as usize * w as usize != m.layers[0].in_dim => {
+                return Err(format!("image shape {h}x{w} does not match input width {}", m.layers[0].in_dim));
+            }
+            None => Vec::new(),
+            Some(front) => self.front_layer_lens(front)?,
+        };
         if m.class_names.len() != m.classes() {
             return Err(format!("{} class names for {} classes", m.class_names.len(), m.classes()));
         }
@@ -424,12 +597,16 @@ impl ModelFile {
                 return Err(format!("projection width {}", heads.dim));
             }
         }
-        let expected: Vec<(u32, Role, Vec<u32>)> = m
-            .layers
-            .iter()
-            .enumerate()
-            .flat_map(|(l, s)| layer_tensors(s).into_iter().map(move |(r, sh)| (l as u32, r, sh)))
-            .collect();
+        let front_len = front_lens.len();
+        let expected: Vec<(u32, Role, Vec<u32>)> =
+            front_lens
+                .iter()
+                .enumerate()
+                .map(|(l, &len)| (l as u32, Role::Params, vec![len as u32]))
+                .chain(m.layers.iter().enumerate().flat_map(|(d, s)| {
+                    layer_tensors(s).into_iter().map(move |(r, sh)| ((front_len + d) as u32, r, sh))
+                }))
+                .collect();
         if expected.len() != m.tensors.len() {
             return Err(format!("{} tensors listed, the architecture has {}", m.tensors.len(), expected.len()));
         }
@@ -466,6 +643,29 @@ impl ModelFile {
         Ok(())
     }
 
+    /// Parameters per front layer of the network `front` and `meta.layers`
+    /// describe, after checking that it is small enough for the data section
+    /// to hold and that its dense layers are `meta.layers`.
+    fn front_layer_lens(&self, front: &Front) -> Result<Vec<usize>, String> {
+        let m = &self.meta;
+        let image_shape = (m.image_shape.0 as usize, m.image_shape.1 as usize);
+        front.check(image_shape)?;
+        // Every stored value takes at least a byte: a network with more
+        // parameters than the data section has bytes is not in this file
+        // (and is not allocated to find that out).
+        let bound = front.param_bound(image_shape) + m.layers.iter().map(|s| layer_param_len(s) as u128).sum::<u128>();
+        if bound > self.data.len() as u128 * 2 + (1 << 20) {
+            return Err(format!("the front and layers need about {bound} parameters; the file holds far fewer"));
+        }
+        let config = front.config(&m.layers);
+        let net = Network::try_for_images(image_shape, m.classes(), &config, 0).map_err(|e| e.to_string())?;
+        let dense: Vec<DenseSpec> = net.layers().iter().map(|l| *l.spec()).collect();
+        if dense != m.layers {
+            return Err("the dense layers do not follow from the front and the image shape".into());
+        }
+        Ok((0..net.n_layers() - dense.len()).map(|l| net.layer_params(l).len()).collect())
+    }
+
     /// Decodes one (checked) tensor into `out`.
     fn decode_into(&self, t: &TensorEntry, out: &mut [f32]) {
         let bytes = &self.data[t.offset as usize..(t.offset + t.bytes()) as usize];
@@ -477,7 +677,8 @@ impl ModelFile {
         dtype::decode(t.dtype, bytes, scales.as_deref(), cols, out);
     }
 
-    /// Layer `l`'s parameters in [`Dense`] layout, dequantized into `out`.
+    /// Layer `l`'s parameters (the network's layer order, the front's first),
+    /// dequantized into `out` in the layer's own layout.
     pub fn layer_params_into(&self, l: usize, out: &mut [f32]) {
         let mut at = 0;
         for t in self.meta.tensors.iter().filter(|t| t.layer as usize == l) {
@@ -487,17 +688,34 @@ impl ModelFile {
         }
     }
 
-    /// The network with every weight dequantized to f32.
-    pub fn to_mlp(&self) -> Network {
-        let mut m = Network::with_specs(self.meta.layers.clone());
-        for l in 0..self.meta.layers.len() {
-            let (_, params) = m.layer_mut(l);
-            self.layer_params_into(l, params);
+    /// The model config this file's network is built from.
+    pub fn model_config(&self) -> ModelConfig {
+        match &self.meta.front {
+            Some(front) => front.config(&self.meta.layers),
+            None => dense_config(&self.meta.layers),
         }
-        m
     }
 
-    /// The same model with its weight matrices re-encoded as `dtype`.
+    /// The network with every parameter dequantized to f32.
+    ///
+    /// # Panics
+    /// If the memory for the weights is not there.
+    pub fn to_network(&self) -> Network {
+        let mut net = match &self.meta.front {
+            None => Network::with_specs(self.meta.layers.clone()),
+            Some(_) => {
+                let (h, w) = self.meta.image_shape;
+                Network::try_for_images((h as usize, w as usize), self.meta.classes(), &self.model_config(), 0)
+                    .expect("memory for the network")
+            }
+        };
+        for l in 0..net.n_layers() {
+            self.layer_params_into(l, net.layer_params_mut(l));
+        }
+        net
+    }
+
+    /// The same model with its weights re-encoded as `dtype`.
     pub fn convert(&self, dtype: DType) -> Self {
         let meta = &self.meta;
         let info = ModelInfo {
@@ -507,7 +725,7 @@ impl ModelFile {
             class_names: meta.class_names.clone(),
             provenance: meta.provenance.clone(),
         };
-        Self::from_mlp(&self.to_mlp(), info, dtype)
+        Self::build(&self.to_network(), meta.front.clone(), info, dtype)
     }
 
     /// Writes the file atomically (see [`atomic::write`]).
@@ -520,6 +738,17 @@ impl ModelFile {
         let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
         Self::from_bytes(&bytes, path)
     }
+}
+
+/// The config of an MLP with dense layers `layers` (the head last; the hidden
+/// layers share one norm, activation and dropout, as configs make them).
+fn dense_config(layers: &[DenseSpec]) -> ModelConfig {
+    let hidden = &layers[..layers.len().saturating_sub(1)];
+    let mut config = ModelConfig::mlp(hidden.iter().map(|l| l.out_dim).collect());
+    if let Some(first) = hidden.first() {
+        (config.norm, config.activation, config.dropout) = (first.norm, first.activation, first.dropout);
+    }
+    config
 }
 
 /// Parameters of a dense layer, for sizing buffers.
@@ -560,7 +789,7 @@ mod tests {
             assert_eq!(back.meta.weight_dtype(), dtype);
         }
         let f32_file = sample(DType::F32);
-        assert_eq!(f32_file.to_mlp().params(), Network::new(6, 3, &sample_cfg(), 9).params());
+        assert_eq!(f32_file.to_network().params(), Network::new(6, 3, &sample_cfg(), 9).params());
     }
 
     fn sample_cfg() -> ModelConfig {
@@ -588,9 +817,84 @@ mod tests {
         wrong_shape.meta.tensors[0].shape = vec![4, 6];
         let err = ModelFile::from_bytes(&wrong_shape.to_bytes(), p).unwrap_err().to_string();
         assert!(err.contains("architecture needs"), "{err}");
-        let mut v2 = bytes.clone();
-        v2[8] = 2;
-        let err = ModelFile::from_bytes(&v2, p).unwrap_err().to_string();
-        assert!(err.contains("version 2"), "{err}");
+        let mut v3 = bytes.clone();
+        v3[8] = 3;
+        let err = ModelFile::from_bytes(&v3, p).unwrap_err().to_string();
+        assert!(err.contains("format version 3"), "{err}");
+    }
+
+    pub(crate) fn front_configs() -> Vec<(&'static str, ModelConfig)> {
+        let mut cnn = ModelConfig::mlp(vec![6]);
+        cnn.conv = vec![ConvItem::Channels(3), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(4)];
+        let mut vit = ModelConfig::mlp(vec![]);
+        vit.vit = Some(VitConfig { patch: 4, dim: 8, depth: 2, heads: 2, mlp: 16, readout: TokenReadout::Mean });
+        vec![("cnn", cnn), ("vit", vit)]
+    }
+
+    pub(crate) fn front_file(config: &ModelConfig, dtype: DType) -> (Network, ModelFile) {
+        let mut net = Network::try_for_images((8, 8), 3, config, 4).unwrap();
+        // Non-trivial BatchNorm running statistics and LayerNorm gains.
+        for (i, p) in net.params_mut().iter_mut().enumerate() {
+            *p += 0.01 * (i % 7) as f32;
+        }
+        let info = ModelInfo {
+            heads: Some(ProjectionHeads { seed: 4, dim: 5, sigma: None, dropout: 0.0, label_classes: None }),
+            norm: Normalization { mean: 0.2, std: 0.5 },
+            image_shape: (8, 8),
+            class_names: vec![],
+            provenance: Provenance { method: "svp".into(), epochs: 1, test_acc: 0.5, data: "test".into() },
+        };
+        let file = ModelFile::from_network(&net, config, info, dtype);
+        (net, file)
+    }
+
+    /// A conv network and a ViT survive the trip to bytes and back in every
+    /// dtype, as version-2 files that rebuild the same network; an MLP stays
+    /// version 1.
+    #[test]
+    fn conv_and_vit_files_round_trip() {
+        for (name, config) in front_configs() {
+            for dtype in [DType::F32, DType::F16, DType::BF16, DType::I8] {
+                let (net, file) = front_file(&config, dtype);
+                let bytes = file.to_bytes();
+                assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2, "{name}");
+                let back = ModelFile::from_bytes(&bytes, Path::new("m")).unwrap();
+                assert_eq!(back, file, "{name} {dtype:?}");
+                let rebuilt = back.to_network();
+                assert_eq!(rebuilt.n_layers(), net.n_layers(), "{name}");
+                if dtype == DType::F32 {
+                    assert_eq!(rebuilt.params(), net.params(), "{name}: f32 keeps every bit");
+                } else {
+                    let worst =
+                        rebuilt.params().iter().zip(net.params()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                    assert!(worst < 0.02, "{name} {dtype:?}: a parameter moved by {worst}");
+                }
+            }
+        }
+        assert_eq!(sample(DType::F32).to_bytes()[8], 1, "an MLP is still written as version 1");
+    }
+
+    /// Damaged version-2 files are errors: a front that does not match the
+    /// tensors, and a front too large for the file (refused before anything
+    /// is allocated for it).
+    #[test]
+    fn damaged_front_files_are_errors() {
+        let p = Path::new("m");
+        let (_, file) = front_file(&front_configs()[0].1, DType::F32);
+        let mut wider = file.clone();
+        wider.meta.front = Some(Front::Conv { blocks: vec![(5, true), (4, false)], readout: 2 });
+        let err = ModelFile::from_bytes(&wider.to_bytes(), p).unwrap_err().to_string();
+        assert!(err.contains("architecture needs"), "{err}");
+        let mut huge = file.clone();
+        huge.meta.front = Some(Front::Conv { blocks: vec![(60_000, false); 40], readout: 2 });
+        let err = ModelFile::from_bytes(&huge.to_bytes(), p).unwrap_err().to_string();
+        assert!(err.contains("far fewer"), "{err}");
+        let mut bad_patch = file.clone();
+        bad_patch.meta.front = Some(Front::Vit { patch: 3, dim: 8, depth: 1, heads: 2, mlp: 8, mean_readout: false });
+        let err = ModelFile::from_bytes(&bad_patch.to_bytes(), p).unwrap_err().to_string();
+        assert!(err.contains("does not divide"), "{err}");
+        let mut no_front = file.to_bytes();
+        no_front[8] = 1; // a version-1 header on a file with a front
+        assert!(ModelFile::from_bytes(&no_front, p).is_err());
     }
 }

@@ -1,4 +1,4 @@
-//! Thousands of damaged model and checkpoint files: every one is a clean error
+//! Thousands of damaged model (MLP, conv, ViT) and checkpoint files: every one is a clean error
 //! (or, where the damage hit only padding, a file that still works). Half of
 //! the mutants get their checksum repaired, so the decoder's own checks (the
 //! metadata's lengths, shapes, offsets, values) are reached, not only the
@@ -21,6 +21,27 @@ fn sample(dtype: DType) -> Vec<u8> {
         provenance: Provenance { method: "svp".into(), epochs: 1, test_acc: 0.5, data: "fuzz".into() },
     };
     ModelFile::from_mlp(&m, info, dtype).to_bytes()
+}
+
+/// Version-2 files: a small conv network and a small ViT on 4x4 images.
+fn front_sample(vit: bool, dtype: DType) -> Vec<u8> {
+    use svp_train::config::{ConvItem, PoolMarker, VitConfig};
+    let mut cfg = ModelConfig::mlp(vec![]);
+    if vit {
+        let readout = svp_nn::vit::TokenReadout::Cls;
+        cfg.vit = Some(VitConfig { patch: 2, dim: 4, depth: 1, heads: 2, mlp: 8, readout });
+    } else {
+        cfg.conv = vec![ConvItem::Channels(2), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(3)];
+    }
+    let m = Network::try_for_images((4, 4), 4, &cfg, 3).unwrap();
+    let info = ModelInfo {
+        heads: Some(ProjectionHeads { seed: 3, dim: 4, sigma: None, dropout: 0.0, label_classes: None }),
+        norm: svp_data::Normalization { mean: 0.2, std: 0.3 },
+        image_shape: (4, 4),
+        class_names: vec![],
+        provenance: Provenance { method: "svp".into(), epochs: 1, test_acc: 0.5, data: "fuzz".into() },
+    };
+    ModelFile::from_network(&m, &cfg, info, dtype).to_bytes()
 }
 
 fn repair_model_checksum(b: &mut [u8]) {
@@ -70,11 +91,17 @@ fn mutate(s: &mut Stream, original: &[u8]) -> Vec<u8> {
 #[test]
 fn mutated_model_files_never_panic() {
     let mut s = Stream::new(StreamKey::new(11, Purpose::Shuffle, 0, 0, 0));
-    let originals: Vec<Vec<u8>> = [DType::F32, DType::F16, DType::BF16, DType::I8].into_iter().map(sample).collect();
-    let x = vec![0.5f32; 2 * 12];
+    let dtypes = [DType::F32, DType::F16, DType::BF16, DType::I8];
+    // (file, input width)
+    let originals: Vec<(Vec<u8>, usize)> = dtypes
+        .into_iter()
+        .map(|d| (sample(d), 12))
+        .chain(dtypes.into_iter().flat_map(|d| [(front_sample(false, d), 16), (front_sample(true, d), 16)]))
+        .collect();
     let (mut rejected, mut accepted) = (0, 0);
-    for round in 0..6000 {
-        let original = &originals[round % originals.len()];
+    for round in 0..9000 {
+        let (original, width) = &originals[round % originals.len()];
+        let x = vec![0.5f32; 2 * width];
         let mut b = mutate(&mut s, original);
         if s.below(2) == 0 {
             repair_model_checksum(&mut b);
@@ -96,8 +123,8 @@ fn mutated_model_files_never_panic() {
             }
         }
     }
-    eprintln!("6000 mutants: {rejected} rejected, {accepted} still valid");
-    assert!(rejected > 5000);
+    eprintln!("9000 mutants: {rejected} rejected, {accepted} still valid");
+    assert!(rejected > 7500);
 }
 
 #[test]

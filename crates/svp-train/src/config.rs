@@ -101,6 +101,29 @@ pub enum PoolMarker {
 }
 
 impl ModelConfig {
+    /// Whether this network can read `(height, width)` images: the ViT's
+    /// patch divides both sides, and no conv block pools them to nothing.
+    pub fn check_image_shape(&self, (height, width): (usize, usize)) -> Result<(), String> {
+        let (mut h, mut w) = (height, width);
+        if let Some(v) = &self.vit
+            && (v.patch == 0 || h % v.patch != 0 || w % v.patch != 0)
+        {
+            return Err(format!("model.vit.patch = {} does not divide the {h}x{w} images", v.patch));
+        }
+        for (i, (_, pool)) in self.conv_blocks().into_iter().enumerate() {
+            if pool {
+                (h, w) = (h / 2, w / 2);
+            }
+            if h == 0 || w == 0 {
+                return Err(format!(
+                    "({height}, {width}) images shrink to nothing after conv block {} and its pooling",
+                    i + 1
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// An MLP of these hidden widths with the defaults a config file gets:
     /// LayerNorm + ReLU, no dropout, no conv blocks or ViT.
     pub fn mlp(hidden: Vec<usize>) -> Self {
@@ -411,27 +434,7 @@ impl Config {
     pub fn validate_for_data(&self, data: &svp_data::DataSplit) -> Result<(), ConfigError> {
         let (features, classes, train_len) = (data.features(), data.classes, data.train.len());
         self.validate()?;
-        let (mut h, mut w) = data.train.image_shape;
-        if let Some(v) = &self.model.vit
-            && (h % v.patch != 0 || w % v.patch != 0)
-        {
-            return Err(ConfigError::DataMismatch(format!(
-                "model.vit.patch = {} does not divide the {h}x{w} images",
-                v.patch
-            )));
-        }
-        for (i, (_, pool)) in self.model.conv_blocks().into_iter().enumerate() {
-            if pool {
-                (h, w) = (h / 2, w / 2);
-            }
-            if h == 0 || w == 0 {
-                return Err(ConfigError::DataMismatch(format!(
-                    "{:?} images shrink to nothing after conv block {} and its pooling",
-                    data.train.image_shape,
-                    i + 1
-                )));
-            }
-        }
+        self.model.check_image_shape(data.train.image_shape).map_err(ConfigError::DataMismatch)?;
         if features == 0 || classes < 2 {
             return Err(ConfigError::DataMismatch(format!("data has {features} features and {classes} classes")));
         }
