@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_rng::{Purpose, Stream, StreamKey};
-use svp_tensor::{gemm, reduce, view, view_mut};
+use svp_tensor::{ArrayView2, ArrayViewMut2, ShapeBuilder, gemm, reduce, view, view_mut};
 
 /// Standard deviation of the class token and position embeddings at
 /// initialization (ViT's truncated-normal 0.02, untruncated here).
@@ -369,6 +369,9 @@ impl TransformerBlock {
 
     /// Softmax attention per sample and head: `probs` (`rows x heads x t x t`)
     /// and the heads' outputs side by side in `attn` (`rows*t x dim`).
+    ///
+    /// Each head's products are GEMMs over strided views of `qkv` (a head's
+    /// queries, keys and values are `dh`-wide column blocks of it).
     fn attention(&self, rows: usize, qkv: &[f32], probs: &mut [f32], attn: &mut [f32]) {
         let BlockSpec { tokens: t, dim: d, heads, .. } = self.spec;
         let dh = d / heads;
@@ -378,13 +381,11 @@ impl TransformerBlock {
             .zip(attn[..rows * t * d].par_chunks_mut(t * d));
         per_sample.for_each(|((qkv, probs), attn)| {
             for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
-                let (qo, ko, vo) = (h * dh, d + h * dh, 2 * d + h * dh);
-                for i in 0..t {
-                    let q = &qkv[i * 3 * d + qo..][..dh];
-                    let row = &mut p[i * t..][..t];
-                    for (j, s) in row.iter_mut().enumerate() {
-                        *s = reduce::dot(q, &qkv[j * 3 * d + ko..][..dh]) * scale;
-                    }
+                let head = |offset| columns(qkv, offset, t, dh, 3 * d);
+                let (q, k, v) = (head(h * dh), head(d + h * dh), head(2 * d + h * dh));
+                // S = Q K^T / sqrt(dh), then each row's softmax.
+                gemm(scale, q, k.t(), 0.0, view_mut(p, t, t));
+                for row in p.chunks_exact_mut(t) {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut z = 0.0;
                     for s in row.iter_mut() {
@@ -393,13 +394,8 @@ impl TransformerBlock {
                     }
                     let inv = 1.0 / z;
                     row.iter_mut().for_each(|s| *s *= inv);
-                    let o = &mut attn[i * d + h * dh..][..dh];
-                    o.fill(0.0);
-                    for (j, &pj) in row.iter().enumerate() {
-                        let v = &qkv[j * 3 * d + vo..][..dh];
-                        o.iter_mut().zip(v).for_each(|(o, &v)| *o += pj * v);
-                    }
                 }
+                gemm(1.0, view(p, t, t), v, 0.0, columns_mut(attn, h * dh, t, dh, d));
             }
         });
     }
@@ -425,33 +421,26 @@ impl TransformerBlock {
             .zip(d_probs[..rows * heads * t * t].par_chunks_mut(heads * t * t))
             .zip(d_qkv[..rows * t * 3 * d].par_chunks_mut(t * 3 * d));
         per_sample.for_each(|((((qkv, probs), d_attn), d_probs), d_qkv)| {
-            d_qkv.fill(0.0);
-            for (h, (p, dps)) in probs.chunks_exact(t * t).zip(d_probs.chunks_exact_mut(t * t)).enumerate() {
+            for (h, (p, ds)) in probs.chunks_exact(t * t).zip(d_probs.chunks_exact_mut(t * t)).enumerate() {
                 let (qo, ko, vo) = (h * dh, d + h * dh, 2 * d + h * dh);
-                for i in 0..t {
-                    let row = &p[i * t..][..t];
-                    let dp_row = &mut dps[i * t..][..t];
-                    let g = &d_attn[i * d + h * dh..][..dh];
-                    // dP[i, j] = g . v_j;  dv_j += P[i, j] g;  dS = P (dP - sum_j P dP).
-                    let mut weighted = 0.0;
-                    for (j, (&pj, dp)) in row.iter().zip(dp_row.iter_mut()).enumerate() {
-                        *dp = reduce::dot(g, &qkv[j * 3 * d + vo..][..dh]);
-                        weighted += pj * *dp;
-                    }
-                    for (j, (&pj, &dp)) in row.iter().zip(dp_row.iter()).enumerate() {
-                        let dv = &mut d_qkv[j * 3 * d + vo..][..dh];
-                        dv.iter_mut().zip(g).for_each(|(a, &b)| *a += pj * b);
-                        let dsij = pj * (dp - weighted) * scale;
-                        if dsij != 0.0 {
-                            // dq_i += dS k_j;  dk_j += dS q_i.
-                            for e in 0..dh {
-                                let (qv, kv) = (qkv[i * 3 * d + qo + e], qkv[j * 3 * d + ko + e]);
-                                d_qkv[i * 3 * d + qo + e] += dsij * kv;
-                                d_qkv[j * 3 * d + ko + e] += dsij * qv;
-                            }
-                        }
+                let head = |offset| columns(qkv, offset, t, dh, 3 * d);
+                let (q, k, v) = (head(qo), head(ko), head(vo));
+                let g = columns(d_attn, h * dh, t, dh, d);
+                let p = view(p, t, t);
+                // dP = G V^T; dV = P^T G.
+                gemm(1.0, g, v.t(), 0.0, view_mut(ds, t, t));
+                gemm(1.0, p.t(), g, 0.0, columns_mut(d_qkv, vo, t, dh, 3 * d));
+                // dS = P (dP - sum_j P dP) / sqrt(dh), in place of dP.
+                for (row, ds_row) in p.rows().into_iter().zip(ds.chunks_exact_mut(t)) {
+                    let weighted: f32 = row.iter().zip(ds_row.iter()).map(|(&pj, &dp)| pj * dp).sum();
+                    for (dp, &pj) in ds_row.iter_mut().zip(row.iter()) {
+                        *dp = pj * (*dp - weighted) * scale;
                     }
                 }
+                // dQ = dS K; dK = dS^T Q.
+                let ds = view(ds, t, t);
+                gemm(1.0, ds, k, 0.0, columns_mut(d_qkv, qo, t, dh, 3 * d));
+                gemm(1.0, ds.t(), q, 0.0, columns_mut(d_qkv, ko, t, dh, 3 * d));
             }
         });
     }
@@ -593,4 +582,15 @@ impl TokenHead {
             self.readout.backward(&dout[..n], rows, self.tokens, self.dim, dx);
         }
     }
+}
+
+/// The `rows x cols` block of `buf` starting at column `offset` of rows
+/// `stride` floats apart (one head's queries, keys or values).
+fn columns(buf: &[f32], offset: usize, rows: usize, cols: usize, stride: usize) -> ArrayView2<'_, f32> {
+    ArrayView2::from_shape((rows, cols).strides((stride, 1)), &buf[offset..]).expect("a block inside the buffer")
+}
+
+/// Mutable counterpart of [`columns`].
+fn columns_mut(buf: &mut [f32], offset: usize, rows: usize, cols: usize, stride: usize) -> ArrayViewMut2<'_, f32> {
+    ArrayViewMut2::from_shape((rows, cols).strides((stride, 1)), &mut buf[offset..]).expect("a block inside the buffer")
 }

@@ -21,7 +21,7 @@ pub use gemm::{
     WORKSPACE_BYTES, gemm, gemm_clock, gemm_with_chunks, reset_gemm_clock, try_reserve_workspaces,
     workspace_bytes_reserved,
 };
-pub use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, s};
+pub use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, ShapeBuilder, s};
 
 /// A `(rows, cols)` row-major view of the first `rows * cols` elements of `buf`.
 ///
