@@ -109,16 +109,17 @@ pub fn tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
 #[inline(always)]
 pub fn tile_into(kc: usize, a: &[f32], b: &[f32], rows: &mut [&mut [f32]; MR], j0: usize, alpha: f32, blend: Blend) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    if rows.iter().all(|r| r.len() >= j0 + NR) {
+    {
         // SAFETY: `avx512` is compiled only when the build targets AVX-512F
         // (its module docs), so the CPU running this has the instructions.
-        unsafe { super::avx512::whole_tile_into(kc, a, b, rows, j0, alpha, blend) };
-        return;
+        unsafe { super::avx512::tile_into(kc, a, b, rows, j0, alpha, blend) };
     }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
     store_tile(&tile_product(kc, a, b), rows, j0, alpha, blend);
 }
 
 /// Writes the valid part of `tile` into columns `j0..` of `rows`.
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx512f"), allow(dead_code))]
 #[inline(always)]
 fn store_tile(tile: &Tile, rows: &mut [&mut [f32]; MR], j0: usize, alpha: f32, blend: Blend) {
     for (row, tile_row) in rows.iter_mut().zip(tile) {
