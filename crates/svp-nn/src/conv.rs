@@ -4,11 +4,12 @@
 //! A batch is `rows` samples, each `channels x height x width` values in
 //! row-major order, so a convolutional batch is the same `rows x features`
 //! buffer the dense layers use. Convolution is im2col + GEMM; the column
-//! buffer holds one sample at a time and the backward recomputes it from the
-//! input, so nothing per-sample is kept between forward and backward.
+//! buffer holds one group of samples at a time (unfolded tap by tap in
+//! parallel) and the backward recomputes it from the input, so nothing
+//! per-sample is kept between forward and backward.
 
 use rayon::prelude::*;
-use svp_tensor::{gemm, view, view_mut};
+use svp_tensor::{for_each_row_mut, gemm, view, view_mut};
 
 /// Shape of one sample: channels, height, width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,11 +87,11 @@ impl Conv2d {
         (self.patch() + self.c_out) * self.hw() * self.group_size()
     }
 
-    /// Calls `f(patch row, channel, ky, kx, oy range, ox range)` for every
-    /// kernel tap that reads the input somewhere: the ranges hold the output
-    /// positions whose input index `o * stride + tap - padding` lies inside
-    /// the input rather than over the zero padding.
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize, (usize, usize), (usize, usize))) {
+    /// Patch row `row`'s tap, `(channel, ky, kx, oy range, ox range)`, if it
+    /// reads the input somewhere: the ranges hold the output positions whose
+    /// input index `o * stride + tap - padding` lies inside the input rather
+    /// than over the zero padding.
+    fn tap(&self, row: usize) -> Option<Tap> {
         let (i, o) = (self.input, self.output());
         let (k, s, p) = (self.k, self.stride, self.padding);
         let valid = |tap: usize, n: usize, outs: usize| {
@@ -98,32 +99,22 @@ impl Conv2d {
             let last = (n + p).checked_sub(tap + 1).map(|m| m / s + 1).unwrap_or(0).min(outs);
             (first, last.max(first))
         };
-        for c in 0..i.c {
-            for ky in 0..k {
-                let oy = valid(ky, i.h, o.h);
-                for kx in 0..k {
-                    let ox = valid(kx, i.w, o.w);
-                    if oy.0 < oy.1 && ox.0 < ox.1 {
-                        f((c * k + ky) * k + kx, c, ky, kx, oy, ox);
-                    }
-                }
-            }
-        }
+        let (c, ky, kx) = (row / (k * k), row / k % k, row % k);
+        let (oy, ox) = (valid(ky, i.h, o.h), valid(kx, i.w, o.w));
+        (oy.0 < oy.1 && ox.0 < ox.1).then_some(Tap { c, ky, kx, oy, ox })
     }
 
-    /// Calls `f(patch row, offset in the sample's plane, input offset, len,
-    /// stride)` for every run of the column matrix that reads input values:
-    /// plane entries `offset + i` of that row read input `x + i * stride` for
-    /// `i < len`. Entries over the zero padding are in no run.
-    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+    /// Calls `f(plane offset, input offset, len, stride)` for every run of
+    /// patch row `tap` that reads input values: plane entries `offset + i`
+    /// read input `x + i * stride` for `i < len`.
+    fn for_each_run(&self, tap: Tap, mut f: impl FnMut(usize, usize, usize, usize)) {
         let (i, ow, s, p) = (self.input, self.output().w, self.stride, self.padding);
-        self.for_each_tap(|row, c, ky, kx, (oy0, oy1), (ox0, ox1)| {
-            for oy in oy0..oy1 {
-                let y = oy * s + ky - p;
-                let xx = ox0 * s + kx - p;
-                f(row, oy * ow + ox0, (c * i.h + y) * i.w + xx, ox1 - ox0, s);
-            }
-        });
+        let Tap { c, ky, kx, oy: (oy0, oy1), ox: (ox0, ox1) } = tap;
+        for oy in oy0..oy1 {
+            let y = oy * s + ky - p;
+            let xx = ox0 * s + kx - p;
+            f(oy * ow + ox0, (c * i.h + y) * i.w + xx, ox1 - ox0, s);
+        }
     }
 
     /// Stride 1 and an output as wide as the input ("same" padding): then a
@@ -134,64 +125,62 @@ impl Conv2d {
         self.stride == 1 && self.output().w == self.input.w
     }
 
-    /// Unfolds one sample into columns `at..at + hw` of `col` (rows of `ld`
-    /// floats), whose padding entries the caller has zeroed.
-    fn im2col(&self, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
-        if self.same_width() {
-            let ow = self.output().w;
-            self.for_each_tap_span(|row, off, xi, len, ox| {
-                let dst = &mut col[row * ld + at..][..self.hw()];
-                dst[off..off + len].copy_from_slice(&x[xi..xi + len]);
-                // The copy wrapped across row ends; those entries are padding.
-                zero_gaps(dst, off, len, ow, ox);
-            });
-            return;
-        }
-        self.for_each_run(|row, off, xi, len, stride| {
-            let dst = &mut col[row * ld + at + off..][..len];
-            if stride == 1 {
-                dst.copy_from_slice(&x[xi..xi + len]);
-            } else {
-                for (j, c) in dst.iter_mut().enumerate() {
-                    *c = x[xi + j * stride];
+    /// Unfolds `n` samples (`x`, one after the other) into the columns of
+    /// `col` (`patch` rows of `n * hw`, sample `s` in columns `s * hw..`),
+    /// padding entries zero. Rows are taps and each is written by one task.
+    fn unfold(&self, x: &[f32], n: usize, col: &mut [f32]) {
+        let (il, hw, ld) = (self.input.len(), self.hw(), n * self.hw());
+        let unfold_row = |row: usize, dst: &mut [f32]| {
+            dst.fill(0.0);
+            let Some(tap) = self.tap(row) else { return };
+            for (xs, dst) in x[..n * il].chunks_exact(il).zip(dst.chunks_exact_mut(hw)) {
+                if self.same_width() {
+                    let (off, xi, len) = self.tap_span(tap);
+                    dst[off..off + len].copy_from_slice(&xs[xi..xi + len]);
+                    // The copy wrapped across row ends; those entries are padding.
+                    zero_gaps(dst, off, len, self.output().w, tap.ox);
+                } else {
+                    self.for_each_run(tap, |off, xi, len, stride| {
+                        for (j, c) in dst[off..off + len].iter_mut().enumerate() {
+                            *c = xs[xi + j * stride];
+                        }
+                    });
                 }
             }
-        });
+        };
+        for_each_row_mut(&mut col[..self.patch() * ld], ld, unfold_row);
     }
 
-    /// Adds columns `at..at + hw` of `col` back into one sample's gradient
-    /// (the adjoint of `im2col`). The entries over the padding are zeroed in
-    /// `col` on the way (they are gradients of nothing).
-    fn col2im_add(&self, col: &mut [f32], ld: usize, at: usize, dx: &mut [f32]) {
-        if self.same_width() {
-            let ow = self.output().w;
-            self.for_each_tap_span(|row, off, xi, len, ox| {
-                let src = &mut col[row * ld + at..][..self.hw()];
-                zero_gaps(src, off, len, ow, ox);
-                dx[xi..xi + len].iter_mut().zip(&src[off..off + len]).for_each(|(d, &c)| *d += c);
-            });
-            return;
-        }
-        self.for_each_run(|row, off, xi, len, stride| {
-            for (j, &c) in col[row * ld + at + off..][..len].iter().enumerate() {
-                dx[xi + j * stride] += c;
+    /// The adjoint of [`Conv2d::unfold`]: `n` samples' input gradients
+    /// (overwriting `dx`) from the gradient of their columns. Each sample is
+    /// one task, and adds its taps in patch-row order.
+    fn fold(&self, col: &[f32], n: usize, dx: &mut [f32]) {
+        let (il, hw, ld) = (self.input.len(), self.hw(), n * self.hw());
+        let fold_sample = |s: usize, dxs: &mut [f32]| {
+            dxs.fill(0.0);
+            for row in 0..self.patch() {
+                let Some(tap) = self.tap(row) else { continue };
+                let src = &col[row * ld + s * hw..][..hw];
+                self.for_each_run(tap, |off, xi, len, stride| {
+                    for (j, &c) in src[off..off + len].iter().enumerate() {
+                        dxs[xi + j * stride] += c;
+                    }
+                });
             }
-        });
+        };
+        for_each_row_mut(&mut dx[..n * il], il, fold_sample);
     }
 
-    /// For a same-width convolution: `f(patch row, plane offset, input offset,
-    /// len, (ox0, ox1))` once per tap, the span covering all of the tap's
-    /// output rows; within it only columns `ox0..ox1` of each output row read
-    /// the input, the rest (where the span wraps from one row to the next)
-    /// are padding.
-    fn for_each_tap_span(&self, mut f: impl FnMut(usize, usize, usize, usize, (usize, usize))) {
+    /// For a same-width convolution, the span of `tap` over all its output
+    /// rows: `(plane offset, input offset, len)`; within it only columns
+    /// `tap.ox` of each output row read the input, the rest (where the span
+    /// wraps from one row to the next) are padding.
+    fn tap_span(&self, tap: Tap) -> (usize, usize, usize) {
         let (i, ow, p) = (self.input, self.output().w, self.padding);
-        self.for_each_tap(|row, c, ky, kx, (oy0, oy1), (ox0, ox1)| {
-            let start = oy0 * ow + ox0;
-            let end = (oy1 - 1) * ow + ox1;
-            let xi = (c * i.h + oy0 + ky - p) * i.w + ox0 + kx - p;
-            f(row, start, xi, end - start, (ox0, ox1));
-        });
+        let Tap { c, ky, kx, oy: (oy0, oy1), ox: (ox0, ox1) } = tap;
+        let start = oy0 * ow + ox0;
+        let end = (oy1 - 1) * ow + ox1;
+        (start, (c * i.h + oy0 + ky - p) * i.w + ox0 + kx - p, end - start)
     }
 
     /// `out = conv(x) + b` for `rows` samples; `col` holds [`Conv2d::col_len`] floats.
@@ -203,20 +192,19 @@ impl Conv2d {
         for g0 in (0..rows).step_by(group) {
             let n = group.min(rows - g0);
             let ld = n * hw;
-            cols[..patch * ld].fill(0.0);
-            for s in 0..n {
-                self.im2col(&x[(g0 + s) * il..][..il], cols, ld, s * hw);
-            }
+            self.unfold(&x[g0 * il..], n, cols);
             let y = &mut y[..self.c_out * ld];
             gemm(1.0, view(w, self.c_out, patch), view(cols, patch, ld), 0.0, view_mut(y, self.c_out, ld));
-            for s in 0..n {
-                let sample = &mut out[(g0 + s) * ol..][..ol];
+            // Channel-major GEMM output back to sample-major, plus the bias.
+            let y = &y[..];
+            let to_sample = |s: usize, sample: &mut [f32]| {
                 for (ch, plane) in sample.chunks_exact_mut(hw).enumerate() {
                     for (o, &v) in plane.iter_mut().zip(&y[ch * ld + s * hw..][..hw]) {
                         *o = v + b[ch];
                     }
                 }
-            }
+            };
+            for_each_row_mut(&mut out[g0 * ol..(g0 + n) * ol], ol, to_sample);
         }
     }
 
@@ -247,32 +235,35 @@ impl Conv2d {
             let ld = n * hw;
             // The group's output gradient, channel-major like the GEMM's output.
             let dy = &mut dy[..self.c_out * ld];
-            for s in 0..n {
-                let sample = &dout[(g0 + s) * ol..][..ol];
-                for (ch, plane) in sample.chunks_exact(hw).enumerate() {
-                    dy[ch * ld + s * hw..][..hw].copy_from_slice(plane);
+            let dout = &dout[g0 * ol..(g0 + n) * ol];
+            for_each_row_mut(dy, ld, |ch, row| {
+                for (dst, sample) in row.chunks_exact_mut(hw).zip(dout.chunks_exact(ol)) {
+                    dst.copy_from_slice(&sample[ch * hw..][..hw]);
                 }
-            }
+            });
             for (g, row) in gb.iter_mut().zip(dy.chunks_exact(ld)) {
                 *g += svp_tensor::reduce::sum(row);
             }
-            cols[..patch * ld].fill(0.0);
-            for s in 0..n {
-                self.im2col(&x[(g0 + s) * il..][..il], cols, ld, s * hw);
-            }
+            self.unfold(&x[g0 * il..], n, cols);
             let dy = view(dy, self.c_out, ld);
             gemm(1.0, dy, view(cols, patch, ld).t(), 1.0, view_mut(gw, self.c_out, patch));
             if let Some(dx) = dx.as_deref_mut() {
                 let dcols = &mut dcol[..patch * ld];
                 gemm(1.0, view(w, self.c_out, patch).t(), dy, 0.0, view_mut(dcols, patch, ld));
-                for s in 0..n {
-                    let dxs = &mut dx[(g0 + s) * il..][..il];
-                    dxs.fill(0.0);
-                    self.col2im_add(dcols, ld, s * hw, dxs);
-                }
+                self.fold(dcols, n, &mut dx[g0 * il..]);
             }
         }
     }
+}
+
+/// One kernel tap of a convolution that reads the input (see [`Conv2d::tap`]).
+#[derive(Clone, Copy, Debug)]
+struct Tap {
+    c: usize,
+    ky: usize,
+    kx: usize,
+    oy: (usize, usize),
+    ox: (usize, usize),
 }
 
 /// Zeroes the entries of `plane[off..off + len]` outside columns `ox0..ox1`

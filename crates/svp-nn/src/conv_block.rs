@@ -44,7 +44,7 @@ pub struct ConvBlockCache {
     /// Backward scratch, before and after BatchNorm.
     d_act: Vec<f32>,
     d_conv: Vec<f32>,
-    /// One sample's im2col columns and their gradient.
+    /// One group of samples' im2col columns and their gradient.
     col: Vec<f32>,
     dcol: Vec<f32>,
 }
