@@ -689,7 +689,7 @@ impl ModelFile {
     }
 
     /// The model config this file's network is built from.
-    pub fn model_config(&self) -> ModelConfig {
+    fn model_config(&self) -> ModelConfig {
         match &self.meta.front {
             Some(front) => front.config(&self.meta.layers),
             None => dense_config(&self.meta.layers),

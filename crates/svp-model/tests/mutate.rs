@@ -13,14 +13,7 @@ use svp_train::{Network, ProjectionHeads};
 fn sample(dtype: DType) -> Vec<u8> {
     let cfg = ModelConfig { activation: svp_nn::Activation::Gelu, ..ModelConfig::mlp(vec![7, 5]) };
     let m = Network::new(12, 4, &cfg, 3);
-    let info = ModelInfo {
-        heads: Some(ProjectionHeads { seed: 3, dim: 4, sigma: None, dropout: 0.0, label_classes: None }),
-        norm: svp_data::Normalization { mean: 0.2, std: 0.3 },
-        image_shape: (3, 4),
-        class_names: vec![],
-        provenance: Provenance { method: "svp".into(), epochs: 1, test_acc: 0.5, data: "fuzz".into() },
-    };
-    ModelFile::from_mlp(&m, info, dtype).to_bytes()
+    ModelFile::from_mlp(&m, info((3, 4)), dtype).to_bytes()
 }
 
 /// Version-2 files: a small conv network and a small ViT on 4x4 images.
@@ -34,14 +27,18 @@ fn front_sample(vit: bool, dtype: DType) -> Vec<u8> {
         cfg.conv = vec![ConvItem::Channels(2), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(3)];
     }
     let m = Network::try_for_images((4, 4), 4, &cfg, 3).unwrap();
-    let info = ModelInfo {
+    ModelFile::from_network(&m, &cfg, info((4, 4)), dtype).to_bytes()
+}
+
+/// What the sample files carry besides their weights, for `image_shape` images.
+fn info(image_shape: (usize, usize)) -> ModelInfo {
+    ModelInfo {
         heads: Some(ProjectionHeads { seed: 3, dim: 4, sigma: None, dropout: 0.0, label_classes: None }),
         norm: svp_data::Normalization { mean: 0.2, std: 0.3 },
-        image_shape: (4, 4),
+        image_shape,
         class_names: vec![],
         provenance: Provenance { method: "svp".into(), epochs: 1, test_acc: 0.5, data: "fuzz".into() },
-    };
-    ModelFile::from_network(&m, &cfg, info, dtype).to_bytes()
+    }
 }
 
 fn repair_model_checksum(b: &mut [u8]) {

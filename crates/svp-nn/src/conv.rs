@@ -133,9 +133,9 @@ impl Conv2d {
         let unfold_row = |row: usize, dst: &mut [f32]| {
             dst.fill(0.0);
             let Some(tap) = self.tap(row) else { return };
+            let span = self.same_width().then(|| self.tap_span(tap));
             for (xs, dst) in x[..n * il].chunks_exact(il).zip(dst.chunks_exact_mut(hw)) {
-                if self.same_width() {
-                    let (off, xi, len) = self.tap_span(tap);
+                if let Some((off, xi, len)) = span {
                     dst[off..off + len].copy_from_slice(&xs[xi..xi + len]);
                     // The copy wrapped across row ends; those entries are padding.
                     zero_gaps(dst, off, len, self.output().w, tap.ox);

@@ -176,14 +176,10 @@ impl Optimizer {
     }
 
     /// Starts one update of a layer: counts the step in `state` and fixes the
-    /// step's scalars. [`StepRule::apply`] then updates the layer piece by
-    /// piece, in any order and on any thread, with the bits of [`Optimizer::update`].
-    ///
-    /// # Panics
-    /// If `state` is not this optimizer's (its moments missing).
-    pub fn begin(&self, lr_scale: f32, state: &mut LayerState) -> StepRule {
+    /// step's scalars; [`StepRule::apply`] then updates the layer chunk by chunk.
+    fn begin(&self, lr_scale: f32, state: &mut LayerState) -> StepRule {
         state.steps += 1;
-        let rule = match *self {
+        match *self {
             Optimizer::Sgd { lr, momentum: 0.0, weight_decay } => StepRule::Sgd { lr: lr * lr_scale, weight_decay },
             Optimizer::Sgd { lr, momentum, weight_decay } => {
                 StepRule::Momentum { lr: lr * lr_scale, momentum, weight_decay, first: state.steps == 1 }
@@ -194,23 +190,13 @@ impl Optimizer {
             Optimizer::AdamW { lr, beta1, beta2, eps, weight_decay } => {
                 StepRule::adam(lr * lr_scale, beta1, beta2, eps, 0.0, weight_decay, state.steps)
             }
-        };
-        let moments = match rule {
-            StepRule::Sgd { .. } => (0, 0),
-            StepRule::Momentum { .. } => (1, 0),
-            StepRule::Adam { .. } => (1, 1),
-        };
-        assert!(
-            (moments.0 == 0 || !state.m.is_empty()) && (moments.1 == 0 || !state.v.is_empty()),
-            "optimizer: state without the rule's moments"
-        );
-        rule
+        }
     }
 }
 
 /// One layer's update at one step, its scalars fixed by [`Optimizer::begin`].
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum StepRule {
+enum StepRule {
     /// Plain SGD.
     Sgd {
         /// Learning rate (schedule applied).
@@ -266,7 +252,7 @@ impl StepRule {
     /// # Panics
     /// If the pieces differ in length.
     #[inline(always)]
-    pub fn apply(&self, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    fn apply(&self, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
         let n = params.len();
         assert_eq!(grad.len(), n, "optimizer: gradient length");
         match *self {

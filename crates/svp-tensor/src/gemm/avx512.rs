@@ -150,13 +150,9 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 
 /// The blocks of 16 steps of [`super::kernel::transpose_into`]; returns how
 /// many steps it wrote (a multiple of 16), leaving the rest to the caller.
-pub fn transpose_blocks<const W: usize>(lines: &[&[f32]; W], len: usize, panel: &mut [f32]) -> usize {
-    // SAFETY: the build targets AVX-512F (module docs).
-    unsafe { transpose_blocks_avx512(lines, len, panel) }
-}
-
+/// (Callers know AVX-512F is there: the module docs.)
 #[target_feature(enable = "avx512f")]
-fn transpose_blocks_avx512<const W: usize>(lines: &[&[f32]; W], len: usize, panel: &mut [f32]) -> usize {
+pub fn transpose_blocks<const W: usize>(lines: &[&[f32]; W], len: usize, panel: &mut [f32]) -> usize {
     let full = len / LANES * LANES;
     for p0 in (0..full).step_by(LANES) {
         let steps = &mut panel[p0 * W..(p0 + LANES) * W];

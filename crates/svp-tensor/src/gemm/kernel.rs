@@ -135,8 +135,10 @@ fn store_tile(tile: &Tile, rows: &mut [&mut [f32]; MR], j0: usize, alpha: f32, b
 /// values (or empty lines, which give zeros) transposed into steps of `W`.
 pub fn transpose_into<const W: usize>(lines: &[&[f32]; W], len: usize, panel: &mut [f32]) {
     let panel = &mut panel[..len * W];
+    // SAFETY: `avx512` is compiled only when the build targets AVX-512F
+    // (its module docs), so the CPU running this has the instructions.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    let done = super::avx512::transpose_blocks(lines, len, panel);
+    let done = unsafe { super::avx512::transpose_blocks(lines, len, panel) };
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
     let done = 0;
     for (p, dst) in (done..len).zip(panel[done * W..].chunks_exact_mut(W)) {
