@@ -1,13 +1,9 @@
 //! The dense block: `out = dropout(act(norm(x W^T + b)))`.
 
-use crate::Activation;
-use rayon::prelude::*;
+use crate::{Activation, layer_norm};
 use serde::{Deserialize, Serialize};
 use svp_rng::{Purpose, Stream, StreamKey, drop_threshold};
 use svp_tensor::{ArrayView2, ArrayViewMut2, for_each_row_mut, gemm, reduce, view, view_mut};
-
-/// LayerNorm's variance epsilon (PyTorch's default).
-pub const LAYER_NORM_EPS: f32 = 1e-5;
 
 /// Normalization inside a dense block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,9 +55,13 @@ pub enum Mode {
 /// and the largest batch so one cache serves every layer.
 #[derive(Debug, Default)]
 pub struct DenseCache {
+    /// The activation's input, for blocks without a norm (with one, it is
+    /// recomputed from `xhat`).
     pre_act: Vec<f32>,
     xhat: Vec<f32>,
     rstd: Vec<f32>,
+    /// The LayerNorm backward's per-chunk column sums.
+    norm_scratch: Vec<f32>,
 }
 
 impl DenseCache {
@@ -79,18 +79,22 @@ impl DenseCache {
             pre_act: svp_alloc::try_zeros(max_rows * max_width, "a layer's pre-activations")?,
             xhat: svp_alloc::try_zeros(max_rows * max_width, "a layer's normalized inputs")?,
             rstd: svp_alloc::try_zeros(max_rows, "a layer's LayerNorm statistics")?,
+            norm_scratch: svp_alloc::try_zeros(
+                layer_norm::backward_scratch_len(max_rows, max_width),
+                "a layer's LayerNorm gradient sums",
+            )?,
         })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * (self.pre_act.len() + self.xhat.len() + self.rstd.len())
+        4 * (self.pre_act.len() + self.xhat.len() + self.rstd.len() + self.norm_scratch.len())
     }
 
-    /// The LayerNorm buffers for `rows x width` (other layers that normalize
-    /// rows keep their statistics here too).
-    pub(crate) fn xhat_rstd(&mut self, rows: usize, width: usize) -> (&mut [f32], &mut [f32]) {
-        (&mut self.xhat[..rows * width], &mut self.rstd[..rows])
+    /// The LayerNorm buffers for `rows x width` and the backward's scratch
+    /// (other layers that normalize rows keep their statistics here too).
+    pub(crate) fn norm_buffers(&mut self, rows: usize, width: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        (&mut self.xhat[..rows * width], &mut self.rstd[..rows], &mut self.norm_scratch)
     }
 }
 
@@ -181,17 +185,22 @@ impl Dense {
         let p = self.parts(params);
         let w = view(p.w, o, self.spec.in_dim);
         let n = rows * o;
-        // z = x W^T + b, into the buffer LayerNorm normalizes in place.
-        let z = if self.spec.norm == Norm::LayerNorm { &mut cache.xhat[..n] } else { &mut cache.pre_act[..n] };
-        for row in z.chunks_exact_mut(o) {
-            row.copy_from_slice(p.b);
-        }
-        gemm(1.0, x, w.t(), 1.0, view_mut(z, rows, o));
+        let out = &mut out[..n];
         if self.spec.norm == Norm::LayerNorm {
-            layer_norm_forward(&mut cache.xhat[..n], &mut cache.rstd[..rows], &mut cache.pre_act[..n], p.gamma, p.beta);
+            // z = x W^T, then one pass: + b, normalize (xhat in place), affine, act.
+            let z = &mut cache.xhat[..n];
+            gemm(1.0, x, w.t(), 0.0, view_mut(z, rows, o));
+            let act = self.spec.activation;
+            layer_norm::forward(z, Some(p.b), p.gamma, p.beta, act, &mut cache.rstd[..rows], out);
+        } else {
+            let z = &mut cache.pre_act[..n];
+            for row in z.chunks_exact_mut(o) {
+                row.copy_from_slice(p.b);
+            }
+            gemm(1.0, x, w.t(), 1.0, view_mut(z, rows, o));
+            self.spec.activation.forward(z, out);
         }
-        self.spec.activation.forward(&cache.pre_act[..n], &mut out[..n]);
-        self.apply_dropout(mode, &mut out[..n]);
+        self.apply_dropout(mode, out);
     }
 
     /// Backward from `dout` (gradient of the loss wrt this block's output; it is
@@ -203,7 +212,7 @@ impl Dense {
         &self,
         params: &[f32],
         x: ArrayView2<f32>,
-        cache: &DenseCache,
+        cache: &mut DenseCache,
         dout: &mut [f32],
         grad: &mut [f32],
         dx: Option<ArrayViewMut2<f32>>,
@@ -213,66 +222,21 @@ impl Dense {
         let n = rows * o;
         let dy = &mut dout[..n];
         self.apply_dropout(mode, dy);
-        self.spec.activation.backward(&cache.pre_act[..n], dy);
         let p = self.parts(params);
         let g = self.parts_mut(&mut grad[..self.param_len()]);
         if self.spec.norm == Norm::LayerNorm {
-            layer_norm_backward(&cache.xhat[..n], &cache.rstd[..rows], p.gamma, dy, g.gamma, g.beta);
+            // dy -> dz, with dgamma, dbeta and db, in one pass.
+            let (xhat, rstd, scratch) = cache.norm_buffers(rows, o);
+            let act = self.spec.activation;
+            layer_norm::backward(xhat, rstd, p.gamma, p.beta, act, dy, g.gamma, g.beta, Some(g.b), scratch);
+        } else {
+            self.spec.activation.backward(&cache.pre_act[..n], dy);
+            reduce::column_sums(dy, g.b);
         }
         let dz = view(dy, rows, o);
         gemm(1.0, dz.t(), x, 0.0, view_mut(g.w, o, i));
-        reduce::column_sums(dy, g.b);
         if let Some(dx) = dx {
             gemm(1.0, view(dy, rows, o), view(p.w, o, i), 0.0, dx);
         }
     }
-}
-
-/// Rows per rayon task in the LayerNorm loops (a task below ~32k elements
-/// costs more to schedule than it saves).
-fn rows_per_task(d: usize) -> usize {
-    (svp_tensor::PARALLEL_MIN_ELEMS / 4 / d.max(1)).max(1)
-}
-
-/// Normalizes each row of `z` in place (leaving `xhat`), writes `1/std` per row
-/// into `rstd` and `y = gamma * xhat + beta`.
-pub(crate) fn layer_norm_forward(z: &mut [f32], rstd: &mut [f32], y: &mut [f32], gamma: &[f32], beta: &[f32]) {
-    let d = gamma.len();
-    let inv_d = 1.0 / d as f32;
-    z.par_chunks_mut(d).zip(rstd.par_iter_mut()).zip(y.par_chunks_mut(d)).with_min_len(rows_per_task(d)).for_each(
-        |((row, r), y_row)| {
-            let mean = reduce::sum(row) * inv_d;
-            let var = reduce::sum_sq_dev(row, mean) * inv_d;
-            *r = 1.0 / (var + LAYER_NORM_EPS).sqrt();
-            for (((v, yv), &g), &b) in row.iter_mut().zip(y_row.iter_mut()).zip(gamma).zip(beta) {
-                *v = (*v - mean) * *r;
-                *yv = g * *v + b;
-            }
-        },
-    );
-}
-
-/// LayerNorm backward: accumulates `dgamma`, `dbeta` (overwriting) and turns
-/// `dy` (gradient wrt `y`) into the gradient wrt the normalized input, in place.
-pub(crate) fn layer_norm_backward(
-    xhat: &[f32],
-    rstd: &[f32],
-    gamma: &[f32],
-    dy: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
-) {
-    let d = gamma.len();
-    reduce::column_sums_with_product(dy, xhat, dbeta, dgamma);
-    let inv_d = 1.0 / d as f32;
-    dy.par_chunks_mut(d).zip(xhat.par_chunks(d)).zip(rstd.par_iter()).with_min_len(rows_per_task(d)).for_each(
-        |((row, x_row), &r)| {
-            row.iter_mut().zip(gamma).for_each(|(v, &g)| *v *= g);
-            let mean_dxhat = reduce::sum(row) * inv_d;
-            let mean_dxhat_x = reduce::dot(row, x_row) * inv_d;
-            for (v, &x) in row.iter_mut().zip(x_row) {
-                *v = r * (*v - mean_dxhat - x * mean_dxhat_x);
-            }
-        },
-    );
 }

@@ -7,6 +7,8 @@
 //!
 //! * [`dense`]: the hidden block `act(norm(x W^T + b))` with optional dropout,
 //!   and (with no norm and identity activation) the linear classifier head.
+//! * [`layer_norm`]: LayerNorm fused with the bias before it and the
+//!   activation after it, its backward with the column sums of its gradients.
 //! * [`conv`]: 2-D convolution (im2col + GEMM), BatchNorm2d, max, average and
 //!   adaptive average pooling over NCHW batches.
 //! * [`loss`]: softmax cross-entropy and the SVP feature-alignment loss.
@@ -21,6 +23,7 @@ pub mod activation;
 pub mod conv;
 pub mod conv_block;
 pub mod dense;
+pub mod layer_norm;
 pub mod loss;
 pub mod projection;
 pub mod vit;

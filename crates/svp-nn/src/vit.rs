@@ -8,7 +8,7 @@
 
 use crate::Activation;
 use crate::conv::Chw;
-use crate::dense::{layer_norm_backward, layer_norm_forward};
+use crate::layer_norm;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use svp_alloc::{OutOfMemory, try_zeros};
@@ -232,6 +232,8 @@ pub struct BlockCache {
     d_tok: Vec<f32>,
     d_mlp: Vec<f32>,
     d_qkv: Vec<f32>,
+    /// The LayerNorm backward's per-chunk column sums.
+    norm_scratch: Vec<f32>,
 }
 
 impl BlockCache {
@@ -256,6 +258,7 @@ impl BlockCache {
             d_tok: z(n * d)?,
             d_mlp: z(n * m)?,
             d_qkv: z(n * 3 * d)?,
+            norm_scratch: z(layer_norm::backward_scratch_len(n, d))?,
         })
     }
 
@@ -277,6 +280,7 @@ impl BlockCache {
             &self.d_tok,
             &self.d_mlp,
             &self.d_qkv,
+            &self.norm_scratch,
         ]
         .iter()
         .map(|v| v.len())
@@ -351,7 +355,8 @@ impl TransformerBlock {
         let c = cache;
         // Attention half.
         c.xhat1[..n * d].copy_from_slice(&x[..n * d]);
-        layer_norm_forward(&mut c.xhat1[..n * d], &mut c.rstd1[..n], &mut c.ln1[..n * d], p.ln1_g, p.ln1_b);
+        let (xhat, rstd, ln) = (&mut c.xhat1[..n * d], &mut c.rstd1[..n], &mut c.ln1[..n * d]);
+        layer_norm::forward(xhat, None, p.ln1_g, p.ln1_b, Activation::Identity, rstd, ln);
         linear(&c.ln1, n, d, p.wqkv, p.bqkv, &mut c.qkv);
         self.attention(rows, &c.qkv, &mut c.probs, &mut c.attn);
         // out = x + attn Wo^T + bo (the residual stream x1, kept in `out`).
@@ -359,7 +364,8 @@ impl TransformerBlock {
         out[..n * d].iter_mut().zip(&x[..n * d]).for_each(|(o, &v)| *o += v);
         // MLP half.
         c.xhat2[..n * d].copy_from_slice(&out[..n * d]);
-        layer_norm_forward(&mut c.xhat2[..n * d], &mut c.rstd2[..n], &mut c.ln2[..n * d], p.ln2_g, p.ln2_b);
+        let (xhat, rstd, ln) = (&mut c.xhat2[..n * d], &mut c.rstd2[..n], &mut c.ln2[..n * d]);
+        layer_norm::forward(xhat, None, p.ln2_g, p.ln2_b, Activation::Identity, rstd, ln);
         linear(&c.ln2, n, d, p.w1, p.b1, &mut c.pre);
         Activation::Gelu.forward(&c.pre[..n * m], &mut c.act[..n * m]);
         // out = x1 + act W2^T + b2, through d_tok as scratch.
@@ -468,14 +474,17 @@ impl TransformerBlock {
         linear_backward(&c.act, n, m, p.w2, dout, g.w2, g.b2, Some(&mut c.d_mlp));
         Activation::Gelu.backward(&c.pre[..n * m], &mut c.d_mlp[..n * m]);
         linear_backward(&c.ln2, n, d, p.w1, &c.d_mlp, g.w1, g.b1, Some(&mut c.d_tok));
-        layer_norm_backward(&c.xhat2[..n * d], &c.rstd2[..n], p.ln2_g, &mut c.d_tok[..n * d], g.ln2_g, g.ln2_b);
+        let (xhat, rstd, d_tok) = (&c.xhat2[..n * d], &c.rstd2[..n], &mut c.d_tok[..n * d]);
+        let id = Activation::Identity;
+        layer_norm::backward(xhat, rstd, p.ln2_g, p.ln2_b, id, d_tok, g.ln2_g, g.ln2_b, None, &mut c.norm_scratch);
         // dx1 = dout + the LN2 path, kept in dout.
         dout.iter_mut().zip(&c.d_tok[..n * d]).for_each(|(a, &b)| *a += b);
         // Attention half: dout is now the gradient wrt x1 = x + attn(x).
         linear_backward(&c.attn, n, d, p.wo, dout, g.wo, g.bo, Some(&mut c.d_tok));
         self.attention_backward(rows, &c.qkv, &c.probs, &c.d_tok, &mut c.d_probs, &mut c.d_qkv);
         linear_backward(&c.ln1, n, d, p.wqkv, &c.d_qkv, g.wqkv, g.bqkv, Some(&mut c.d_tok));
-        layer_norm_backward(&c.xhat1[..n * d], &c.rstd1[..n], p.ln1_g, &mut c.d_tok[..n * d], g.ln1_g, g.ln1_b);
+        let (xhat, rstd, d_tok) = (&c.xhat1[..n * d], &c.rstd1[..n], &mut c.d_tok[..n * d]);
+        layer_norm::backward(xhat, rstd, p.ln1_g, p.ln1_b, id, d_tok, g.ln1_g, g.ln1_b, None, &mut c.norm_scratch);
         if let Some(dx) = dx {
             dx[..n * d].iter_mut().zip(dout.iter().zip(&c.d_tok[..n * d])).for_each(|(o, (&a, &b))| *o = a + b);
         }
@@ -556,10 +565,10 @@ impl TokenHead {
     /// `out = LN(readout(x))`; `cache` keeps what the backward needs.
     pub fn forward(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut crate::DenseCache, out: &mut [f32]) {
         let n = rows * self.dim;
-        let (xhat, rstd) = cache.xhat_rstd(rows, self.dim);
+        let (xhat, rstd, _) = cache.norm_buffers(rows, self.dim);
         self.readout.forward(x, rows, self.tokens, self.dim, xhat);
         let (gamma, beta) = params.split_at(self.dim);
-        layer_norm_forward(&mut xhat[..n], &mut rstd[..rows], &mut out[..n], gamma, &beta[..self.dim]);
+        layer_norm::forward(xhat, None, gamma, &beta[..self.dim], Activation::Identity, rstd, &mut out[..n]);
     }
 
     /// Parameter gradient into `grad` and, if given, the token gradient into
@@ -575,9 +584,11 @@ impl TokenHead {
         dx: Option<&mut [f32]>,
     ) {
         let n = rows * self.dim;
-        let (xhat, rstd) = cache.xhat_rstd(rows, self.dim);
+        let (xhat, rstd, scratch) = cache.norm_buffers(rows, self.dim);
         let (dgamma, dbeta) = grad[..2 * self.dim].split_at_mut(self.dim);
-        layer_norm_backward(&xhat[..n], &rstd[..rows], &params[..self.dim], &mut dout[..n], dgamma, dbeta);
+        let (gamma, beta) = params[..2 * self.dim].split_at(self.dim);
+        let id = Activation::Identity;
+        layer_norm::backward(xhat, rstd, gamma, beta, id, &mut dout[..n], dgamma, dbeta, None, scratch);
         if let Some(dx) = dx {
             self.readout.backward(&dout[..n], rows, self.tokens, self.dim, dx);
         }

@@ -59,7 +59,7 @@ fn dense_case(norm: Norm, activation: Activation, dropout: f32, name: &str) {
     let mut dy = probe.clone();
     let mut grad = vec![0.0; layer.param_len()];
     let mut dx = Array2::<f32>::zeros((rows, din));
-    layer.backward(&params, view(&x, rows, din), &cache, &mut dy, &mut grad, Some(dx.view_mut()), mode);
+    layer.backward(&params, view(&x, rows, din), &mut cache, &mut dy, &mut grad, Some(dx.view_mut()), mode);
 
     let eps = 1e-3f32;
     let all: Vec<usize> = (0..params.len()).collect();

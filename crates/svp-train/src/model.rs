@@ -192,7 +192,7 @@ impl Layer<'_> {
             Layer::Dense(d) => {
                 let d_in = d.spec().in_dim;
                 let dx = dx.map(|dx| view_mut(dx, rows, d_in));
-                d.backward(params, view(x, rows, d_in), &cache.dense, dout, grad, dx, mode)
+                d.backward(params, view(x, rows, d_in), &mut cache.dense, dout, grad, dx, mode)
             }
         }
     }
