@@ -201,7 +201,7 @@ pub const SHAPES: &[GemmShape] = &[
         m: 128,
         k: 10,
         n: 128,
-        per_svp_step: 8,
+        per_svp_step: 5,
         per_bp_step: 0,
         a_t: false,
         b_t: true,

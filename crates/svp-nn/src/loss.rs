@@ -52,14 +52,21 @@ pub struct FeatureAlignment {
     pub mean_center: bool,
 }
 
-/// Scratch for [`FeatureAlignment::loss_and_grad`], sized once.
+/// Scratch for [`FeatureAlignment::loss_and_grad`], sized once, and the
+/// alignment target: the previous layer's similarity matrix, which a trainer
+/// computes once and passes on ([`FeatureAlignment::set_target`],
+/// [`FaWorkspace::promote`]) instead of recomputing it from `v_prev`.
 #[derive(Debug, Default)]
 pub struct FaWorkspace {
     normed: Vec<f32>,
-    normed_prev: Vec<f32>,
     norms: Vec<f32>,
+    /// `S(v)` of the last [`FeatureAlignment::align`].
     sim: Vec<f32>,
-    sim_prev: Vec<f32>,
+    /// `S(v_prev)` and the batch size it is for.
+    target: Vec<f32>,
+    target_rows: Option<usize>,
+    /// `S(v) - S(v_prev)`.
+    diff: Vec<f32>,
     dnormed: Vec<f32>,
 }
 
@@ -75,24 +82,35 @@ impl FaWorkspace {
     /// [`FaWorkspace::new`], failing cleanly when the memory is not there.
     pub fn try_new(max_rows: usize, max_dim: usize) -> Result<Self, svp_alloc::OutOfMemory> {
         let what = "the feature-alignment loss";
+        let zeros = |n| svp_alloc::try_zeros(n, what);
         Ok(Self {
-            normed: svp_alloc::try_zeros(max_rows * max_dim, what)?,
-            normed_prev: svp_alloc::try_zeros(max_rows * max_dim, what)?,
-            norms: svp_alloc::try_zeros(max_rows, what)?,
-            sim: svp_alloc::try_zeros(max_rows * max_rows, what)?,
-            sim_prev: svp_alloc::try_zeros(max_rows * max_rows, what)?,
-            dnormed: svp_alloc::try_zeros(max_rows * max_dim, what)?,
+            normed: zeros(max_rows * max_dim)?,
+            norms: zeros(max_rows)?,
+            sim: zeros(max_rows * max_rows)?,
+            target: zeros(max_rows * max_rows)?,
+            target_rows: None,
+            diff: zeros(max_rows * max_rows)?,
+            dnormed: zeros(max_rows * max_dim)?,
         })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * (self.normed.len()
-            + self.normed_prev.len()
-            + self.norms.len()
-            + self.sim.len()
-            + self.sim_prev.len()
-            + self.dnormed.len())
+        4 * [&self.normed, &self.norms, &self.sim, &self.target, &self.diff, &self.dnormed]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
+    }
+
+    /// Makes the `v` of the last [`FeatureAlignment::align`] the next
+    /// alignment target: layer `l`'s `v` is layer `l + 1`'s `v_prev`.
+    ///
+    /// # Panics
+    /// If no alignment ran since the last target was set.
+    pub fn promote(&mut self) {
+        let rows = self.target_rows.expect("feature alignment: promote without an alignment");
+        std::mem::swap(&mut self.sim, &mut self.target);
+        self.target_rows = Some(rows);
     }
 }
 
@@ -116,7 +134,23 @@ impl FeatureAlignment {
         }
     }
 
-    /// The loss, and `dv += weight * d loss / d v` (row-major, `v`'s shape).
+    /// `S(v)` into `sim` (b x b), leaving the normalized rows in `normed`.
+    fn similarity(&self, v: ArrayView2<f32>, normed: &mut [f32], norms: &mut [f32], sim: &mut [f32]) {
+        let (b, d) = v.dim();
+        self.normalize(v, &mut normed[..b * d], &mut norms[..b]);
+        let n = view(normed, b, d);
+        gemm(1.0, n, n.t(), 0.0, view_mut(sim, b, b));
+    }
+
+    /// Sets the alignment target to `S(v_prev)`.
+    pub fn set_target(&self, v_prev: ArrayView2<f32>, ws: &mut FaWorkspace) {
+        self.similarity(v_prev, &mut ws.normed, &mut ws.norms, &mut ws.target);
+        ws.target_rows = Some(v_prev.nrows());
+    }
+
+    /// The loss against `v_prev`, and `dv += weight * d loss / d v`
+    /// (row-major, `v`'s shape): [`FeatureAlignment::set_target`], then
+    /// [`FeatureAlignment::align`].
     pub fn loss_and_grad(
         &self,
         v: ArrayView2<f32>,
@@ -125,30 +159,41 @@ impl FeatureAlignment {
         weight: f32,
         dv: &mut [f32],
     ) -> f32 {
+        self.set_target(v_prev, ws);
+        self.align(v, ws, weight, dv)
+    }
+
+    /// The loss against the workspace's target, and `dv += weight * d loss / d v`.
+    ///
+    /// # Panics
+    /// If no target is set, or it is for another batch size.
+    pub fn align(&self, v: ArrayView2<f32>, ws: &mut FaWorkspace, weight: f32, dv: &mut [f32]) -> f32 {
         let (b, d) = v.dim();
-        let d_prev = v_prev.ncols();
-        assert_eq!(v_prev.nrows(), b, "feature alignment: batch sizes differ");
-        self.normalize(v, &mut ws.normed[..b * d], &mut ws.norms[..b]);
-        // The previous layer's norms are not needed; its similarity buffer is
-        // free until the GEMM below overwrites it.
-        self.normalize(v_prev, &mut ws.normed_prev[..b * d_prev], &mut ws.sim_prev[..b]);
-        let n = view(&ws.normed, b, d);
-        let n_prev = view(&ws.normed_prev, b, d_prev);
-        gemm(1.0, n, n.t(), 0.0, view_mut(&mut ws.sim, b, b));
-        gemm(1.0, n_prev, n_prev.t(), 0.0, view_mut(&mut ws.sim_prev, b, b));
-        // sim <- D = S(v) - S(v_prev)
-        let mut sq = 0.0f64;
-        for (s, &p) in ws.sim[..b * b].iter_mut().zip(&ws.sim_prev[..b * b]) {
-            *s -= p;
-            sq += (*s as f64) * (*s as f64);
+        assert_eq!(ws.target_rows, Some(b), "feature alignment: no target for a batch of {b}");
+        self.similarity(v, &mut ws.normed, &mut ws.norms, &mut ws.sim);
+        // diff = D = S(v) - S(v_prev); the loss in f64 over independent lanes
+        // (a single chain would serialize 16k additions).
+        let mut sq = [0.0f64; 8];
+        let diff = ws.diff[..b * b].chunks_exact_mut(8).zip(ws.sim.chunks_exact(8)).zip(ws.target.chunks_exact(8));
+        for ((dd, s), t) in diff {
+            for i in 0..8 {
+                dd[i] = s[i] - t[i];
+                sq[i] += dd[i] as f64 * dd[i] as f64;
+            }
+        }
+        let tail = b * b / 8 * 8;
+        for i in tail..b * b {
+            ws.diff[i] = ws.sim[i] - ws.target[i];
+            sq[0] += ws.diff[i] as f64 * ws.diff[i] as f64;
         }
         let inv_b2 = 1.0 / (b * b) as f32;
-        let loss = (sq * inv_b2 as f64) as f32;
+        let loss = (sq.iter().sum::<f64>() * inv_b2 as f64) as f32;
         if weight == 0.0 {
             return loss;
         }
+        let n = view(&ws.normed, b, d);
         // dL/dN = 4/B^2 D N  (D symmetric)
-        gemm(4.0 * inv_b2, view(&ws.sim, b, b), n, 0.0, view_mut(&mut ws.dnormed, b, d));
+        gemm(4.0 * inv_b2, view(&ws.diff, b, b), n, 0.0, view_mut(&mut ws.dnormed, b, d));
         for (((dn, nr), &r), out) in ws.dnormed[..b * d]
             .chunks_exact_mut(d)
             .zip(ws.normed.chunks_exact(d))
@@ -174,5 +219,44 @@ impl FeatureAlignment {
             }
         }
         loss
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, salt: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i + salt) * 7919 % 1013) as f32 - 506.0) / 300.0).collect()
+    }
+
+    /// A promoted `S(v)` is the same target, bit for bit, as one computed
+    /// again from `v`: layer by layer, as a trainer chains them.
+    #[test]
+    fn promoted_target_equals_a_recomputed_one() {
+        let (b, d) = (37, 10);
+        let vs: Vec<Vec<f32>> = (0..4).map(|l| values(b * d, 100 * l)).collect();
+        for mean_center in [false, true] {
+            let fa = FeatureAlignment { mean_center };
+            let mut chained = FaWorkspace::new(b, d);
+            fa.set_target(view(&vs[0], b, d), &mut chained);
+            for l in 1..vs.len() {
+                let (mut g1, mut g2) = (vec![0.5; b * d], vec![0.5; b * d]);
+                let loss = fa.align(view(&vs[l], b, d), &mut chained, 0.7, &mut g1);
+                chained.promote();
+                let mut fresh = FaWorkspace::new(b, d);
+                let want = fa.loss_and_grad(view(&vs[l], b, d), view(&vs[l - 1], b, d), &mut fresh, 0.7, &mut g2);
+                assert!(loss > 0.0 && loss.to_bits() == want.to_bits(), "layer {l}: {loss} vs {want}");
+                assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {l} gradient");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "no target")]
+    fn aligning_without_a_target_is_a_bug() {
+        let v = values(8 * 3, 0);
+        let mut ws = FaWorkspace::new(8, 3);
+        FeatureAlignment::default().align(view(&v, 8, 3), &mut ws, 1.0, &mut [0.0; 24]);
     }
 }

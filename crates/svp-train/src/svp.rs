@@ -71,8 +71,8 @@ struct Workspace {
     dh: Vec<f32>,
     /// Gradient wrt the current layer's input, inside a unit of several layers (else empty).
     dx: Vec<f32>,
-    v_cur: Vec<f32>,
-    v_prev: Vec<f32>,
+    /// The current unit's local logits `v` (its alignment target is in `fa`).
+    v: Vec<f32>,
     dv: Vec<f32>,
     tile: Vec<f32>,
     fa: FaWorkspace,
@@ -84,8 +84,7 @@ impl Workspace {
         4 * (self.act.iter().map(Vec::len).sum::<usize>()
             + self.dh.len()
             + self.dx.len()
-            + self.v_cur.len()
-            + self.v_prev.len()
+            + self.v.len()
             + self.dv.len()
             + self.tile.len()
             + self.grad.len()
@@ -199,8 +198,7 @@ impl SvpTrainer {
             d_readout: try_zeros(readout_len, "projection readout gradients")?,
             dh: try_zeros(rows * width, "the activation gradient")?,
             dx: try_zeros(if unit_len > 1 { rows * width } else { 0 }, "the input gradient inside a unit")?,
-            v_cur: try_zeros(rows * vdim, "the projections")?,
-            v_prev: try_zeros(rows * vdim, "the projections")?,
+            v: try_zeros(rows * vdim, "the projections")?,
             dv: try_zeros(rows * vdim, "the projection gradient")?,
             tile: try_zeros(tile_floats, "a tile of R")?,
             fa: FaWorkspace::try_new(rows, vdim)?,
@@ -247,13 +245,12 @@ impl Trainer for SvpTrainer {
 
         // v_0: the alignment target of layer 1.
         let mut have_prev = false;
-        let mut prev_dim = 0;
         if self.align_first {
             let p0 = self.projection(0, input_dim);
             let ws = &mut self.ws;
-            p0.forward(view(x, rows, input_dim), None, None, view_mut(&mut ws.v_prev, rows, vdim), &mut ws.tile);
+            p0.forward(view(x, rows, input_dim), None, None, view_mut(&mut ws.v, rows, vdim), &mut ws.tile);
+            self.fa.set_target(view(&ws.v, rows, vdim), &mut ws.fa);
             have_prev = true;
-            prev_dim = vdim;
         }
 
         let mut head_ce = 0.0;
@@ -286,27 +283,18 @@ impl Trainer for SvpTrainer {
                     view(read, rows, read_len),
                     Some(y),
                     Some(step),
-                    view_mut(&mut ws.v_cur, rows, vdim),
+                    view_mut(&mut ws.v, rows, vdim),
                     &mut ws.tile,
                 );
-                &ws.v_cur[..rows * vdim]
+                &ws.v[..rows * vdim]
             } else {
                 out
             };
 
             let lambda = if is_head { self.head_lambda } else { self.lambda };
             let (ce, correct) = softmax_cross_entropy(view(v, rows, out_dim), y, &mut ws.dv);
-            let fa = if have_prev {
-                self.fa.loss_and_grad(
-                    view(v, rows, out_dim),
-                    view(&ws.v_prev, rows, prev_dim),
-                    &mut ws.fa,
-                    lambda,
-                    &mut ws.dv,
-                )
-            } else {
-                0.0
-            };
+            let fa =
+                if have_prev { self.fa.align(view(v, rows, out_dim), &mut ws.fa, lambda, &mut ws.dv) } else { 0.0 };
             let loss = ce + lambda * fa;
             if !loss.is_finite() {
                 // Earlier units' updates are done (their losses were finite); this one's is never applied.
@@ -360,9 +348,13 @@ impl Trainer for SvpTrainer {
             }
 
             if !is_head {
-                std::mem::swap(&mut ws.v_cur, &mut ws.v_prev);
+                // This unit's S(v) is the next one's alignment target.
+                if have_prev {
+                    ws.fa.promote();
+                } else {
+                    self.fa.set_target(view(&ws.v, rows, vdim), &mut ws.fa);
+                }
                 have_prev = true;
-                prev_dim = vdim;
             }
             unit_input = slot(end - first - 1);
         }
