@@ -19,7 +19,7 @@ fn toml_free_parse(text: &str) -> Config {
         model: svp_train::config::ModelConfig::mlp(vec![1024, 1024, 1024]),
         svp: Default::default(),
         train: svp_train::config::TrainConfig { batch_size: 128, ..Default::default() },
-        optimizer: svp_optim::Optimizer::Adam { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        optimizer: svp_optim::Optimizer::adam(3e-4),
         schedule: Default::default(),
     }
 }

@@ -11,7 +11,7 @@ pub fn small_config(method: svp_train::Method, epochs: usize) -> Config {
         model: ModelConfig::mlp(vec![256, 256]),
         svp: SvpConfig::default(),
         train: TrainConfig { method, epochs, batch_size: 64, seed: 7, shuffle: true },
-        optimizer: svp_optim::Optimizer::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        optimizer: svp_optim::Optimizer::adam(1e-3),
         schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
     }
 }

@@ -129,6 +129,16 @@ fn resuming_bp_from_any_checkpoint_is_bit_identical() {
     resume_case(Method::Bp, |_| {});
 }
 
+/// bf16 moments round stochastically with noise keyed by each layer's step
+/// count, which the checkpoint carries.
+#[test]
+fn resuming_with_bf16_moments_is_bit_identical() {
+    resume_case(Method::Svp, |c| {
+        let svp_optim::Optimizer::Adam { state, .. } = &mut c.optimizer else { panic!("the small config uses Adam") };
+        *state = svp_optim::MomentDtype::Bf16;
+    });
+}
+
 #[test]
 fn head_lambda_weights_only_the_heads_alignment() {
     use svp_train::{Network, SvpTrainer, Trainer};

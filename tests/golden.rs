@@ -51,13 +51,7 @@ fn config(g: &Value, optimizer: svp_optim::Optimizer) -> Config {
 }
 
 fn adam(g: &Value) -> svp_optim::Optimizer {
-    svp_optim::Optimizer::Adam {
-        lr: g["lr"].as_f64().unwrap() as f32,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    }
+    svp_optim::Optimizer::adam(g["lr"].as_f64().unwrap() as f32)
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {

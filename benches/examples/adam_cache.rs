@@ -8,7 +8,7 @@ use std::time::Instant;
 
 fn main() {
     let sizes = [784 * 1024 + 3 * 1024, 1024 * 1024 + 3 * 1024, 1024 * 1024 + 3 * 1024, 10 * 1024 + 10];
-    let opt = svp_optim::Optimizer::Adam { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let opt = svp_optim::Optimizer::adam(3e-4);
     let mut layers: Vec<_> = sizes
         .iter()
         .map(|&n| {

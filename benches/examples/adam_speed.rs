@@ -2,7 +2,7 @@
 use std::time::Instant;
 fn main() {
     let n = 784 * 1024 + 2 * 1024 * 1024 + 10 * 1024;
-    let opt = svp_optim::Optimizer::Adam { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let opt = svp_optim::Optimizer::adam(3e-4);
     let mut p: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
     let g: Vec<f32> = (0..n).map(|i| ((i % 89) as f32 - 44.0) * 1e-4).collect();
     let mut st = opt.new_state(n);

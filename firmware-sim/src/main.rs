@@ -42,12 +42,13 @@ struct Args {
     checkpoint_every: u64,
     flash: PathBuf,
     methods: Vec<Method>,
+    moments: svp_optim::MomentDtype,
 }
 
 fn usage() -> String {
     format!(
         "usage: firmware-sim --profile NAME [--model FILE] [--samples N] [--epochs N] [--batch N] [--lr X] \
-         [--checkpoint-every STEPS] [--flash FILE] [--method svp|bp|both]\nprofiles: {}",
+         [--checkpoint-every STEPS] [--flash FILE] [--method svp|bp|both] [--moments f32|bf16]\nprofiles: {}",
         Profile::names(&profiles_dir()).join(", ")
     )
 }
@@ -63,6 +64,7 @@ fn parse() -> Result<Args, String> {
         checkpoint_every: 10,
         flash: std::env::temp_dir().join(format!("svp-device-flash-{}.bin", std::process::id())),
         methods: vec![Method::Svp, Method::Bp],
+        moments: svp_optim::MomentDtype::F32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -83,6 +85,13 @@ fn parse() -> Result<Args, String> {
                     "bp" => vec![Method::Bp],
                     "both" => vec![Method::Svp, Method::Bp],
                     other => return Err(format!("--method {other:?}: use svp, bp or both")),
+                }
+            }
+            "--moments" => {
+                a.moments = match value()?.as_str() {
+                    "f32" => svp_optim::MomentDtype::F32,
+                    "bf16" => svp_optim::MomentDtype::Bf16,
+                    other => return Err(format!("--moments {other:?}: use f32 or bf16")),
                 }
             }
             "-h" | "--help" => return Err(usage()),
@@ -194,6 +203,7 @@ fn run() -> Result<bool, String> {
                 beta2: 0.999,
                 eps: 1e-8,
                 weight_decay: 0.0,
+                state: args.moments,
             },
             schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
         };

@@ -97,7 +97,7 @@ fn a_run_interrupted_by_power_cuts_ends_bit_identical() {
         model: svp_train::config::ModelConfig::mlp(vec![32, 32]),
         svp: svp_train::config::SvpConfig { projection_dropout: 0.1, ..Default::default() },
         train: svp_train::config::TrainConfig { epochs: 3, batch_size: 32, seed: 5, ..Default::default() },
-        optimizer: svp_optim::Optimizer::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        optimizer: svp_optim::Optimizer::adam(1e-3),
         schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
     };
     config.svp.lambda = 1.0;

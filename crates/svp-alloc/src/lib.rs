@@ -135,9 +135,14 @@ impl std::error::Error for OutOfMemory {}
 /// `len` zeros, allocated fallibly: an error instead of an abort when the
 /// memory (or the device budget) is not there.
 pub fn try_zeros(len: usize, what: &'static str) -> Result<Vec<f32>, OutOfMemory> {
+    try_filled(len, 0.0, what)
+}
+
+/// `len` copies of `value`, allocated fallibly (see [`try_zeros`]).
+pub fn try_filled<T: Clone>(len: usize, value: T, what: &'static str) -> Result<Vec<T>, OutOfMemory> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| OutOfMemory { bytes: len.saturating_mul(4), what })?;
-    v.resize(len, 0.0);
+    v.try_reserve_exact(len).map_err(|_| OutOfMemory { bytes: len.saturating_mul(size_of::<T>()), what })?;
+    v.resize(len, value);
     Ok(v)
 }
 

@@ -201,6 +201,7 @@ pub fn export(args: ExportArgs) -> Result<(), CliError> {
 
 /// Runs `svp info`.
 pub fn info(args: InfoArgs) -> Result<(), CliError> {
+    use svp_optim::Moments;
     let bytes =
         std::fs::read(&args.model).map_err(|source| svp_model::ModelError::Io { path: args.model.clone(), source })?;
     if bytes.starts_with(&svp_model::checkpoint::CHECKPOINT_MAGIC) {
@@ -217,6 +218,14 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
             c.data_origin,
             c.train_len
         );
+        let moments = s.trainer.optimizer.iter().map(|l| &l.moments);
+        let kind = match moments.clone().next() {
+            None | Some(Moments::None) => "none (plain SGD)",
+            Some(Moments::Momentum(_)) => "f32 momentum (SGD)",
+            Some(Moments::F32 { .. }) => "f32 (Adam)",
+            Some(Moments::Bf16 { .. }) => "bf16 (Adam)",
+        };
+        println!("  optimizer moments: {kind}, {} bytes", moments.map(Moments::bytes).sum::<usize>());
         for (epoch, loss, acc) in &s.history {
             println!("  epoch {epoch}: train loss {loss:.4}, test accuracy {:.2}%", 100.0 * acc);
         }

@@ -96,9 +96,7 @@ fn scaled(mut config: Config, depth: usize) -> Config {
 fn optimizer(run: &MemoryRun) -> svp_optim::Optimizer {
     match run.optimizer {
         OptimizerArg::Sgd => svp_optim::Optimizer::Sgd { lr: 0.01, momentum: 0.0, weight_decay: 0.0 },
-        OptimizerArg::Adam => {
-            svp_optim::Optimizer::Adam { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
-        }
+        OptimizerArg::Adam => svp_optim::Optimizer::adam(3e-4),
     }
 }
 

@@ -293,6 +293,21 @@ fn resume_from_a_checkpoint_file_reproduces_the_uninterrupted_model() {
     assert_fails(&svp(&["train", "--resume", &p("straight.svpm")]), 1, "not an svp checkpoint");
 }
 
+/// A checkpoint in the format before bf16 moments (version 1) resumes.
+#[test]
+fn a_version_1_checkpoint_resumes() {
+    let d = scratch("resume-v1");
+    let ck = d.join("v1.ckpt");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../svp-model/tests/fixtures/v1-adam.ckpt"), &ck).unwrap();
+    let ck = ck.to_str().unwrap();
+    let out = svp(&["train", "--resume", ck, "--data", "embedded", "--limit-train", "1000", "--epochs", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resuming at epoch 2, batch 0 (step 16)"), "{err}");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("epoch   2") && !report.contains("epoch   1"), "{report}");
+}
+
 #[test]
 fn killing_the_writer_never_leaves_a_corrupt_checkpoint() {
     let d = scratch("kill");

@@ -12,8 +12,9 @@ use svp_train::{FitState, FitStateRef};
 
 /// First eight bytes of every checkpoint.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"SVPCKPT\0";
-/// Version written by this build.
-pub const CHECKPOINT_VERSION: u32 = 1;
+/// Version written by this build. Version 2 added bf16 optimizer moments
+/// (each layer's moments carry their kind); version 1 files still load.
+pub const CHECKPOINT_VERSION: u32 = 2;
 const HEADER: usize = 28;
 
 /// A resumable training run.
@@ -79,6 +80,10 @@ impl Checkpoint {
     pub fn from_payload(payload: &[u8], path: &Path) -> Result<Self, ModelError> {
         let c: Checkpoint = postcard::from_bytes(payload)
             .map_err(|e| ModelError::Invalid { path: path.to_owned(), what: format!("payload: {e}") })?;
+        Self::checked(c, path)
+    }
+
+    fn checked(c: Checkpoint, path: &Path) -> Result<Self, ModelError> {
         if c.state.params.iter().any(|v| !v.is_finite()) {
             return Err(ModelError::Invalid { path: path.to_owned(), what: "non-finite weights".into() });
         }
@@ -104,8 +109,8 @@ impl Checkpoint {
             return Err(invalid("not an svp checkpoint (wrong magic number or too short)".into()));
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != CHECKPOINT_VERSION {
-            return Err(invalid(format!("checkpoint version {version}; this build reads {CHECKPOINT_VERSION}")));
+        if version != CHECKPOINT_VERSION && version != 1 {
+            return Err(invalid(format!("checkpoint version {version}; this build reads 1 and {CHECKPOINT_VERSION}")));
         }
         let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
         let payload = &bytes[HEADER..];
@@ -114,6 +119,11 @@ impl Checkpoint {
         }
         if u64::from_le_bytes(bytes[20..28].try_into().expect("8 bytes")) != fnv1a64(&[payload]) {
             return Err(invalid("checksum mismatch (the checkpoint is damaged)".into()));
+        }
+        if version == 1 {
+            let c: v1::Checkpoint = postcard::from_bytes(payload)
+                .map_err(|e| ModelError::Invalid { path: path.to_owned(), what: format!("payload: {e}") })?;
+            return Self::checked(c.into(), path);
         }
         Self::from_payload(payload, path)
     }
@@ -127,6 +137,79 @@ impl Checkpoint {
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
         Self::from_bytes(&bytes, path)
+    }
+}
+
+/// Version 1's payload: moments were two f32 vectors per layer, `m` empty
+/// for plain SGD, `v` empty for SGD with momentum.
+mod v1 {
+    use serde::Deserialize;
+    use svp_optim::Moments;
+
+    #[derive(Deserialize)]
+    pub(super) struct Checkpoint {
+        config_json: String,
+        data_origin: String,
+        train_len: u64,
+        state: FitState,
+    }
+
+    #[derive(Deserialize)]
+    struct FitState {
+        epoch: usize,
+        next_batch: usize,
+        loss_sum: f64,
+        samples: usize,
+        history: Vec<(usize, f64, f64)>,
+        params: Vec<f32>,
+        trainer: TrainerState,
+    }
+
+    #[derive(Deserialize)]
+    struct TrainerState {
+        step: u64,
+        optimizer: Vec<LayerState>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct LayerState {
+        pub(super) steps: u64,
+        pub(super) m: Vec<f32>,
+        pub(super) v: Vec<f32>,
+    }
+
+    impl From<LayerState> for svp_optim::LayerState {
+        fn from(s: LayerState) -> Self {
+            let moments = match (s.m.is_empty(), s.v.is_empty()) {
+                (true, true) => Moments::None,
+                (false, true) => Moments::Momentum(s.m),
+                _ => Moments::F32 { m: s.m, v: s.v },
+            };
+            svp_optim::LayerState { steps: s.steps, moments }
+        }
+    }
+
+    impl From<Checkpoint> for super::Checkpoint {
+        fn from(c: Checkpoint) -> Self {
+            let s = c.state;
+            super::Checkpoint {
+                config_json: c.config_json,
+                data_origin: c.data_origin,
+                train_len: c.train_len,
+                state: svp_train::FitState {
+                    epoch: s.epoch,
+                    next_batch: s.next_batch,
+                    loss_sum: s.loss_sum,
+                    samples: s.samples,
+                    history: s.history,
+                    params: s.params,
+                    trainer: svp_train::TrainerState {
+                        step: s.trainer.step,
+                        optimizer: s.trainer.optimizer.into_iter().map(Into::into).collect(),
+                    },
+                },
+            }
+        }
     }
 }
 

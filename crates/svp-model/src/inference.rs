@@ -92,7 +92,8 @@ impl InferenceModel {
             // Later predictions then allocate nothing, GEMM packing included.
             svp_tensor::try_reserve_workspaces().expect("memory for GEMM packing buffers");
             ws.act = [vec![0.0; rows * width], vec![0.0; rows * width]];
-            ws.cache = DenseCache::new(rows, width);
+            let (norm_width, plain_width) = DenseCache::widths(layers.iter().map(|l| l.spec()));
+            ws.cache = DenseCache::try_sized(rows, norm_width, plain_width).expect("memory for the layer cache");
             ws.rows = rows;
         }
         let max_params = layers.iter().map(|l| layer_param_len(l.spec())).max().unwrap_or(0);

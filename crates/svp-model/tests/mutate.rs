@@ -135,7 +135,16 @@ fn mutated_checkpoints_never_panic() {
         params: (0..300).map(|i| i as f32 * 0.01).collect(),
         trainer: svp_train::TrainerState {
             step: 40,
-            optimizer: vec![svp_optim::LayerState { steps: 40, m: vec![0.1; 100], v: vec![0.2; 100] }],
+            optimizer: vec![
+                svp_optim::LayerState {
+                    steps: 40,
+                    moments: svp_optim::Moments::F32 { m: vec![0.1; 100], v: vec![0.2; 100] },
+                },
+                svp_optim::LayerState {
+                    steps: 40,
+                    moments: svp_optim::Moments::Bf16 { m: vec![0x3dcc; 50], v: vec![0x3e4c; 50] },
+                },
+            ],
         },
     };
     let c = Checkpoint { config_json: "{\"a\":1}".into(), data_origin: "d".into(), train_len: 64, state };

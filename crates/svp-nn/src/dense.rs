@@ -75,14 +75,29 @@ impl DenseCache {
 
     /// [`DenseCache::new`], failing cleanly when the memory is not there.
     pub fn try_new(max_rows: usize, max_width: usize) -> Result<Self, svp_alloc::OutOfMemory> {
+        Self::try_sized(max_rows, max_width, max_width)
+    }
+
+    /// A cache for up to `max_rows` rows of blocks with LayerNorm (and token
+    /// heads) up to `norm_width` wide and blocks without a norm up to
+    /// `plain_width` wide: only the latter keep their pre-activations.
+    pub fn try_sized(max_rows: usize, norm_width: usize, plain_width: usize) -> Result<Self, svp_alloc::OutOfMemory> {
         Ok(Self {
-            pre_act: svp_alloc::try_zeros(max_rows * max_width, "a layer's pre-activations")?,
-            xhat: svp_alloc::try_zeros(max_rows * max_width, "a layer's normalized inputs")?,
-            rstd: svp_alloc::try_zeros(max_rows, "a layer's LayerNorm statistics")?,
+            pre_act: svp_alloc::try_zeros(max_rows * plain_width, "a layer's pre-activations")?,
+            xhat: svp_alloc::try_zeros(max_rows * norm_width, "a layer's normalized inputs")?,
+            rstd: svp_alloc::try_zeros(if norm_width > 0 { max_rows } else { 0 }, "a layer's LayerNorm statistics")?,
             norm_scratch: svp_alloc::try_zeros(
-                layer_norm::backward_scratch_len(max_rows, max_width),
+                layer_norm::backward_scratch_len(max_rows, norm_width),
                 "a layer's LayerNorm gradient sums",
             )?,
+        })
+    }
+
+    /// The `(norm_width, plain_width)` of [`DenseCache::try_sized`] that serve `blocks`.
+    pub fn widths<'a>(blocks: impl IntoIterator<Item = &'a DenseSpec>) -> (usize, usize) {
+        blocks.into_iter().fold((0, 0), |(norm, plain), s| match s.norm {
+            Norm::LayerNorm => (norm.max(s.out_dim), plain),
+            Norm::None => (norm, plain.max(s.out_dim)),
         })
     }
 

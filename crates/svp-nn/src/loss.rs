@@ -62,11 +62,12 @@ pub struct FaWorkspace {
     norms: Vec<f32>,
     /// `S(v)` of the last [`FeatureAlignment::align`].
     sim: Vec<f32>,
-    /// `S(v_prev)` and the batch size it is for.
+    /// `S(v_prev)` and the batch size it is for; [`FeatureAlignment::align`]
+    /// turns it into `D = S(v) - S(v_prev)` in place (it is used once).
     target: Vec<f32>,
     target_rows: Option<usize>,
-    /// `S(v) - S(v_prev)`.
-    diff: Vec<f32>,
+    /// The batch size of the `S(v)` in `sim`, until promoted.
+    aligned_rows: Option<usize>,
     dnormed: Vec<f32>,
 }
 
@@ -89,26 +90,23 @@ impl FaWorkspace {
             sim: zeros(max_rows * max_rows)?,
             target: zeros(max_rows * max_rows)?,
             target_rows: None,
-            diff: zeros(max_rows * max_rows)?,
+            aligned_rows: None,
             dnormed: zeros(max_rows * max_dim)?,
         })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * [&self.normed, &self.norms, &self.sim, &self.target, &self.diff, &self.dnormed]
-            .iter()
-            .map(|v| v.len())
-            .sum::<usize>()
+        4 * [&self.normed, &self.norms, &self.sim, &self.target, &self.dnormed].iter().map(|v| v.len()).sum::<usize>()
     }
 
     /// Makes the `v` of the last [`FeatureAlignment::align`] the next
     /// alignment target: layer `l`'s `v` is layer `l + 1`'s `v_prev`.
     ///
     /// # Panics
-    /// If no alignment ran since the last target was set.
+    /// If no alignment ran since the last target was set or promoted.
     pub fn promote(&mut self) {
-        let rows = self.target_rows.expect("feature alignment: promote without an alignment");
+        let rows = self.aligned_rows.take().expect("feature alignment: promote without an alignment");
         std::mem::swap(&mut self.sim, &mut self.target);
         self.target_rows = Some(rows);
     }
@@ -164,27 +162,28 @@ impl FeatureAlignment {
     }
 
     /// The loss against the workspace's target, and `dv += weight * d loss / d v`.
+    /// The target is used up; [`FaWorkspace::promote`] makes `S(v)` the next one.
     ///
     /// # Panics
     /// If no target is set, or it is for another batch size.
     pub fn align(&self, v: ArrayView2<f32>, ws: &mut FaWorkspace, weight: f32, dv: &mut [f32]) -> f32 {
         let (b, d) = v.dim();
-        assert_eq!(ws.target_rows, Some(b), "feature alignment: no target for a batch of {b}");
+        assert_eq!(ws.target_rows.take(), Some(b), "feature alignment: no target for a batch of {b}");
         self.similarity(v, &mut ws.normed, &mut ws.norms, &mut ws.sim);
-        // diff = D = S(v) - S(v_prev); the loss in f64 over independent lanes
-        // (a single chain would serialize 16k additions).
+        ws.aligned_rows = Some(b);
+        // target <- D = S(v) - S(v_prev); the loss in f64 over independent
+        // lanes (a single chain would serialize 16k additions).
         let mut sq = [0.0f64; 8];
-        let diff = ws.diff[..b * b].chunks_exact_mut(8).zip(ws.sim.chunks_exact(8)).zip(ws.target.chunks_exact(8));
-        for ((dd, s), t) in diff {
+        let (diff, sim) = (&mut ws.target[..b * b], &ws.sim[..b * b]);
+        for (dd, s) in diff.chunks_exact_mut(8).zip(sim.chunks_exact(8)) {
             for i in 0..8 {
-                dd[i] = s[i] - t[i];
+                dd[i] = s[i] - dd[i];
                 sq[i] += dd[i] as f64 * dd[i] as f64;
             }
         }
-        let tail = b * b / 8 * 8;
-        for i in tail..b * b {
-            ws.diff[i] = ws.sim[i] - ws.target[i];
-            sq[0] += ws.diff[i] as f64 * ws.diff[i] as f64;
+        for i in b * b / 8 * 8..b * b {
+            diff[i] = sim[i] - diff[i];
+            sq[0] += diff[i] as f64 * diff[i] as f64;
         }
         let inv_b2 = 1.0 / (b * b) as f32;
         let loss = (sq.iter().sum::<f64>() * inv_b2 as f64) as f32;
@@ -193,7 +192,7 @@ impl FeatureAlignment {
         }
         let n = view(&ws.normed, b, d);
         // dL/dN = 4/B^2 D N  (D symmetric)
-        gemm(4.0 * inv_b2, view(&ws.diff, b, b), n, 0.0, view_mut(&mut ws.dnormed, b, d));
+        gemm(4.0 * inv_b2, view(&ws.target, b, b), n, 0.0, view_mut(&mut ws.dnormed, b, d));
         for (((dn, nr), &r), out) in ws.dnormed[..b * d]
             .chunks_exact_mut(d)
             .zip(ws.normed.chunks_exact(d))
@@ -250,6 +249,17 @@ mod tests {
                 assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {l} gradient");
             }
         }
+    }
+
+    /// A target is used once: a second alignment needs a promotion or a new target.
+    #[test]
+    #[should_panic(expected = "no target")]
+    fn a_target_serves_one_alignment() {
+        let v = values(8 * 3, 0);
+        let (fa, mut ws) = (FeatureAlignment::default(), FaWorkspace::new(8, 3));
+        fa.set_target(view(&v, 8, 3), &mut ws);
+        fa.align(view(&v, 8, 3), &mut ws, 1.0, &mut [0.0; 24]);
+        fa.align(view(&v, 8, 3), &mut ws, 1.0, &mut [0.0; 24]);
     }
 
     #[test]

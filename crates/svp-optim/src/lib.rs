@@ -5,6 +5,12 @@
 //! per layer by the caller ([`LayerState`]), so a trainer can update layer `l`
 //! the moment its gradient exists and then reuse the gradient buffer.
 //!
+//! Adam's moments can be stored in bfloat16 ([`MomentDtype::Bf16`]): half
+//! the optimizer's memory, and (the update being bound by memory bandwidth)
+//! a faster step. They are rounded stochastically, which keeps them unbiased:
+//! with `beta2 = 0.999` a step changes `v` by 0.1 %, below bf16's resolution
+//! (0.4 %), so rounding to nearest would freeze it.
+//!
 //! Optimizer moments that decay towards zero are flushed to zero below
 //! `f32::MIN_POSITIVE`: subnormal floats are 10-100x slower on x86, and a
 //! momentum of a dead unit would otherwise decay through them for hundreds of
@@ -63,6 +69,9 @@ pub enum Optimizer {
         /// L2 penalty added to the gradient.
         #[serde(default)]
         weight_decay: f32,
+        /// How the moments are stored.
+        #[serde(default)]
+        state: MomentDtype,
     },
     /// Adam with decoupled weight decay, as `torch.optim.AdamW`.
     AdamW {
@@ -80,6 +89,9 @@ pub enum Optimizer {
         /// Decoupled decay (`p -= lr * wd * p`).
         #[serde(default = "default_adamw_decay")]
         weight_decay: f32,
+        /// How the moments are stored.
+        #[serde(default)]
+        state: MomentDtype,
     },
 }
 
@@ -96,21 +108,87 @@ fn default_adamw_decay() -> f32 {
     0.01
 }
 
+/// How an optimizer stores its moments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MomentDtype {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// bfloat16 (the high half of an f32), rounded stochastically.
+    Bf16,
+}
+
+/// An optimizer's per-parameter moments for one layer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub enum Moments {
+    /// Plain SGD keeps none.
+    #[default]
+    None,
+    /// SGD's momentum buffer.
+    Momentum(Vec<f32>),
+    /// Adam's first and second moments.
+    F32 {
+        /// First moment.
+        m: Vec<f32>,
+        /// Second moment.
+        v: Vec<f32>,
+    },
+    /// Adam's moments as bfloat16 bits.
+    Bf16 {
+        /// First moment.
+        m: Vec<u16>,
+        /// Second moment.
+        v: Vec<u16>,
+    },
+}
+
+impl Moments {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Moments::None => 0,
+            Moments::Momentum(m) => 4 * m.len(),
+            Moments::F32 { m, v } => 4 * (m.len() + v.len()),
+            Moments::Bf16 { m, v } => 2 * (m.len() + v.len()),
+        }
+    }
+
+    /// Whether `other` has the same kind and lengths (a checkpoint's state
+    /// fits this layer and optimizer).
+    pub fn same_shape(&self, other: &Moments) -> bool {
+        match (self, other) {
+            (Moments::None, Moments::None) => true,
+            (Moments::Momentum(a), Moments::Momentum(b)) => a.len() == b.len(),
+            (Moments::F32 { m: a, v: b }, Moments::F32 { m: c, v: d }) => a.len() == c.len() && b.len() == d.len(),
+            (Moments::Bf16 { m: a, v: b }, Moments::Bf16 { m: c, v: d }) => a.len() == c.len() && b.len() == d.len(),
+            _ => false,
+        }
+    }
+
+    /// The first moment (or momentum) of parameter `i` as f32, if kept.
+    pub fn first(&self, i: usize) -> Option<f32> {
+        match self {
+            Moments::None => None,
+            Moments::Momentum(m) | Moments::F32 { m, .. } => m.get(i).copied(),
+            Moments::Bf16 { m, .. } => m.get(i).map(|&b| from_bf16(b)),
+        }
+    }
+}
+
 /// Optimizer state of one layer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LayerState {
-    /// Updates applied so far (Adam's bias correction).
+    /// Updates applied so far (Adam's bias correction; stochastic rounding's stream).
     pub steps: u64,
-    /// First moment (momentum buffer for SGD); empty when unused.
-    pub m: Vec<f32>,
-    /// Second moment; empty when unused.
-    pub v: Vec<f32>,
+    /// Per-parameter moments.
+    pub moments: Moments,
 }
 
 impl LayerState {
     /// Bytes of state held.
     pub fn bytes(&self) -> usize {
-        4 * (self.m.len() + self.v.len())
+        self.moments.bytes()
     }
 }
 
@@ -124,6 +202,12 @@ fn flush(x: f32) -> f32 {
 }
 
 impl Optimizer {
+    /// Adam with PyTorch's defaults (betas 0.9 and 0.999, eps 1e-8, no
+    /// weight decay) and f32 moments.
+    pub fn adam(lr: f32) -> Self {
+        Optimizer::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, state: MomentDtype::F32 }
+    }
+
     /// The configured base learning rate.
     pub fn lr(&self) -> f32 {
         match *self {
@@ -143,12 +227,19 @@ impl Optimizer {
     pub fn try_new_state(&self, len: usize) -> Result<LayerState, svp_alloc::OutOfMemory> {
         let what = "optimizer state";
         let zeros = |n| svp_alloc::try_zeros(n, what);
-        Ok(match *self {
-            Optimizer::Sgd { momentum, .. } => {
-                LayerState { steps: 0, m: if momentum != 0.0 { zeros(len)? } else { Vec::new() }, v: Vec::new() }
+        let moments = match *self {
+            Optimizer::Sgd { momentum: 0.0, .. } => Moments::None,
+            Optimizer::Sgd { .. } => Moments::Momentum(zeros(len)?),
+            Optimizer::Adam { state: MomentDtype::F32, .. } | Optimizer::AdamW { state: MomentDtype::F32, .. } => {
+                Moments::F32 { m: zeros(len)?, v: zeros(len)? }
             }
-            Optimizer::Adam { .. } | Optimizer::AdamW { .. } => LayerState { steps: 0, m: zeros(len)?, v: zeros(len)? },
-        })
+            Optimizer::Adam { state: MomentDtype::Bf16, .. } | Optimizer::AdamW { state: MomentDtype::Bf16, .. } => {
+                // bf16 zero is all-zero bits.
+                let bits = |n| svp_alloc::try_filled(n, 0u16, what);
+                Moments::Bf16 { m: bits(len)?, v: bits(len)? }
+            }
+        };
+        Ok(LayerState { steps: 0, moments })
     }
 
     /// One update of `params` from `grad`, with the learning rate multiplied by
@@ -160,17 +251,26 @@ impl Optimizer {
         let start = Instant::now();
         assert_eq!(params.len(), grad.len(), "optimizer: gradient length");
         let rule = self.begin(lr_scale, state);
-        let (m, v) = (&mut state.m[..], &mut state.v[..]);
         let chunks = params.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK));
         // A rule without moments gets empty moment slices (a zip with the
         // empty state would stop at once).
-        match (m.is_empty(), v.is_empty()) {
-            (true, _) => chunks.for_each(|(p, g)| rule.apply(p, g, &mut [], &mut [])),
-            (false, true) => chunks.zip(m.par_chunks_mut(CHUNK)).for_each(|((p, g), m)| rule.apply(p, g, m, &mut [])),
-            (false, false) => chunks
+        match &mut state.moments {
+            Moments::None => chunks.for_each(|(p, g)| rule.apply(p, g, &mut [], &mut [])),
+            Moments::Momentum(m) => {
+                chunks.zip(m.par_chunks_mut(CHUNK)).for_each(|((p, g), m)| rule.apply(p, g, m, &mut []))
+            }
+            Moments::F32 { m, v } => chunks
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
                 .for_each(|(((p, g), m), v)| rule.apply(p, g, m, v)),
+            Moments::Bf16 { m, v } => {
+                let noise_seed = (state.steps as u32).wrapping_mul(0x9e37_79b9);
+                chunks
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .zip(v.par_chunks_mut(CHUNK))
+                    .enumerate()
+                    .for_each(|(c, (((p, g), m), v))| rule.apply_bf16(p, g, m, v, noise_seed, (c * CHUNK) as u32))
+            }
         }
         UPDATE_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
@@ -184,10 +284,10 @@ impl Optimizer {
             Optimizer::Sgd { lr, momentum, weight_decay } => {
                 StepRule::Momentum { lr: lr * lr_scale, momentum, weight_decay, first: state.steps == 1 }
             }
-            Optimizer::Adam { lr, beta1, beta2, eps, weight_decay } => {
+            Optimizer::Adam { lr, beta1, beta2, eps, weight_decay, .. } => {
                 StepRule::adam(lr * lr_scale, beta1, beta2, eps, weight_decay, 0.0, state.steps)
             }
-            Optimizer::AdamW { lr, beta1, beta2, eps, weight_decay } => {
+            Optimizer::AdamW { lr, beta1, beta2, eps, weight_decay, .. } => {
                 StepRule::adam(lr * lr_scale, beta1, beta2, eps, 0.0, weight_decay, state.steps)
             }
         }
@@ -282,6 +382,62 @@ impl StepRule {
             }
         }
     }
+
+    /// [`StepRule::apply`] for Adam with bf16 moments. `offset` is the
+    /// pieces' position in the layer: with `noise_seed` (the step's), it
+    /// picks each element's rounding noise, so the bits do not depend on how
+    /// the layer is split across threads.
+    ///
+    /// # Panics
+    /// If the rule is not Adam's, or the pieces differ in length.
+    #[inline(always)]
+    fn apply_bf16(&self, params: &mut [f32], grad: &[f32], m: &mut [u16], v: &mut [u16], noise_seed: u32, offset: u32) {
+        let n = params.len();
+        assert!(grad.len() == n && m.len() == n && v.len() == n, "optimizer: state length");
+        let StepRule::Adam { beta1, beta2, eps, l2, decay, step, inv_bc2_sqrt } = *self else {
+            panic!("bf16 moments are Adam's");
+        };
+        for (i, (((p, &g), m), v)) in params.iter_mut().zip(grad).zip(m).zip(v).enumerate() {
+            let g = g + l2 * *p;
+            let m32 = flush(beta1 * from_bf16(*m) + (1.0 - beta1) * g);
+            let v32 = flush(beta2 * from_bf16(*v) + (1.0 - beta2) * g * g);
+            let noise = rounding_noise(noise_seed, offset.wrapping_add(i as u32));
+            *m = to_bf16_stochastic(m32, noise >> 16);
+            *v = to_bf16_stochastic(v32, noise & 0xffff);
+            // This step uses the moments before rounding.
+            let denom = v32.sqrt() * inv_bc2_sqrt + eps;
+            *p = *p * decay - step * m32 / denom;
+        }
+    }
+}
+
+/// A bfloat16's value.
+#[inline(always)]
+pub fn from_bf16(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// `x` rounded to bfloat16, up with probability equal to the fraction of an
+/// ulp it lies above the value below (so the rounding is unbiased), given
+/// 16 uniform random bits in `noise`. Infinities and NaNs are truncated
+/// (adding noise could carry a NaN's payload into the sign).
+#[inline(always)]
+pub fn to_bf16_stochastic(x: f32, noise: u32) -> u16 {
+    let bits = x.to_bits();
+    let bits = if x.is_finite() { bits.wrapping_add(noise & 0xffff) } else { bits };
+    (bits >> 16) as u16
+}
+
+/// 32 well-mixed bits from a seed and an index (Wellons' `lowbias32`
+/// finalizer), in a few integer operations that vectorize.
+#[inline(always)]
+fn rounding_noise(seed: u32, index: u32) -> u32 {
+    let mut x = index ^ seed;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
 }
 
 #[cfg(test)]
@@ -329,8 +485,9 @@ mod tests {
 
     #[test]
     fn adam_and_adamw_match_reference() {
-        let adam = Optimizer::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
-        let adamw = Optimizer::AdamW { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let state = MomentDtype::F32;
+        let adam = Optimizer::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, state };
+        let adamw = Optimizer::AdamW { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, state };
         for (opt, decoupled) in [(adam, false), (adamw, true)] {
             let got = run(opt, 50);
             let want = adam_reference(decoupled, 50);
@@ -370,8 +527,82 @@ mod tests {
         opt.update(1.0, &mut p, &[1e-30], &mut state);
         for _ in 0..200 {
             opt.update(1.0, &mut p, &[0.0], &mut state);
-            assert!(state.m[0] == 0.0 || state.m[0].abs() >= f32::MIN_POSITIVE);
+            let m = state.moments.first(0).unwrap();
+            assert!(m == 0.0 || m.abs() >= f32::MIN_POSITIVE);
         }
-        assert_eq!(state.m[0], 0.0);
+        assert_eq!(state.moments.first(0), Some(0.0));
+    }
+
+    fn adam(lr: f32, state: MomentDtype) -> Optimizer {
+        Optimizer::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, state }
+    }
+
+    /// Over all 2^16 noise values, the rounded values average to `x` exactly.
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        for x in [1.0f32 + 1.0 / 3.0, -0.123_456_7, 3.0e-20, 65_504.25, 1.0] {
+            let sum: f64 = (0..1u32 << 16).map(|r| from_bf16(to_bf16_stochastic(x, r)) as f64).sum();
+            assert_eq!(sum / 65_536.0, x as f64, "{x}");
+        }
+        assert!(from_bf16(to_bf16_stochastic(f32::NAN, 0xffff)).is_nan());
+        assert_eq!(from_bf16(to_bf16_stochastic(f32::INFINITY, 0xffff)), f32::INFINITY);
+        assert_eq!(from_bf16(to_bf16_stochastic(-2.5, 0xffff)), -2.5);
+    }
+
+    #[test]
+    fn adam_with_bf16_moments_follows_the_reference() {
+        let got = run(adam(0.01, MomentDtype::Bf16), 50);
+        let want = run(adam(0.01, MomentDtype::F32), 50);
+        // Within 1 % of the distance travelled (from 1, -2, 0.5).
+        for ((g, w), start) in got.iter().zip(&want).zip([1.0f32, -2.0, 0.5]) {
+            assert!((g - w).abs() <= 1e-4 + 0.01 * (w - start).abs(), "{got:?} vs {want:?}");
+        }
+        let state = adam(0.01, MomentDtype::Bf16).new_state(1000);
+        assert_eq!(state.bytes(), 4000, "two bytes per moment");
+    }
+
+    /// The reason for stochastic rounding: with beta2 = 0.999 one step moves
+    /// `v` by 0.1 %, under bf16's resolution. Rounded to nearest, `v` would
+    /// stay where a large first gradient put it; rounded stochastically it
+    /// decays with the f32 one, on average over the layer.
+    #[test]
+    fn second_moment_decays_in_bf16() {
+        let n = 4096;
+        let (f32_opt, bf16_opt) = (adam(1e-6, MomentDtype::F32), adam(1e-6, MomentDtype::Bf16));
+        let (mut a, mut b) = (f32_opt.new_state(n), bf16_opt.new_state(n));
+        let (mut pa, mut pb) = (vec![0.0f32; n], vec![0.0f32; n]);
+        for t in 0..3000 {
+            let g = vec![if t == 0 { 1.0 } else { 0.01 }; n];
+            f32_opt.update(1.0, &mut pa, &g, &mut a);
+            bf16_opt.update(1.0, &mut pb, &g, &mut b);
+        }
+        let second = |s: &LayerState| match &s.moments {
+            Moments::F32 { v, .. } => v.iter().map(|&x| x as f64).sum::<f64>() / n as f64,
+            Moments::Bf16 { v, .. } => v.iter().map(|&x| from_bf16(x) as f64).sum::<f64>() / n as f64,
+            _ => unreachable!(),
+        };
+        let (want, got) = (second(&a), second(&b));
+        // v fell from 1e-3 to ~1.5e-4; frozen, it would be 1e-3.
+        assert!(want < 2e-4 && (got - want).abs() < 0.01 * want, "bf16 mean v {got}, f32 {want}");
+    }
+
+    /// The rounding noise depends on an element's place in the layer, not on
+    /// how the update is split across threads.
+    #[test]
+    fn bf16_bits_do_not_depend_on_the_thread_count() {
+        let n = 3 * CHUNK + 123;
+        let run = || {
+            let opt = adam(1e-3, MomentDtype::Bf16);
+            let mut state = opt.new_state(n);
+            let mut p: Vec<f32> = (0..n).map(|i| (i % 101) as f32 * 1e-2).collect();
+            for t in 0..5 {
+                let g: Vec<f32> = (0..n).map(|i| ((i * (t + 3)) % 37) as f32 * 1e-3 - 0.018).collect();
+                opt.update(1.0, &mut p, &g, &mut state);
+            }
+            (p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), state)
+        };
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(run);
+        let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap().install(run);
+        assert!(one == two);
     }
 }

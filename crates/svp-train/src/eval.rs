@@ -35,18 +35,34 @@ pub fn evaluate(
     exits: Option<&ProjectionHeads>,
     ws: &mut InferenceWorkspace,
 ) -> EvalReport {
+    let (mut x, mut y) = (vec![0.0; batch_size * data.features()], vec![0u32; batch_size]);
+    evaluate_with(model, data, norm, exits, ws, &mut x, &mut y)
+}
+
+/// [`evaluate`] gathering its batches into `x` (`batch_size x features`)
+/// and `y` (`batch_size`), the caller's: the training loop lends its own
+/// batch buffers, so that an evaluation needs no memory of its own.
+pub fn evaluate_with(
+    model: &Network,
+    data: &Dataset,
+    norm: Normalization,
+    exits: Option<&ProjectionHeads>,
+    ws: &mut InferenceWorkspace,
+    x: &mut [f32],
+    y: &mut [u32],
+) -> EvalReport {
+    let batch_size = y.len();
+    let features = data.features();
+    assert_eq!(x.len(), batch_size * features, "evaluate: the input buffer holds {batch_size} samples");
     let mut batcher = Batcher::new(data.len(), batch_size, norm);
     batcher.start_epoch(0, 0, false);
-    let features = data.features();
     let classes = model.classes();
-    let mut x = vec![0.0; batch_size * features];
-    let mut y = vec![0u32; batch_size];
     let hidden = model.hidden_layers();
     let (mut correct, mut loss) = (0usize, 0.0f64);
     let mut exit_correct = vec![0usize; if exits.is_some() { hidden } else { 0 }];
     for b in 0..batcher.batches() {
-        let rows = batcher.gather(data, b, &mut x, &mut y);
-        let logits = model.predict(&x, rows, ws, exits);
+        let rows = batcher.gather(data, b, x, y);
+        let logits = model.predict(x, rows, ws, exits);
         for (row, &label) in logits.chunks_exact(classes).zip(&y[..rows]) {
             correct += usize::from(argmax(row) == label as usize);
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -1,7 +1,7 @@
 //! The epoch loop shared by the CLI, tests and the device simulator.
 
 use crate::config::{Config, Method};
-use crate::eval::{EvalReport, evaluate};
+use crate::eval::{EvalReport, evaluate_with};
 use crate::model::{InferenceWorkspace, Network, ProjectionHeads};
 use crate::{BpTrainer, SvpTrainer, TrainError, Trainer, TrainerState, TrainerStateRef};
 use std::time::Instant;
@@ -316,7 +316,7 @@ fn fit_on_this_thread(
         }
         let seconds = start.elapsed().as_secs_f64();
         let EvalReport { accuracy, exit_accuracy, .. } =
-            evaluate(&model, &data.test, norm, rows, heads.as_ref(), &mut eval_ws);
+            evaluate_with(&model, &data.test, norm, heads.as_ref(), &mut eval_ws, &mut x, &mut y);
         let layers = trainer.layer_metrics().map(|m| {
             let s = m.steps.max(1) as f64;
             LayerEpoch {

@@ -27,7 +27,7 @@ mod updater;
 
 pub use bp::BpTrainer;
 pub use config::{Config, ConfigError, Method};
-pub use eval::{EvalReport, argmax, evaluate};
+pub use eval::{EvalReport, argmax, evaluate, evaluate_with};
 pub use fit::{
     EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown, Progress,
     fit, fit_with, try_fit_with,

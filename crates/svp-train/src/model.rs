@@ -110,18 +110,19 @@ pub struct LayerCache {
 impl LayerCache {
     /// A cache that serves any one of `layers` at a time, for batches of up to `rows`.
     pub fn try_for<'a>(layers: impl IntoIterator<Item = Layer<'a>>, rows: usize) -> Result<Self, OutOfMemory> {
-        let (mut dense_width, mut convs, mut block, mut patches) = (0, Vec::new(), None, 0);
+        let (mut convs, mut block, mut patches, mut readout_width, mut dense) = (Vec::new(), None, 0, 0, Vec::new());
         for layer in layers {
             match layer {
                 Layer::Conv(c) => convs.push(c),
                 Layer::Patch(p) => patches = patches.max(p.scratch_len(rows)),
                 Layer::Block(b) => block = Some(b.spec),
-                Layer::Readout(r) => dense_width = dense_width.max(r.dim),
-                Layer::Dense(d) => dense_width = dense_width.max(d.spec().out_dim),
+                Layer::Readout(r) => readout_width = readout_width.max(r.dim),
+                Layer::Dense(d) => dense.push(d.spec()),
             }
         }
+        let (norm_width, plain_width) = DenseCache::widths(dense);
         Ok(Self {
-            dense: if dense_width > 0 { DenseCache::try_new(rows, dense_width)? } else { DenseCache::default() },
+            dense: DenseCache::try_sized(rows, norm_width.max(readout_width), plain_width)?,
             conv: ConvBlockCache::try_new_for(convs, rows)?,
             block: block.map_or(Ok(BlockCache::default()), |spec| BlockCache::try_new(&spec, rows))?,
             patches: svp_alloc::try_zeros(patches, "unfolded patches")?,

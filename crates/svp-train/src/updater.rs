@@ -55,8 +55,11 @@ impl Updater {
             ));
         }
         for (l, (a, b)) in self.states.iter().zip(&state.optimizer).enumerate() {
-            if a.m.len() != b.m.len() || a.v.len() != b.v.len() {
-                return Err(format!("optimizer state of layer {} does not fit the layer", l + 1));
+            if !a.moments.same_shape(&b.moments) {
+                return Err(format!(
+                    "optimizer state of layer {} does not fit the layer (another kind or size of moments)",
+                    l + 1
+                ));
             }
         }
         self.step = state.step;
