@@ -240,6 +240,24 @@ impl GemmOperands {
         timed_on_pool(iters, || self.run())
     }
 
+    /// Wall time of `iters` runs, each after `evict` was written on every
+    /// thread of the pool (untimed), so that the operands come from memory
+    /// as a step's weights do: between two uses of a layer's weights, a step
+    /// moves every other layer's weights, gradients and moments.
+    pub fn timed_cold(&mut self, iters: u64, evict: &mut [f32]) -> Duration {
+        use rayon::prelude::*;
+        on_pool(|| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                evict.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|x| *x += 1.0));
+                let start = Instant::now();
+                self.run();
+                total += start.elapsed();
+            }
+            total
+        })
+    }
+
     /// Runs the GEMM once on the rayon pool.
     pub fn run(&mut self) {
         let (a, b, c) = self.views();

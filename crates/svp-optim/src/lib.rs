@@ -397,18 +397,45 @@ impl StepRule {
         let StepRule::Adam { beta1, beta2, eps, l2, decay, step, inv_bc2_sqrt } = *self else {
             panic!("bf16 moments are Adam's");
         };
-        for (i, (((p, &g), m), v)) in params.iter_mut().zip(grad).zip(m).zip(v).enumerate() {
+        let element = |p: &mut f32, g: f32, m: &mut u16, v: &mut u16, noise: u32| {
             let g = g + l2 * *p;
             let m32 = flush(beta1 * from_bf16(*m) + (1.0 - beta1) * g);
             let v32 = flush(beta2 * from_bf16(*v) + (1.0 - beta2) * g * g);
-            let noise = rounding_noise(noise_seed, offset.wrapping_add(i as u32));
             *m = to_bf16_stochastic(m32, noise >> 16);
             *v = to_bf16_stochastic(v32, noise & 0xffff);
             // This step uses the moments before rounding.
             let denom = v32.sqrt() * inv_bc2_sqrt + eps;
             *p = *p * decay - step * m32 / denom;
+        };
+        // One xorshift32 generator per lane, seeded from the step and the
+        // piece's place in the layer: fewer operations per element than a
+        // hash of each index, and a loop that vectorizes across the lanes.
+        let mut lanes: [u32; NOISE_LANES] =
+            std::array::from_fn(|l| rounding_noise(noise_seed, offset.wrapping_add(l as u32)) | 1);
+        let blocks = params.chunks_exact_mut(NOISE_LANES).zip(grad.chunks_exact(NOISE_LANES));
+        let blocks = blocks.zip(m.chunks_exact_mut(NOISE_LANES)).zip(v.chunks_exact_mut(NOISE_LANES));
+        for (((p, g), m), v) in blocks {
+            for l in 0..NOISE_LANES {
+                lanes[l] = xorshift32(lanes[l]);
+                element(&mut p[l], g[l], &mut m[l], &mut v[l], lanes[l]);
+            }
+        }
+        let tail = n / NOISE_LANES * NOISE_LANES;
+        for (l, i) in (tail..n).enumerate() {
+            lanes[l] = xorshift32(lanes[l]);
+            element(&mut params[i], grad[i], &mut m[i], &mut v[i], lanes[l]);
         }
     }
+}
+
+/// Independent noise generators in [`StepRule::apply_bf16`].
+const NOISE_LANES: usize = 16;
+
+#[inline(always)]
+fn xorshift32(mut x: u32) -> u32 {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^ (x << 5)
 }
 
 /// A bfloat16's value.
