@@ -5,10 +5,18 @@
 use std::time::{Duration, Instant};
 use svp_train::Config;
 
-/// The reference run (`models/mlp-fmnist.toml`).
+/// The reference run (`models/mlp-fmnist.toml`). With `SVP_BENCH_MOMENTS=bf16`
+/// in the environment, Adam keeps its moments in bfloat16 (for comparing the
+/// two; the file itself keeps f32).
 pub fn reference_config() -> Config {
     let text = include_str!("../models/mlp-fmnist.toml");
-    toml_free_parse(text)
+    let mut config = toml_free_parse(text);
+    if std::env::var("SVP_BENCH_MOMENTS").as_deref() == Ok("bf16")
+        && let svp_optim::Optimizer::Adam { state, .. } = &mut config.optimizer
+    {
+        *state = svp_optim::MomentDtype::Bf16;
+    }
+    config
 }
 
 /// The benches avoid a TOML dependency: the reference config is rebuilt here
