@@ -7,8 +7,9 @@
 //! KiB, so the several sweeps over it stay in L1; the batch is swept once.
 //!
 //! The batch is split into chunks of rows whose size depends on the width
-//! alone (run on the pool when the batch is large). Column sums are accumulated per chunk and the chunks are added in
-//! order, so the bits never depend on the thread count.
+//! alone (run on the pool when the batch is large). Column sums are
+//! accumulated per chunk and the chunks are added in order, so the bits never
+//! depend on the thread count.
 
 use crate::Activation;
 use rayon::prelude::*;
@@ -115,9 +116,9 @@ pub fn backward(
         let (sum_dy_xhat, sum_dz) = rest.split_at_mut(d);
         for ((dy, x), &r) in dy.chunks_exact_mut(d).zip(xhat.chunks_exact(d)).zip(rstd) {
             act.backward_affine(dy, x, gamma, beta);
-            for (((s, sx), &g), &x) in sum_dy.iter_mut().zip(sum_dy_xhat.iter_mut()).zip(dy.iter()).zip(x) {
-                *s += g;
-                *sx += g * x;
+            for (((s, sx), &grad), &x) in sum_dy.iter_mut().zip(sum_dy_xhat.iter_mut()).zip(dy.iter()).zip(x) {
+                *s += grad;
+                *sx += grad * x;
             }
             // dy becomes the gradient wrt xhat, then wrt z.
             dy.iter_mut().zip(gamma).for_each(|(v, &g)| *v *= g);
