@@ -116,7 +116,7 @@ fn describe(config: &Config, data: &DataSplit) -> String {
         .chain([data.classes.to_string()])
         .collect();
     format!(
-        "svp train: method {}, network {}, {} train / {} test samples from {}, batch {}, {} epochs, {} threads",
+        "svp train: method {}, network {}, {} train / {} test samples from {}, batch {}, {} epochs, {}, {} threads",
         config.train.method,
         widths.join("-"),
         data.train.len(),
@@ -124,8 +124,22 @@ fn describe(config: &Config, data: &DataSplit) -> String {
         data.origin,
         config.train.batch_size,
         config.train.epochs,
+        describe_optimizer(&config.optimizer),
         rayon::current_num_threads()
     )
+}
+
+fn describe_optimizer(optimizer: &Optimizer) -> String {
+    let moments = |state: &svp_optim::MomentDtype| match state {
+        svp_optim::MomentDtype::F32 => "",
+        svp_optim::MomentDtype::Bf16 => " (bf16 moments)",
+    };
+    match optimizer {
+        Optimizer::Sgd { lr, momentum, .. } if *momentum != 0.0 => format!("SGD lr {lr} momentum {momentum}"),
+        Optimizer::Sgd { lr, .. } => format!("SGD lr {lr}"),
+        Optimizer::Adam { lr, state, .. } => format!("Adam lr {lr}{}", moments(state)),
+        Optimizer::AdamW { lr, state, .. } => format!("AdamW lr {lr}{}", moments(state)),
+    }
 }
 
 fn epoch_json(r: &EpochReport) -> serde_json::Value {
