@@ -128,6 +128,8 @@ pub enum OptimizerArg {
     Sgd,
     /// Adam (two moments per weight).
     Adam,
+    /// Adam with its moments in bfloat16 (half the state).
+    AdamBf16,
 }
 
 /// `svp memory-child`.

@@ -97,6 +97,13 @@ fn optimizer(run: &MemoryRun) -> svp_optim::Optimizer {
     match run.optimizer {
         OptimizerArg::Sgd => svp_optim::Optimizer::Sgd { lr: 0.01, momentum: 0.0, weight_decay: 0.0 },
         OptimizerArg::Adam => svp_optim::Optimizer::adam(3e-4),
+        OptimizerArg::AdamBf16 => {
+            let svp_optim::Optimizer::Adam { lr, beta1, beta2, eps, weight_decay, .. } = svp_optim::Optimizer::adam(3e-4)
+            else {
+                unreachable!("Optimizer::adam is Adam")
+            };
+            svp_optim::Optimizer::Adam { lr, beta1, beta2, eps, weight_decay, state: svp_optim::MomentDtype::Bf16 }
+        }
     }
 }
 
@@ -234,6 +241,7 @@ fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, 
     let optimizer = match run.optimizer {
         OptimizerArg::Sgd => "sgd",
         OptimizerArg::Adam => "adam",
+        OptimizerArg::AdamBf16 => "adam-bf16",
     };
     let mut child = Command::new(exe)
         .args(["memory-child", "--method", method_name, "--depth", &depth.to_string()])
@@ -299,6 +307,7 @@ fn optimizer_name(o: OptimizerArg) -> &'static str {
     match o {
         OptimizerArg::Sgd => "SGD",
         OptimizerArg::Adam => "Adam",
+        OptimizerArg::AdamBf16 => "Adam (bf16 moments)",
     }
 }
 
