@@ -11,10 +11,8 @@ use svp_train::Config;
 pub fn reference_config() -> Config {
     let text = include_str!("../models/mlp-fmnist.toml");
     let mut config = toml_free_parse(text);
-    if std::env::var("SVP_BENCH_MOMENTS").as_deref() == Ok("bf16")
-        && let svp_optim::Optimizer::Adam { state, .. } = &mut config.optimizer
-    {
-        *state = svp_optim::MomentDtype::Bf16;
+    if std::env::var("SVP_BENCH_MOMENTS").as_deref() == Ok("bf16") {
+        config.optimizer = config.optimizer.with_moments(svp_optim::MomentDtype::Bf16);
     }
     config
 }

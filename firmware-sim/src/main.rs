@@ -197,14 +197,7 @@ fn run() -> Result<bool, String> {
             },
             svp: SvpConfig::default(),
             train: TrainConfig { method, epochs: args.epochs, batch_size: args.batch, seed: 11, shuffle: true },
-            optimizer: svp_optim::Optimizer::Adam {
-                lr: args.lr,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-                state: args.moments,
-            },
+            optimizer: svp_optim::Optimizer::adam(args.lr).with_moments(args.moments),
             schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
         };
         config.validate_for_data(&split).map_err(|e| e.to_string())?;

@@ -97,13 +97,7 @@ fn optimizer(run: &MemoryRun) -> svp_optim::Optimizer {
     match run.optimizer {
         OptimizerArg::Sgd => svp_optim::Optimizer::Sgd { lr: 0.01, momentum: 0.0, weight_decay: 0.0 },
         OptimizerArg::Adam => svp_optim::Optimizer::adam(3e-4),
-        OptimizerArg::AdamBf16 => {
-            let svp_optim::Optimizer::Adam { lr, beta1, beta2, eps, weight_decay, .. } = svp_optim::Optimizer::adam(3e-4)
-            else {
-                unreachable!("Optimizer::adam is Adam")
-            };
-            svp_optim::Optimizer::Adam { lr, beta1, beta2, eps, weight_decay, state: svp_optim::MomentDtype::Bf16 }
-        }
+        OptimizerArg::AdamBf16 => svp_optim::Optimizer::adam(3e-4).with_moments(svp_optim::MomentDtype::Bf16),
     }
 }
 

@@ -208,6 +208,15 @@ impl Optimizer {
         Optimizer::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, state: MomentDtype::F32 }
     }
 
+    /// The same optimizer with its moments stored as `dtype` (Adam, AdamW;
+    /// SGD's momentum stays f32).
+    pub fn with_moments(mut self, dtype: MomentDtype) -> Self {
+        if let Optimizer::Adam { state, .. } | Optimizer::AdamW { state, .. } = &mut self {
+            *state = dtype;
+        }
+        self
+    }
+
     /// The configured base learning rate.
     pub fn lr(&self) -> f32 {
         match *self {
@@ -562,6 +571,15 @@ mod tests {
 
     fn adam(lr: f32, state: MomentDtype) -> Optimizer {
         Optimizer::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, state }
+    }
+
+    #[test]
+    fn with_moments_switches_adams_storage_only() {
+        let bf16 = Optimizer::adam(1e-3).with_moments(MomentDtype::Bf16);
+        assert_eq!(bf16, adam(1e-3, MomentDtype::Bf16));
+        assert!(matches!(bf16.new_state(4).moments, Moments::Bf16 { .. }));
+        let sgd = Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 };
+        assert_eq!(sgd.with_moments(MomentDtype::Bf16), sgd);
     }
 
     /// Over all 2^16 noise values, the rounded values average to `x` exactly.
