@@ -6,8 +6,9 @@
 //! the moment its gradient exists and then reuse the gradient buffer.
 //!
 //! Adam's moments can be stored in bfloat16 ([`MomentDtype::Bf16`]): half
-//! the optimizer's memory, and (the update being bound by memory bandwidth)
-//! a faster step. They are rounded stochastically, which keeps them unbiased:
+//! the optimizer's memory and a quarter less traffic per weight (the README
+//! has what that does to the step's time). They are rounded stochastically,
+//! which keeps them unbiased:
 //! with `beta2 = 0.999` a step changes `v` by 0.1 %, below bf16's resolution
 //! (0.4 %), so rounding to nearest would freeze it.
 //!
@@ -165,15 +166,6 @@ impl Moments {
             _ => false,
         }
     }
-
-    /// The first moment (or momentum) of parameter `i` as f32, if kept.
-    pub fn first(&self, i: usize) -> Option<f32> {
-        match self {
-            Moments::None => None,
-            Moments::Momentum(m) | Moments::F32 { m, .. } => m.get(i).copied(),
-            Moments::Bf16 { m, .. } => m.get(i).map(|&b| from_bf16(b)),
-        }
-    }
 }
 
 /// Optimizer state of one layer.
@@ -273,12 +265,13 @@ impl Optimizer {
                 .zip(v.par_chunks_mut(CHUNK))
                 .for_each(|(((p, g), m), v)| rule.apply(p, g, m, v)),
             Moments::Bf16 { m, v } => {
+                let StepRule::Adam(adam) = rule else { unreachable!("only Adam's state is kept in bf16") };
                 let noise_seed = (state.steps as u32).wrapping_mul(0x9e37_79b9);
                 chunks
                     .zip(m.par_chunks_mut(CHUNK))
                     .zip(v.par_chunks_mut(CHUNK))
                     .enumerate()
-                    .for_each(|(c, (((p, g), m), v))| rule.apply_bf16(p, g, m, v, noise_seed, (c * CHUNK) as u32))
+                    .for_each(|(c, (((p, g), m), v))| adam.apply_bf16(p, g, m, v, noise_seed, (c * CHUNK) as u32))
             }
         }
         UPDATE_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -325,22 +318,41 @@ enum StepRule {
         first: bool,
     },
     /// Adam or AdamW.
-    Adam {
-        /// First-moment decay rate.
-        beta1: f32,
-        /// Second-moment decay rate.
-        beta2: f32,
-        /// Denominator guard.
-        eps: f32,
-        /// L2 coefficient added to the gradient (Adam).
-        l2: f32,
-        /// Decoupled decay factor applied to the weights (AdamW): `1 - lr * wd`.
-        decay: f32,
-        /// `lr / (1 - beta1^t)`.
-        step: f32,
-        /// `1 / sqrt(1 - beta2^t)`.
-        inv_bc2_sqrt: f32,
-    },
+    Adam(AdamStep),
+}
+
+/// Adam's (or AdamW's) scalars at one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct AdamStep {
+    /// First-moment decay rate.
+    beta1: f32,
+    /// Second-moment decay rate.
+    beta2: f32,
+    /// Denominator guard.
+    eps: f32,
+    /// L2 coefficient added to the gradient (Adam).
+    l2: f32,
+    /// Decoupled decay factor applied to the weights (AdamW): `1 - lr * wd`.
+    decay: f32,
+    /// `lr / (1 - beta1^t)`.
+    step: f32,
+    /// `1 / sqrt(1 - beta2^t)`.
+    inv_bc2_sqrt: f32,
+}
+
+impl AdamStep {
+    /// One weight: updates `p` from its gradient `g` and moments `m`, `v`,
+    /// and returns the new moments (as computed, before any rounding of
+    /// their storage).
+    #[inline(always)]
+    fn element(&self, p: &mut f32, g: f32, m: f32, v: f32) -> (f32, f32) {
+        let g = g + self.l2 * *p;
+        let m = flush(self.beta1 * m + (1.0 - self.beta1) * g);
+        let v = flush(self.beta2 * v + (1.0 - self.beta2) * g * g);
+        let denom = v.sqrt() * self.inv_bc2_sqrt + self.eps;
+        *p = *p * self.decay - self.step * m / denom;
+        (m, v)
+    }
 }
 
 impl StepRule {
@@ -351,7 +363,7 @@ impl StepRule {
         // per element.
         let inv_bc2_sqrt = 1.0 / (1.0 - beta2.powi(t)).sqrt();
         let step = lr / (1.0 - beta1.powi(t));
-        StepRule::Adam { beta1, beta2, eps, l2, decay: 1.0 - lr * decoupled, step, inv_bc2_sqrt }
+        StepRule::Adam(AdamStep { beta1, beta2, eps, l2, decay: 1.0 - lr * decoupled, step, inv_bc2_sqrt })
     }
 
     /// Updates `params` from `grad` and the moments `m`, `v`: equal-length
@@ -379,42 +391,33 @@ impl StepRule {
                     *p -= lr * *m;
                 }
             }
-            StepRule::Adam { beta1, beta2, eps, l2, decay, step, inv_bc2_sqrt } => {
+            StepRule::Adam(adam) => {
                 assert!(m.len() == n && v.len() == n, "optimizer: state length");
                 for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m).zip(v) {
-                    let g = g + l2 * *p;
-                    *m = flush(beta1 * *m + (1.0 - beta1) * g);
-                    *v = flush(beta2 * *v + (1.0 - beta2) * g * g);
-                    let denom = v.sqrt() * inv_bc2_sqrt + eps;
-                    *p = *p * decay - step * *m / denom;
+                    (*m, *v) = adam.element(p, g, *m, *v);
                 }
             }
         }
     }
+}
 
+impl AdamStep {
     /// [`StepRule::apply`] for Adam with bf16 moments. `offset` is the
     /// pieces' position in the layer: with `noise_seed` (the step's), it
-    /// picks each element's rounding noise, so the bits do not depend on how
-    /// the layer is split across threads.
+    /// seeds the rounding noise, so the bits do not depend on how the layer
+    /// is split across threads.
     ///
     /// # Panics
-    /// If the rule is not Adam's, or the pieces differ in length.
+    /// If the pieces differ in length.
     #[inline(always)]
     fn apply_bf16(&self, params: &mut [f32], grad: &[f32], m: &mut [u16], v: &mut [u16], noise_seed: u32, offset: u32) {
         let n = params.len();
         assert!(grad.len() == n && m.len() == n && v.len() == n, "optimizer: state length");
-        let StepRule::Adam { beta1, beta2, eps, l2, decay, step, inv_bc2_sqrt } = *self else {
-            panic!("bf16 moments are Adam's");
-        };
         let element = |p: &mut f32, g: f32, m: &mut u16, v: &mut u16, noise: u32| {
-            let g = g + l2 * *p;
-            let m32 = flush(beta1 * from_bf16(*m) + (1.0 - beta1) * g);
-            let v32 = flush(beta2 * from_bf16(*v) + (1.0 - beta2) * g * g);
+            // This step uses the moments before rounding.
+            let (m32, v32) = self.element(p, g, from_bf16(*m), from_bf16(*v));
             *m = to_bf16_stochastic(m32, noise >> 16);
             *v = to_bf16_stochastic(v32, noise & 0xffff);
-            // This step uses the moments before rounding.
-            let denom = v32.sqrt() * inv_bc2_sqrt + eps;
-            *p = *p * decay - step * m32 / denom;
         };
         // One xorshift32 generator per lane, seeded from the step and the
         // piece's place in the layer: fewer operations per element than a
@@ -449,7 +452,7 @@ fn xorshift32(mut x: u32) -> u32 {
 
 /// A bfloat16's value.
 #[inline(always)]
-pub fn from_bf16(bits: u16) -> f32 {
+fn from_bf16(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
@@ -458,14 +461,14 @@ pub fn from_bf16(bits: u16) -> f32 {
 /// 16 uniform random bits in `noise`. Infinities and NaNs are truncated
 /// (adding noise could carry a NaN's payload into the sign).
 #[inline(always)]
-pub fn to_bf16_stochastic(x: f32, noise: u32) -> u16 {
+fn to_bf16_stochastic(x: f32, noise: u32) -> u16 {
     let bits = x.to_bits();
     let bits = if x.is_finite() { bits.wrapping_add(noise & 0xffff) } else { bits };
     (bits >> 16) as u16
 }
 
 /// 32 well-mixed bits from a seed and an index (Wellons' `lowbias32`
-/// finalizer), in a few integer operations that vectorize.
+/// finalizer): the seeds of [`AdamStep::apply_bf16`]'s generators.
 #[inline(always)]
 fn rounding_noise(seed: u32, index: u32) -> u32 {
     let mut x = index ^ seed;
@@ -563,20 +566,29 @@ mod tests {
         opt.update(1.0, &mut p, &[1e-30], &mut state);
         for _ in 0..200 {
             opt.update(1.0, &mut p, &[0.0], &mut state);
-            let m = state.moments.first(0).unwrap();
+            let m = momentum(&state);
             assert!(m == 0.0 || m.abs() >= f32::MIN_POSITIVE);
         }
-        assert_eq!(state.moments.first(0), Some(0.0));
+        assert_eq!(momentum(&state), 0.0);
+    }
+
+    fn momentum(state: &LayerState) -> f32 {
+        let Moments::Momentum(m) = &state.moments else { panic!("SGD with momentum keeps a momentum buffer") };
+        m[0]
     }
 
     fn adam(lr: f32, state: MomentDtype) -> Optimizer {
-        Optimizer::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, state }
+        Optimizer::adam(lr).with_moments(state)
     }
 
     #[test]
     fn with_moments_switches_adams_storage_only() {
         let bf16 = Optimizer::adam(1e-3).with_moments(MomentDtype::Bf16);
-        assert_eq!(bf16, adam(1e-3, MomentDtype::Bf16));
+        let want = MomentDtype::Bf16;
+        assert_eq!(
+            bf16,
+            Optimizer::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, state: want }
+        );
         assert!(matches!(bf16.new_state(4).moments, Moments::Bf16 { .. }));
         let sgd = Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 };
         assert_eq!(sgd.with_moments(MomentDtype::Bf16), sgd);
