@@ -177,3 +177,46 @@ fn resuming_a_cnn_is_bit_identical() {
         });
     }
 }
+
+/// Five steps driven by hand, so the trainer's update path can be chosen.
+fn step_bits(method: Method, fused: bool, mutate: impl Fn(&mut svp_train::Config)) -> Vec<u32> {
+    use svp_train::{BpTrainer, Network, SvpTrainer, Trainer};
+    let mut config = small_config(method, 1);
+    mutate(&mut config);
+    let data = embedded_subset(640);
+    let seed = config.train.seed;
+    let mut model = Network::try_for_images(data.train.image_shape, data.classes, &config.model, seed).unwrap();
+    let mut trainer: Box<dyn Trainer> = match method {
+        Method::Svp => Box::new(SvpTrainer::new(&model, &config)),
+        Method::Bp => Box::new(BpTrainer::new(&model, &config)),
+    };
+    trainer.updater_mut().set_fused(fused);
+    let rows = config.train.batch_size;
+    let mut batcher = svp_data::Batcher::new(data.train.len(), rows, svp_data::Normalization::fit(&data.train));
+    batcher.start_epoch(seed, 0, true);
+    let (mut x, mut y) = (vec![0.0; rows * data.features()], vec![0; rows]);
+    for b in 0..5 {
+        let n = batcher.gather(&data.train, b, &mut x, &mut y);
+        trainer.step(&mut model, &x[..n * data.features()], &y[..n], 1.0).expect("finite loss");
+    }
+    model.params().iter().map(|v| v.to_bits()).collect()
+}
+
+/// Dense weights updated from the GEMM's tiles (never stored) give the bits
+/// of the update from a stored gradient, for both trainers, units of two
+/// layers (an input gradient computed before the update) and SGD.
+#[test]
+fn fused_weight_updates_change_no_bit() {
+    let svp_plus = |c: &mut svp_train::Config| {
+        c.model.hidden = vec![256, 200, 128];
+        c.svp.layers_per_unit = 2;
+    };
+    let sgd = |c: &mut svp_train::Config| {
+        c.optimizer = svp_optim::Optimizer::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 }
+    };
+    for (method, what) in [(Method::Svp, "SVP"), (Method::Bp, "BP")] {
+        assert_same(&step_bits(method, true, |_| {}), &step_bits(method, false, |_| {}), what);
+        assert_same(&step_bits(method, true, sgd), &step_bits(method, false, sgd), &format!("{what} with SGD"));
+    }
+    assert_same(&step_bits(Method::Svp, true, svp_plus), &step_bits(Method::Svp, false, svp_plus), "SVP+");
+}

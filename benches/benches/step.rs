@@ -20,37 +20,48 @@ fn steps(c: &mut Criterion) {
     group.finish();
 }
 
-/// Prints each step's time against the time its GEMMs took inside that same
-/// step (the GEMM clock of svp-tensor), and against the same shapes run alone,
-/// with warm caches (the same operands call after call) and with cold ones
-/// (32 MB written between calls, as a step moves every other layer's
-/// weights, gradients and moments between two uses of a layer's weights).
-/// The difference is the non-GEMM overhead: norms, activations, losses,
+/// Prints each step's time against the time its GEMMs take alone, with warm
+/// caches (the same operands call after call) and with cold ones (32 MB
+/// written between calls, as a step moves every other layer's weights,
+/// gradients and moments between two uses of a layer's weights). The
+/// difference is the non-GEMM overhead: norms, activations, losses,
 /// projection regeneration, optimizer.
 ///
+/// Each method runs twice: with dense weights updated from their gradient as
+/// the GEMM hands it over (the default), and with the gradient stored first
+/// (`Updater::set_fused(false)`; the same bits). For the second, the GEMM
+/// clock of svp-tensor also gives the time inside the step's own GEMM calls;
+/// for the first those calls include the weights' update.
+///
 /// The host is shared and other work only ever adds time, so each figure is
-/// the fastest of several rounds, and the rounds alternate steps and isolated
-/// GEMMs so that all see the same conditions.
+/// the fastest of several rounds, and the rounds alternate the steps and the
+/// isolated GEMMs so that all see the same conditions.
 fn overhead(_c: &mut Criterion) {
     const ROUNDS: usize = 15;
     const STEPS: u64 = 20;
     let per_call = |d: Duration, n: u64| d.as_secs_f64() / n as f64;
     let mut evict = vec![0.0f32; 8 << 20];
     for (name, method) in [("svp", Method::Svp), ("bp", Method::Bp)] {
-        let mut bench = StepBench::new(method);
+        let mut benches = [StepBench::new(method), StepBench::new(method)];
+        benches[1].trainer.updater_mut().set_fused(false);
         let mut gemms: Vec<GemmOperands> = SHAPES.iter().map(|&s| GemmOperands::new(s)).collect();
-        bench.timed(5);
-        let (mut step, mut in_situ, mut calls, mut update) = (f64::INFINITY, f64::INFINITY, 0, 0.0);
+        let mut step = [f64::INFINITY; 2];
+        let (mut in_situ, mut calls, mut update) = ([0.0; 2], [0; 2], [0.0; 2]);
         let mut warm = vec![f64::INFINITY; SHAPES.len()];
         let mut cold = vec![f64::INFINITY; SHAPES.len()];
+        for bench in &mut benches {
+            bench.timed(5);
+        }
         for _ in 0..ROUNDS {
-            svp_tensor::reset_gemm_clock();
-            svp_optim::reset_update_clock();
-            let t = per_call(bench.timed(STEPS), STEPS);
-            let (gemm, n) = svp_tensor::gemm_clock();
-            if t < step {
-                (step, in_situ, calls) = (t, per_call(gemm, STEPS), n / STEPS);
-                update = per_call(svp_optim::update_clock(), STEPS);
+            for (b, bench) in benches.iter_mut().enumerate() {
+                svp_tensor::reset_gemm_clock();
+                svp_optim::reset_update_clock();
+                let t = per_call(bench.timed(STEPS), STEPS);
+                let (gemm, n) = svp_tensor::gemm_clock();
+                if t < step[b] {
+                    (step[b], in_situ[b], calls[b]) = (t, per_call(gemm, STEPS), n / STEPS);
+                    update[b] = per_call(svp_optim::update_clock(), STEPS);
+                }
             }
             for ((w, c), ops) in warm.iter_mut().zip(cold.iter_mut()).zip(&mut gemms) {
                 *w = w.min(per_call(ops.timed(10), 10));
@@ -65,22 +76,24 @@ fn overhead(_c: &mut Criterion) {
                 .sum()
         };
         let (warm, cold) = (per_step(&warm), per_step(&cold));
-        let share = |gemm: f64| format!("{:.3} ms = {:.1} %", (step - gemm) * 1e3, 100.0 * (step - gemm) / step);
-        println!(
-            "overhead/{name}: step {:.3} ms, optimizer {:.3} ms; its {calls} GEMMs inside the step {:.3} ms, \
-             alone {:.3} ms (warm caches), {:.3} ms (cold)",
-            step * 1e3,
-            update * 1e3,
-            in_situ * 1e3,
-            warm * 1e3,
-            cold * 1e3,
-        );
-        println!(
-            "overhead/{name}: non-GEMM time against the GEMMs alone, warm: {}; cold: {}; inside the step: {}",
-            share(warm),
-            share(cold),
-            share(in_situ)
-        );
+        println!("overhead/{name}: its GEMMs alone {:.3} ms (warm caches), {:.3} ms (cold)", warm * 1e3, cold * 1e3);
+        for (b, way) in ["fused weight updates", "gradients stored"].into_iter().enumerate() {
+            let step = step[b];
+            let share = |gemm: f64| format!("{:.3} ms = {:.1} %", (step - gemm) * 1e3, 100.0 * (step - gemm) / step);
+            let inside = if b == 1 {
+                format!("; inside the step's {} GEMMs: {}", calls[b], share(in_situ[b]))
+            } else {
+                String::new()
+            };
+            println!(
+                "overhead/{name}, {way}: step {:.3} ms (optimizer outside GEMMs {:.3} ms); non-GEMM time against \
+                 the GEMMs alone, warm: {}; cold: {}{inside}",
+                step * 1e3,
+                update[b] * 1e3,
+                share(warm),
+                share(cold),
+            );
+        }
     }
 }
 

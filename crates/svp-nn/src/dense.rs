@@ -3,7 +3,10 @@
 use crate::{Activation, layer_norm};
 use serde::{Deserialize, Serialize};
 use svp_rng::{Purpose, Stream, StreamKey, drop_threshold};
-use svp_tensor::{ArrayView2, ArrayViewMut2, for_each_row_mut, gemm, reduce, view, view_mut};
+use svp_tensor::{
+    ArrayView2, ArrayViewMut2, GradientSink, SINK_MAX_DEPTH, for_each_row_mut, gemm, gemm_to_sink, reduce, view,
+    view_mut,
+};
 
 /// Normalization inside a dense block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,7 +236,69 @@ impl Dense {
         dx: Option<ArrayViewMut2<f32>>,
         mode: Mode,
     ) {
+        let (o, i) = (self.spec.out_dim, self.spec.in_dim);
+        let dz = self.backward_to_linear(params, x.nrows(), cache, dout, grad, mode);
+        let g = self.parts_mut(&mut grad[..self.param_len()]);
+        gemm(1.0, dz.t(), x, 0.0, view_mut(g.w, o, i));
+        if let Some(dx) = dx {
+            gemm(1.0, dz, view(&params[..o * i], o, i), 0.0, dx);
+        }
+    }
+
+    /// [`Dense::backward`] that also updates the parameters, through `update`,
+    /// instead of returning their gradient. The weight gradient goes from the
+    /// GEMM's tiles straight to `update` and is never stored, when `update`
+    /// takes it so and the batch is at most [`SINK_MAX_DEPTH`] rows; otherwise
+    /// it is stored in `grad` first. The other parameters' gradient always
+    /// goes through `grad`. `dx` is computed from the weights before the update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_update<U: GradientSink>(
+        &self,
+        params: &mut [f32],
+        x: ArrayView2<f32>,
+        cache: &mut DenseCache,
+        dout: &mut [f32],
+        grad: &mut [f32],
+        dx: Option<ArrayViewMut2<f32>>,
+        mode: Mode,
+        update: &mut U,
+    ) {
         let (rows, o, i) = (x.nrows(), self.spec.out_dim, self.spec.in_dim);
+        let len = self.param_len();
+        let dz = self.backward_to_linear(params, rows, cache, dout, grad, mode);
+        if let Some(dx) = dx {
+            gemm(1.0, dz, view(&params[..o * i], o, i), 0.0, dx);
+        }
+        let (w, rest) = params[..len].split_at_mut(o * i);
+        let weights_done = rows <= SINK_MAX_DEPTH
+            && match update.weight_rows(0, w, i) {
+                Some(sink) => {
+                    gemm_to_sink(dz.t(), x, sink);
+                    true
+                }
+                None => false,
+            };
+        if weights_done {
+            update.apply(o * i, rest, &grad[o * i..len]);
+        } else {
+            gemm(1.0, dz.t(), x, 0.0, view_mut(&mut grad[..o * i], o, i));
+            update.apply(0, &mut params[..len], &grad[..len]);
+        }
+    }
+
+    /// The backward up to the linear map: dropout, activation and norm
+    /// backward, turning `dout` into the gradient wrt `x W^T` (returned, a view
+    /// of `dout`) and writing the bias's and the norm's gradients into `grad`.
+    fn backward_to_linear<'d>(
+        &self,
+        params: &[f32],
+        rows: usize,
+        cache: &mut DenseCache,
+        dout: &'d mut [f32],
+        grad: &mut [f32],
+        mode: Mode,
+    ) -> ArrayView2<'d, f32> {
+        let o = self.spec.out_dim;
         let n = rows * o;
         let dy = &mut dout[..n];
         self.apply_dropout(mode, dy);
@@ -248,10 +313,6 @@ impl Dense {
             self.spec.activation.backward(&cache.pre_act[..n], dy);
             reduce::column_sums(dy, g.b);
         }
-        let dz = view(dy, rows, o);
-        gemm(1.0, dz.t(), x, 0.0, view_mut(g.w, o, i));
-        if let Some(dx) = dx {
-            gemm(1.0, view(dy, rows, o), view(p.w, o, i), 0.0, dx);
-        }
+        view(dy, rows, o)
     }
 }

@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use svp_tensor::GradientSink;
 
 /// Wall time spent in [`Optimizer::update`] since the last [`reset_update_clock`], in ns.
 static UPDATE_NANOS: AtomicU64 = AtomicU64::new(0);
@@ -249,32 +250,19 @@ impl Optimizer {
     /// # Panics
     /// If the slices and state differ in length (the trainer sizes them together).
     pub fn update(&self, lr_scale: f32, params: &mut [f32], grad: &[f32], state: &mut LayerState) {
-        let start = Instant::now();
         assert_eq!(params.len(), grad.len(), "optimizer: gradient length");
+        self.begin_update(lr_scale, state).apply(0, params, grad);
+    }
+
+    /// Starts one update of a layer whose parameters the caller hands over in
+    /// parts: each part through its `apply` with its gradient, or a
+    /// weight matrix through its `weight_rows` as a GEMM produces its
+    /// gradient (the [`GradientSink`] impl). Every parameter must be handed over exactly once; the
+    /// result is then bit-identical to [`Optimizer::update`] of the whole layer.
+    pub fn begin_update<'a>(&self, lr_scale: f32, state: &'a mut LayerState) -> LayerUpdate<'a> {
         let rule = self.begin(lr_scale, state);
-        let chunks = params.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK));
-        // A rule without moments gets empty moment slices (a zip with the
-        // empty state would stop at once).
-        match &mut state.moments {
-            Moments::None => chunks.for_each(|(p, g)| rule.apply(p, g, &mut [], &mut [])),
-            Moments::Momentum(m) => {
-                chunks.zip(m.par_chunks_mut(CHUNK)).for_each(|((p, g), m)| rule.apply(p, g, m, &mut []))
-            }
-            Moments::F32 { m, v } => chunks
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| rule.apply(p, g, m, v)),
-            Moments::Bf16 { m, v } => {
-                let StepRule::Adam(adam) = rule else { unreachable!("only Adam's state is kept in bf16") };
-                let noise_seed = (state.steps as u32).wrapping_mul(0x9e37_79b9);
-                chunks
-                    .zip(m.par_chunks_mut(CHUNK))
-                    .zip(v.par_chunks_mut(CHUNK))
-                    .enumerate()
-                    .for_each(|(c, (((p, g), m), v))| adam.apply_bf16(p, g, m, v, noise_seed, (c * CHUNK) as u32))
-            }
-        }
-        UPDATE_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let noise_seed = (state.steps as u32).wrapping_mul(0x9e37_79b9);
+        LayerUpdate { rule, moments: &mut state.moments, noise_seed, takes_tiles: true }
     }
 
     /// Starts one update of a layer: counts the step in `state` and fixes the
@@ -293,6 +281,142 @@ impl Optimizer {
                 StepRule::adam(lr * lr_scale, beta1, beta2, eps, 0.0, weight_decay, state.steps)
             }
         }
+    }
+}
+
+/// One layer's update at one step, begun by [`Optimizer::begin_update`]: the
+/// step is counted and its scalars fixed.
+#[derive(Debug)]
+pub struct LayerUpdate<'a> {
+    rule: StepRule,
+    moments: &'a mut Moments,
+    /// The step's seed for bf16 moments' rounding noise.
+    noise_seed: u32,
+    /// Whether `weight_rows` may hand out a sink.
+    takes_tiles: bool,
+}
+
+impl LayerUpdate<'_> {
+    /// The same update taking stored gradients only (`weight_rows` is then
+    /// always `None`): the same bits, another path through memory, for
+    /// measuring what the fused one saves.
+    pub fn stored_gradients_only(mut self) -> Self {
+        self.takes_tiles = false;
+        self
+    }
+}
+
+/// A layer's parameters go through [`GradientSink::apply`] with their stored
+/// gradient, or, with f32 or no moments, a weight matrix's through
+/// [`GradientSink::weight_rows`] as [`svp_tensor::gemm_to_sink`] computes it,
+/// so that gradient is never stored. With bf16 moments `weight_rows` is
+/// `None`: their rounding noise follows the layer's chunks.
+///
+/// # Panics
+/// Both methods panic if the parameters lie outside the layer's state, and
+/// `apply` if the gradient's length differs, `weight_rows` if the weights
+/// are not whole rows.
+impl GradientSink for LayerUpdate<'_> {
+    type Rows<'a>
+        = WeightRows<'a>
+    where
+        Self: 'a;
+
+    fn apply(&mut self, offset: usize, params: &mut [f32], grad: &[f32]) {
+        let start = Instant::now();
+        assert_eq!(params.len(), grad.len(), "optimizer: gradient length");
+        let range = offset..offset + params.len();
+        let rule = self.rule;
+        let chunks = params.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK));
+        // A rule without moments gets empty moment slices (a zip with the
+        // empty state would stop at once).
+        match &mut *self.moments {
+            Moments::None => chunks.for_each(|(p, g)| rule.apply(p, g, &mut [], &mut [])),
+            Moments::Momentum(m) => {
+                chunks.zip(m[range].par_chunks_mut(CHUNK)).for_each(|((p, g), m)| rule.apply(p, g, m, &mut []))
+            }
+            Moments::F32 { m, v } => chunks
+                .zip(m[range.clone()].par_chunks_mut(CHUNK))
+                .zip(v[range].par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| rule.apply(p, g, m, v)),
+            Moments::Bf16 { m, v } => {
+                let StepRule::Adam(adam) = rule else { unreachable!("only Adam's state is kept in bf16") };
+                let noise_seed = self.noise_seed;
+                chunks
+                    .zip(m[range.clone()].par_chunks_mut(CHUNK))
+                    .zip(v[range].par_chunks_mut(CHUNK))
+                    .enumerate()
+                    .for_each(|(c, (((p, g), m), v))| {
+                        adam.apply_bf16(p, g, m, v, noise_seed, (offset + c * CHUNK) as u32)
+                    })
+            }
+        }
+        UPDATE_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// (Its time counts on the GEMM clock, not on [`update_clock`].)
+    fn weight_rows<'b>(&'b mut self, offset: usize, weights: &'b mut [f32], cols: usize) -> Option<WeightRows<'b>> {
+        assert!(
+            cols > 0 && weights.len().is_multiple_of(cols),
+            "optimizer: weights of {} are not rows of {cols}",
+            weights.len()
+        );
+        if !self.takes_tiles {
+            return None;
+        }
+        let range = offset..offset + weights.len();
+        let (m, v): (&mut [f32], &mut [f32]) = match &mut *self.moments {
+            Moments::None => (&mut [], &mut []),
+            Moments::Momentum(m) => (&mut m[range], &mut []),
+            Moments::F32 { m, v } => (&mut m[range.clone()], &mut v[range]),
+            Moments::Bf16 { .. } => return None,
+        };
+        Some(WeightRows { rule: self.rule, params: weights, m, v, cols })
+    }
+}
+
+/// Weights updated row piece by row piece from a gradient a GEMM hands over
+/// ([`GradientSink::weight_rows`] of a [`LayerUpdate`]).
+#[derive(Debug)]
+pub struct WeightRows<'a> {
+    rule: StepRule,
+    params: &'a mut [f32],
+    /// The moments of `params` (empty where the rule keeps none).
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    cols: usize,
+}
+
+/// `s[range]`, or `s` itself when it is empty (a moment the rule keeps none of).
+#[inline(always)]
+fn part(s: &mut [f32], range: std::ops::Range<usize>) -> &mut [f32] {
+    if s.is_empty() { s } else { &mut s[range] }
+}
+
+/// `s` split at `at`, or two empty slices when it is empty.
+fn split_part(s: &mut [f32], at: usize) -> (&mut [f32], &mut [f32]) {
+    if s.is_empty() { s.split_at_mut(0) } else { s.split_at_mut(at) }
+}
+
+impl svp_tensor::ProductSink for WeightRows<'_> {
+    #[inline]
+    fn take(&mut self, row: usize, col0: usize, grad: &[f32]) {
+        let at = row * self.cols + col0;
+        let range = at..at + grad.len();
+        let (m, v) = (part(self.m, range.clone()), part(self.v, range.clone()));
+        self.rule.apply(&mut self.params[range], grad, m, v);
+    }
+
+    fn split_rows(self, at: usize) -> (Self, Self) {
+        let cut = at * self.cols;
+        let (p_top, p_bottom) = self.params.split_at_mut(cut);
+        let (m_top, m_bottom) = split_part(self.m, cut);
+        let (v_top, v_bottom) = split_part(self.v, cut);
+        let (rule, cols) = (self.rule, self.cols);
+        (
+            WeightRows { rule, params: p_top, m: m_top, v: v_top, cols },
+            WeightRows { rule, params: p_bottom, m: m_bottom, v: v_bottom, cols },
+        )
     }
 }
 
@@ -661,5 +785,63 @@ mod tests {
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(run);
         let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap().install(run);
         assert!(one == two);
+    }
+
+    /// A weight matrix updated from a GEMM's tiles (`weight_rows`)
+    /// and the rest of the layer from a stored gradient give the bits of one
+    /// update from the whole stored gradient, for every rule with f32 state,
+    /// on one thread and split over several.
+    #[test]
+    fn weights_updated_from_a_product_match_a_stored_gradient() {
+        use svp_tensor::{Array2, GradientSink, gemm, gemm_to_sink_with_chunks, view_mut};
+        let (rows, cols, batch, extra) = (70, 45, 32, 13);
+        let w_len = rows * cols;
+        let n = w_len + extra;
+        let wave = |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) * 1e-3;
+        let rules = [
+            Optimizer::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 0.01 },
+            Optimizer::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.01 },
+            Optimizer::Adam {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                state: MomentDtype::F32,
+            },
+            Optimizer::AdamW {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                state: MomentDtype::F32,
+            },
+        ];
+        for opt in rules {
+            for chunks in [1, 3] {
+                let start: Vec<f32> = (0..n).map(|i| wave(i, 1)).collect();
+                let (mut p_stored, mut p_fused) = (start.clone(), start);
+                let (mut s_stored, mut s_fused) = (opt.new_state(n), opt.new_state(n));
+                for step in 0..4 {
+                    let dz = Array2::from_shape_fn((batch, rows), |(b, r)| wave(b * rows + r, step + 2));
+                    let x = Array2::from_shape_fn((batch, cols), |(b, c)| wave(b * cols + c, step + 7));
+                    let mut grad: Vec<f32> = (0..n).map(|i| wave(i, step + 11)).collect();
+                    gemm(1.0, dz.t(), x.view(), 0.0, view_mut(&mut grad[..w_len], rows, cols));
+                    opt.update(1.0, &mut p_stored, &grad, &mut s_stored);
+
+                    let mut update = opt.begin_update(1.0, &mut s_fused);
+                    let (w, rest) = p_fused.split_at_mut(w_len);
+                    let sink = update.weight_rows(0, w, cols).expect("f32 state takes a product");
+                    gemm_to_sink_with_chunks(dz.t(), x.view(), sink, chunks);
+                    update.apply(w_len, rest, &grad[w_len..]);
+                }
+                let same = p_stored.iter().zip(&p_fused).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same && s_stored == s_fused, "{opt:?}, {chunks} chunks: fused update differs");
+            }
+        }
+        let mut bf16 = adam(1e-3, MomentDtype::Bf16).new_state(n);
+        let mut w = vec![0.0; w_len];
+        assert!(adam(1e-3, MomentDtype::Bf16).begin_update(1.0, &mut bf16).weight_rows(0, &mut w, cols).is_none());
     }
 }

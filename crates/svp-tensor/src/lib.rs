@@ -9,6 +9,9 @@
 //!   rayon pool. Every output element is summed in the same order whatever the split
 //!   or the thread count, so results are bit-identical. The packing buffers are
 //!   per thread and reused, so a GEMM allocates nothing after a thread's first.
+//! * [`gemm_to_sink`]: the same product handed tile row by tile row to a
+//!   [`ProductSink`] instead of stored, so an optimizer can update weights
+//!   from their gradient while it is in cache and never write the gradient.
 //! * [`reduce`]: sums and dot products with a fixed number of accumulator lanes,
 //!   so they vectorize and still give the same bits on every run.
 
@@ -18,8 +21,8 @@ pub mod gemm;
 pub mod reduce;
 
 pub use gemm::{
-    WORKSPACE_BYTES, gemm, gemm_clock, gemm_with_chunks, reset_gemm_clock, try_reserve_workspaces,
-    workspace_bytes_reserved,
+    GradientSink, ProductSink, SINK_MAX_DEPTH, WORKSPACE_BYTES, gemm, gemm_clock, gemm_to_sink,
+    gemm_to_sink_with_chunks, gemm_with_chunks, reset_gemm_clock, try_reserve_workspaces, workspace_bytes_reserved,
 };
 pub use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, ShapeBuilder, s};
 

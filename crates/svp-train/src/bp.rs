@@ -83,8 +83,9 @@ impl Trainer for BpTrainer {
             let (dout, dx) = if cur == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
             let dx = (l > 0).then_some(&mut dx[..]);
             let grad = &mut self.grad[..trainable];
-            layer.backward(params, input, rows, &mut self.caches[l], dout, grad, dx, mode);
-            self.updater.update(l, lr_scale, &mut params[..trainable], grad);
+            let mut update = self.updater.begin(l, lr_scale);
+            let cache = &mut self.caches[l];
+            layer.backward_update(params, trainable, input, rows, cache, dout, grad, dx, mode, &mut update);
             cur = 1 - cur;
         }
         self.updater.finish_step();

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use svp_alloc::OutOfMemory;
 use svp_nn::vit::{BlockCache, BlockSpec, PatchEmbed, TokenHead, TokenReadout, TransformerBlock};
 use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockSpec, Dense, DenseCache, DenseSpec, Mode, Projection};
-use svp_tensor::{view, view_mut};
+use svp_tensor::{GradientSink, view, view_mut};
 
 /// The SVP projection heads of a model: enough to regenerate every `R_l`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -194,6 +194,39 @@ impl Layer<'_> {
                 let d_in = d.spec().in_dim;
                 let dx = dx.map(|dx| view_mut(dx, rows, d_in));
                 d.backward(params, view(x, rows, d_in), &mut cache.dense, dout, grad, dx, mode)
+            }
+        }
+    }
+
+    /// [`Layer::backward`] followed by the update of the layer's first
+    /// `trainable` parameters through `update`: a dense block hands its weight
+    /// gradient from the GEMM straight to `update` ([`Dense::backward_update`]),
+    /// other layers store their whole gradient in `grad` first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_update<U: GradientSink>(
+        &self,
+        params: &mut [f32],
+        trainable: usize,
+        x: &[f32],
+        rows: usize,
+        cache: &mut LayerCache,
+        dout: &mut [f32],
+        grad: &mut [f32],
+        dx: Option<&mut [f32]>,
+        mode: Mode,
+        update: &mut U,
+    ) {
+        match self {
+            Layer::Dense(d) => {
+                assert_eq!(trainable, d.param_len(), "a dense block's parameters are all trainable");
+                let d_in = d.spec().in_dim;
+                let dx = dx.map(|dx| view_mut(dx, rows, d_in));
+                d.backward_update(params, view(x, rows, d_in), &mut cache.dense, dout, grad, dx, mode, update);
+            }
+            _ => {
+                let grad = &mut grad[..trainable];
+                self.backward(params, x, rows, cache, dout, grad, dx, mode);
+                update.apply(0, &mut params[..trainable], grad);
             }
         }
     }

@@ -339,9 +339,10 @@ impl Trainer for SvpTrainer {
                 let input = if l == 0 { x } else { &src[..] };
                 let grad = &mut ws.grad[..trainable];
                 let dinput = (j > 0).then_some(&mut dx[..]);
-                layer.backward(params, input, rows, &mut ws.caches[self.cache_slots[l]], dout, grad, dinput, mode);
                 let lr = if l + 1 == n_layers { lr_scale * self.head_lr_scale } else { lr_scale };
-                self.updater.update(l, lr, &mut params[..trainable], grad);
+                let mut update = self.updater.begin(l, lr);
+                let cache = &mut ws.caches[self.cache_slots[l]];
+                layer.backward_update(params, trainable, input, rows, cache, dout, grad, dinput, mode, &mut update);
                 if j > 0 {
                     std::mem::swap(&mut dout, &mut dx);
                 }

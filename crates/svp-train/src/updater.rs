@@ -2,7 +2,7 @@
 
 use crate::{Network, TrainerState};
 use svp_alloc::OutOfMemory;
-use svp_optim::{LayerState, Optimizer};
+use svp_optim::{LayerState, LayerUpdate, Optimizer};
 
 /// The optimizer, each layer's optimizer state and the step counter.
 #[derive(Debug)]
@@ -10,6 +10,7 @@ pub struct Updater {
     optimizer: Optimizer,
     states: Vec<LayerState>,
     step: u64,
+    fused: bool,
 }
 
 impl Updater {
@@ -17,12 +18,27 @@ impl Updater {
     pub fn try_new(model: &Network, optimizer: Optimizer) -> Result<Self, OutOfMemory> {
         let states =
             (0..model.n_layers()).map(|l| optimizer.try_new_state(model.trainable_len(l))).collect::<Result<_, _>>()?;
-        Ok(Self { optimizer, states, step: 0 })
+        Ok(Self { optimizer, states, step: 0, fused: true })
     }
 
     /// One update of layer `l`.
     pub fn update(&mut self, l: usize, lr_scale: f32, params: &mut [f32], grad: &[f32]) {
         self.optimizer.update(lr_scale, params, grad, &mut self.states[l]);
+    }
+
+    /// Starts one update of layer `l`, which the layer's backward then
+    /// completes as its gradient comes ([`crate::Layer::backward_update`]).
+    pub fn begin(&mut self, l: usize, lr_scale: f32) -> LayerUpdate<'_> {
+        let update = self.optimizer.begin_update(lr_scale, &mut self.states[l]);
+        if self.fused { update } else { update.stored_gradients_only() }
+    }
+
+    /// Whether dense weights are updated from their gradient as the GEMM
+    /// computes it, without storing it (the default; only with f32 or no
+    /// optimizer moments and batches of at most [`svp_tensor::SINK_MAX_DEPTH`]).
+    /// Both ways give the same bits; the switch is there to measure the difference.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
     }
 
     /// Steps completed.

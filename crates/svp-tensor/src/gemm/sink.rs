@@ -1,0 +1,220 @@
+//! A product handed over tile by tile instead of stored: what lets an
+//! optimizer update a layer's weights from their gradient while each piece
+//! of it is still in registers and L1, so the gradient never goes to memory.
+//!
+//! The tiles are the same as [`super::gemm`]'s, computed by the same kernel
+//! in the same order, so every value is bit-identical to what `gemm(1.0, a,
+//! b, 0.0, c)` would have stored.
+
+use super::kernel::{self, Blend, MR, NR};
+use super::{KC, MC, NC, PARALLEL_MIN_MACS, Workspace, pack, with_workspace};
+use ndarray::{ArrayView2, Axis, s};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// Deepest inner dimension [`gemm_to_sink`] takes: one packed block, so each
+/// tile is final after a single pass of the kernel. (A weight gradient's inner
+/// dimension is the batch.)
+pub const SINK_MAX_DEPTH: usize = KC;
+
+/// Receives the rows of a product's tiles in place of an output matrix.
+pub trait ProductSink: Send {
+    /// Elements `(row, col0..col0 + values.len())` of the product (at most
+    /// one tile wide). Each element arrives exactly once; tiles come in no
+    /// promised order.
+    fn take(&mut self, row: usize, col0: usize, values: &[f32]);
+
+    /// The sinks for rows `..at` and for rows `at..` of this one (the second
+    /// numbers its rows from 0), so that parts of the product can be handed
+    /// over on different threads.
+    fn split_rows(self, at: usize) -> (Self, Self)
+    where
+        Self: Sized;
+}
+
+/// Where a layer's backward sends its parameters' gradient when the
+/// parameters are updated as the gradient is computed (an optimizer step):
+/// a weight matrix's gradient straight from the GEMM's tiles, through
+/// [`GradientSink::weight_rows`], or any part of it from a stored buffer,
+/// through [`GradientSink::apply`]. Each parameter goes through one of the two,
+/// once.
+pub trait GradientSink {
+    /// What takes a weight matrix's gradient from [`gemm_to_sink`].
+    type Rows<'a>: ProductSink
+    where
+        Self: 'a;
+
+    /// A sink for the gradient of `weights`: the layer's parameters from
+    /// `offset` on, row-major with `cols` columns. `None` when this sink can
+    /// take a stored gradient only.
+    fn weight_rows<'a>(&'a mut self, offset: usize, weights: &'a mut [f32], cols: usize) -> Option<Self::Rows<'a>>;
+
+    /// Takes the stored gradient `grad` of `params`, the layer's parameters
+    /// from `offset` on.
+    fn apply(&mut self, offset: usize, params: &mut [f32], grad: &[f32]);
+}
+
+/// Hands the product `a · b` (shapes `(m, k) · (k, n)`) to `sink`, split by
+/// rows over the rayon pool when it is large, as [`super::gemm`] would.
+///
+/// # Panics
+/// If the inner dimensions differ or exceed [`SINK_MAX_DEPTH`].
+pub fn gemm_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, sink: S) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(m / MR).max(1) };
+    let start = Instant::now();
+    gemm_to_sink_with_chunks(a, b, sink, chunks);
+    super::GEMM_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    super::GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// [`gemm_to_sink`] with an explicit number of row pieces (1 = on this thread).
+///
+/// # Panics
+/// As [`gemm_to_sink`].
+pub fn gemm_to_sink_with_chunks<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, sink: S, chunks: usize) {
+    assert_eq!(a.ncols(), b.nrows(), "gemm_to_sink: inner dimensions differ");
+    assert!(a.ncols() <= SINK_MAX_DEPTH, "gemm_to_sink: inner dimension {} over {SINK_MAX_DEPTH}", a.ncols());
+    split_rows(a, b, sink, chunks.max(1));
+}
+
+/// Whole tiles of rows on each side, as `split_product` splits a tall output.
+fn split_rows<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, sink: S, chunks: usize) {
+    let m = a.nrows();
+    let left_chunks = chunks / 2;
+    let split = (m * left_chunks / chunks.max(1)) / MR * MR;
+    if chunks > 1 && split > 0 {
+        let (a_top, a_bottom) = a.split_at(Axis(0), split);
+        let (top, bottom) = sink.split_rows(split);
+        rayon::join(
+            || split_rows(a_top, b, top, left_chunks),
+            || split_rows(a_bottom, b, bottom, chunks - left_chunks),
+        );
+    } else {
+        with_workspace(|ws| packed_to_sink(a, b, sink, ws));
+    }
+}
+
+/// The loop nest of `packed_product` for a depth of one block: every tile is
+/// complete after one kernel call and goes straight to the sink.
+fn packed_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, mut sink: S, ws: &mut Workspace) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    if k == 0 {
+        let zeros = [0.0f32; NR];
+        for row in 0..m {
+            for col0 in (0..n).step_by(NR) {
+                sink.take(row, col0, &zeros[..NR.min(n - col0)]);
+            }
+        }
+        return;
+    }
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        pack::pack_b(b.slice(s![.., jc..jc + nc]), &mut ws.b);
+        let b_panels = &ws.b[..nc.div_ceil(NR) * NR * k];
+        for ic in (0..m).step_by(MC) {
+            let mc = MC.min(m - ic);
+            pack::pack_a(a.slice(s![ic..ic + mc, ..]), &mut ws.a);
+            for (p, a_panel) in ws.a[..mc.div_ceil(MR) * MR * k].chunks_exact(MR * k).enumerate() {
+                // A strip of MR rows, nc wide, gathered in L1/L2 and handed
+                // over row by row: the sink then walks whole rows of what it
+                // updates, which the hardware prefetches well.
+                let row0 = ic + p * MR;
+                let rows = MR.min(m - row0);
+                let mut strip_rows = ws.strip[..rows * nc].chunks_exact_mut(nc);
+                let mut strip: [&mut [f32]; MR] = std::array::from_fn(|_| strip_rows.next().unwrap_or_default());
+                for (t, b_panel) in b_panels.chunks_exact(NR * k).enumerate() {
+                    // alpha 1 and beta 0: the bits `gemm` stores.
+                    kernel::tile_into(k, a_panel, b_panel, &mut strip, t * NR, 1.0, Blend::Beta(0.0));
+                }
+                for r in 0..rows {
+                    sink.take(row0 + r, jc, &ws.strip[r * nc..(r + 1) * nc]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemm::gemm_with_chunks;
+    use ndarray::Array2;
+
+    /// Stores what it is handed into a matrix, counting each element.
+    struct Collect<'a> {
+        out: &'a mut [f32],
+        seen: &'a mut [u8],
+        cols: usize,
+    }
+
+    impl ProductSink for Collect<'_> {
+        fn take(&mut self, row: usize, col0: usize, values: &[f32]) {
+            let at = row * self.cols + col0;
+            self.out[at..at + values.len()].copy_from_slice(values);
+            self.seen[at..at + values.len()].iter_mut().for_each(|s| *s += 1);
+        }
+
+        fn split_rows(self, at: usize) -> (Self, Self) {
+            let (out_top, out_bottom) = self.out.split_at_mut(at * self.cols);
+            let (seen_top, seen_bottom) = self.seen.split_at_mut(at * self.cols);
+            (
+                Collect { out: out_top, seen: seen_top, cols: self.cols },
+                Collect { out: out_bottom, seen: seen_bottom, cols: self.cols },
+            )
+        }
+    }
+
+    fn filled(rows: usize, cols: usize, salt: u32) -> Array2<f32> {
+        Array2::from_shape_fn((rows, cols), |(i, j)| {
+            let x = (i as u32).wrapping_mul(2_654_435_761) ^ (j as u32).wrapping_mul(40_503) ^ salt;
+            ((x % 2001) as f32 - 1000.0) / 997.0
+        })
+    }
+
+    /// Every element once, and the bits `gemm` stores, for shapes across the
+    /// tile and block edges, transposed operands (as a weight gradient's
+    /// `dz^T`), narrow products, an empty depth and every split.
+    #[test]
+    fn hands_over_exactly_what_gemm_stores() {
+        let shapes = [
+            (1, 1, 1),
+            (3, 5, 7),
+            (13, 128, 33),
+            (MR + 1, 7, NR + 1),
+            (1024, 128, 784),
+            (10, 128, 1024),
+            (MC + 5, KC, NC + 40),
+            (40, 0, 20),
+            (200, 3, 2 * NR + 1),
+            (70, 64, 5),
+        ];
+        for (m, k, n) in shapes {
+            let a_t = filled(k, m, 1);
+            let b = filled(k, n, 2);
+            let mut want = Array2::<f32>::from_elem((m, n), f32::NAN);
+            gemm_with_chunks(1.0, a_t.t(), b.view(), 0.0, want.view_mut(), 1);
+            for chunks in [1, 2, 3, 7] {
+                let mut got = vec![f32::NAN; m * n];
+                let mut seen = vec![0u8; m * n];
+                let sink = Collect { out: &mut got, seen: &mut seen, cols: n };
+                gemm_to_sink_with_chunks(a_t.t(), b.view(), sink, chunks);
+                assert!(seen.iter().all(|&s| s == 1), "{m}x{k}x{n}, {chunks} chunks: an element not handed over once");
+                let same = got.iter().zip(want.iter()).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{m}x{k}x{n}, {chunks} chunks: values differ from gemm's");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "inner dimension")]
+    fn refuses_a_depth_over_one_block() {
+        let a = Array2::<f32>::zeros((4, SINK_MAX_DEPTH + 1));
+        let b = Array2::<f32>::zeros((SINK_MAX_DEPTH + 1, 4));
+        let mut out = vec![0.0; 16];
+        let mut seen = vec![0u8; 16];
+        gemm_to_sink(a.view(), b.view(), Collect { out: &mut out, seen: &mut seen, cols: 4 });
+    }
+}
