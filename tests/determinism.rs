@@ -204,7 +204,8 @@ fn step_bits(method: Method, fused: bool, mutate: impl Fn(&mut svp_train::Config
 
 /// Dense weights updated from the GEMM's tiles (never stored) give the bits
 /// of the update from a stored gradient, for both trainers, units of two
-/// layers (an input gradient computed before the update) and SGD.
+/// layers (an input gradient computed before the update), SGD and Adam with
+/// bf16 moments.
 #[test]
 fn fused_weight_updates_change_no_bit() {
     let svp_plus = |c: &mut svp_train::Config| {
@@ -214,9 +215,12 @@ fn fused_weight_updates_change_no_bit() {
     let sgd = |c: &mut svp_train::Config| {
         c.optimizer = svp_optim::Optimizer::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 }
     };
+    let bf16 = |c: &mut svp_train::Config| c.optimizer = c.optimizer.with_moments(svp_optim::MomentDtype::Bf16);
     for (method, what) in [(Method::Svp, "SVP"), (Method::Bp, "BP")] {
         assert_same(&step_bits(method, true, |_| {}), &step_bits(method, false, |_| {}), what);
         assert_same(&step_bits(method, true, sgd), &step_bits(method, false, sgd), &format!("{what} with SGD"));
+        let with_bf16 = format!("{what} with bf16 moments");
+        assert_same(&step_bits(method, true, bf16), &step_bits(method, false, bf16), &with_bf16);
     }
     assert_same(&step_bits(Method::Svp, true, svp_plus), &step_bits(Method::Svp, false, svp_plus), "SVP+");
 }

@@ -21,7 +21,12 @@ struct Layer {
 
 fn main() {
     let batch = 128;
-    let opt = svp_optim::Optimizer::adam(3e-4);
+    // `MOMENTS=bf16` for Adam with bfloat16 moments.
+    let moments = match std::env::var("MOMENTS").as_deref() {
+        Ok("bf16") => svp_optim::MomentDtype::Bf16,
+        _ => svp_optim::MomentDtype::F32,
+    };
+    let opt = svp_optim::Optimizer::adam(3e-4).with_moments(moments);
     let wave = |i: usize, salt: usize| (((i * 7919 + salt) % 2003) as f32 - 1001.0) * 1e-4;
     let mut layers: Vec<Layer> = [(1024, 784), (1024, 1024), (1024, 1024)]
         .into_iter()
@@ -56,7 +61,7 @@ fn main() {
                         opt.update(1.0, &mut l.params, &l.grad, &mut l.state);
                     } else {
                         let mut update = opt.begin_update(1.0, &mut l.state);
-                        let sink = update.weight_rows(0, &mut l.params, l.cols).expect("f32 moments");
+                        let sink = update.weight_rows(0, &mut l.params, l.cols).expect("takes a product");
                         gemm_to_sink(l.dz.t(), l.x.view(), sink);
                     }
                     *best = best.min(start.elapsed().as_secs_f64());

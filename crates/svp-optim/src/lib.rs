@@ -307,10 +307,10 @@ impl LayerUpdate<'_> {
 }
 
 /// A layer's parameters go through [`GradientSink::apply`] with their stored
-/// gradient, or, with f32 or no moments, a weight matrix's through
-/// [`GradientSink::weight_rows`] as [`svp_tensor::gemm_to_sink`] computes it,
-/// so that gradient is never stored. With bf16 moments `weight_rows` is
-/// `None`: their rounding noise follows the layer's chunks.
+/// gradient, or a weight matrix's through [`GradientSink::weight_rows`] as
+/// [`svp_tensor::gemm_to_sink`] computes it, so that gradient is never
+/// stored (`weight_rows` is `None` only after
+/// [`LayerUpdate::stored_gradients_only`]). Either way gives the same bits.
 ///
 /// # Panics
 /// Both methods panic if the parameters lie outside the layer's state, and
@@ -365,13 +365,15 @@ impl GradientSink for LayerUpdate<'_> {
             return None;
         }
         let range = offset..offset + weights.len();
-        let (m, v): (&mut [f32], &mut [f32]) = match &mut *self.moments {
-            Moments::None => (&mut [], &mut []),
-            Moments::Momentum(m) => (&mut m[range], &mut []),
-            Moments::F32 { m, v } => (&mut m[range.clone()], &mut v[range]),
-            Moments::Bf16 { .. } => return None,
+        let moments = match &mut *self.moments {
+            Moments::None => RowMoments::None,
+            Moments::Momentum(m) => RowMoments::Momentum(&mut m[range]),
+            Moments::F32 { m, v } => RowMoments::F32 { m: &mut m[range.clone()], v: &mut v[range] },
+            Moments::Bf16 { m, v } => {
+                RowMoments::Bf16 { m: &mut m[range.clone()], v: &mut v[range], noise_seed: self.noise_seed }
+            }
         };
-        Some(WeightRows { rule: self.rule, params: weights, m, v, cols })
+        Some(WeightRows { rule: self.rule, params: weights, moments, offset, cols })
     }
 }
 
@@ -381,21 +383,20 @@ impl GradientSink for LayerUpdate<'_> {
 pub struct WeightRows<'a> {
     rule: StepRule,
     params: &'a mut [f32],
-    /// The moments of `params` (empty where the rule keeps none).
-    m: &'a mut [f32],
-    v: &'a mut [f32],
+    /// The moments of `params`.
+    moments: RowMoments<'a>,
+    /// Where `params` start in the layer (bf16 rounding noise is keyed by the place).
+    offset: usize,
     cols: usize,
 }
 
-/// `s[range]`, or `s` itself when it is empty (a moment the rule keeps none of).
-#[inline(always)]
-fn part(s: &mut [f32], range: std::ops::Range<usize>) -> &mut [f32] {
-    if s.is_empty() { s } else { &mut s[range] }
-}
-
-/// `s` split at `at`, or two empty slices when it is empty.
-fn split_part(s: &mut [f32], at: usize) -> (&mut [f32], &mut [f32]) {
-    if s.is_empty() { s.split_at_mut(0) } else { s.split_at_mut(at) }
+/// The part of a layer's [`Moments`] that a [`WeightRows`] updates.
+#[derive(Debug)]
+enum RowMoments<'a> {
+    None,
+    Momentum(&'a mut [f32]),
+    F32 { m: &'a mut [f32], v: &'a mut [f32] },
+    Bf16 { m: &'a mut [u16], v: &'a mut [u16], noise_seed: u32 },
 }
 
 impl svp_tensor::ProductSink for WeightRows<'_> {
@@ -403,19 +404,41 @@ impl svp_tensor::ProductSink for WeightRows<'_> {
     fn take(&mut self, row: usize, col0: usize, grad: &[f32]) {
         let at = row * self.cols + col0;
         let range = at..at + grad.len();
-        let (m, v) = (part(self.m, range.clone()), part(self.v, range.clone()));
-        self.rule.apply(&mut self.params[range], grad, m, v);
+        let params = &mut self.params[range.clone()];
+        match &mut self.moments {
+            RowMoments::None => self.rule.apply(params, grad, &mut [], &mut []),
+            RowMoments::Momentum(m) => self.rule.apply(params, grad, &mut m[range], &mut []),
+            RowMoments::F32 { m, v } => self.rule.apply(params, grad, &mut m[range.clone()], &mut v[range]),
+            RowMoments::Bf16 { m, v, noise_seed } => {
+                let StepRule::Adam(adam) = self.rule else { unreachable!("only Adam's state is kept in bf16") };
+                let (m, v) = (&mut m[range.clone()], &mut v[range]);
+                adam.apply_bf16(params, grad, m, v, *noise_seed, (self.offset + at) as u32);
+            }
+        }
     }
 
     fn split_rows(self, at: usize) -> (Self, Self) {
         let cut = at * self.cols;
         let (p_top, p_bottom) = self.params.split_at_mut(cut);
-        let (m_top, m_bottom) = split_part(self.m, cut);
-        let (v_top, v_bottom) = split_part(self.v, cut);
-        let (rule, cols) = (self.rule, self.cols);
+        let (top, bottom) = match self.moments {
+            RowMoments::None => (RowMoments::None, RowMoments::None),
+            RowMoments::Momentum(m) => {
+                let (a, b) = m.split_at_mut(cut);
+                (RowMoments::Momentum(a), RowMoments::Momentum(b))
+            }
+            RowMoments::F32 { m, v } => {
+                let ((m0, m1), (v0, v1)) = (m.split_at_mut(cut), v.split_at_mut(cut));
+                (RowMoments::F32 { m: m0, v: v0 }, RowMoments::F32 { m: m1, v: v1 })
+            }
+            RowMoments::Bf16 { m, v, noise_seed } => {
+                let ((m0, m1), (v0, v1)) = (m.split_at_mut(cut), v.split_at_mut(cut));
+                (RowMoments::Bf16 { m: m0, v: v0, noise_seed }, RowMoments::Bf16 { m: m1, v: v1, noise_seed })
+            }
+        };
+        let (rule, cols, offset) = (self.rule, self.cols, self.offset);
         (
-            WeightRows { rule, params: p_top, m: m_top, v: v_top, cols },
-            WeightRows { rule, params: p_bottom, m: m_bottom, v: v_bottom, cols },
+            WeightRows { rule, params: p_top, moments: top, offset, cols },
+            WeightRows { rule, params: p_bottom, moments: bottom, offset: offset + cut, cols },
         )
     }
 }
@@ -527,9 +550,10 @@ impl StepRule {
 
 impl AdamStep {
     /// [`StepRule::apply`] for Adam with bf16 moments. `offset` is the
-    /// pieces' position in the layer: with `noise_seed` (the step's), it
-    /// seeds the rounding noise, so the bits do not depend on how the layer
-    /// is split across threads.
+    /// pieces' position in the layer: each element's rounding noise is a
+    /// hash of the step's `noise_seed` and the element's place in the layer,
+    /// so the bits depend neither on the thread count nor on how the layer
+    /// is handed over (a stored gradient in chunks, a GEMM's rows).
     ///
     /// # Panics
     /// If the pieces differ in length.
@@ -537,41 +561,15 @@ impl AdamStep {
     fn apply_bf16(&self, params: &mut [f32], grad: &[f32], m: &mut [u16], v: &mut [u16], noise_seed: u32, offset: u32) {
         let n = params.len();
         assert!(grad.len() == n && m.len() == n && v.len() == n, "optimizer: state length");
-        let element = |p: &mut f32, g: f32, m: &mut u16, v: &mut u16, noise: u32| {
+        let elements = params.iter_mut().zip(grad).zip(m.iter_mut().zip(v.iter_mut()));
+        for (j, ((p, &g), (m, v))) in elements.enumerate() {
+            let noise = rounding_noise(noise_seed, offset.wrapping_add(j as u32));
             // This step uses the moments before rounding.
             let (m32, v32) = self.element(p, g, from_bf16(*m), from_bf16(*v));
             *m = to_bf16_stochastic(m32, noise >> 16);
             *v = to_bf16_stochastic(v32, noise & 0xffff);
-        };
-        // One xorshift32 generator per lane, seeded from the step and the
-        // piece's place in the layer: fewer operations per element than a
-        // hash of each index, and a loop that vectorizes across the lanes.
-        let mut lanes: [u32; NOISE_LANES] =
-            std::array::from_fn(|l| rounding_noise(noise_seed, offset.wrapping_add(l as u32)) | 1);
-        let blocks = params.chunks_exact_mut(NOISE_LANES).zip(grad.chunks_exact(NOISE_LANES));
-        let blocks = blocks.zip(m.chunks_exact_mut(NOISE_LANES)).zip(v.chunks_exact_mut(NOISE_LANES));
-        for (((p, g), m), v) in blocks {
-            for l in 0..NOISE_LANES {
-                lanes[l] = xorshift32(lanes[l]);
-                element(&mut p[l], g[l], &mut m[l], &mut v[l], lanes[l]);
-            }
-        }
-        let tail = n / NOISE_LANES * NOISE_LANES;
-        for (l, i) in (tail..n).enumerate() {
-            lanes[l] = xorshift32(lanes[l]);
-            element(&mut params[i], grad[i], &mut m[i], &mut v[i], lanes[l]);
         }
     }
-}
-
-/// Independent noise generators in [`StepRule::apply_bf16`].
-const NOISE_LANES: usize = 16;
-
-#[inline(always)]
-fn xorshift32(mut x: u32) -> u32 {
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^ (x << 5)
 }
 
 /// A bfloat16's value.
@@ -592,7 +590,7 @@ fn to_bf16_stochastic(x: f32, noise: u32) -> u16 {
 }
 
 /// 32 well-mixed bits from a seed and an index (Wellons' `lowbias32`
-/// finalizer): the seeds of [`AdamStep::apply_bf16`]'s generators.
+/// finalizer): [`AdamStep::apply_bf16`]'s rounding noise.
 #[inline(always)]
 fn rounding_noise(seed: u32, index: u32) -> u32 {
     let mut x = index ^ seed;
@@ -789,8 +787,8 @@ mod tests {
 
     /// A weight matrix updated from a GEMM's tiles (`weight_rows`)
     /// and the rest of the layer from a stored gradient give the bits of one
-    /// update from the whole stored gradient, for every rule with f32 state,
-    /// on one thread and split over several.
+    /// update from the whole stored gradient, for every rule and both kinds
+    /// of moments, on one thread and split over several.
     #[test]
     fn weights_updated_from_a_product_match_a_stored_gradient() {
         use svp_tensor::{Array2, GradientSink, gemm, gemm_to_sink_with_chunks, view_mut};
@@ -832,7 +830,7 @@ mod tests {
 
                     let mut update = opt.begin_update(1.0, &mut s_fused);
                     let (w, rest) = p_fused.split_at_mut(w_len);
-                    let sink = update.weight_rows(0, w, cols).expect("f32 state takes a product");
+                    let sink = update.weight_rows(0, w, cols).expect("takes a product");
                     gemm_to_sink_with_chunks(dz.t(), x.view(), sink, chunks);
                     update.apply(w_len, rest, &grad[w_len..]);
                 }
@@ -840,8 +838,5 @@ mod tests {
                 assert!(same && s_stored == s_fused, "{opt:?}, {chunks} chunks: fused update differs");
             }
         }
-        let mut bf16 = adam(1e-3, MomentDtype::Bf16).new_state(n);
-        let mut w = vec![0.0; w_len];
-        assert!(adam(1e-3, MomentDtype::Bf16).begin_update(1.0, &mut bf16).weight_rows(0, &mut w, cols).is_none());
     }
 }

@@ -34,8 +34,8 @@ impl Updater {
     }
 
     /// Whether dense weights are updated from their gradient as the GEMM
-    /// computes it, without storing it (the default; only with f32 or no
-    /// optimizer moments and batches of at most [`svp_tensor::SINK_MAX_DEPTH`]).
+    /// computes it, without storing it (the default; for batches of at most
+    /// [`svp_tensor::SINK_MAX_DEPTH`] rows).
     /// Both ways give the same bits; the switch is there to measure the difference.
     pub fn set_fused(&mut self, fused: bool) {
         self.fused = fused;
