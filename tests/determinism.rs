@@ -190,7 +190,9 @@ fn step_bits(method: Method, fused: bool, mutate: impl Fn(&mut svp_train::Config
         Method::Svp => Box::new(SvpTrainer::new(&model, &config)),
         Method::Bp => Box::new(BpTrainer::new(&model, &config)),
     };
-    trainer.updater_mut().set_fused(fused);
+    if !fused {
+        trainer.store_weight_gradients(&model).expect("memory");
+    }
     let rows = config.train.batch_size;
     let mut batcher = svp_data::Batcher::new(data.train.len(), rows, svp_data::Normalization::fit(&data.train));
     batcher.start_epoch(seed, 0, true);

@@ -29,7 +29,7 @@ fn steps(c: &mut Criterion) {
 ///
 /// Each method runs twice: with dense weights updated from their gradient as
 /// the GEMM hands it over (the default), and with the gradient stored first
-/// (`Updater::set_fused(false)`; the same bits). For the second, the GEMM
+/// (`Trainer::store_weight_gradients`; the same bits). For the second, the GEMM
 /// clock of svp-tensor also gives the time inside the step's own GEMM calls;
 /// for the first those calls include the weights' update.
 ///
@@ -43,7 +43,8 @@ fn overhead(_c: &mut Criterion) {
     let mut evict = vec![0.0f32; 8 << 20];
     for (name, method) in [("svp", Method::Svp), ("bp", Method::Bp)] {
         let mut benches = [StepBench::new(method), StepBench::new(method)];
-        benches[1].trainer.updater_mut().set_fused(false);
+        let stored = &mut benches[1];
+        stored.trainer.store_weight_gradients(&stored.model).expect("memory for the stored gradient");
         let mut gemms: Vec<GemmOperands> = SHAPES.iter().map(|&s| GemmOperands::new(s)).collect();
         let mut step = [f64::INFINITY; 2];
         let (mut in_situ, mut calls, mut update) = ([0.0; 2], [0; 2], [0.0; 2]);

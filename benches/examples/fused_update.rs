@@ -1,9 +1,12 @@
 //! The reference model's weight-gradient GEMMs and Adam updates, two ways:
 //! the gradient stored and then read by the optimizer, or handed from the
-//! GEMM's tiles straight to the optimizer (`gemm_to_sink`), with 64 MB of
-//! other data through the cache before each layer (as in a training step):
+//! GEMM straight to the optimizer strip by strip (`gemm_to_sink`), with 64
+//! MB of other data through the cache before each layer (as in a training
+//! step; `NO_EVICT=1` leaves the state in cache), plus the GEMMs and the
+//! updates alone:
 //!
-//! `cargo run --release -p svp-benches --example fused_update`
+//! `cargo run --release -p svp-benches --example fused_update` (`MOMENTS=bf16`
+//! for bfloat16 moments)
 
 use ndarray::Array2;
 use std::time::Instant;
@@ -70,7 +73,7 @@ fn main() {
             if round % 20 == 19 {
                 let best = best.map(|b| b.iter().sum::<f64>());
                 println!(
-                    "after {} rounds: gradient stored then Adam {:.3} ms; handed to Adam tile by tile {:.3} ms; \
+                    "after {} rounds: gradient stored then Adam {:.3} ms; handed to Adam strip by strip {:.3} ms; \
                      GEMMs alone {:.3} ms, Adam alone {:.3} ms",
                     round + 1,
                     best[0] * 1e3,

@@ -237,9 +237,9 @@ impl Dense {
         mode: Mode,
     ) {
         let (o, i) = (self.spec.out_dim, self.spec.in_dim);
-        let dz = self.backward_to_linear(params, x.nrows(), cache, dout, grad, mode);
-        let g = self.parts_mut(&mut grad[..self.param_len()]);
-        gemm(1.0, dz.t(), x, 0.0, view_mut(g.w, o, i));
+        let (w_grad, rest_grad) = grad[..self.param_len()].split_at_mut(o * i);
+        let dz = self.backward_to_linear(params, x.nrows(), cache, dout, rest_grad, mode);
+        gemm(1.0, dz.t(), x, 0.0, view_mut(w_grad, o, i));
         if let Some(dx) = dx {
             gemm(1.0, dz, view(&params[..o * i], o, i), 0.0, dx);
         }
@@ -248,9 +248,14 @@ impl Dense {
     /// [`Dense::backward`] that also updates the parameters, through `update`,
     /// instead of returning their gradient. The weight gradient goes from the
     /// GEMM's tiles straight to `update` and is never stored, when `update`
-    /// takes it so and the batch is at most [`SINK_MAX_DEPTH`] rows; otherwise
-    /// it is stored in `grad` first. The other parameters' gradient always
-    /// goes through `grad`. `dx` is computed from the weights before the update.
+    /// takes it so and the batch is at most [`SINK_MAX_DEPTH`] rows; `grad`
+    /// then needs room for the other parameters' gradient only
+    /// ([`Dense::fused_gradient_len`]). Otherwise the weight gradient is
+    /// stored after it, and `grad` must hold [`Dense::param_len`] values.
+    /// `dx` is computed from the weights before the update.
+    ///
+    /// # Panics
+    /// If `grad` is too short for the path taken.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_update<U: GradientSink>(
         &self,
@@ -264,8 +269,9 @@ impl Dense {
         update: &mut U,
     ) {
         let (rows, o, i) = (x.nrows(), self.spec.out_dim, self.spec.in_dim);
-        let len = self.param_len();
-        let dz = self.backward_to_linear(params, rows, cache, dout, grad, mode);
+        let (len, rest_len) = (self.param_len(), self.fused_gradient_len());
+        let (rest_grad, w_grad) = grad.split_at_mut(rest_len);
+        let dz = self.backward_to_linear(params, rows, cache, dout, rest_grad, mode);
         if let Some(dx) = dx {
             gemm(1.0, dz, view(&params[..o * i], o, i), 0.0, dx);
         }
@@ -278,24 +284,32 @@ impl Dense {
                 }
                 None => false,
             };
-        if weights_done {
-            update.apply(o * i, rest, &grad[o * i..len]);
-        } else {
-            gemm(1.0, dz.t(), x, 0.0, view_mut(&mut grad[..o * i], o, i));
-            update.apply(0, &mut params[..len], &grad[..len]);
+        if !weights_done {
+            assert!(w_grad.len() >= o * i, "dense backward: no room to store the weight gradient");
+            let w_grad = &mut w_grad[..o * i];
+            gemm(1.0, dz.t(), x, 0.0, view_mut(w_grad, o, i));
+            update.apply(0, w, w_grad);
         }
+        update.apply(o * i, rest, rest_grad);
+    }
+
+    /// The gradient values [`Dense::backward_update`] stores when the weights'
+    /// go straight to the update: the bias's and the norm's.
+    pub fn fused_gradient_len(&self) -> usize {
+        self.param_len() - self.spec.in_dim * self.spec.out_dim
     }
 
     /// The backward up to the linear map: dropout, activation and norm
     /// backward, turning `dout` into the gradient wrt `x W^T` (returned, a view
-    /// of `dout`) and writing the bias's and the norm's gradients into `grad`.
+    /// of `dout`) and writing the bias's and the norm's gradients into
+    /// `rest_grad` (laid out as the parameters after `W`).
     fn backward_to_linear<'d>(
         &self,
         params: &[f32],
         rows: usize,
         cache: &mut DenseCache,
         dout: &'d mut [f32],
-        grad: &mut [f32],
+        rest_grad: &mut [f32],
         mode: Mode,
     ) -> ArrayView2<'d, f32> {
         let o = self.spec.out_dim;
@@ -303,15 +317,16 @@ impl Dense {
         let dy = &mut dout[..n];
         self.apply_dropout(mode, dy);
         let p = self.parts(params);
-        let g = self.parts_mut(&mut grad[..self.param_len()]);
+        let (g_b, g_norm) = rest_grad[..self.fused_gradient_len()].split_at_mut(o);
         if self.spec.norm == Norm::LayerNorm {
             // dy -> dz, with dgamma, dbeta and db, in one pass.
+            let (g_gamma, g_beta) = g_norm.split_at_mut(o);
             let (xhat, rstd, scratch) = cache.norm_buffers(rows, o);
             let act = self.spec.activation;
-            layer_norm::backward(xhat, rstd, p.gamma, p.beta, act, dy, g.gamma, g.beta, Some(g.b), scratch);
+            layer_norm::backward(xhat, rstd, p.gamma, p.beta, act, dy, g_gamma, g_beta, Some(g_b), scratch);
         } else {
             self.spec.activation.backward(&cache.pre_act[..n], dy);
-            reduce::column_sums(dy, g.b);
+            reduce::column_sums(dy, g_b);
         }
         view(dy, rows, o)
     }

@@ -49,7 +49,10 @@ impl BpTrainer {
             acts,
             caches,
             grads_out: [try_zeros(rows * width, "output gradients")?, try_zeros(rows * width, "input gradients")?],
-            grad: try_zeros(model.max_layer_params(), "one layer's gradient")?,
+            grad: try_zeros(
+                model.max_stored_gradient_len(rows <= svp_tensor::SINK_MAX_DEPTH),
+                "one layer's stored gradient",
+            )?,
         })
     }
 }
@@ -82,7 +85,7 @@ impl Trainer for BpTrainer {
             let (a, b) = self.grads_out.split_at_mut(1);
             let (dout, dx) = if cur == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
             let dx = (l > 0).then_some(&mut dx[..]);
-            let grad = &mut self.grad[..trainable];
+            let grad = &mut self.grad[..];
             let mut update = self.updater.begin(l, lr_scale);
             let cache = &mut self.caches[l];
             layer.backward_update(params, trainable, input, rows, cache, dout, grad, dx, mode, &mut update);
@@ -98,6 +101,12 @@ impl Trainer for BpTrainer {
 
     fn updater_mut(&mut self) -> &mut Updater {
         &mut self.updater
+    }
+
+    fn store_weight_gradients(&mut self, model: &Network) -> Result<(), OutOfMemory> {
+        self.grad = try_zeros(model.max_stored_gradient_len(false), "one layer's stored gradient")?;
+        self.updater.set_fused(false);
+        Ok(())
     }
 
     fn workspace_bytes(&self) -> usize {

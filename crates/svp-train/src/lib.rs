@@ -78,6 +78,12 @@ pub trait Trainer {
     /// Bytes of training workspace (activations, caches, gradients, projections).
     fn workspace_bytes(&self) -> usize;
 
+    /// From now on, stores each dense block's weight gradient before the
+    /// optimizer reads it, instead of handing it straight from the GEMM to
+    /// the optimizer: the same bits, a larger gradient buffer (allocated
+    /// here) and more memory traffic. For measuring what the fused path saves.
+    fn store_weight_gradients(&mut self, model: &Network) -> Result<(), svp_alloc::OutOfMemory>;
+
     /// Per-layer local losses and head accuracies since the last reset (SVP only).
     fn layer_metrics(&self) -> Option<&LayerMetrics> {
         None

@@ -200,8 +200,9 @@ impl Layer<'_> {
 
     /// [`Layer::backward`] followed by the update of the layer's first
     /// `trainable` parameters through `update`: a dense block hands its weight
-    /// gradient from the GEMM straight to `update` ([`Dense::backward_update`]),
-    /// other layers store their whole gradient in `grad` first.
+    /// gradient from the GEMM straight to `update` ([`Dense::backward_update`];
+    /// `grad` needs room for the rest only), other layers store their whole
+    /// gradient in `grad` first ([`Network::max_stored_gradient_len`] sizes it).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_update<U: GradientSink>(
         &self,
@@ -560,6 +561,18 @@ impl Network {
     /// Largest parameter count of one layer.
     pub fn max_layer_params(&self) -> usize {
         (0..self.n_layers()).map(|l| self.offsets[l + 1] - self.offsets[l]).max().unwrap_or(0)
+    }
+
+    /// The most gradient values one layer's update stores
+    /// ([`Layer::backward_update`]): with `weights_fused`, dense blocks store
+    /// only their bias's and norm's, their weights' going straight from the
+    /// GEMM to the optimizer; every other layer stores all of its own.
+    pub fn max_stored_gradient_len(&self, weights_fused: bool) -> usize {
+        let stored = |l: usize| match self.layer(l) {
+            Layer::Dense(d) if weights_fused => d.fused_gradient_len(),
+            _ => self.trainable_len(l),
+        };
+        (0..self.n_layers()).map(stored).max().unwrap_or(0)
     }
 
     /// Parameters of layer `l` that the optimizer trains (a conv block's

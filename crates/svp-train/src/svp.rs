@@ -202,7 +202,10 @@ impl SvpTrainer {
             dv: try_zeros(rows * vdim, "the projection gradient")?,
             tile: try_zeros(tile_floats, "a tile of R")?,
             fa: FaWorkspace::try_new(rows, vdim)?,
-            grad: try_zeros(model.max_layer_params(), "one layer's gradient")?,
+            grad: try_zeros(
+                model.max_stored_gradient_len(rows <= svp_tensor::SINK_MAX_DEPTH),
+                "one layer's stored gradient",
+            )?,
         };
         Ok(Self {
             updater: Updater::try_new(model, config.optimizer)?,
@@ -337,7 +340,7 @@ impl Trainer for SvpTrainer {
                 let (layer, params) = model.layer_mut(l);
                 let src = &ws.act[if j == 0 { unit_input } else { slot(j - 1) }];
                 let input = if l == 0 { x } else { &src[..] };
-                let grad = &mut ws.grad[..trainable];
+                let grad = &mut ws.grad[..];
                 let dinput = (j > 0).then_some(&mut dx[..]);
                 let lr = if l + 1 == n_layers { lr_scale * self.head_lr_scale } else { lr_scale };
                 let mut update = self.updater.begin(l, lr);
@@ -371,6 +374,12 @@ impl Trainer for SvpTrainer {
 
     fn updater_mut(&mut self) -> &mut Updater {
         &mut self.updater
+    }
+
+    fn store_weight_gradients(&mut self, model: &Network) -> Result<(), OutOfMemory> {
+        self.ws.grad = try_zeros(model.max_stored_gradient_len(false), "one layer's stored gradient")?;
+        self.updater.set_fused(false);
+        Ok(())
     }
 
     fn workspace_bytes(&self) -> usize {

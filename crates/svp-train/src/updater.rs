@@ -36,8 +36,9 @@ impl Updater {
     /// Whether dense weights are updated from their gradient as the GEMM
     /// computes it, without storing it (the default; for batches of at most
     /// [`svp_tensor::SINK_MAX_DEPTH`] rows).
-    /// Both ways give the same bits; the switch is there to measure the difference.
-    pub fn set_fused(&mut self, fused: bool) {
+    /// Both ways give the same bits ([`crate::Trainer::store_weight_gradients`]
+    /// switches, with a gradient buffer that has room).
+    pub(crate) fn set_fused(&mut self, fused: bool) {
         self.fused = fused;
     }
 

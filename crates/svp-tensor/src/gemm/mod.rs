@@ -94,8 +94,6 @@ const NC: usize = 32 * NR;
 struct Workspace {
     a: Vec<f32>,
     b: Vec<f32>,
-    /// One strip of `MR` finished rows of a product handed to a sink.
-    strip: Vec<f32>,
 }
 
 impl Workspace {
@@ -104,11 +102,8 @@ impl Workspace {
     }
 
     fn try_new() -> Result<Self, OutOfMemory> {
-        let ws = Self {
-            a: try_zeros(MC * KC, "GEMM packing buffers")?,
-            b: try_zeros(KC * NC, "GEMM packing buffers")?,
-            strip: try_zeros(MR * NC, "GEMM packing buffers")?,
-        };
+        let ws =
+            Self { a: try_zeros(MC * KC, "GEMM packing buffers")?, b: try_zeros(KC * NC, "GEMM packing buffers")? };
         RESERVED_BYTES.fetch_add(WORKSPACE_BYTES, Ordering::Relaxed);
         Ok(ws)
     }
@@ -125,7 +120,7 @@ thread_local! {
 }
 
 /// Bytes of packing buffers each thread that runs a GEMM keeps.
-pub const WORKSPACE_BYTES: usize = (MC * KC + KC * NC + MR * NC) * size_of::<f32>();
+pub const WORKSPACE_BYTES: usize = (MC * KC + KC * NC) * size_of::<f32>();
 
 /// Packing-buffer bytes held by all threads together.
 static RESERVED_BYTES: AtomicUsize = AtomicUsize::new(0);
@@ -441,7 +436,7 @@ mod tests {
         let bytes = WORKSPACE.with(|w| {
             let w = w.borrow();
             let w = w.as_ref().expect("reserved");
-            (w.a.len() + w.b.len() + w.strip.len()) * size_of::<f32>()
+            (w.a.len() + w.b.len()) * size_of::<f32>()
         });
         assert_eq!(bytes, WORKSPACE_BYTES);
     }

@@ -114,28 +114,30 @@ fn packed_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, mut si
         let nc = NC.min(n - jc);
         pack::pack_b(b.slice(s![.., jc..jc + nc]), &mut ws.b);
         let b_panels = &ws.b[..nc.div_ceil(NR) * NR * k];
-        for ic in (0..m).step_by(MC) {
-            let mc = MC.min(m - ic);
-            pack::pack_a(a.slice(s![ic..ic + mc, ..]), &mut ws.a);
-            for (p, a_panel) in ws.a[..mc.div_ceil(MR) * MR * k].chunks_exact(MR * k).enumerate() {
-                // A strip of MR rows, nc wide, gathered in L1/L2 and handed
-                // over row by row: the sink then walks whole rows of what it
-                // updates, which the hardware prefetches well.
-                let row0 = ic + p * MR;
-                let rows = MR.min(m - row0);
-                let mut strip_rows = ws.strip[..rows * nc].chunks_exact_mut(nc);
-                let mut strip: [&mut [f32]; MR] = std::array::from_fn(|_| strip_rows.next().unwrap_or_default());
-                for (t, b_panel) in b_panels.chunks_exact(NR * k).enumerate() {
-                    // alpha 1 and beta 0: the bits `gemm` stores.
-                    kernel::tile_into(k, a_panel, b_panel, &mut strip, t * NR, 1.0, Blend::Beta(0.0));
-                }
-                for r in 0..rows {
-                    sink.take(row0 + r, jc, &ws.strip[r * nc..(r + 1) * nc]);
-                }
+        // One panel of A at a time: the rest of A's packing buffer holds the strip.
+        let (a_panel, strip_buf) = ws.a.split_at_mut(MR * KC);
+        for row0 in (0..m).step_by(MR) {
+            // A strip of MR rows, nc wide, computed straight from the
+            // kernel's registers and handed over row by row: the sink then
+            // walks whole rows of what it updates, which the hardware
+            // prefetches well.
+            let rows = MR.min(m - row0);
+            pack::pack_a(a.slice(s![row0..row0 + rows, ..]), a_panel);
+            let mut strip_rows = strip_buf[..rows * nc].chunks_exact_mut(nc);
+            let mut strip: [&mut [f32]; MR] = std::array::from_fn(|_| strip_rows.next().unwrap_or_default());
+            for (t, b_panel) in b_panels.chunks_exact(NR * k).enumerate() {
+                // alpha 1 and beta 0: the bits `gemm` stores.
+                kernel::tile_into(k, &a_panel[..MR * k], b_panel, &mut strip, t * NR, 1.0, Blend::Beta(0.0));
+            }
+            for r in 0..rows {
+                sink.take(row0 + r, jc, &strip_buf[r * nc..(r + 1) * nc]);
             }
         }
     }
 }
+
+/// A's packing buffer holds one panel and a strip.
+const _: () = assert!(MR * KC + MR * NC <= MC * KC, "the strip does not fit beside one panel of A");
 
 #[cfg(test)]
 mod tests {
