@@ -1,13 +1,20 @@
 //! Crash-safe file replacement.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 /// Writes `bytes` to `path` so that a crash at any moment leaves either the
 /// old file or the new one, never a mix: write a temporary file in the same
 /// folder, fsync it, rename it over `path`, fsync the folder.
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write()`] with the contents streamed by `fill` through a buffer into the
+/// temporary file, so they never need to be in memory whole (a model or a
+/// checkpoint is written as it is encoded).
+pub fn write_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -16,8 +23,9 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         path.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path names no file"))?;
     let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut w = BufWriter::new(File::create(&tmp)?);
+        fill(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, path)?;
@@ -50,6 +58,14 @@ mod tests {
         assert!(leftovers.is_empty());
         // A folder that does not exist: an error, and nothing created.
         assert!(write(&dir.join("missing/b.bin"), b"x").is_err());
+        // Streamed in pieces: the same file. A failing writer keeps the old one.
+        write_with(&p, |w| w.write_all(b"thi").and_then(|_| w.write_all(b"rd"))).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"third");
+        let failed = write_with(&p, |w| w.write_all(b"half").and_then(|_| Err(std::io::Error::other("boom"))));
+        assert!(failed.is_err());
+        assert_eq!(fs::read(&p).unwrap(), b"third");
+        let leftovers = fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "a.bin").count();
+        assert_eq!(leftovers, 0, "a failed write leaves no temporary");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

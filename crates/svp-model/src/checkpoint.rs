@@ -2,7 +2,7 @@
 //!
 //! Layout (little-endian): magic `SVPCKPT\0` (8 bytes), version (u32), payload
 //! length (u64), FNV-1a 64 checksum of the payload (u64), then the postcard
-//! payload ([`Checkpoint`]). Written with [`crate::atomic::write`], so a crash
+//! payload ([`Checkpoint`]). Written with [`crate::atomic::write_with`], so a crash
 //! leaves the previous checkpoint intact.
 
 use crate::{ModelError, fnv1a64};
@@ -61,18 +61,31 @@ impl CheckpointRef<'_> {
     pub fn to_bytes(&self) -> Vec<u8> {
         let (len, sum) = self.payload_len_and_checksum();
         let mut out = Vec::with_capacity(HEADER + len as usize);
-        out.extend_from_slice(&CHECKPOINT_MAGIC);
-        out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&sum.to_le_bytes());
+        out.extend_from_slice(&header(len, sum));
         self.write_payload(&mut out).expect("writing to memory never fails");
         out
     }
 
-    /// Writes the file atomically.
+    /// Writes the file atomically, streaming the payload into it (the
+    /// weights and moments are never copied into one buffer).
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        crate::atomic::write(path, &self.to_bytes()).map_err(|source| ModelError::Io { path: path.to_owned(), source })
+        let (len, sum) = self.payload_len_and_checksum();
+        crate::atomic::write_with(path, |w| {
+            w.write_all(&header(len, sum))?;
+            self.write_payload(w)
+        })
+        .map_err(|source| ModelError::Io { path: path.to_owned(), source })
     }
+}
+
+/// A checkpoint's header for a payload of `len` bytes with checksum `sum`.
+fn header(len: u64, sum: u64) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(&CHECKPOINT_MAGIC);
+    h[8..12].copy_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
+    h[12..20].copy_from_slice(&len.to_le_bytes());
+    h[20..28].copy_from_slice(&sum.to_le_bytes());
+    h
 }
 
 impl Checkpoint {
@@ -94,10 +107,7 @@ impl Checkpoint {
     pub fn to_bytes(&self) -> Vec<u8> {
         let payload = postcard::to_stdvec(self).expect("checkpoint serializes");
         let mut out = Vec::with_capacity(HEADER + payload.len());
-        out.extend_from_slice(&CHECKPOINT_MAGIC);
-        out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&fnv1a64(&[&payload]).to_le_bytes());
+        out.extend_from_slice(&header(payload.len() as u64, fnv1a64(&[&payload])));
         out.extend_from_slice(&payload);
         out
     }
@@ -128,9 +138,18 @@ impl Checkpoint {
         Self::from_payload(payload, path)
     }
 
-    /// Writes atomically.
+    /// Writes atomically, streaming the payload into the file.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        crate::atomic::write(path, &self.to_bytes()).map_err(|source| ModelError::Io { path: path.to_owned(), source })
+        let write_payload = |w: &mut dyn std::io::Write| {
+            postcard::to_io(self, w).map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let mut hash = crate::Fnv64::new();
+        write_payload(&mut hash).expect("hashing never fails");
+        crate::atomic::write_with(path, |w| {
+            w.write_all(&header(hash.len(), hash.finish()))?;
+            write_payload(w)
+        })
+        .map_err(|source| ModelError::Io { path: path.to_owned(), source })
     }
 
     /// Reads and checks.

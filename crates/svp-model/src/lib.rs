@@ -464,6 +464,14 @@ impl ModelFile {
 
     /// The whole file.
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.head();
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    /// Everything before the weights: the header (its checksum covers the
+    /// weights too), the metadata and the padding up to the data section.
+    fn head(&self) -> Vec<u8> {
         let mut meta = postcard::to_stdvec(&self.meta).expect("metadata serializes");
         if self.meta.front.is_none() {
             // Version 1: the same section without `front`, its last byte.
@@ -475,7 +483,6 @@ impl ModelFile {
         out.extend_from_slice(&meta);
         pad_to(&mut out, ALIGN);
         debug_assert_eq!(out.len(), data_offset);
-        out.extend_from_slice(&self.data);
         let mut h = Vec::with_capacity(HEADER_LEN);
         h.extend_from_slice(&MAGIC);
         h.extend_from_slice(&self.version().to_le_bytes());
@@ -484,7 +491,7 @@ impl ModelFile {
         h.extend_from_slice(&(meta.len() as u64).to_le_bytes());
         h.extend_from_slice(&(data_offset as u64).to_le_bytes());
         h.extend_from_slice(&(self.data.len() as u64).to_le_bytes());
-        let checksum = fnv1a64(&[&h, &out[HEADER_LEN..]]);
+        let checksum = fnv1a64(&[&h, &out[HEADER_LEN..], &self.data]);
         h.extend_from_slice(&checksum.to_le_bytes());
         h.resize(HEADER_LEN, 0);
         out[..HEADER_LEN].copy_from_slice(&h);
@@ -728,9 +735,15 @@ impl ModelFile {
         Self::build(&self.to_network(), meta.front.clone(), info, dtype)
     }
 
-    /// Writes the file atomically (see [`atomic::write`]).
+    /// Writes the file atomically (see [`atomic::write`]), the weights
+    /// straight from `self` (no copy of the whole file in memory).
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        atomic::write(path, &self.to_bytes()).map_err(|source| ModelError::Io { path: path.to_owned(), source })
+        let head = self.head();
+        atomic::write_with(path, |w| {
+            w.write_all(&head)?;
+            w.write_all(&self.data)
+        })
+        .map_err(|source| ModelError::Io { path: path.to_owned(), source })
     }
 
     /// Reads and checks a file.
@@ -794,6 +807,21 @@ mod tests {
 
     fn sample_cfg() -> ModelConfig {
         ModelConfig::mlp(vec![5, 4])
+    }
+
+    /// `save` streams the file; it must be `to_bytes` exactly.
+    #[test]
+    fn a_saved_file_is_its_bytes() {
+        let dir = std::env::temp_dir().join(format!("svp-model-save-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for dtype in [DType::F32, DType::I8] {
+            let f = sample(dtype);
+            let path = dir.join("m.svpm");
+            f.save(&path).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), f.to_bytes(), "{dtype:?}");
+            assert_eq!(ModelFile::load(&path).unwrap(), f);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -32,4 +32,9 @@ fn a_version_1_checkpoint_loads_with_its_adam_moments() {
     let again = c.to_bytes();
     assert_eq!(u32::from_le_bytes(again[8..12].try_into().unwrap()), 2);
     assert_eq!(Checkpoint::from_bytes(&again, Path::new("again")).unwrap(), c);
+    // `save` streams the payload into the file: the same bytes.
+    let path = std::env::temp_dir().join(format!("svp-ckpt-save-{}.ckpt", std::process::id()));
+    c.save(&path).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), again);
+    std::fs::remove_file(&path).unwrap();
 }
