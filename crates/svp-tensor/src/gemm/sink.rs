@@ -1,10 +1,11 @@
-//! A product handed over tile by tile instead of stored: what lets an
-//! optimizer update a layer's weights from their gradient while each piece
-//! of it is still in registers and L1, so the gradient never goes to memory.
+//! A product handed over row by row instead of stored: what lets an
+//! optimizer update a layer's weights from their gradient while each strip
+//! of it (12 rows, up to 1024 columns) is still in L1/L2, so the gradient
+//! never goes to memory.
 //!
 //! The tiles are the same as [`super::gemm`]'s, computed by the same kernel
-//! in the same order, so every value is bit-identical to what `gemm(1.0, a,
-//! b, 0.0, c)` would have stored.
+//! from the same packed panels, so every value is bit-identical to what
+//! `gemm(1.0, a, b, 0.0, c)` would have stored.
 
 use super::kernel::{self, Blend, MR, NR};
 use super::{KC, MC, NC, PARALLEL_MIN_MACS, Workspace, pack, with_workspace};
@@ -19,9 +20,9 @@ pub const SINK_MAX_DEPTH: usize = KC;
 
 /// Receives the rows of a product's tiles in place of an output matrix.
 pub trait ProductSink: Send {
-    /// Elements `(row, col0..col0 + values.len())` of the product (at most
-    /// one tile wide). Each element arrives exactly once; tiles come in no
-    /// promised order.
+    /// Elements `(row, col0..col0 + values.len())` of the product (a run of
+    /// one row, at most one packed block of columns wide). Each element
+    /// arrives exactly once; runs come in no promised order.
     fn take(&mut self, row: usize, col0: usize, values: &[f32]);
 
     /// The sinks for rows `..at` and for rows `at..` of this one (the second
