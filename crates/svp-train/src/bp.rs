@@ -20,7 +20,6 @@ pub struct BpTrainer {
     caches: Vec<LayerCache>,
     /// Ping-pong gradients wrt layer outputs.
     grads_out: [Vec<f32>; 2],
-    grad: Vec<f32>,
 }
 
 impl BpTrainer {
@@ -43,16 +42,12 @@ impl BpTrainer {
         let caches = model.all_layers().map(|l| LayerCache::try_for([l], rows)).collect::<Result<_, _>>()?;
         let width = model.max_out_width();
         Ok(Self {
-            updater: Updater::try_new(model, config.optimizer)?,
+            updater: Updater::try_new(model, config.optimizer, rows)?,
             seed: config.train.seed,
             max_rows: rows,
             acts,
             caches,
             grads_out: [try_zeros(rows * width, "output gradients")?, try_zeros(rows * width, "input gradients")?],
-            grad: try_zeros(
-                model.max_stored_gradient_len(rows <= svp_tensor::SINK_MAX_DEPTH),
-                "one layer's stored gradient",
-            )?,
         })
     }
 }
@@ -85,8 +80,7 @@ impl Trainer for BpTrainer {
             let (a, b) = self.grads_out.split_at_mut(1);
             let (dout, dx) = if cur == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
             let dx = (l > 0).then_some(&mut dx[..]);
-            let grad = &mut self.grad[..];
-            let mut update = self.updater.begin(l, lr_scale);
+            let (mut update, grad) = self.updater.begin(l, lr_scale);
             let cache = &mut self.caches[l];
             layer.backward_update(params, trainable, input, rows, cache, dout, grad, dx, mode, &mut update);
             cur = 1 - cur;
@@ -103,17 +97,9 @@ impl Trainer for BpTrainer {
         &mut self.updater
     }
 
-    fn store_weight_gradients(&mut self, model: &Network) -> Result<(), OutOfMemory> {
-        self.grad = try_zeros(model.max_stored_gradient_len(false), "one layer's stored gradient")?;
-        self.updater.set_fused(false);
-        Ok(())
-    }
-
     fn workspace_bytes(&self) -> usize {
-        4 * (self.acts.iter().map(Vec::len).sum::<usize>()
-            + self.grads_out[0].len()
-            + self.grads_out[1].len()
-            + self.grad.len())
+        4 * (self.acts.iter().map(Vec::len).sum::<usize>() + self.grads_out[0].len() + self.grads_out[1].len())
             + self.caches.iter().map(LayerCache::bytes).sum::<usize>()
+            + self.updater.gradient_bytes()
     }
 }

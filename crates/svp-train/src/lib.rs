@@ -82,7 +82,9 @@ pub trait Trainer {
     /// optimizer reads it, instead of handing it straight from the GEMM to
     /// the optimizer: the same bits, a larger gradient buffer (allocated
     /// here) and more memory traffic. For measuring what the fused path saves.
-    fn store_weight_gradients(&mut self, model: &Network) -> Result<(), svp_alloc::OutOfMemory>;
+    fn store_weight_gradients(&mut self, model: &Network) -> Result<(), svp_alloc::OutOfMemory> {
+        self.updater_mut().store_weight_gradients(model)
+    }
 
     /// Per-layer local losses and head accuracies since the last reset (SVP only).
     fn layer_metrics(&self) -> Option<&LayerMetrics> {

@@ -76,7 +76,6 @@ struct Workspace {
     dv: Vec<f32>,
     tile: Vec<f32>,
     fa: FaWorkspace,
-    grad: Vec<f32>,
 }
 
 impl Workspace {
@@ -87,7 +86,6 @@ impl Workspace {
             + self.v.len()
             + self.dv.len()
             + self.tile.len()
-            + self.grad.len()
             + self.readout.len()
             + self.d_readout.len())
             + self.caches.iter().map(LayerCache::bytes).sum::<usize>()
@@ -202,13 +200,9 @@ impl SvpTrainer {
             dv: try_zeros(rows * vdim, "the projection gradient")?,
             tile: try_zeros(tile_floats, "a tile of R")?,
             fa: FaWorkspace::try_new(rows, vdim)?,
-            grad: try_zeros(
-                model.max_stored_gradient_len(rows <= svp_tensor::SINK_MAX_DEPTH),
-                "one layer's stored gradient",
-            )?,
         };
         Ok(Self {
-            updater: Updater::try_new(model, config.optimizer)?,
+            updater: Updater::try_new(model, config.optimizer, rows)?,
             heads,
             lambda: config.svp.lambda,
             head_lambda: config.svp.head_lambda.unwrap_or(config.svp.lambda),
@@ -340,10 +334,9 @@ impl Trainer for SvpTrainer {
                 let (layer, params) = model.layer_mut(l);
                 let src = &ws.act[if j == 0 { unit_input } else { slot(j - 1) }];
                 let input = if l == 0 { x } else { &src[..] };
-                let grad = &mut ws.grad[..];
                 let dinput = (j > 0).then_some(&mut dx[..]);
                 let lr = if l + 1 == n_layers { lr_scale * self.head_lr_scale } else { lr_scale };
-                let mut update = self.updater.begin(l, lr);
+                let (mut update, grad) = self.updater.begin(l, lr);
                 let cache = &mut ws.caches[self.cache_slots[l]];
                 layer.backward_update(params, trainable, input, rows, cache, dout, grad, dinput, mode, &mut update);
                 if j > 0 {
@@ -376,14 +369,8 @@ impl Trainer for SvpTrainer {
         &mut self.updater
     }
 
-    fn store_weight_gradients(&mut self, model: &Network) -> Result<(), OutOfMemory> {
-        self.ws.grad = try_zeros(model.max_stored_gradient_len(false), "one layer's stored gradient")?;
-        self.updater.set_fused(false);
-        Ok(())
-    }
-
     fn workspace_bytes(&self) -> usize {
-        self.ws.bytes()
+        self.ws.bytes() + self.updater.gradient_bytes()
     }
 
     fn layer_metrics(&self) -> Option<&LayerMetrics> {

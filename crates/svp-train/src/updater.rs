@@ -1,45 +1,54 @@
 //! What both trainers update weights with, and what a checkpoint restores.
 
 use crate::{Network, TrainerState};
-use svp_alloc::OutOfMemory;
+use svp_alloc::{OutOfMemory, try_zeros};
 use svp_optim::{LayerState, LayerUpdate, Optimizer};
 
-/// The optimizer, each layer's optimizer state and the step counter.
+/// The optimizer, each layer's optimizer state, the step counter and the
+/// buffer a layer's gradient is stored in when its update cannot take it
+/// straight from a GEMM.
 #[derive(Debug)]
 pub struct Updater {
     optimizer: Optimizer,
     states: Vec<LayerState>,
     step: u64,
+    /// One layer's stored gradient ([`Network::max_stored_gradient_len`]).
+    grad: Vec<f32>,
+    /// Whether dense weights take their gradient straight from the GEMM
+    /// (batches of at most [`svp_tensor::SINK_MAX_DEPTH`] rows), so `grad`
+    /// only holds the rest of a layer's.
     fused: bool,
 }
 
 impl Updater {
-    /// Fresh state for every layer of `model`, failing cleanly without the memory.
-    pub fn try_new(model: &Network, optimizer: Optimizer) -> Result<Self, OutOfMemory> {
+    /// Fresh state for every layer of `model`, trained in batches of up to
+    /// `batch_rows`, failing cleanly without the memory.
+    pub fn try_new(model: &Network, optimizer: Optimizer, batch_rows: usize) -> Result<Self, OutOfMemory> {
         let states =
             (0..model.n_layers()).map(|l| optimizer.try_new_state(model.trainable_len(l))).collect::<Result<_, _>>()?;
-        Ok(Self { optimizer, states, step: 0, fused: true })
-    }
-
-    /// One update of layer `l`.
-    pub fn update(&mut self, l: usize, lr_scale: f32, params: &mut [f32], grad: &[f32]) {
-        self.optimizer.update(lr_scale, params, grad, &mut self.states[l]);
+        let fused = batch_rows <= svp_tensor::SINK_MAX_DEPTH;
+        let grad = try_zeros(model.max_stored_gradient_len(fused), "one layer's stored gradient")?;
+        Ok(Self { optimizer, states, step: 0, grad, fused })
     }
 
     /// Starts one update of layer `l`, which the layer's backward then
-    /// completes as its gradient comes ([`crate::Layer::backward_update`]).
-    pub fn begin(&mut self, l: usize, lr_scale: f32) -> LayerUpdate<'_> {
+    /// completes as its gradient comes ([`crate::Layer::backward_update`]),
+    /// with the buffer for the gradient it stores.
+    pub fn begin(&mut self, l: usize, lr_scale: f32) -> (LayerUpdate<'_>, &mut [f32]) {
         let update = self.optimizer.begin_update(lr_scale, &mut self.states[l]);
-        if self.fused { update } else { update.stored_gradients_only() }
+        (if self.fused { update } else { update.stored_gradients_only() }, &mut self.grad)
     }
 
-    /// Whether dense weights are updated from their gradient as the GEMM
-    /// computes it, without storing it (the default; for batches of at most
-    /// [`svp_tensor::SINK_MAX_DEPTH`] rows).
-    /// Both ways give the same bits ([`crate::Trainer::store_weight_gradients`]
-    /// switches, with a gradient buffer that has room).
-    pub(crate) fn set_fused(&mut self, fused: bool) {
-        self.fused = fused;
+    /// See [`crate::Trainer::store_weight_gradients`].
+    pub fn store_weight_gradients(&mut self, model: &Network) -> Result<(), OutOfMemory> {
+        self.grad = try_zeros(model.max_stored_gradient_len(false), "one layer's stored gradient")?;
+        self.fused = false;
+        Ok(())
+    }
+
+    /// Bytes of the stored-gradient buffer (training workspace, not state).
+    pub fn gradient_bytes(&self) -> usize {
+        4 * self.grad.len()
     }
 
     /// Steps completed.
