@@ -47,35 +47,56 @@ pub struct CheckpointRef<'a> {
 impl CheckpointRef<'_> {
     /// Streams the postcard payload into `w`, without building it in memory.
     pub fn write_payload(&self, w: impl std::io::Write) -> std::io::Result<()> {
-        postcard::to_io(self, w).map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()))
+        encode(self, w)
     }
 
     /// Length and FNV-1a 64 of the payload, computed by streaming it.
     pub fn payload_len_and_checksum(&self) -> (u64, u64) {
-        let mut h = crate::Fnv64::new();
-        self.write_payload(&mut h).expect("hashing never fails");
-        (h.len(), h.finish())
+        len_and_checksum(self)
     }
 
     /// The file's bytes (header and payload).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let (len, sum) = self.payload_len_and_checksum();
-        let mut out = Vec::with_capacity(HEADER + len as usize);
-        out.extend_from_slice(&header(len, sum));
-        self.write_payload(&mut out).expect("writing to memory never fails");
-        out
+        file_bytes(self)
     }
 
     /// Writes the file atomically, streaming the payload into it (the
     /// weights and moments are never copied into one buffer).
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        let (len, sum) = self.payload_len_and_checksum();
-        crate::atomic::write_with(path, |w| {
-            w.write_all(&header(len, sum))?;
-            self.write_payload(w)
-        })
-        .map_err(|source| ModelError::Io { path: path.to_owned(), source })
+        save_file(self, path)
     }
+}
+
+/// Streams `payload`'s postcard encoding into `w`.
+fn encode(payload: &impl Serialize, w: impl std::io::Write) -> std::io::Result<()> {
+    postcard::to_io(payload, w).map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Length and FNV-1a 64 of `payload`'s encoding, by streaming it into the hash.
+fn len_and_checksum(payload: &impl Serialize) -> (u64, u64) {
+    let mut h = crate::Fnv64::new();
+    encode(payload, &mut h).expect("hashing never fails");
+    (h.len(), h.finish())
+}
+
+/// A checkpoint file's bytes: header and payload.
+fn file_bytes(payload: &impl Serialize) -> Vec<u8> {
+    let (len, sum) = len_and_checksum(payload);
+    let mut out = Vec::with_capacity(HEADER + len as usize);
+    out.extend_from_slice(&header(len, sum));
+    encode(payload, &mut out).expect("writing to memory never fails");
+    out
+}
+
+/// Writes a checkpoint file atomically, the payload streamed into it twice
+/// (into the checksum, then into the file) and never held whole.
+fn save_file(payload: &impl Serialize, path: &Path) -> Result<(), ModelError> {
+    let (len, sum) = len_and_checksum(payload);
+    crate::atomic::write_with(path, |w| {
+        w.write_all(&header(len, sum))?;
+        encode(payload, w)
+    })
+    .map_err(|source| ModelError::Io { path: path.to_owned(), source })
 }
 
 /// A checkpoint's header for a payload of `len` bytes with checksum `sum`.
@@ -105,11 +126,7 @@ impl Checkpoint {
 
     /// The file's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let payload = postcard::to_stdvec(self).expect("checkpoint serializes");
-        let mut out = Vec::with_capacity(HEADER + payload.len());
-        out.extend_from_slice(&header(payload.len() as u64, fnv1a64(&[&payload])));
-        out.extend_from_slice(&payload);
-        out
+        file_bytes(self)
     }
 
     /// Decodes and checks a checkpoint's bytes.
@@ -140,16 +157,7 @@ impl Checkpoint {
 
     /// Writes atomically, streaming the payload into the file.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        let write_payload = |w: &mut dyn std::io::Write| {
-            postcard::to_io(self, w).map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()))
-        };
-        let mut hash = crate::Fnv64::new();
-        write_payload(&mut hash).expect("hashing never fails");
-        crate::atomic::write_with(path, |w| {
-            w.write_all(&header(hash.len(), hash.finish()))?;
-            write_payload(w)
-        })
-        .map_err(|source| ModelError::Io { path: path.to_owned(), source })
+        save_file(self, path)
     }
 
     /// Reads and checks.
