@@ -43,55 +43,28 @@ impl Activation {
             Activation::Identity => {}
         }
     }
-
-    /// `x[i] = act(x[i])` on one short run of values (a row), serially: for
-    /// loops that fuse the activation into a pass they make anyway.
-    pub(crate) fn forward_in_place(self, x: &mut [f32]) {
-        match self {
-            Activation::Relu => x.iter_mut().for_each(|v| *v = relu(*v)),
-            Activation::Gelu => x.iter_mut().for_each(|v| *v = gelu(*v)),
-            Activation::Identity => {}
-        }
-    }
-
-    /// [`Activation::backward`] on one row whose activation input was
-    /// `gamma * xhat + beta` (a LayerNorm's output), recomputing that input
-    /// with the forward's own expression so that it is the same bits.
-    pub(crate) fn backward_affine(self, grad: &mut [f32], xhat: &[f32], gamma: &[f32], beta: &[f32]) {
-        #[inline(always)]
-        fn each(f: impl Fn(f32, f32) -> f32, grad: &mut [f32], xhat: &[f32], gamma: &[f32], beta: &[f32]) {
-            for (((g, &x), &a), &b) in grad.iter_mut().zip(xhat).zip(gamma).zip(beta) {
-                *g = f(*g, a * x + b);
-            }
-        }
-        match self {
-            Activation::Relu => each(relu_grad, grad, xhat, gamma, beta),
-            Activation::Gelu => each(gelu_grad, grad, xhat, gamma, beta),
-            Activation::Identity => {}
-        }
-    }
 }
 
 #[inline(always)]
-fn relu(v: f32) -> f32 {
+pub(crate) fn relu(v: f32) -> f32 {
     v.max(0.0)
 }
 
 /// A select, not a branch: the sign of `v` is a coin flip, and a mispredicted
 /// branch per element cost ~1 ms per layer.
 #[inline(always)]
-fn relu_grad(g: f32, v: f32) -> f32 {
+pub(crate) fn relu_grad(g: f32, v: f32) -> f32 {
     if v > 0.0 { g } else { 0.0 }
 }
 
 #[inline(always)]
-fn gelu(v: f32) -> f32 {
+pub(crate) fn gelu(v: f32) -> f32 {
     let (erf, _) = erf_and_gaussian(v * FRAC_1_SQRT_2);
     0.5 * v * (1.0 + erf)
 }
 
 #[inline(always)]
-fn gelu_grad(g: f32, v: f32) -> f32 {
+pub(crate) fn gelu_grad(g: f32, v: f32) -> f32 {
     // exp(-(v / sqrt 2)^2) = exp(-v^2 / 2): the normal density's.
     let (erf, gaussian) = erf_and_gaussian(v * FRAC_1_SQRT_2);
     g * (0.5 * (1.0 + erf) + v * INV_SQRT_2PI * gaussian)

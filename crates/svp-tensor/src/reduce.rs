@@ -8,36 +8,66 @@
 /// Number of independent partial sums (one AVX-512 register of f32).
 pub const LANES: usize = 16;
 
-#[inline]
-fn fold_lanes(acc: [f32; LANES]) -> f32 {
-    // Pairwise, fixed order.
-    let mut width = LANES;
-    let mut acc = acc;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            acc[i] += acc[i + width];
+/// A sum in this module's fixed layout, fed [`LANES`] values at a time: for
+/// loops that compute what they sum in a pass they make anyway (LayerNorm's),
+/// and get the bits [`sum`] would give over the same values.
+#[derive(Clone, Copy, Debug)]
+pub struct LaneSum {
+    acc: [f32; LANES],
+}
+
+impl Default for LaneSum {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LaneSum {
+    /// An empty sum.
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Self { acc: [0.0; LANES] }
+    }
+
+    /// A sum whose lanes hold `lanes` (for vector code that keeps the lanes
+    /// in a register and hands them over to be finished).
+    #[inline(always)]
+    pub const fn from_lanes(lanes: [f32; LANES]) -> Self {
+        Self { acc: lanes }
+    }
+
+    /// Adds the next `LANES` values.
+    #[inline(always)]
+    pub fn add(&mut self, values: &[f32; LANES]) {
+        for (a, &v) in self.acc.iter_mut().zip(values) {
+            *a += v;
         }
     }
-    acc[0]
+
+    /// The total, given the values after the last whole chunk (added one by
+    /// one, in order, to the pairwise fold of the lanes).
+    #[inline(always)]
+    pub fn finish(self, tail: impl IntoIterator<Item = f32>) -> f32 {
+        // Pairwise, fixed order.
+        let mut acc = self.acc;
+        let mut width = LANES;
+        while width > 1 {
+            width /= 2;
+            for i in 0..width {
+                acc[i] += acc[i + width];
+            }
+        }
+        tail.into_iter().fold(acc[0], |total, t| total + t)
+    }
 }
 
 /// Sum of `x`.
 #[inline]
 pub fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..LANES {
-            acc[i] += c[i];
-        }
-    }
-    let mut total = fold_lanes(acc);
-    for &t in tail {
-        total += t;
-    }
-    total
+    let (chunks, tail) = x.as_chunks::<LANES>();
+    let mut total = LaneSum::new();
+    chunks.iter().for_each(|c| total.add(c));
+    total.finish(tail.iter().copied())
 }
 
 /// Dot product of two equal-length slices.
@@ -47,40 +77,27 @@ pub fn sum(x: &[f32]) -> f32 {
 #[inline]
 pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     assert_eq!(x.len(), y.len(), "dot: lengths differ");
-    let mut acc = [0.0f32; LANES];
-    let xs = x.chunks_exact(LANES);
-    let ys = y.chunks_exact(LANES);
-    let (xt, yt) = (xs.remainder(), ys.remainder());
-    for (a, b) in xs.zip(ys) {
-        for i in 0..LANES {
-            acc[i] += a[i] * b[i];
-        }
+    let ((xs, xt), (ys, yt)) = (x.as_chunks::<LANES>(), y.as_chunks::<LANES>());
+    let mut total = LaneSum::new();
+    for (a, b) in xs.iter().zip(ys) {
+        total.add(&std::array::from_fn(|i| a[i] * b[i]));
     }
-    let mut total = fold_lanes(acc);
-    for (a, b) in xt.iter().zip(yt) {
-        total += a * b;
-    }
-    total
+    total.finish(xt.iter().zip(yt).map(|(a, b)| a * b))
 }
 
 /// Sum of squared deviations from `mean`.
 #[inline]
 pub fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
+    let square_dev = |v: f32| {
+        let d = v - mean;
+        d * d
+    };
+    let (chunks, tail) = x.as_chunks::<LANES>();
+    let mut total = LaneSum::new();
     for c in chunks {
-        for i in 0..LANES {
-            let d = c[i] - mean;
-            acc[i] += d * d;
-        }
+        total.add(&c.map(square_dev));
     }
-    let mut total = fold_lanes(acc);
-    for &t in tail {
-        let d = t - mean;
-        total += d * d;
-    }
-    total
+    total.finish(tail.iter().map(|&v| square_dev(v)))
 }
 
 /// Columns per parallel task in the column reductions.
