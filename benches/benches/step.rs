@@ -35,13 +35,22 @@ fn steps(c: &mut Criterion) {
 ///
 /// The host is shared and other work only ever adds time, so each figure is
 /// the fastest of several rounds, and the rounds alternate the steps and the
-/// isolated GEMMs so that all see the same conditions.
+/// isolated GEMMs so that all see the same conditions. The fastest step and
+/// the fastest GEMMs can still come from different speeds of the host, so
+/// the shares are also given round by round (median and quartiles).
 fn overhead(_c: &mut Criterion) {
     const ROUNDS: usize = 15;
     const STEPS: u64 = 20;
     let per_call = |d: Duration, n: u64| d.as_secs_f64() / n as f64;
     let mut evict = vec![0.0f32; 8 << 20];
     for (name, method) in [("svp", Method::Svp), ("bp", Method::Bp)] {
+        let per_step = |times: &[f64]| -> f64 {
+            SHAPES
+                .iter()
+                .zip(times)
+                .map(|(s, t)| t * if method == Method::Svp { s.per_svp_step } else { s.per_bp_step } as f64)
+                .sum()
+        };
         let mut benches = [StepBench::new(method), StepBench::new(method)];
         let stored = &mut benches[1];
         stored.trainer.store_weight_gradients(&stored.model).expect("memory for the stored gradient");
@@ -50,32 +59,40 @@ fn overhead(_c: &mut Criterion) {
         let (mut in_situ, mut calls, mut update) = ([0.0; 2], [0; 2], [0.0; 2]);
         let mut warm = vec![f64::INFINITY; SHAPES.len()];
         let mut cold = vec![f64::INFINITY; SHAPES.len()];
+        // Each round's own shares (warm, cold): its steps against the GEMMs
+        // timed right after them, which a change of the host's speed between
+        // rounds does not pair with another round's figures.
+        let mut round_shares: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
         for bench in &mut benches {
             bench.timed(5);
         }
         for _ in 0..ROUNDS {
+            let mut round_step = [0.0; 2];
             for (b, bench) in benches.iter_mut().enumerate() {
                 svp_tensor::reset_gemm_clock();
                 svp_optim::reset_update_clock();
                 let t = per_call(bench.timed(STEPS), STEPS);
+                round_step[b] = t;
                 let (gemm, n) = svp_tensor::gemm_clock();
                 if t < step[b] {
                     (step[b], in_situ[b], calls[b]) = (t, per_call(gemm, STEPS), n / STEPS);
                     update[b] = per_call(svp_optim::update_clock(), STEPS);
                 }
             }
-            for ((w, c), ops) in warm.iter_mut().zip(cold.iter_mut()).zip(&mut gemms) {
-                *w = w.min(per_call(ops.timed(10), 10));
-                *c = c.min(per_call(ops.timed_cold(5, &mut evict), 5));
+            let mut round_gemms = vec![(0.0, 0.0); SHAPES.len()];
+            for (((w, c), ops), (rw, rc)) in warm.iter_mut().zip(cold.iter_mut()).zip(&mut gemms).zip(&mut round_gemms)
+            {
+                *rw = per_call(ops.timed(10), 10);
+                *rc = per_call(ops.timed_cold(5, &mut evict), 5);
+                *w = w.min(*rw);
+                *c = c.min(*rc);
+            }
+            let round_warm = per_step(&round_gemms.iter().map(|g| g.0).collect::<Vec<_>>());
+            let round_cold = per_step(&round_gemms.iter().map(|g| g.1).collect::<Vec<_>>());
+            for (shares, t) in round_shares.iter_mut().zip(round_step) {
+                shares.push(((t - round_warm) / t, (t - round_cold) / t));
             }
         }
-        let per_step = |times: &[f64]| -> f64 {
-            SHAPES
-                .iter()
-                .zip(times)
-                .map(|(s, t)| t * if method == Method::Svp { s.per_svp_step } else { s.per_bp_step } as f64)
-                .sum()
-        };
         let (warm, cold) = (per_step(&warm), per_step(&cold));
         println!("overhead/{name}: its GEMMs alone {:.3} ms (warm caches), {:.3} ms (cold)", warm * 1e3, cold * 1e3);
         for (b, way) in ["fused weight updates", "gradients stored"].into_iter().enumerate() {
@@ -93,6 +110,17 @@ fn overhead(_c: &mut Criterion) {
                 update[b] * 1e3,
                 share(warm),
                 share(cold),
+            );
+            let quartiles = |pick: fn(&(f64, f64)) -> f64| {
+                let mut shares: Vec<f64> = round_shares[b].iter().map(pick).collect();
+                shares.sort_by(f64::total_cmp);
+                let at = |q: f64| 100.0 * shares[((shares.len() - 1) as f64 * q).round() as usize];
+                format!("median {:.1} % (quartiles {:.1}-{:.1} %)", at(0.5), at(0.25), at(0.75))
+            };
+            println!(
+                "overhead/{name}, {way}, round by round: warm {}; cold {}",
+                quartiles(|s| s.0),
+                quartiles(|s| s.1)
             );
         }
     }
