@@ -104,6 +104,15 @@ fn parse() -> Result<Args, String> {
     if a.samples == 0 || a.epochs == 0 || a.batch == 0 {
         return Err("--samples, --epochs and --batch must be positive".into());
     }
+    // The chip is created fresh for each method's run and removed after it:
+    // a file already there is somebody's data, never overwritten.
+    if a.flash.exists() {
+        return Err(format!(
+            "--flash {}: the file exists; the simulated chip is created fresh there and removed after the run, \
+             so give a path that does not exist",
+            a.flash.display()
+        ));
+    }
     Ok(a)
 }
 
@@ -123,6 +132,16 @@ impl FitObserver for Device {
         self.store.save_streamed(|w| c.write_payload(w)).map_err(|e| e.to_string())?;
         self.saved += 1;
         Ok(())
+    }
+}
+
+/// The simulated chip's backing file for one method's run: created fresh,
+/// removed when the run ends, however it ends (an error included).
+struct ChipFile<'a>(&'a std::path::Path);
+
+impl Drop for ChipFile<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
     }
 }
 
@@ -201,7 +220,7 @@ fn run() -> Result<bool, String> {
             schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
         };
         config.validate_for_data(&split).map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_file(&args.flash);
+        let _chip = ChipFile(&args.flash);
         let flash = Flash::open(&args.flash, profile.flash_mib << 20).map_err(|e| e.to_string())?;
         let (store, _) = CheckpointStore::open(flash).map_err(|e| e.to_string())?;
         let mut device = Device { store, saved: 0, bytes: 0 };
@@ -258,7 +277,6 @@ fn run() -> Result<bool, String> {
                 svp_ok |= method == Method::Svp;
             }
         }
-        let _ = std::fs::remove_file(&args.flash);
     }
     Ok(svp_ok || bp_failed || args.methods == [Method::Bp])
 }

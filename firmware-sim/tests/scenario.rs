@@ -6,10 +6,13 @@ use std::process::Command;
 
 #[test]
 fn svp_fits_the_32_mib_device_and_backprop_does_not() {
+    let chip = std::env::temp_dir().join(format!("svp-sim-chip-{}.bin", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_firmware-sim"))
-        .args(["--profile", "board-32m", "--epochs", "2"])
+        .args(["--profile", "board-32m", "--epochs", "2", "--flash", chip.to_str().unwrap()])
         .output()
         .expect("run firmware-sim");
+    // The chip was written (checkpoints) and is gone after the run.
+    assert!(!chip.exists(), "the simulated chip {} was left behind", chip.display());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -37,4 +40,22 @@ fn bad_arguments_are_one_line_errors() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// `--flash` names where the simulated chip is created; a file already there
+/// is refused and left as it was.
+#[test]
+fn an_existing_flash_file_is_refused_and_kept() {
+    let path = std::env::temp_dir().join(format!("svp-sim-existing-{}.bin", std::process::id()));
+    std::fs::write(&path, b"somebody's data").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_firmware-sim"))
+        .args(["--profile", "board-32m", "--flash", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let kept = std::fs::read(&path);
+    std::fs::remove_file(&path).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: --flash ") && stderr.contains("the file exists"), "{stderr}");
+    assert_eq!(kept.unwrap(), b"somebody's data");
 }
