@@ -1,23 +1,58 @@
-//! How long one Adam update of the reference model's weights takes.
+//! How long one Adam update of the reference model's weights takes, against
+//! the same memory traffic with no arithmetic (each weight and both moments
+//! read and written once, 24 bytes per weight): how far the update is from
+//! what the memory alone allows. On one thread and on the pool, rounds of the
+//! two alternating (the host is shared), fastest and median of each:
+//!
+//! `cargo run --release -p svp-benches --example adam_speed [rounds]`
+use rayon::prelude::*;
 use std::time::Instant;
+
+/// Slices per parallel task (as svp-optim splits its pass).
+const CHUNK: usize = 1 << 14;
+
 fn main() {
+    let rounds: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(30);
     let n = 784 * 1024 + 2 * 1024 * 1024 + 10 * 1024;
     let opt = svp_optim::Optimizer::adam(3e-4);
     let mut p: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
     let g: Vec<f32> = (0..n).map(|i| ((i % 89) as f32 - 44.0) * 1e-4).collect();
-    let mut st = opt.new_state(n);
-    for _ in 0..5 {
-        opt.update(1.0, &mut p, &g, &mut st);
+    let mut state = opt.new_state(n);
+    // The bare stream's own buffers, as large as the weights and moments.
+    let mut stream: [Vec<f32>; 3] = std::array::from_fn(|_| vec![1.0f32; n]);
+    for _ in 0..3 {
+        opt.update(1.0, &mut p, &g, &mut state);
     }
-    let mut best = f64::INFINITY;
-    for _ in 0..50 {
-        let s = Instant::now();
-        opt.update(1.0, &mut p, &g, &mut st);
-        best = best.min(s.elapsed().as_secs_f64());
+    for (label, threads) in [("one thread", 1), ("the pool", rayon::current_num_threads())] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool");
+        let (mut adam, mut bare) = (Vec::new(), Vec::new());
+        pool.install(|| {
+            for _ in 0..rounds {
+                let start = Instant::now();
+                opt.update(1.0, &mut p, &g, &mut state);
+                adam.push(start.elapsed().as_secs_f64());
+                let [a, b, c] = &mut stream;
+                let start = Instant::now();
+                a.par_chunks_mut(CHUNK).zip(b.par_chunks_mut(CHUNK)).zip(c.par_chunks_mut(CHUNK)).for_each(
+                    |((a, b), c)| {
+                        for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                            (*a, *b, *c) = (*a + 1.0, *b + 1.0, *c + 1.0);
+                        }
+                    },
+                );
+                bare.push(start.elapsed().as_secs_f64());
+            }
+        });
+        let summary = |times: &mut Vec<f64>| {
+            times.sort_by(f64::total_cmp);
+            format!("{:.3} ms fastest, {:.3} median", times[0] * 1e3, times[times.len() / 2] * 1e3)
+        };
+        println!(
+            "{label} ({threads}): Adam over {n} weights {}; the same 24 B per weight read and written with no \
+             arithmetic {} ({rounds} alternating rounds)",
+            summary(&mut adam),
+            summary(&mut bare)
+        );
     }
-    println!(
-        "Adam over {n} params: {:.3} ms ({:.1} GB/s of 28 B per element)",
-        best * 1e3,
-        n as f64 * 28.0 / best / 1e9
-    );
+    std::hint::black_box(&stream);
 }
