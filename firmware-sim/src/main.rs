@@ -53,6 +53,11 @@ fn usage() -> String {
     )
 }
 
+/// Where the simulated chip lives unless `--flash` says otherwise.
+fn default_flash() -> PathBuf {
+    std::env::temp_dir().join(format!("svp-device-flash-{}.bin", std::process::id()))
+}
+
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         profile: String::new(),
@@ -62,7 +67,7 @@ fn parse() -> Result<Args, String> {
         batch: 512,
         lr: 1e-3,
         checkpoint_every: 10,
-        flash: std::env::temp_dir().join(format!("svp-device-flash-{}.bin", std::process::id())),
+        flash: default_flash(),
         methods: vec![Method::Svp, Method::Bp],
         moments: svp_optim::MomentDtype::F32,
     };
@@ -105,8 +110,13 @@ fn parse() -> Result<Args, String> {
         return Err("--samples, --epochs and --batch must be positive".into());
     }
     // The chip is created fresh for each method's run and removed after it:
-    // a file already there is somebody's data, never overwritten.
-    if a.flash.exists() {
+    // a file already at a path the user gave is somebody's data, never
+    // overwritten. At the default path (this process's own name in the temp
+    // folder) one can only be a chip left by a killed run whose process id
+    // this one reuses.
+    if a.flash == default_flash() {
+        let _ = std::fs::remove_file(&a.flash);
+    } else if a.flash.exists() {
         return Err(format!(
             "--flash {}: the file exists; the simulated chip is created fresh there and removed after the run, \
              so give a path that does not exist",
