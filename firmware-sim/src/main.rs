@@ -10,7 +10,7 @@
 
 use firmware_sim::flash::Flash;
 use firmware_sim::store::CheckpointStore;
-use firmware_sim::{Profile, camera, profiles_dir};
+use firmware_sim::{FineTuning, Profile, camera, fine_tune_config, profiles_dir};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -18,10 +18,7 @@ use svp_alloc::CountingAlloc;
 use svp_data::{DataSplit, Dataset};
 use svp_model::CheckpointRef;
 use svp_model::ModelFile;
-use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
-use svp_train::{
-    Config, FitObserver, FitOptions, FitStateRef, InferenceWorkspace, Method, Network, evaluate, try_fit_with,
-};
+use svp_train::{FitObserver, FitOptions, FitStateRef, InferenceWorkspace, Method, Network, evaluate, try_fit_with};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc::new();
@@ -179,8 +176,6 @@ fn run() -> Result<bool, String> {
     }
     let norm = file.meta.norm;
     let base = file.to_network();
-    let hidden: Vec<usize> = file.meta.layers[..file.meta.layers.len() - 1].iter().map(|l| l.out_dim).collect();
-    let first = file.meta.layers[0];
     println!(
         "device {}: {} MiB RAM, {} MiB flash, {} core(s); model {} ({} layers, {:.1} MiB of weights, {} file)",
         profile.name,
@@ -205,7 +200,8 @@ fn run() -> Result<bool, String> {
     );
     let initial = base.params().to_vec();
     drop(base);
-    drop(file);
+    let meta = file.meta;
+    drop(file.data);
     let split = DataSplit {
         train: shifted_stream,
         test: shifted_test,
@@ -217,18 +213,9 @@ fn run() -> Result<bool, String> {
     let mut svp_ok = false;
     let mut bp_failed = false;
     for &method in &args.methods {
-        let config = Config {
-            model: ModelConfig {
-                input: Some(first.in_dim),
-                norm: first.norm,
-                activation: first.activation,
-                ..ModelConfig::mlp(hidden.clone())
-            },
-            svp: SvpConfig::default(),
-            train: TrainConfig { method, epochs: args.epochs, batch_size: args.batch, seed: 11, shuffle: true },
-            optimizer: svp_optim::Optimizer::adam(args.lr).with_moments(args.moments),
-            schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
-        };
+        let run =
+            FineTuning { method, epochs: args.epochs, batch_size: args.batch, lr: args.lr, moments: args.moments };
+        let config = fine_tune_config(&meta, run);
         config.validate_for_data(&split).map_err(|e| e.to_string())?;
         let _chip = ChipFile(&args.flash);
         let flash = Flash::open(&args.flash, profile.flash_mib << 20).map_err(|e| e.to_string())?;

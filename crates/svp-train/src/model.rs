@@ -34,6 +34,19 @@ impl ProjectionHeads {
         }
     }
 
+    /// Sets `config`'s seed and projection options to these heads', so that
+    /// an SVP run of it regenerates the same `R_l`: fine-tuning a model must
+    /// align its layers to the projections they were trained against, not to
+    /// fresh ones. Options the heads do not fix (lambda, the first layer's
+    /// target, ...) are left as they are.
+    pub fn configure(&self, config: &mut Config) {
+        config.train.seed = self.seed;
+        config.svp.projection_dim = Some(self.dim);
+        config.svp.sigma = self.sigma;
+        config.svp.projection_dropout = self.dropout;
+        config.svp.label_concat = self.label_classes.is_some();
+    }
+
     /// Projection of layer `layer` (0 = input) of width `width`.
     pub fn for_layer(&self, layer: usize, width: usize, with_labels: bool) -> Projection {
         Projection {
@@ -711,5 +724,32 @@ impl InferenceWorkspace {
     pub fn exit_logits(&self, l: usize, rows: usize) -> &[f32] {
         let n = rows * self.exit_dim;
         &self.exits[l * n..(l + 1) * n]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SvpConfig, TrainConfig};
+
+    #[test]
+    fn configured_heads_are_the_heads_a_run_regenerates() {
+        let cases = [
+            ProjectionHeads { seed: 3, dim: 10, sigma: None, dropout: 0.0, label_classes: None },
+            ProjectionHeads { seed: 42, dim: 64, sigma: Some(0.25), dropout: 0.1, label_classes: Some(10) },
+        ];
+        for heads in cases {
+            let mut config = Config {
+                model: ModelConfig::mlp(vec![8]),
+                svp: SvpConfig { lambda: 0.5, ..SvpConfig::default() },
+                train: TrainConfig { seed: 11, ..TrainConfig::default() },
+                optimizer: svp_optim::Optimizer::adam(1e-3),
+                schedule: crate::Schedule::default(),
+            };
+            assert_ne!(ProjectionHeads::from_config(&config, 10), heads);
+            heads.configure(&mut config);
+            assert_eq!(ProjectionHeads::from_config(&config, 10), heads);
+            assert_eq!(config.svp.lambda, 0.5, "options the heads do not fix are kept");
+        }
     }
 }
