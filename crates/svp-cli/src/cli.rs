@@ -198,6 +198,11 @@ pub struct TrainArgs {
     /// `--data` and `--limit-train`; `--epochs` may extend the run).
     #[arg(long, conflicts_with_all = ["config", "method", "seed", "batch_size", "lr"])]
     pub resume: Option<PathBuf>,
+    /// Heap the run may take beyond the data already loaded, in MiB (weights,
+    /// optimizer state, workspace); past it the run stops before its first
+    /// step. Default: what the system has available.
+    #[arg(long, value_name = "MIB")]
+    pub max_memory: Option<usize>,
 }
 
 /// `svp eval`.

@@ -38,6 +38,13 @@ pub enum CliError {
         /// Why.
         reason: String,
     },
+    /// Training does not fit the memory there is (checked before the first step).
+    #[error(
+        "not enough memory to train: could not get {:.1} MiB more for {}; a smaller batch or network needs less",
+        .0.bytes as f64 / 1048576.0,
+        .0.what
+    )]
+    OutOfMemory(svp_alloc::OutOfMemory),
     /// Training stopped on a non-finite loss.
     #[error("{error}; {saved}")]
     Diverged {

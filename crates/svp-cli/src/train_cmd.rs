@@ -11,7 +11,7 @@ use svp_model::{Checkpoint, CheckpointRef};
 use svp_model::{DType, ModelFile, ModelInfo, Provenance};
 use svp_optim::Optimizer;
 use svp_train::{Config, EpochReport, Method};
-use svp_train::{FitObserver, FitOptions, FitStateRef, Progress, fit_with};
+use svp_train::{FitObserver, FitOptions, FitStateRef, Progress, try_fit_with};
 
 /// The config `svp train` uses without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../models/mlp-fmnist.toml");
@@ -122,7 +122,11 @@ fn describe(config: &Config, data: &DataSplit) -> String {
         data.train.len(),
         data.test.len(),
         data.origin,
-        config.train.batch_size,
+        if config.train.batch_size > data.train.len() {
+            format!("{} (all of the training set; {} asked)", data.train.len(), config.train.batch_size)
+        } else {
+            config.train.batch_size.to_string()
+        },
         config.train.epochs,
         describe_optimizer(&config.optimizer),
         rayon::current_num_threads()
@@ -267,7 +271,17 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         resume: resume.map(|c| c.state),
         ..Default::default()
     };
-    let outcome = fit_with(&config, &data, &mut console, options);
+    // Buffers past what the machine has would be refused by a device's
+    // budget, but here they would be granted lazily and the process killed
+    // when they are touched: the heap's budget is what is available now, so
+    // a run that cannot fit fails before its first step, with one line.
+    let allowed = args.max_memory.map(|mib| mib << 20);
+    if let Some(bytes) = [crate::mem::available_bytes(), allowed].into_iter().flatten().min() {
+        crate::ALLOC.set_budget(crate::ALLOC.stats().live + bytes);
+    }
+    let outcome = try_fit_with(&config, &data, &mut console, options);
+    crate::ALLOC.set_budget(0);
+    let outcome = outcome.map_err(CliError::OutOfMemory)?;
     console.progress.clear();
     if let Some(why) = &outcome.interrupted {
         return Err(CliError::Output {

@@ -156,6 +156,46 @@ fn unwritable_output_fails_before_training() {
     assert_fails(&svp(&["train", "--config", &cfg, "--data", data, "--out", data]), 1, "is a folder");
 }
 
+/// A run that does not fit the memory it may take stops before its first
+/// step with one line, naming what did not fit (here the reference MLP's 22
+/// MiB of Adam state against a 20 MiB allowance), and writes no model.
+#[test]
+fn training_past_its_memory_is_one_line() {
+    let d = scratch("memory");
+    let model = d.join("m.svpm");
+    let out = svp(&["train", "--data", "embedded", "--max-memory", "20", "--out", model.to_str().unwrap()]);
+    assert_fails(&out, 1, "not enough memory to train: could not get");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("for optimizer state"));
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty(), "no epoch ran");
+    assert!(!model.exists());
+}
+
+/// A batch larger than the training set is one batch of all of it: the same
+/// run as that batch size, without buffers for the size asked (a 100,000-row
+/// batch would want 40 GB of similarity matrices).
+#[test]
+fn a_batch_larger_than_the_data_is_the_whole_set() {
+    let d = scratch("whole");
+    write_dataset(&d, 40, 8);
+    let cfg = write_config(&d, TINY);
+    let data = d.to_str().unwrap();
+    let run = |batch: &str| {
+        let out = svp(&["train", "--config", &cfg, "--data", data, "--batch-size", batch, "--epochs", "2", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let losses: Vec<f64> = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["train_loss"].as_f64())
+            .collect();
+        (losses, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (asked, stderr) = run("100000");
+    assert!(stderr.contains("batch 40 (all of the training set; 100000 asked)"), "{stderr}");
+    let (whole, _) = run("40");
+    assert_eq!(asked.len(), 2);
+    assert_eq!(asked, whole);
+}
+
 #[test]
 fn divergence_keeps_the_last_good_weights() {
     let d = scratch("diverge");

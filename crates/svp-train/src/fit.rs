@@ -215,6 +215,20 @@ fn fit_on_this_thread(
     observer: &mut impl FitObserver,
     options: FitOptions,
 ) -> Result<FitOutcome, OutOfMemory> {
+    // A batch never holds more than the training set, so buffers sized for
+    // the batch are sized for what a batch can hold (one batch of all of it
+    // either way: the same run, without, for a large batch, similarity
+    // matrices of the size asked for instead of the size used).
+    let whole_set;
+    let config = if config.train.batch_size > data.train.len() {
+        whole_set = Config {
+            train: crate::config::TrainConfig { batch_size: data.train.len().max(1), ..config.train.clone() },
+            ..config.clone()
+        };
+        &whole_set
+    } else {
+        config
+    };
     let seed = config.train.seed;
     let mut options = options;
     let mut model = Network::try_for_images(data.train.image_shape, data.classes, &config.model, seed)?;
