@@ -45,6 +45,14 @@ pub enum CliError {
         .0.what
     )]
     OutOfMemory(svp_alloc::OutOfMemory),
+    /// One measurement of `svp memory` (a child process) failed.
+    #[error("measuring {what}: {reason}")]
+    Measurement {
+        /// Which run.
+        what: String,
+        /// Why, as the child said it.
+        reason: String,
+    },
     /// Training stopped on a non-finite loss.
     #[error("{error}; {saved}")]
     Diverged {

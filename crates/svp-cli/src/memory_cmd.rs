@@ -145,6 +145,11 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
         }
     };
     // On a pool thread, as in `svp_train::fit`: that is where steps allocate nothing.
+    // As `svp train`: what does not fit the machine fails cleanly, not by
+    // the kernel's hand when the pages are touched.
+    if let Some(available) = crate::mem::available_bytes() {
+        ALLOC.set_budget(ALLOC.stats().live + available);
+    }
     let report = rayon::scope(|_| measure(args.depth, run.steps, method, &config, &inputs))?;
     println!("{}", serde_json::to_string(&report).expect("report serializes"));
     Ok(())
@@ -170,10 +175,10 @@ fn measure(
     let (image_shape, classes) = (*image_shape, *classes);
     let baseline_rss_kib = current_rss_kib().unwrap_or(0);
     let mut model = Network::try_for_images(image_shape, classes, &config.model, config.train.seed)
-        .map_err(|e| CliError::Output { path: "svp memory-child".into(), reason: e.to_string() })?;
+        .map_err(CliError::OutOfMemory)?;
     let mut trainer: Box<dyn Trainer> = match method {
-        Method::Svp => Box::new(SvpTrainer::new(&model, config)),
-        Method::Bp => Box::new(BpTrainer::new(&model, config)),
+        Method::Svp => Box::new(SvpTrainer::try_new(&model, config).map_err(CliError::OutOfMemory)?),
+        Method::Bp => Box::new(BpTrainer::try_new(&model, config).map_err(CliError::OutOfMemory)?),
     };
     trainer.step(&mut model, x, y, 1.0).map_err(|error| CliError::Diverged { error, saved: "nothing saved".into() })?;
     ALLOC.reset_peaks();
@@ -269,8 +274,8 @@ fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, 
     }
     if !status.success() {
         let why = stderr.trim().trim_start_matches("error: ").to_string();
-        return Err(CliError::Output {
-            path: format!("svp memory-child ({method_name}, depth {depth})").into(),
+        return Err(CliError::Measurement {
+            what: format!("{method_name} at depth {depth}"),
             reason: if why.is_empty() { status.to_string() } else { why },
         });
     }

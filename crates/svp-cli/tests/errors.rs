@@ -161,7 +161,7 @@ fn unwritable_output_fails_before_training() {
 /// MiB of Adam state against a 20 MiB allowance), and writes no model.
 #[test]
 fn training_past_its_memory_is_one_line() {
-    let d = scratch("memory");
+    let d = scratch("max-memory");
     let model = d.join("m.svpm");
     let out = svp(&["train", "--data", "embedded", "--max-memory", "20", "--out", model.to_str().unwrap()]);
     assert_fails(&out, 1, "not enough memory to train: could not get");
@@ -317,8 +317,14 @@ fn memory_sweep_runs_children_and_shows_flat_svp_and_growing_bp() {
     assert!(bp_growth > 6.0, "BP non-weight memory grew only {bp_growth:.1} MiB");
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 4);
-    // Bad input is one line, as everywhere.
+    // Bad input is one line, as everywhere; so is a measurement that does
+    // not fit the machine (a million-row batch: 4 TB of similarity matrices).
     assert_fails(&svp(&["memory", "--depths", "0"]), 1, "--depths");
+    let csv = d.join("big.csv");
+    let out =
+        svp(&["memory", "--depths", "1", "--methods", "svp", "--batch", "1000000", "--csv", csv.to_str().unwrap()]);
+    assert_fails(&out, 1, "measuring svp at depth 1: not enough memory to train");
+    assert!(!csv.exists());
 }
 
 const CONSTANT: &str = "[model]\nhidden = [64, 64]\n[train]\nepochs = 2\nbatch_size = 64\n[optimizer]\nkind = \"adam\"\nlr = 0.001\n[schedule]\nkind = \"constant\"\n";
