@@ -24,6 +24,9 @@ pub enum CliError {
     /// The config does not make sense, or does not fit the data.
     #[error(transparent)]
     Config(#[from] svp_train::ConfigError),
+    /// A saved model cannot read these inputs (or this request of it).
+    #[error("{0}")]
+    ModelMismatch(String),
     /// Data could not be loaded.
     #[error(transparent)]
     Data(#[from] svp_data::DataError),

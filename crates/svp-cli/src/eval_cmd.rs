@@ -12,13 +12,14 @@ use svp_model::{DType, InferenceModel, InferenceWorkspace, ModelFile};
 use svp_train::argmax;
 
 fn mismatch(msg: String) -> CliError {
-    svp_train::ConfigError::DataMismatch(msg).into()
+    CliError::ModelMismatch(msg)
 }
 
 fn check_images(model: &InferenceModel, data: &Dataset) -> Result<(), CliError> {
     let (h, w) = model.meta().image_shape;
     if data.image_shape != (h as usize, w as usize) {
-        return Err(mismatch(format!("the model takes {h}x{w} images, the data has {:?}", data.image_shape)));
+        let (dh, dw) = data.image_shape;
+        return Err(mismatch(format!("the model takes {h}x{w} images, the data has {dh}x{dw}")));
     }
     Ok(())
 }
@@ -120,10 +121,12 @@ fn read_input(path: &Path, features: usize, image_shape: (u32, u32)) -> Result<(
         let a = svp_data::idx::parse_idx(&bytes, path)?;
         let per: usize = a.dims.iter().skip(1).product();
         if a.dims.len() != 3 || (a.dims[1] as u32, a.dims[2] as u32) != image_shape {
+            let shape = a.dims.iter().skip(1).map(|d| d.to_string()).collect::<Vec<_>>().join("x");
             return Err(mismatch(format!(
-                "{} holds {:?} images; the model takes {image_shape:?}",
+                "{} holds {shape} images; the model takes {}x{}",
                 path.display(),
-                a.dims
+                image_shape.0,
+                image_shape.1
             )));
         }
         let n = a.dims[0];

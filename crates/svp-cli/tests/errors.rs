@@ -222,6 +222,21 @@ fn garbage_model_file() {
     assert_fails(&svp(&["eval", "/nonexistent.svpm", "--data", "embedded"]), 1, "/nonexistent.svpm");
 }
 
+/// A model meets data or requests it cannot serve: one line that says how.
+#[test]
+fn a_model_and_data_that_do_not_fit() {
+    let d = scratch("misfit");
+    write_dataset(&d, 8, 4);
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/device-mlp.svpm");
+    let data = d.to_str().unwrap();
+    assert_fails(&svp(&["eval", model, "--data", data]), 1, "the model takes 28x28 images, the data has 2x2");
+    let images = d.join("t10k-images-idx3-ubyte");
+    let predict = svp(&["predict", model, "--input", images.to_str().unwrap()]);
+    assert_fails(&predict, 1, "holds 2x2 images; the model takes 28x28");
+    let exit = svp(&["predict", model, "--data", "embedded", "--exit-layer", "99"]);
+    assert_fails(&exit, 1, "--exit-layer 99: the model has hidden layers 1..=12");
+}
+
 /// A CNN and a ViT written with `--out` are model files (format version 2)
 /// that `svp eval` reads back to the training-time accuracy, early exits
 /// included, and that `svp export` converts to f16.
