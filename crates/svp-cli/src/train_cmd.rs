@@ -275,7 +275,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
     // budget, but here they would be granted lazily and the process killed
     // when they are touched: the heap's budget is what is available now, so
     // a run that cannot fit fails before its first step, with one line.
-    let allowed = args.max_memory.map(|mib| mib << 20);
+    let allowed = args.max_memory.map(|mib| mib.saturating_mul(1 << 20));
     if let Some(bytes) = [crate::mem::available_bytes(), allowed].into_iter().flatten().min() {
         crate::ALLOC.set_budget(crate::ALLOC.stats().live + bytes);
     }
