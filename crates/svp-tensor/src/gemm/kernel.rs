@@ -107,7 +107,7 @@ fn portable_tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
     for (ak, bk) in a[..kc * MR].chunks_exact(MR).zip(b[..kc * NR].chunks_exact(NR)) {
         // Fixed-size steps and a row built whole: LLVM then keeps the tile
         // in vector registers (over plain slices, element by element, it
-        // kept it on the stack and ran scalar code, a tenth of the speed
+        // kept it on the stack and ran scalar code: 5 against 66-79 GFLOP/s
         // on AVX2).
         let ak: &[f32; MR] = ak.try_into().expect("a step of MR values");
         let bk: &[f32; NR] = bk.try_into().expect("a step of NR values");
