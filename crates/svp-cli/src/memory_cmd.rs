@@ -144,12 +144,9 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
             );
         }
     };
+    // As `svp train`: what does not fit the machine fails cleanly.
+    crate::mem::limit_heap_to_available(None);
     // On a pool thread, as in `svp_train::fit`: that is where steps allocate nothing.
-    // As `svp train`: what does not fit the machine fails cleanly, not by
-    // the kernel's hand when the pages are touched.
-    if let Some(available) = crate::mem::available_bytes() {
-        ALLOC.set_budget(ALLOC.stats().live + available);
-    }
     let report = rayon::scope(|_| measure(args.depth, run.steps, method, &config, &inputs))?;
     println!("{}", serde_json::to_string(&report).expect("report serializes"));
     Ok(())

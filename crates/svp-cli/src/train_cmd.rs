@@ -271,14 +271,8 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         resume: resume.map(|c| c.state),
         ..Default::default()
     };
-    // Buffers past what the machine has would be refused by a device's
-    // budget, but here they would be granted lazily and the process killed
-    // when they are touched: the heap's budget is what is available now, so
-    // a run that cannot fit fails before its first step, with one line.
-    let allowed = args.max_memory.map(|mib| mib.saturating_mul(1 << 20));
-    if let Some(bytes) = [crate::mem::available_bytes(), allowed].into_iter().flatten().min() {
-        crate::ALLOC.set_budget(crate::ALLOC.stats().live + bytes);
-    }
+    // A run that cannot fit fails before its first step, with one line.
+    crate::mem::limit_heap_to_available(args.max_memory.map(|mib| mib.saturating_mul(1 << 20)));
     let outcome = try_fit_with(&config, &data, &mut console, options);
     crate::ALLOC.set_budget(0);
     let outcome = outcome.map_err(CliError::OutOfMemory)?;

@@ -157,8 +157,9 @@ fn unwritable_output_fails_before_training() {
 }
 
 /// A run that does not fit the memory it may take stops before its first
-/// step with one line, naming what did not fit (here the reference MLP's 22
-/// MiB of Adam state against a 20 MiB allowance), and writes no model.
+/// step with one line, naming what did not fit (here the reference MLP's
+/// 11 MiB of weights and 22 MiB of Adam state against a 20 MiB allowance),
+/// and writes no model.
 #[test]
 fn training_past_its_memory_is_one_line() {
     let d = scratch("max-memory");
