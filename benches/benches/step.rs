@@ -6,7 +6,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::time::Duration;
-use svp_benches::{GemmOperands, SHAPES, StepBench};
+use svp_benches::{GemmOperands, GemmShape, SHAPES, StepBench};
 use svp_train::Method;
 
 fn steps(c: &mut Criterion) {
@@ -21,8 +21,8 @@ fn steps(c: &mut Criterion) {
 }
 
 /// Prints each step's time against the time its GEMMs take alone, with warm
-/// caches (the same operands call after call) and with cold ones (32 MB
-/// written between calls, as a step moves every other layer's weights,
+/// caches (the same operands a second time in a row) and with cold ones (32
+/// MB written before the call, as a step moves every other layer's weights,
 /// gradients and moments between two uses of a layer's weights). The
 /// difference is the non-GEMM overhead: norms, activations, losses,
 /// projection regeneration, optimizer.
@@ -33,97 +33,102 @@ fn steps(c: &mut Criterion) {
 /// clock of svp-tensor also gives the time inside the step's own GEMM calls;
 /// for the first those calls include the weights' update.
 ///
-/// The host is shared and other work only ever adds time, so each figure is
-/// the fastest of several rounds, and the rounds alternate the steps and the
-/// isolated GEMMs so that all see the same conditions. The fastest step and
-/// the fastest GEMMs can still come from different speeds of the host, so
-/// the shares are also given round by round (median and quartiles).
+/// The host is shared, and it changes speed (every GEMM up to a third faster
+/// or slower) from one second to the next. So the measurement is a run of
+/// pairs: a step of each way (each after an untimed step of its own, as
+/// training runs them back to back), then every GEMM shape of the step,
+/// warm and cold, right after it. Each pair's share compares times taken
+/// within a fraction of a second of each other; the medians over the pairs
+/// are the figures to read. The fastest step against the fastest GEMMs is
+/// printed too, but on this host the two can come from different speeds.
 fn overhead(_c: &mut Criterion) {
-    const ROUNDS: usize = 15;
-    const STEPS: u64 = 20;
-    let per_call = |d: Duration, n: u64| d.as_secs_f64() / n as f64;
+    const PAIRS: usize = 100;
+    let secs = |d: Duration| d.as_secs_f64();
     let mut evict = vec![0.0f32; 8 << 20];
     for (name, method) in [("svp", Method::Svp), ("bp", Method::Bp)] {
-        let per_step = |times: &[f64]| -> f64 {
-            SHAPES
-                .iter()
-                .zip(times)
-                .map(|(s, t)| t * if method == Method::Svp { s.per_svp_step } else { s.per_bp_step } as f64)
-                .sum()
-        };
+        let per_step = |s: &GemmShape| if method == Method::Svp { s.per_svp_step } else { s.per_bp_step } as f64;
         let mut benches = [StepBench::new(method), StepBench::new(method)];
         let stored = &mut benches[1];
         stored.trainer.store_weight_gradients(&stored.model).expect("memory for the stored gradient");
         let mut gemms: Vec<GemmOperands> = SHAPES.iter().map(|&s| GemmOperands::new(s)).collect();
-        let mut step = [f64::INFINITY; 2];
-        let (mut in_situ, mut calls, mut update) = ([0.0; 2], [0; 2], [0.0; 2]);
-        let mut warm = vec![f64::INFINITY; SHAPES.len()];
-        let mut cold = vec![f64::INFINITY; SHAPES.len()];
-        // Each round's own shares (warm, cold): its steps against the GEMMs
-        // timed right after them, which a change of the host's speed between
-        // rounds does not pair with another round's figures.
-        let mut round_shares: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
         for bench in &mut benches {
             bench.timed(5);
         }
-        for _ in 0..ROUNDS {
-            let mut round_step = [0.0; 2];
+        let mut pairs = Vec::with_capacity(PAIRS);
+        for _ in 0..PAIRS {
+            let mut pair = Pair::default();
             for (b, bench) in benches.iter_mut().enumerate() {
+                bench.timed(1);
                 svp_tensor::reset_gemm_clock();
                 svp_optim::reset_update_clock();
-                let t = per_call(bench.timed(STEPS), STEPS);
-                round_step[b] = t;
-                let (gemm, n) = svp_tensor::gemm_clock();
-                if t < step[b] {
-                    (step[b], in_situ[b], calls[b]) = (t, per_call(gemm, STEPS), n / STEPS);
-                    update[b] = per_call(svp_optim::update_clock(), STEPS);
-                }
+                pair.step[b] = secs(bench.timed(1));
+                pair.inside[b] = secs(svp_tensor::gemm_clock().0);
+                pair.update[b] = secs(svp_optim::update_clock());
             }
-            let mut round_gemms = vec![(0.0, 0.0); SHAPES.len()];
-            for (((w, c), ops), (rw, rc)) in warm.iter_mut().zip(cold.iter_mut()).zip(&mut gemms).zip(&mut round_gemms)
-            {
-                *rw = per_call(ops.timed(10), 10);
-                *rc = per_call(ops.timed_cold(5, &mut evict), 5);
-                *w = w.min(*rw);
-                *c = c.min(*rc);
+            for ops in &mut gemms {
+                ops.timed(1);
+                pair.warm.push(secs(ops.timed(1)));
+                pair.cold.push(secs(ops.timed_cold(1, &mut evict)));
             }
-            let round_warm = per_step(&round_gemms.iter().map(|g| g.0).collect::<Vec<_>>());
-            let round_cold = per_step(&round_gemms.iter().map(|g| g.1).collect::<Vec<_>>());
-            for (shares, t) in round_shares.iter_mut().zip(round_step) {
-                shares.push(((t - round_warm) / t, (t - round_cold) / t));
-            }
+            pairs.push(pair);
         }
-        let (warm, cold) = (per_step(&warm), per_step(&cold));
-        println!("overhead/{name}: its GEMMs alone {:.3} ms (warm caches), {:.3} ms (cold)", warm * 1e3, cold * 1e3);
+        let step_gemms = |times: &[f64]| -> f64 { SHAPES.iter().zip(times).map(|(s, t)| per_step(s) * t).sum() };
+        let fastest_gemms = |pick: fn(&Pair) -> &[f64]| -> f64 {
+            let fastest: Vec<f64> =
+                (0..SHAPES.len()).map(|i| pairs.iter().map(|p| pick(p)[i]).fold(f64::INFINITY, f64::min)).collect();
+            step_gemms(&fastest)
+        };
+        let (warm, cold) = (fastest_gemms(|p| &p.warm), fastest_gemms(|p| &p.cold));
+        println!(
+            "overhead/{name}: its GEMMs alone {:.3} ms (warm caches), {:.3} ms (cold); fastest of {PAIRS}",
+            warm * 1e3,
+            cold * 1e3
+        );
         for (b, way) in ["fused weight updates", "gradients stored"].into_iter().enumerate() {
-            let step = step[b];
+            let fastest = pairs.iter().min_by(|p, q| p.step[b].total_cmp(&q.step[b])).expect("pairs");
+            let step = fastest.step[b];
             let share = |gemm: f64| format!("{:.3} ms = {:.1} %", (step - gemm) * 1e3, 100.0 * (step - gemm) / step);
-            let inside = if b == 1 {
-                format!("; inside the step's {} GEMMs: {}", calls[b], share(in_situ[b]))
-            } else {
-                String::new()
-            };
             println!(
-                "overhead/{name}, {way}: step {:.3} ms (optimizer outside GEMMs {:.3} ms); non-GEMM time against \
-                 the GEMMs alone, warm: {}; cold: {}{inside}",
+                "overhead/{name}, {way}: fastest step {:.3} ms (optimizer outside GEMMs {:.3} ms); non-GEMM time \
+                 against the fastest GEMMs alone, warm: {}; cold: {}",
                 step * 1e3,
-                update[b] * 1e3,
+                fastest.update[b] * 1e3,
                 share(warm),
                 share(cold),
             );
-            let quartiles = |pick: fn(&(f64, f64)) -> f64| {
-                let mut shares: Vec<f64> = round_shares[b].iter().map(pick).collect();
+            let median_share = |share: &dyn Fn(&Pair) -> f64| {
+                let mut shares: Vec<f64> = pairs.iter().map(share).collect();
                 shares.sort_by(f64::total_cmp);
                 let at = |q: f64| 100.0 * shares[((shares.len() - 1) as f64 * q).round() as usize];
                 format!("median {:.1} % (quartiles {:.1}-{:.1} %)", at(0.5), at(0.25), at(0.75))
             };
+            let inside = if b == 1 {
+                format!("; inside the step's own GEMM calls: {}", median_share(&|p| 1.0 - p.inside[b] / p.step[b]))
+            } else {
+                String::new()
+            };
             println!(
-                "overhead/{name}, {way}, round by round: warm {}; cold {}",
-                quartiles(|s| s.0),
-                quartiles(|s| s.1)
+                "overhead/{name}, {way}, pair by pair: warm {}; cold {}{inside}",
+                median_share(&|p| 1.0 - step_gemms(&p.warm) / p.step[b]),
+                median_share(&|p| 1.0 - step_gemms(&p.cold) / p.step[b]),
             );
         }
     }
+}
+
+/// One pair of [`overhead`]: a step of each way and the GEMMs timed right after.
+#[derive(Default)]
+struct Pair {
+    /// Seconds of a step, fused then stored.
+    step: [f64; 2],
+    /// Seconds inside the step's GEMM calls.
+    inside: [f64; 2],
+    /// Seconds in the optimizer outside the GEMMs.
+    update: [f64; 2],
+    /// Seconds of one call of each of [`SHAPES`], warm caches.
+    warm: Vec<f64>,
+    /// The same with cold caches.
+    cold: Vec<f64>,
 }
 
 criterion_group!(benches, steps, overhead);
