@@ -162,8 +162,15 @@ impl Conv2d {
                 let Some(tap) = self.tap(row) else { continue };
                 let src = &col[row * ld + s * hw..][..hw];
                 self.for_each_run(tap, |off, xi, len, stride| {
-                    for (j, &c) in src[off..off + len].iter().enumerate() {
-                        dxs[xi + j * stride] += c;
+                    let src = &src[off..off + len];
+                    if stride == 1 {
+                        // A slice against a slice: vectorized (the strided
+                        // loop below is scalar).
+                        dxs[xi..xi + len].iter_mut().zip(src).for_each(|(d, &c)| *d += c);
+                    } else {
+                        for (j, &c) in src.iter().enumerate() {
+                            dxs[xi + j * stride] += c;
+                        }
                     }
                 });
             }
