@@ -131,15 +131,22 @@ impl Conv2d {
     fn unfold(&self, x: &[f32], n: usize, col: &mut [f32]) {
         let (il, hw, ld) = (self.input.len(), self.hw(), n * self.hw());
         let unfold_row = |row: usize, dst: &mut [f32]| {
-            dst.fill(0.0);
-            let Some(tap) = self.tap(row) else { return };
+            let Some(tap) = self.tap(row) else {
+                dst.fill(0.0);
+                return;
+            };
             let span = self.same_width().then(|| self.tap_span(tap));
             for (xs, dst) in x[..n * il].chunks_exact(il).zip(dst.chunks_exact_mut(hw)) {
                 if let Some((off, xi, len)) = span {
+                    // Only the padding around the copy is zeroed: zeroing the
+                    // whole row first wrote the columns twice.
+                    dst[..off].fill(0.0);
                     dst[off..off + len].copy_from_slice(&xs[xi..xi + len]);
+                    dst[off + len..].fill(0.0);
                     // The copy wrapped across row ends; those entries are padding.
                     zero_gaps(dst, off, len, self.output().w, tap.ox);
                 } else {
+                    dst.fill(0.0);
                     self.for_each_run(tap, |off, xi, len, stride| {
                         for (j, c) in dst[off..off + len].iter_mut().enumerate() {
                             *c = xs[xi + j * stride];

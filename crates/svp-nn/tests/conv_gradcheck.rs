@@ -85,9 +85,11 @@ fn conv2d_forward_and_backward() {
         let params = random(conv.param_len(), 10 + n as u64);
         let x = random(rows * il, 20 + n as u64);
         let probe = random(rows * ol, 30 + n as u64);
-        let mut col = vec![0.0; conv.col_len()];
-        let mut dcol = vec![0.0; conv.col_len()];
-        let mut out = vec![0.0; rows * ol];
+        // NaN wherever the layer must write (its outputs, its scratch's
+        // padding entries): a value it leaves behind shows.
+        let mut col = vec![f32::NAN; conv.col_len()];
+        let mut dcol = vec![f32::NAN; conv.col_len()];
+        let mut out = vec![f32::NAN; rows * ol];
         conv.forward(&params, &x, rows, &mut out, &mut col);
         for r in 0..rows {
             let want = conv_reference(conv, &params, &x[r * il..(r + 1) * il]);
@@ -95,11 +97,11 @@ fn conv2d_forward_and_backward() {
                 assert!((a - b).abs() < 1e-4, "case {n}: forward {a} vs {b}");
             }
         }
-        let mut grad = vec![0.0; conv.param_len()];
-        let mut dx = vec![0.0; rows * il];
+        let mut grad = vec![f32::NAN; conv.param_len()];
+        let mut dx = vec![f32::NAN; rows * il];
         conv.backward(&params, &x, rows, &probe, &mut grad, Some(&mut dx), &mut col, &mut dcol);
         let loss = |p: &[f32], x: &[f32]| {
-            let (mut c, mut o) = (vec![0.0; conv.col_len()], vec![0.0; rows * ol]);
+            let (mut c, mut o) = (vec![f32::NAN; conv.col_len()], vec![f32::NAN; rows * ol]);
             conv.forward(p, x, rows, &mut o, &mut c);
             weighted(&o, &probe)
         };
