@@ -1,8 +1,7 @@
 //! A product handed over row by row instead of stored: what lets an
 //! optimizer update a layer's weights from their gradient while each strip
-//! of it (a tile's rows, each whole up to 1,024 columns at a batch of 128 on
-//! AVX2, 2,048 on AVX-512) is still in L1/L2, so the gradient never goes to
-//! memory.
+//! of it (a tile's rows, each whole up to 1,024 columns) is still in L1/L2,
+//! so the gradient never goes to memory.
 //!
 //! The tiles are the same as [`super::gemm`]'s, computed by the same kernel
 //! from the same packed panels, so every value is bit-identical to what
@@ -139,19 +138,23 @@ fn packed_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, mut si
     }
 }
 
-/// Columns of `b` packed at once for a depth of `k`: as many as the `B`
-/// buffer holds (it is sized for [`KC`] steps, and a weight gradient's depth
-/// is the batch, often less) and a strip beside one panel of `A` takes.
-/// Whole rows of a layer's weights then go to the sink in one run where they
-/// fit (1,024 columns at a batch of 128 on AVX2, 2,048 on AVX-512). With
-/// `NC` columns at a time, AVX2's 512 cut each of the reference model's rows
-/// in two, and the optimizer then walked half rows: 1.3 ms slower per step's
-/// updates than storing the gradient (README, "Where a step's time goes").
+/// Columns of `b` packed at once for a depth of `k`: [`SINK_BLOCK_COLS`] (or
+/// `NC` if wider), as far as the `B` buffer holds them (it is sized for
+/// [`KC`] steps; a weight gradient's depth is the batch, often less) and a
+/// strip of them fits beside one panel of `A`.
 fn sink_block_cols(k: usize) -> usize {
     let b_capacity = KC * NC / k.max(1);
     let strip_capacity = (MC - MR) * KC / MR;
-    (b_capacity.min(strip_capacity) / NR * NR).max(NR)
+    (SINK_BLOCK_COLS.max(NC).min(b_capacity).min(strip_capacity) / NR * NR).max(NR)
 }
+
+/// How wide a strip [`gemm_to_sink`] hands over, where the buffers allow:
+/// whole rows of the reference model's 1,024-wide layers, which the
+/// optimizer then walks in one run each. One `NC` block at a time, AVX2's
+/// 512 columns cut each row in two, and the update from the GEMM was then
+/// slower than storing the gradient (README, "Weight gradients handed
+/// straight to the optimizer"). AVX-512's `NC` is already 1,024.
+const SINK_BLOCK_COLS: usize = 1024;
 
 /// A's packing buffer holds one panel and a strip.
 const _: () = assert!(MR * KC + MR * NC <= MC * KC, "the strip does not fit beside one panel of A");
@@ -209,7 +212,7 @@ mod tests {
             (40, 0, 20),
             (200, 3, 2 * NR + 1),
             (70, 64, 5),
-            // A shallow product wider than one strip holds: two blocks of columns.
+            // A shallow product wider than a strip: several blocks of columns.
             (2 * MR + 1, 2, (MC - MR) * KC / MR + 3 * NR + 5),
         ];
         for (m, k, n) in shapes {
