@@ -8,7 +8,7 @@
 //! `gemm(1.0, a, b, 0.0, c)` would have stored.
 
 use super::kernel::{self, Blend, MR, NR};
-use super::{KC, MC, NC, PARALLEL_MIN_MACS, Workspace, pack, with_workspace};
+use super::{B_BUFFER_LEN, KC, MC, NC, PARALLEL_MIN_MACS, Workspace, pack, with_workspace};
 use ndarray::{ArrayView2, Axis, s};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -139,11 +139,11 @@ fn packed_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, mut si
 }
 
 /// Columns of `b` packed at once for a depth of `k`: [`SINK_BLOCK_COLS`] (or
-/// `NC` if wider), as far as the `B` buffer holds them (it is sized for
-/// [`KC`] steps; a weight gradient's depth is the batch, often less) and a
-/// strip of them fits beside one panel of `A`.
+/// `NC` if wider), as far as the `B` buffer holds them (all of them up to a
+/// depth of [`WHOLE_ROWS_DEPTH`]; a weight gradient's depth is the batch)
+/// and a strip of them fits beside one panel of `A`.
 fn sink_block_cols(k: usize) -> usize {
-    let b_capacity = KC * NC / k.max(1);
+    let b_capacity = B_BUFFER_LEN / k.max(1);
     let strip_capacity = (MC - MR) * KC / MR;
     (SINK_BLOCK_COLS.max(NC).min(b_capacity).min(strip_capacity) / NR * NR).max(NR)
 }
@@ -154,7 +154,11 @@ fn sink_block_cols(k: usize) -> usize {
 /// 512 columns cut each row in two, and the update from the GEMM was then
 /// slower than storing the gradient (README, "Weight gradients handed
 /// straight to the optimizer"). AVX-512's `NC` is already 1,024.
-const SINK_BLOCK_COLS: usize = 1024;
+pub(super) const SINK_BLOCK_COLS: usize = 1024;
+
+/// The deepest product (largest batch) whose strips of [`SINK_BLOCK_COLS`]
+/// the `B` packing buffer holds on every target ([`super::B_BUFFER_LEN`]).
+pub(super) const WHOLE_ROWS_DEPTH: usize = 128;
 
 /// A's packing buffer holds one panel and a strip.
 const _: () = assert!(MR * KC + MR * NC <= MC * KC, "the strip does not fit beside one panel of A");
