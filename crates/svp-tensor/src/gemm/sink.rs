@@ -138,15 +138,16 @@ fn packed_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, mut si
     }
 }
 
-/// Columns of `b` packed at once for a depth of `k`: [`SINK_BLOCK_COLS`] (or
-/// `NC` if wider), as far as the `B` buffer holds them (all of them up to a
-/// depth of [`WHOLE_ROWS_DEPTH`]; a weight gradient's depth is the batch)
-/// and a strip of them fits beside one panel of `A`.
+/// Columns of `b` packed at once for a depth of `k` (at most
+/// [`SINK_MAX_DEPTH`]): [`STRIP_COLS`], as far as the `B` buffer holds them
+/// (all of them up to a depth of [`WHOLE_ROWS_DEPTH`]; a weight gradient's
+/// depth is the batch), and at least `NC`.
 fn sink_block_cols(k: usize) -> usize {
-    let b_capacity = B_BUFFER_LEN / k.max(1);
-    let strip_capacity = (MC - MR) * KC / MR;
-    (SINK_BLOCK_COLS.max(NC).min(b_capacity).min(strip_capacity) / NR * NR).max(NR)
+    STRIP_COLS.min(B_BUFFER_LEN / k.max(1)) / NR * NR
 }
+
+/// The widest strip: [`SINK_BLOCK_COLS`], or a whole `NC` block where wider.
+const STRIP_COLS: usize = if NC > SINK_BLOCK_COLS { NC } else { SINK_BLOCK_COLS };
 
 /// How wide a strip [`gemm_to_sink`] hands over, where the buffers allow:
 /// whole rows of the reference model's 1,024-wide layers, which the
@@ -160,8 +161,8 @@ pub(super) const SINK_BLOCK_COLS: usize = 1024;
 /// the `B` packing buffer holds on every target ([`super::B_BUFFER_LEN`]).
 pub(super) const WHOLE_ROWS_DEPTH: usize = 128;
 
-/// A's packing buffer holds one panel and a strip.
-const _: () = assert!(MR * KC + MR * NC <= MC * KC, "the strip does not fit beside one panel of A");
+/// A's packing buffer holds one panel and the widest strip.
+const _: () = assert!(MR * KC + MR * STRIP_COLS <= MC * KC, "the strip does not fit beside one panel of A");
 
 #[cfg(test)]
 mod tests {
@@ -217,7 +218,7 @@ mod tests {
             (200, 3, 2 * NR + 1),
             (70, 64, 5),
             // A shallow product wider than a strip: several blocks of columns.
-            (2 * MR + 1, 2, (MC - MR) * KC / MR + 3 * NR + 5),
+            (2 * MR + 1, 2, 3 * STRIP_COLS + NR + 5),
         ];
         for (m, k, n) in shapes {
             let a_t = filled(k, m, 1);
