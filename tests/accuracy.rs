@@ -50,7 +50,7 @@ fn divergence_stops_with_the_layer_and_step() {
     c.model.norm = svp_nn::Norm::None;
     let out = fit(&c, &data, &mut ());
     let err = out.diverged.expect("a learning rate of 1e30 diverges");
-    let svp_train::TrainError::Diverged { layer, step, loss } = err;
+    let svp_train::TrainError::Diverged { layer, step, loss } = err else { panic!("{err}: a loss should diverge") };
     assert!(!loss.is_finite());
     assert!((1..=3).contains(&layer) && step < 20, "layer {layer} step {step}");
     // No update from a non-finite loss was applied: the weights kept are finite.

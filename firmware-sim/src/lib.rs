@@ -123,6 +123,7 @@ pub fn fine_tune_config(meta: &ModelMeta, run: FineTuning) -> Config {
     let mut config = Config {
         model: ModelConfig {
             input: Some(first.in_dim),
+            classes: meta.layers.last().map(|head| head.out_dim),
             norm: first.norm,
             activation: first.activation,
             ..ModelConfig::mlp(hidden.iter().map(|l| l.out_dim).collect())

@@ -16,14 +16,19 @@
 #![warn(missing_docs)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Counts what passes through to [`System`].
 ///
-/// With a budget set ([`CountingAlloc::set_budget`]), a request that would take
-/// the live bytes over it is refused (the allocator returns null), as a device
-/// with that much RAM would: fallible allocations (`try_reserve`) then see an
-/// error, infallible ones abort.
+/// With a budget set ([`CountingAlloc::set_budget`]), a buffer asked for
+/// through this crate's fallible constructors ([`try_zeros`], [`try_zeroed`],
+/// [`try_filled`]) that would take the live bytes over it is refused, as a
+/// device with that much RAM would refuse it: the constructor returns
+/// [`OutOfMemory`]. Every other allocation (a `String`, a small `Vec` of
+/// bookkeeping) is granted even past the budget, and counted
+/// ([`CountingAlloc::overdrawn`]): refusing it could only abort the process,
+/// and the buffers that size a run all go through the fallible constructors.
 #[derive(Debug)]
 pub struct CountingAlloc {
     live: AtomicUsize,
@@ -32,6 +37,24 @@ pub struct CountingAlloc {
     largest: AtomicUsize,
     budget: AtomicUsize,
     refused: AtomicUsize,
+    overdrawn: AtomicUsize,
+}
+
+thread_local! {
+    /// Set while this thread asks for a buffer that may be refused.
+    static REFUSABLE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's allocations refusable by the budget.
+fn refusable<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            REFUSABLE.with(|r| r.set(self.0));
+        }
+    }
+    let _reset = Reset(REFUSABLE.with(|r| r.replace(true)));
+    f()
 }
 
 /// A snapshot of a [`CountingAlloc`].
@@ -57,10 +80,11 @@ impl CountingAlloc {
             largest: AtomicUsize::new(0),
             budget: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
+            overdrawn: AtomicUsize::new(0),
         }
     }
 
-    /// Refuses any allocation that would take the live bytes over `bytes`
+    /// Refuses a fallible buffer that would take the live bytes over `bytes`
     /// (0: no budget).
     pub fn set_budget(&self, bytes: usize) {
         self.budget.store(bytes, Ordering::Relaxed);
@@ -76,15 +100,26 @@ impl CountingAlloc {
         self.refused.load(Ordering::Relaxed)
     }
 
+    /// Allocations granted past the budget so far (not through a fallible
+    /// constructor, so not refusable).
+    pub fn overdrawn(&self) -> usize {
+        self.overdrawn.load(Ordering::Relaxed)
+    }
+
     /// Reserves `size` bytes of the budget; false (and nothing reserved) if
-    /// that would exceed it.
+    /// that would exceed it and the request may be refused.
     fn reserve(&self, size: usize) -> bool {
         let live = self.live.fetch_add(size, Ordering::Relaxed) + size;
         let budget = self.budget.load(Ordering::Relaxed);
         if budget != 0 && live > budget {
-            self.live.fetch_sub(size, Ordering::Relaxed);
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            return false;
+            // A thread being torn down has no flag left: its allocations are
+            // not the fallible constructors'.
+            if REFUSABLE.try_with(Cell::get).unwrap_or(false) {
+                self.live.fetch_sub(size, Ordering::Relaxed);
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            self.overdrawn.fetch_add(1, Ordering::Relaxed);
         }
         self.peak.fetch_max(live, Ordering::Relaxed);
         self.allocations.fetch_add(1, Ordering::Relaxed);
@@ -133,19 +168,71 @@ impl std::fmt::Display for OutOfMemory {
 impl std::error::Error for OutOfMemory {}
 
 /// `len` zeros, allocated fallibly: an error instead of an abort when the
-/// memory (or the device budget) is not there.
+/// memory (or the device budget) is not there. See [`try_zeroed`].
 pub fn try_zeros(len: usize, what: &'static str) -> Result<Vec<f32>, OutOfMemory> {
-    try_filled(len, 0.0, what)
+    try_zeroed(len, what)
 }
 
-/// `len` copies of `value`, allocated fallibly (see [`try_zeros`]).
+/// Element types whose all-zero bytes are a valid value (zero).
+pub trait Zeroed: Copy + private::Sealed {}
+
+impl Zeroed for f32 {}
+impl Zeroed for f64 {}
+impl Zeroed for u8 {}
+impl Zeroed for u16 {}
+impl Zeroed for u32 {}
+impl Zeroed for u64 {}
+
+mod private {
+    /// Only this crate names the types [`super::Zeroed`] may be.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+    impl Sealed for u8 {}
+    impl Sealed for u16 {}
+    impl Sealed for u32 {}
+    impl Sealed for u64 {}
+}
+
+/// `len` zeros, allocated fallibly and without touching the memory: a large
+/// buffer is zero pages the system commits only when a step first writes
+/// them. So a run reserves all its buffers, each counted against the budget,
+/// before any of them takes real memory: one that cannot fit fails at its
+/// reservation, not after filling the machine with the buffers before it.
 ///
 /// Buffers of a few MiB and more (weights, gradients, optimizer moments: what
 /// a training step streams through) are backed by transparent huge pages
 /// where the OS offers them ([`huge_pages`]).
+pub fn try_zeroed<T: Zeroed>(len: usize, what: &'static str) -> Result<Vec<T>, OutOfMemory> {
+    let out_of_memory = || OutOfMemory { bytes: len.saturating_mul(size_of::<T>()), what };
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| out_of_memory())?;
+    if layout.size() == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: `layout` has a non-zero size (checked above), as `alloc_zeroed`
+    // requires.
+    let ptr = refusable(|| unsafe { std::alloc::alloc_zeroed(layout) }).cast::<T>();
+    if ptr.is_null() {
+        return Err(out_of_memory());
+    }
+    // Before the first touch, so that the page faults can take huge pages.
+    huge_pages::advise(ptr.cast(), layout.size());
+    // SAFETY: `ptr` comes from the global allocator (which `Vec` frees with)
+    // for `Layout::array::<T>(len)`: T's alignment and exactly `len *
+    // size_of::<T>()` bytes, at most `isize::MAX` (`Layout::array` checks), so
+    // a capacity of `len` describes the allocation. The allocation is zeroed,
+    // and all-zero bytes are a valid `T` for every `Zeroed` type (the sealed
+    // trait admits only floats and unsigned integers), so all `len` elements
+    // are initialized.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
+/// `len` copies of `value`, allocated fallibly (see [`try_zeros`]); unlike
+/// [`try_zeroed`], the memory is touched (filled) at once.
 pub fn try_filled<T: Clone>(len: usize, value: T, what: &'static str) -> Result<Vec<T>, OutOfMemory> {
     let mut v: Vec<T> = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| OutOfMemory { bytes: len.saturating_mul(size_of::<T>()), what })?;
+    refusable(|| v.try_reserve_exact(len))
+        .map_err(|_| OutOfMemory { bytes: len.saturating_mul(size_of::<T>()), what })?;
     // Before the first touch, so that the page faults can take huge pages.
     huge_pages::advise(v.as_ptr().cast(), len * size_of::<T>());
     v.resize(len, value);
@@ -206,7 +293,9 @@ impl Default for CountingAlloc {
 // SAFETY: every method forwards the caller's pointer and layout unchanged to
 // `System`, which upholds the `GlobalAlloc` contract, or returns null, which
 // the contract allows for any request. The bookkeeping is plain atomic
-// arithmetic that never allocates, never touches the memory and cannot unwind.
+// arithmetic and one read of a `const`-initialized thread-local `Cell<bool>`
+// (no lazy initialization, no destructor, read with `try_with`, which does not
+// panic): it never allocates, never touches the memory and cannot unwind.
 // Bytes are reserved before `System` is asked and released if it fails, so
 // every `removed` matches an earlier reservation of the same size.
 unsafe impl GlobalAlloc for CountingAlloc {

@@ -43,8 +43,20 @@ fn counts_live_peak_largest_and_calls() {
     assert_eq!(err.bytes, 4 << 20);
     assert_eq!(err.to_string(), "out of memory: need 4194304 bytes for the big buffer");
     assert_eq!(ALLOC.refused(), 1);
-    let mut grow: Vec<u8> = Vec::new();
-    assert!(grow.try_reserve(2 << 20).is_err(), "growth over the budget is refused too");
+    // Past the budget, an allocation outside the fallible constructors is
+    // granted (refusing it would abort the process) and counted.
+    let overdrawn = ALLOC.overdrawn();
+    let bookkeeping: Vec<u8> = vec![7; 2 << 20];
+    assert_eq!(bookkeeping[(2 << 20) - 1], 7);
+    assert_eq!(ALLOC.overdrawn(), overdrawn + 1);
+    drop(bookkeeping);
+    // A zeroed buffer is zeros, however large, and fits a budget it fits.
+    let zeros = svp_alloc::try_zeroed::<u16>(300_000, "zeros").expect("fits");
+    assert!(zeros.len() == 300_000 && zeros.iter().all(|&v| v == 0));
+    assert!(svp_alloc::try_zeroed::<u16>(0, "nothing").expect("empty").is_empty());
+    let err = svp_alloc::try_zeroed::<u64>(usize::MAX / 4, "an impossible buffer").unwrap_err();
+    assert_eq!(err.bytes, usize::MAX);
+    drop(zeros);
     ALLOC.set_budget(0);
     assert!(svp_alloc::try_zeros(1 << 20, "after the budget").is_ok());
     drop(small);

@@ -7,11 +7,22 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "svp", version, about, long_about = None)]
 pub struct Cli {
-    /// Worker threads for the compute pool (default: one per core).
-    #[arg(long, global = true)]
+    /// Worker threads for the compute pool, 1 to 256 (default: one per core).
+    #[arg(long, global = true, value_parser = parse_threads)]
     pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Most threads `--threads` takes: the pool starts them all before the
+/// command runs, and far more threads than cores only slow a step down.
+pub const MAX_THREADS: usize = 256;
+
+fn parse_threads(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {MAX_THREADS}")),
+    }
 }
 
 /// What to do.
@@ -102,15 +113,15 @@ pub struct MemoryRun {
     /// Batch size.
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
-    /// Training steps per run (the first is not timed).
-    #[arg(long, default_value_t = 5)]
+    /// Training steps per run, at least 2 (the first is not timed).
+    #[arg(long, default_value_t = 5, value_parser = parse_steps)]
     pub steps: usize,
     /// Optimizer: SGD without momentum, as in the paper's memory figure, or Adam.
     #[arg(long, value_enum, default_value = "sgd")]
     pub optimizer: OptimizerArg,
-    /// `random` (Gaussian inputs, random labels; no data set held) or `embedded`.
-    #[arg(long, default_value = "random")]
-    pub data: String,
+    /// Inputs of every step.
+    #[arg(long, value_enum, default_value = "random")]
+    pub data: MemoryData,
     /// Sweep this config's network instead of a plain MLP of `--width`: for a
     /// ViT, depth is the number of transformer blocks; for a conv network, the
     /// number of conv blocks (its first blocks, then more like its last,
@@ -119,6 +130,32 @@ pub struct MemoryRun {
     /// batch and optimizer come from the flags.
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+fn parse_steps(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err("must be a whole number of at least 2 (the first step is not timed)".into()),
+    }
+}
+
+/// What `svp memory` trains on.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum MemoryData {
+    /// Gaussian inputs and random labels (no data set held in memory).
+    Random,
+    /// One batch of the embedded Fashion-MNIST subset.
+    Embedded,
+}
+
+impl MemoryData {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryData::Random => "random",
+            MemoryData::Embedded => "embedded",
+        }
+    }
 }
 
 /// Optimizer for `svp memory`.
@@ -182,7 +219,9 @@ pub struct TrainArgs {
     /// Use only the first N training samples.
     #[arg(long)]
     pub limit_train: Option<usize>,
-    /// Save the trained model here.
+    /// Save the model here after every epoch (atomically), so that a run
+    /// that stops early, diverged or killed, leaves its last finished
+    /// epoch's model.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// One JSON object per line on stdout instead of text.
@@ -199,8 +238,9 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with_all = ["config", "method", "seed", "batch_size", "lr"])]
     pub resume: Option<PathBuf>,
     /// Heap the run may take beyond the data already loaded, in MiB (weights,
-    /// optimizer state, workspace); past it the run stops before its first
-    /// step. Default: what the system has available.
+    /// optimizer state, workspace); a run that needs more stops before its
+    /// first step, before it has written any of that memory. Default: three
+    /// quarters of the memory the system has available.
     #[arg(long, value_name = "MIB")]
     pub max_memory: Option<usize>,
 }

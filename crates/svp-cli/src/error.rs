@@ -43,11 +43,17 @@ pub enum CliError {
     },
     /// Training does not fit the memory there is (checked before the first step).
     #[error(
-        "not enough memory to train: could not get {:.1} MiB more for {}; a smaller batch or network needs less",
-        .0.bytes as f64 / 1048576.0,
-        .0.what
+        "not enough memory to train: could not get {:.1} MiB more for {}{}; a smaller batch or network needs less",
+        .error.bytes as f64 / 1048576.0,
+        .error.what,
+        .budget.map_or(String::new(), |b| format!(" within {b}"))
     )]
-    OutOfMemory(svp_alloc::OutOfMemory),
+    OutOfMemory {
+        /// What did not fit.
+        error: svp_alloc::OutOfMemory,
+        /// The budget it did not fit in, if one was set.
+        budget: Option<crate::mem::Budget>,
+    },
     /// One measurement of `svp memory` (a child process) failed.
     #[error("measuring {what}: {reason}")]
     Measurement {
@@ -56,7 +62,14 @@ pub enum CliError {
         /// Why, as the child said it.
         reason: String,
     },
-    /// Training stopped on a non-finite loss.
+    /// A checkpoint that cannot be resumed as asked.
+    #[error("{0}")]
+    Resume(String),
+    /// Training stopped because a file could not be written (a checkpoint or
+    /// an epoch's model), or a resume state did not fit.
+    #[error("{0}")]
+    Interrupted(String),
+    /// Training stopped on a non-finite loss or weights.
     #[error("{error}; {saved}")]
     Diverged {
         /// What happened.

@@ -64,15 +64,9 @@ fn accuracy(model: &InferenceModel, data: &Dataset, exit: Option<usize>, ws: &mu
 /// Runs `svp eval`.
 pub fn run(args: EvalArgs) -> Result<(), CliError> {
     let model = InferenceModel::load(&args.model)?;
-    let data = data_source(args.data.as_deref()).load()?;
+    // A label beyond the model's classes is an error naming it.
+    let data = data_source(args.data.as_deref()).load_with(Some(model.meta().classes()))?;
     check_images(&model, &data.test)?;
-    if data.classes > model.meta().classes() {
-        return Err(mismatch(format!(
-            "the model has {} classes, the data has {}",
-            model.meta().classes(),
-            data.classes
-        )));
-    }
     let mut ws = InferenceWorkspace::default();
     let (acc, seconds) = accuracy(&model, &data.test, None, &mut ws);
     let exits: Vec<(f64, f64)> = if args.exits && model.meta().heads.is_some() {
@@ -120,13 +114,23 @@ fn read_input(path: &Path, features: usize, image_shape: (u32, u32)) -> Result<(
     if is_idx {
         let a = svp_data::idx::parse_idx(&bytes, path)?;
         let per: usize = a.dims.iter().skip(1).product();
-        if a.dims.len() != 3 || (a.dims[1] as u32, a.dims[2] as u32) != image_shape {
-            let shape = a.dims.iter().skip(1).map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        let (h, w) = image_shape;
+        if a.dims.len() != 3 {
+            // A labels file (one dimension) or some other array: say what it holds.
+            let dims = a.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" x ");
             return Err(mismatch(format!(
-                "{} holds {shape} images; the model takes {}x{}",
+                "{} is not an IDX file of images (count x rows x cols) but an array of {} dimension(s) ({dims}); \
+                 the model takes {h}x{w} images",
                 path.display(),
-                image_shape.0,
-                image_shape.1
+                a.dims.len()
+            )));
+        }
+        if (a.dims[1] as u32, a.dims[2] as u32) != image_shape {
+            return Err(mismatch(format!(
+                "{} holds {}x{} images; the model takes {h}x{w}",
+                path.display(),
+                a.dims[1],
+                a.dims[2]
             )));
         }
         let n = a.dims[0];
@@ -157,7 +161,7 @@ pub fn predict(args: PredictArgs) -> Result<(), CliError> {
     let (values, n, pixels) = match &args.input {
         Some(path) => read_input(path, features, meta.image_shape)?,
         None => {
-            let data = data_source(args.data.as_deref()).load()?;
+            let data = data_source(args.data.as_deref()).load_with(Some(meta.classes()))?;
             check_images(&model, &data.test)?;
             (data.test.images.iter().map(|&p| p as f32).collect(), data.test.len(), true)
         }

@@ -7,7 +7,7 @@
 //! parameters, optimizer state and training workspace.
 
 use crate::ALLOC;
-use crate::cli::{MemoryArgs, MemoryChildArgs, MemoryRun, MethodArg, OptimizerArg};
+use crate::cli::{MemoryArgs, MemoryChildArgs, MemoryData, MemoryRun, MethodArg, OptimizerArg};
 use crate::error::CliError;
 use crate::mem::{current_rss_kib, peak_rss_kib, peak_rss_kib_of};
 use crate::plot::{Series, line_chart_svg};
@@ -26,7 +26,7 @@ pub struct ChildReport {
     pub method: String,
     /// Hidden layers.
     pub depth: usize,
-    /// RSS before the model existed (binary, runtime, data), KiB.
+    /// RSS before the model existed (the binary and its runtime), KiB.
     pub baseline_rss_kib: u64,
     /// The child's own `VmHWM` at exit, KiB.
     pub peak_rss_kib: u64,
@@ -117,75 +117,91 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
     let run = &args.run;
     let method = method_of(args.method);
     let config = config(run, method, args.depth)?;
-    // Inputs: one batch, reused every step (random by default, so no data set
-    // sits in memory and the baseline is the binary alone).
-    let inputs = match run.data.as_str() {
-        "random" => {
-            let mut s = Stream::new(StreamKey::new(1, Purpose::Shuffle, 99, 0, 0));
-            let x: Vec<f32> = (0..run.batch * 784).map(|_| s.gaussian() as f32).collect();
-            let y: Vec<u32> = (0..run.batch).map(|_| s.below(10) as u32).collect();
-            Inputs { image_shape: (28, 28), classes: 10, x, y }
-        }
-        "embedded" => {
-            let data = svp_data::DataSplit::embedded();
-            let norm = svp_data::Normalization::fit(&data.train);
-            let mut b = svp_data::Batcher::new(data.train.len(), run.batch, norm);
-            b.start_epoch(1, 0, true);
-            let mut x = vec![0.0; run.batch * data.features()];
-            let mut y = vec![0; run.batch];
-            let n = b.gather(&data.train, 0, &mut x, &mut y);
-            x.truncate(n * data.features());
-            y.truncate(n);
-            Inputs { image_shape: data.train.image_shape, classes: data.classes, x, y }
-        }
-        other => {
-            return Err(
-                svp_train::ConfigError::Invalid(format!("--data must be random or embedded, not {other:?}")).into()
-            );
-        }
-    };
-    // As `svp train`: what does not fit the machine fails cleanly.
-    crate::mem::limit_heap_to_available(None);
+    // As `svp train`: what does not fit the machine fails cleanly, and before
+    // it is written.
+    let budget = crate::mem::limit_heap_to_available(None);
+    let out_of_memory = |error| CliError::OutOfMemory { error, budget };
     // On a pool thread, as in `svp_train::fit`: that is where steps allocate nothing.
-    let report = rayon::scope(|_| measure(args.depth, run.steps, method, &config, &inputs))?;
+    let report = rayon::scope(|_| measure(args.depth, run, method, &config).map_err(|e| e.into_cli(out_of_memory)))?;
     println!("{}", serde_json::to_string(&report).expect("report serializes"));
     Ok(())
 }
 
-/// One batch, reused by every step of a measurement.
-struct Inputs {
-    image_shape: (usize, usize),
-    classes: usize,
-    x: Vec<f32>,
-    y: Vec<u32>,
+/// Why a measurement failed.
+enum MeasureError {
+    OutOfMemory(svp_alloc::OutOfMemory),
+    Diverged(svp_train::TrainError),
 }
 
-/// Builds the network and trainer, takes one step, then times the rest.
-fn measure(
-    depth: usize,
-    steps: usize,
-    method: Method,
-    config: &Config,
-    inputs: &Inputs,
-) -> Result<ChildReport, CliError> {
-    let Inputs { image_shape, classes, x, y } = inputs;
-    let (image_shape, classes) = (*image_shape, *classes);
+impl MeasureError {
+    fn into_cli(self, out_of_memory: impl FnOnce(svp_alloc::OutOfMemory) -> CliError) -> CliError {
+        match self {
+            MeasureError::OutOfMemory(e) => out_of_memory(e),
+            MeasureError::Diverged(error) => CliError::Diverged { error, saved: "nothing saved".into() },
+        }
+    }
+}
+
+impl From<svp_alloc::OutOfMemory> for MeasureError {
+    fn from(e: svp_alloc::OutOfMemory) -> Self {
+        MeasureError::OutOfMemory(e)
+    }
+}
+
+impl From<svp_train::TrainError> for MeasureError {
+    fn from(e: svp_train::TrainError) -> Self {
+        MeasureError::Diverged(e)
+    }
+}
+
+/// Both kinds of inputs are Fashion-MNIST shaped.
+const IMAGE_SHAPE: (usize, usize) = (28, 28);
+const CLASSES: usize = 10;
+
+/// One batch, reused by every step of a measurement (random by default, so
+/// no data set sits in memory), in a buffer reserved with the run's others.
+fn inputs(run: &MemoryRun) -> Result<(Vec<f32>, Vec<u32>), svp_alloc::OutOfMemory> {
+    let features = IMAGE_SHAPE.0 * IMAGE_SHAPE.1;
+    let mut x = svp_alloc::try_zeros(run.batch * features, "the input batch")?;
+    let mut y = svp_alloc::try_zeroed::<u32>(run.batch, "the input batch")?;
+    match run.data {
+        MemoryData::Random => {
+            let mut s = Stream::new(StreamKey::new(1, Purpose::Shuffle, 99, 0, 0));
+            x.iter_mut().for_each(|v| *v = s.gaussian() as f32);
+            y.iter_mut().for_each(|v| *v = s.below(CLASSES as u64) as u32);
+        }
+        MemoryData::Embedded => {
+            let data = svp_data::DataSplit::embedded();
+            debug_assert_eq!((data.train.image_shape, data.classes), (IMAGE_SHAPE, CLASSES));
+            let norm = svp_data::Normalization::fit(&data.train);
+            let mut b = svp_data::Batcher::new(data.train.len(), run.batch, norm);
+            b.start_epoch(1, 0, true);
+            let n = b.gather(&data.train, 0, &mut x, &mut y);
+            x.truncate(n * features);
+            y.truncate(n);
+        }
+    }
+    Ok((x, y))
+}
+
+/// Reserves the network, trainer and inputs, then takes one step and times
+/// the rest.
+fn measure(depth: usize, run: &MemoryRun, method: Method, config: &Config) -> Result<ChildReport, MeasureError> {
     let baseline_rss_kib = current_rss_kib().unwrap_or(0);
-    let mut model = Network::try_for_images(image_shape, classes, &config.model, config.train.seed)
-        .map_err(CliError::OutOfMemory)?;
+    let mut model = Network::try_zeroed_for_images(IMAGE_SHAPE, CLASSES, &config.model)?;
     let mut trainer: Box<dyn Trainer> = match method {
-        Method::Svp => Box::new(SvpTrainer::try_new(&model, config).map_err(CliError::OutOfMemory)?),
-        Method::Bp => Box::new(BpTrainer::try_new(&model, config).map_err(CliError::OutOfMemory)?),
+        Method::Svp => Box::new(SvpTrainer::try_new(&model, config)?),
+        Method::Bp => Box::new(BpTrainer::try_new(&model, config)?),
     };
-    trainer.step(&mut model, x, y, 1.0).map_err(|error| CliError::Diverged { error, saved: "nothing saved".into() })?;
+    let (x, y) = inputs(run)?;
+    model.init(config.train.seed);
+    trainer.step(&mut model, &x, &y, 1.0)?;
     ALLOC.reset_peaks();
     let heap_before = ALLOC.stats();
     let start = Instant::now();
-    let timed = steps.saturating_sub(1).max(1);
+    let timed = run.steps - 1;
     for _ in 0..timed {
-        trainer
-            .step(&mut model, x, y, 1.0)
-            .map_err(|error| CliError::Diverged { error, saved: "nothing saved".into() })?;
+        trainer.step(&mut model, &x, &y, 1.0)?;
     }
     let seconds = start.elapsed().as_secs_f64();
     let heap = ALLOC.stats();
@@ -242,7 +258,7 @@ fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, 
     let mut child = Command::new(exe)
         .args(["memory-child", "--method", method_name, "--depth", &depth.to_string()])
         .args(["--width", &run.width.to_string(), "--batch", &run.batch.to_string()])
-        .args(["--steps", &run.steps.to_string(), "--optimizer", optimizer, "--data", &run.data])
+        .args(["--steps", &run.steps.to_string(), "--optimizer", optimizer, "--data", run.data.name()])
         .args(run.config.iter().flat_map(|c| [std::ffi::OsStr::new("--config"), c.as_os_str()]))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -327,7 +343,7 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
         args.run.batch,
         args.run.steps,
         optimizer_name(args.run.optimizer),
-        args.run.data
+        args.run.data.name()
     );
     println!(
         "{:<6} {:>5} {:>12} {:>14} {:>12} {:>12} {:>12} {:>10} {:>9} {:>11}",

@@ -10,7 +10,7 @@ use svp_data::{DataSource, DataSplit};
 use svp_model::{Checkpoint, CheckpointRef};
 use svp_model::{DType, ModelFile, ModelInfo, Provenance};
 use svp_optim::Optimizer;
-use svp_train::{Config, EpochReport, Method};
+use svp_train::{Config, EpochModel, EpochReport, Method};
 use svp_train::{FitObserver, FitOptions, FitStateRef, Progress, try_fit_with};
 
 /// The config `svp train` uses without `--config`.
@@ -19,7 +19,10 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../../models/mlp-fmnist.toml")
 /// Parses a run description; errors name the line.
 pub fn parse_config(text: &str, path: &Path) -> Result<Config, CliError> {
     toml::from_str::<Config>(text).map_err(|e| {
-        let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        // The line holding the span's first byte (a span at the start of a
+        // line follows that many newlines).
+        let line =
+            e.span().map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
         let message = e.message().replace('\n', " ");
         CliError::ConfigParse {
             path: path.to_owned(),
@@ -116,7 +119,7 @@ fn describe(config: &Config, data: &DataSplit) -> String {
         .chain([data.classes.to_string()])
         .collect();
     format!(
-        "svp train: method {}, network {}, {} train / {} test samples from {}, batch {}, {} epochs, {}, {} threads",
+        "svp train: method {}, network {}, {} train / {} test samples from {}, batch {}, {}, {}, {} threads",
         config.train.method,
         widths.join("-"),
         data.train.len(),
@@ -127,7 +130,7 @@ fn describe(config: &Config, data: &DataSplit) -> String {
         } else {
             config.train.batch_size.to_string()
         },
-        config.train.epochs,
+        plural(config.train.epochs, "epoch"),
         describe_optimizer(&config.optimizer),
         rayon::current_num_threads()
     )
@@ -181,12 +184,55 @@ fn epoch_text(r: &EpochReport) -> String {
     s
 }
 
-/// Progress on stderr, one epoch line (text or JSON) on stdout, checkpoints to a file.
+/// Where `--out` goes and what its model files record besides the weights.
+struct ModelTarget {
+    path: PathBuf,
+    config: svp_train::config::ModelConfig,
+    image_shape: (usize, usize),
+    class_names: Vec<String>,
+    method: Method,
+    data_origin: String,
+}
+
+impl ModelTarget {
+    /// Writes the model an epoch left (atomically: the file holds the last
+    /// epoch's model or the one before it, never a mix).
+    fn save(&self, report: &EpochReport, model: EpochModel<'_>) -> Result<(), svp_model::ModelError> {
+        let info = ModelInfo {
+            heads: model.heads.cloned(),
+            norm: model.norm,
+            image_shape: self.image_shape,
+            class_names: self.class_names.clone(),
+            provenance: Provenance {
+                method: self.method.to_string(),
+                epochs: report.epoch,
+                test_acc: report.test_acc,
+                data: self.data_origin.clone(),
+            },
+        };
+        // Streamed from the trainer's weights: no copy of them is made.
+        ModelFile::save_network(&self.path, model.network, &self.config, info, DType::F32)
+    }
+}
+
+/// Progress on stderr, one epoch line (text or JSON) on stdout, each epoch's
+/// model to `--out`, checkpoints to a file.
 struct Console {
     progress: ProgressLine,
     json: bool,
+    out: Option<ModelTarget>,
+    /// The last epoch whose model `out` holds.
+    saved_epoch: Option<usize>,
     /// Where checkpoints go, and what they record besides the state.
     checkpoint: Option<(PathBuf, String, String, u64)>,
+}
+
+/// What failed writing a file, without the path the caller names anyway.
+fn write_failure(e: svp_model::ModelError) -> String {
+    match e {
+        svp_model::ModelError::Io { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
 }
 
 impl FitObserver for Console {
@@ -199,17 +245,56 @@ impl FitObserver for Console {
             return Ok(());
         };
         let c = CheckpointRef { config_json, data_origin: origin, train_len: *train_len, state: *state };
-        c.save(path).map_err(|e| e.to_string())
+        c.save(path).map_err(|e| {
+            format!(
+                "cannot write checkpoint {}: {}; the checkpoint before it is unchanged",
+                path.display(),
+                write_failure(e)
+            )
+        })
     }
 
-    fn on_epoch(&mut self, r: &EpochReport) {
+    fn on_epoch(&mut self, r: &EpochReport, model: EpochModel<'_>) -> Result<(), String> {
         self.progress.clear();
         if self.json {
             println!("{}", epoch_json(r));
         } else {
             println!("{}", epoch_text(r));
         }
+        if let Some(out) = &self.out {
+            out.save(r, model).map_err(|e| {
+                let kept = match self.saved_epoch {
+                    Some(k) => format!("it still holds the model after epoch {k}"),
+                    None => "nothing was written".into(),
+                };
+                format!("cannot write model {}: {}; {kept}", out.path.display(), write_failure(e))
+            })?;
+            self.saved_epoch = Some(r.epoch);
+        }
+        Ok(())
     }
+}
+
+fn plural(n: usize, one: &str) -> String {
+    if n == 1 { format!("1 {one}") } else { format!("{n} {one}s") }
+}
+
+/// Refuses to resume a run that has nothing left to do: its checkpoint
+/// continues at epoch `next` (1-based), and the run asks for `epochs`.
+fn check_epochs_left(next: usize, next_batch: usize, epochs: usize, asked: Option<usize>) -> Result<(), CliError> {
+    if epochs >= next {
+        return Ok(());
+    }
+    let done = if next_batch > 0 {
+        format!("{} and part of epoch {next}", plural(next - 1, "epoch"))
+    } else {
+        plural(next - 1, "epoch")
+    };
+    let why = match asked {
+        Some(e) => format!("--epochs {e} asks for no more than the {done} it has already trained"),
+        None => format!("its run has already trained its {done}"),
+    };
+    Err(CliError::Resume(format!("nothing to resume: {why}; give --epochs {next} or more to train on")))
 }
 
 /// Runs `svp train`.
@@ -228,6 +313,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
                 config.train.epochs = e;
             }
             config.validate()?;
+            check_epochs_left(c.state.epoch, c.state.next_batch, config.train.epochs, args.epochs)?;
             config
         }
         None => load_config(&args)?,
@@ -235,7 +321,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
     for path in [&args.out, &args.checkpoint].into_iter().flatten() {
         check_writable(path)?;
     }
-    let mut data = data_source(args.data.as_deref()).load()?;
+    let mut data = data_source(args.data.as_deref()).load_with(config.model.classes)?;
     if let Some(n) = args.limit_train {
         let n = n.min(data.train.len());
         let f = data.train.features();
@@ -265,46 +351,41 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         let json = serde_json::to_string(&config).expect("config serializes");
         (p, json, data.origin.clone(), data.train.len() as u64)
     });
-    let mut console = Console { progress: ProgressLine::new(config.train.epochs), json: args.json, checkpoint };
+    let out = args.out.clone().map(|path| ModelTarget {
+        path,
+        config: config.model.clone(),
+        image_shape: data.train.image_shape,
+        class_names: data.class_names(),
+        method: config.train.method,
+        data_origin: data.origin.clone(),
+    });
+    let mut console = Console {
+        progress: ProgressLine::new(config.train.epochs),
+        json: args.json,
+        out,
+        saved_epoch: None,
+        checkpoint,
+    };
     let options = FitOptions {
         checkpoint_every: args.checkpoint.as_ref().map(|_| args.checkpoint_every.unwrap_or(0)),
         resume: resume.map(|c| c.state),
         ..Default::default()
     };
     // A run that cannot fit fails before its first step, with one line.
-    crate::mem::limit_heap_to_available(args.max_memory.map(|mib| mib.saturating_mul(1 << 20)));
+    let budget = crate::mem::limit_heap_to_available(args.max_memory.map(|mib| mib.saturating_mul(1 << 20)));
     let outcome = try_fit_with(&config, &data, &mut console, options);
     crate::ALLOC.set_budget(0);
-    let outcome = outcome.map_err(CliError::OutOfMemory)?;
+    let outcome = outcome.map_err(|error| CliError::OutOfMemory { error, budget })?;
     console.progress.clear();
     if let Some(why) = &outcome.interrupted {
-        return Err(CliError::Output {
-            path: args.checkpoint.clone().or(args.resume.clone()).unwrap_or_default(),
-            reason: why.clone(),
-        });
+        return Err(CliError::Interrupted(why.clone()));
     }
 
-    let test_acc = outcome.epochs.last().map_or(0.0, |r| r.test_acc);
-    let saved = match &args.out {
-        Some(path) => {
-            let provenance = Provenance {
-                method: config.train.method.to_string(),
-                epochs: outcome.epochs.last().map_or(0, |r| r.epoch),
-                test_acc,
-                data: data.origin.clone(),
-            };
-            let info = ModelInfo {
-                heads: outcome.heads.clone(),
-                norm: outcome.norm,
-                image_shape: data.train.image_shape,
-                class_names: data.class_names(),
-                provenance,
-            };
-            ModelFile::from_network(&outcome.model, &config.model, info, DType::F32).save(path)?;
-            Some(path.clone())
-        }
-        None => None,
+    let saved = match (&console.out, console.saved_epoch) {
+        (Some(out), Some(epoch)) => Some((out.path.clone(), epoch)),
+        _ => None,
     };
+    let last = outcome.epochs.last();
     let peak = peak_rss_kib();
     let heap_peak = crate::ALLOC.stats().peak;
     let m = outcome.memory;
@@ -313,33 +394,49 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
             "{}",
             json!({
                 "done": outcome.diverged.is_none(),
-                "test_acc": test_acc,
+                "test_acc": last.map(|r| r.test_acc),
                 "epochs": outcome.epochs.len(),
                 "peak_rss_kib": peak,
                 "heap_peak_bytes": heap_peak,
                 "param_bytes": m.params,
                 "optimizer_bytes": m.optimizer,
                 "workspace_bytes": m.workspace,
-                "model": saved.as_ref().map(|p| p.display().to_string()),
+                "model": saved.as_ref().map(|(p, _)| p.display().to_string()),
             })
         );
     } else {
+        let accuracy = match last {
+            Some(r) => format!("final test accuracy {:.2}%", 100.0 * r.test_acc),
+            None => "no epoch finished".into(),
+        };
+        let model = match (&saved, &args.out) {
+            (Some((p, _)), _) if outcome.diverged.is_none() => format!("model saved to {}", p.display()),
+            (_, None) => "the model was not saved (give --out FILE to save it)".into(),
+            // A diverged run says what it kept in its error line.
+            (_, Some(_)) => String::new(),
+        };
         eprintln!(
-            "final test accuracy {:.2}%; peak RSS {}, heap peak {:.1} MiB; parameters {:.1} MiB, \
-             optimizer state {:.1} MiB, training workspace {:.1} MiB{}",
-            100.0 * test_acc,
+            "{accuracy}; peak RSS {}, heap peak {:.1} MiB; parameters {:.1} MiB, optimizer state {:.1} MiB, \
+             training workspace {:.1} MiB{}",
             peak.map_or("unknown".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
             heap_peak as f64 / 1048576.0,
             m.params as f64 / 1048576.0,
             m.optimizer as f64 / 1048576.0,
             m.workspace as f64 / 1048576.0,
-            saved.as_ref().map_or(String::new(), |p| format!("; model saved to {}", p.display())),
+            if model.is_empty() { String::new() } else { format!("; {model}") },
         );
     }
     if let Some(error) = outcome.diverged {
-        let saved = match &saved {
-            Some(p) => format!("the last good weights were saved to {}", p.display()),
-            None => "no --out was given, so no weights were saved".into(),
+        let saved = match (&saved, &args.out) {
+            (Some((p, epoch)), _) => {
+                format!("the model after epoch {epoch}, the last with finite weights, is in {}", p.display())
+            }
+            (None, Some(p)) => format!(
+                "no epoch of this run finished with finite weights, so nothing was written to {} \
+                 (a smaller --lr may help)",
+                p.display()
+            ),
+            (None, None) => "no --out was given, so no weights were saved".into(),
         };
         return Err(CliError::Diverged { error, saved });
     }

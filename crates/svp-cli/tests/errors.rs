@@ -124,7 +124,9 @@ fn config_errors() {
     write_dataset(&d, 8, 4);
     let data = d.to_str().unwrap().to_string();
     let cases = [
-        (TINY.replace("hidden = [8]", "hidden = [8]\nwidht = 3"), "unknown field `widht`"),
+        // Each error names the line it is on (here the third, and the fifth).
+        (TINY.replace("hidden = [8]", "hidden = [8]\nwidht = 3"), "line 3: unknown field `widht`"),
+        (TINY.replace("epochs = 1", "epochs = 1\nepoch = 3"), "line 5: unknown field `epoch`"),
         (TINY.replace("hidden = [8]", "hidden = [8, 0]"), "model.hidden[1] is 0"),
         (format!("{TINY}[svp]\nprojection_dim = 0\n"), "svp.projection_dim = 0"),
         (TINY.replace("hidden = [8]", "hidden = [8]\ninput = 784"), "model.input = 784 but the data has 4"),
@@ -197,21 +199,143 @@ fn a_batch_larger_than_the_data_is_the_whole_set() {
     assert_eq!(asked, whole);
 }
 
+/// A run that diverges before its first epoch ends writes nothing, and
+/// leaves a file already at `--out` as it was (the issue's own command: the
+/// reference MLP at lr 1e30, which overflows at step 1).
 #[test]
-fn divergence_keeps_the_last_good_weights() {
+fn divergence_in_the_first_epoch_writes_nothing() {
     let d = scratch("diverge");
-    write_dataset(&d, 32, 4);
-    let body = "[model]\nhidden = [8]\nnorm = \"none\"\n[train]\nepochs = 3\nbatch_size = 4\n[optimizer]\nkind = \"sgd\"\nlr = 1e30\n";
-    let cfg = write_config(&d, body);
-    let model = d.join("m.svpm");
-    let out = svp(&["train", "--config", &cfg, "--data", d.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    let model = d.join("d.svpm");
+    std::fs::write(&model, b"the user's older file").unwrap();
+    let args = ["train", "--data", "embedded", "--epochs", "2", "--lr", "1e30", "--out", model.to_str().unwrap()];
+    let out = svp(&args);
     assert_fails(&out, 3, "training diverged: non-finite loss");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("at layer") && stderr.contains("step"), "{stderr}");
-    assert!(stderr.contains("last good weights were saved"), "{stderr}");
-    // The saved weights load (the loader rejects non-finite weights).
-    let eval = svp(&["eval", model.to_str().unwrap(), "--data", d.to_str().unwrap()]);
+    assert!(stderr.contains("at layer") && stderr.contains("step 1;"), "{stderr}");
+    assert!(stderr.contains("no epoch of this run finished with finite weights, so nothing was written"), "{stderr}");
+    assert!(stderr.contains("no epoch finished;") && !stderr.contains("accuracy 0.00%"), "{stderr}");
+    assert_eq!(std::fs::read(&model).unwrap(), b"the user's older file");
+}
+
+/// A run that diverges later keeps the model of its last epoch with finite
+/// weights: the file loads, evaluates, and says how many epochs it had
+/// (backprop with SGD at lr 8 and no normalization overflows at step 42 of
+/// this run, in epoch 5: training is bit-exact, so that is where it always
+/// does).
+#[test]
+fn divergence_keeps_the_last_finite_epoch() {
+    let d = scratch("diverge-late");
+    let body = "[model]\nhidden = [32]\nnorm = \"none\"\n[train]\nepochs = 8\nbatch_size = 32\nmethod = \"bp\"\n\
+                [optimizer]\nkind = \"sgd\"\nlr = 8.0\n";
+    let cfg = write_config(&d, body);
+    let model = d.join("m.svpm");
+    let m = model.to_str().unwrap();
+    let out = svp(&["train", "--config", &cfg, "--data", "embedded", "--limit-train", "320", "--out", m]);
+    assert_fails(&out, 3, "training diverged: non-finite loss");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("step 42;"), "{stderr}");
+    assert!(stderr.contains(&format!("the model after epoch 4, the last with finite weights, is in {m}")), "{stderr}");
+    let info = svp(&["info", m, "--json"]);
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["epochs"], 4, "{info}");
+    let eval = svp(&["eval", m, "--data", "embedded", "--json"]);
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let acc = serde_json::from_slice::<serde_json::Value>(&eval.stdout).unwrap()["test_acc"].as_f64().unwrap();
+    assert_eq!(acc, info["test_acc"].as_f64().unwrap(), "the file is epoch 4's model");
+}
+
+/// `--threads` takes 1 to 256 (the pool starts them all before the command
+/// runs: 100,000 hung).
+#[test]
+fn thread_counts_out_of_range_are_refused() {
+    for n in ["0", "257", "100000", "many"] {
+        assert_fails(&svp(&["--threads", n, "info", "m.svpm"]), 2, "must be a whole number from 1 to 256");
+    }
+}
+
+/// `--max-memory 0` is a budget like any other that cannot hold the run (it
+/// aborted in the allocator, exit 134).
+#[test]
+fn a_zero_memory_budget_is_the_usual_error() {
+    let out = svp(&["train", "--data", "embedded", "--epochs", "1", "--max-memory", "0"]);
+    assert_fails(&out, 1, "not enough memory to train: could not get 11.1 MiB more for the network's weights");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("within --max-memory 0 MiB"));
+}
+
+/// A damaged label byte (a 200 among 0-2) is refused, naming the file and
+/// the sample, instead of training a 201-class network; a config that says
+/// the data has 201 classes trains, and one that says 3 refuses it too.
+#[test]
+fn a_damaged_label_does_not_add_classes() {
+    let d = scratch("label");
+    write_dataset(&d, 12, 4);
+    let labels = d.join("train-labels-idx1-ubyte");
+    let mut bytes = std::fs::read(&labels).unwrap();
+    bytes[8 + 5] = 200; // the header is 8 bytes
+    std::fs::write(&labels, bytes).unwrap();
+    let data = d.to_str().unwrap();
+    let file = labels.display().to_string();
+    let out = svp(&["train", "--config", &write_config(&d, TINY), "--data", data]);
+    assert_fails(&out, 1, &format!("{file}: label 200 at index 5 is beyond the others"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("state `classes = 201` under [model]"));
+    let stated = TINY.replace("hidden = [8]", "hidden = [8]\nclasses = 201");
+    let out = svp(&["train", "--config", &write_config(&d, &stated), "--data", data]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("network 4-8-201"));
+    let three = TINY.replace("hidden = [8]", "hidden = [8]\nclasses = 3");
+    let out = svp(&["train", "--config", &write_config(&d, &three), "--data", data]);
+    assert_fails(
+        &out,
+        1,
+        &format!("{file}: label 200 at index 5 is not one of the 3 classes expected (labels 0 to 2)"),
+    );
+}
+
+/// A temporary left next to `--out` by a writer that was killed (as large
+/// as the model) is removed by the next write of that file.
+#[test]
+fn a_killed_writers_temporary_is_cleaned_up() {
+    let d = scratch("stale-tmp");
+    write_dataset(&d, 8, 4);
+    // A process id that was just in use and is gone now.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = d.join(format!(".m.svpm.tmp-{dead}"));
+    std::fs::write(&stale, vec![0u8; 4096]).unwrap();
+    let model = d.join("m.svpm");
+    let out = svp(&[
+        "train",
+        "--config",
+        &write_config(&d, TINY),
+        "--data",
+        d.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(model.exists() && !stale.exists(), "the stale temporary is still there");
+}
+
+/// What a log of a short run holds: the run line, one line per epoch, the
+/// final line (saying the model was not saved without `--out`); no progress
+/// line for an epoch shorter than the log interval (it showed an empty bar
+/// and the rate of one step).
+#[test]
+fn a_log_gets_one_line_per_epoch_and_the_outcome() {
+    let d = scratch("log");
+    write_dataset(&d, 8, 4);
+    let out = svp(&["train", "--config", &write_config(&d, TINY), "--data", d.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0].contains(", 1 epoch, "), "not '1 epochs': {}", lines[0]);
+    assert!(lines[1].ends_with("the model was not saved (give --out FILE to save it)"), "{}", lines[1]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("epoch   1  train_loss"), "{stdout}");
 }
 
 #[test]
@@ -234,6 +358,10 @@ fn a_model_and_data_that_do_not_fit() {
     let images = d.join("t10k-images-idx3-ubyte");
     let predict = svp(&["predict", model, "--input", images.to_str().unwrap()]);
     assert_fails(&predict, 1, "holds 2x2 images; the model takes 28x28");
+    // A labels file where images belong: what it is, not an empty shape.
+    let labels = d.join("t10k-labels-idx1-ubyte");
+    let predict = svp(&["predict", model, "--input", labels.to_str().unwrap()]);
+    assert_fails(&predict, 1, "is not an IDX file of images (count x rows x cols) but an array of 1 dimension(s) (4)");
     let exit = svp(&["predict", model, "--data", "embedded", "--exit-layer", "99"]);
     assert_fails(&exit, 1, "--exit-layer 99: the model has hidden layers 1..=12");
 }
@@ -341,6 +469,18 @@ fn memory_sweep_runs_children_and_shows_flat_svp_and_growing_bp() {
         svp(&["memory", "--depths", "1", "--methods", "svp", "--batch", "1000000", "--csv", csv.to_str().unwrap()]);
     assert_fails(&out, 1, "measuring svp at depth 1: not enough memory to train");
     assert!(!csv.exists());
+    // Usage errors come before the table's header line: nothing else printed.
+    for (flag, value, needle) in [
+        ("--steps", "0", "at least 2"),
+        ("--steps", "1", "at least 2"),
+        ("--data", "nope", "possible values: random, embedded"),
+    ] {
+        let out = svp(&["memory", flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("error: invalid value") && stderr.contains(needle), "{stderr}");
+        assert!(out.stdout.is_empty() && !stderr.contains("svp memory:"), "{stderr}");
+    }
 }
 
 const CONSTANT: &str = "[model]\nhidden = [64, 64]\n[train]\nepochs = 2\nbatch_size = 64\n[optimizer]\nkind = \"adam\"\nlr = 0.001\n[schedule]\nkind = \"constant\"\n";
@@ -372,9 +512,20 @@ fn resume_from_a_checkpoint_file_reproduces_the_uninterrupted_model() {
     let (a, b) = (std::fs::read(p("straight.svpm")).unwrap(), std::fs::read(&r).unwrap());
     assert!(a == b, "resumed model file differs from the uninterrupted one");
     // A checkpoint from other data is refused.
-    let out = svp(&["train", "--resume", &ck, "--data", "embedded"]);
+    let out = svp(&["train", "--resume", &ck, "--data", "embedded", "--epochs", "2"]);
     assert_fails(&out, 1, "the checkpoint was trained on");
-    assert_fails(&svp(&["train", "--resume", &p("straight.svpm")]), 1, "not an svp checkpoint");
+    // A finished run has nothing to resume (it wrote a model saying 0 epochs
+    // and 0.00 %): refused, and nothing written.
+    let done = p("done.svpm");
+    let mut args = vec!["train", "--resume", &ck, "--out", &done];
+    args.extend_from_slice(&common);
+    assert_fails(&svp(&args), 1, "nothing to resume: its run has already trained its 1 epoch; give --epochs 2 or more");
+    args.extend_from_slice(&["--epochs", "1"]);
+    assert_fails(&svp(&args), 1, "--epochs 1 asks for no more than the 1 epoch it has already trained");
+    assert!(!Path::new(&done).exists());
+    // A model file where a checkpoint belongs, and the other way round: each says what it is.
+    assert_fails(&svp(&["train", "--resume", &p("straight.svpm")]), 1, "is an svp model file, not a checkpoint");
+    assert_fails(&svp(&["eval", &ck, "--data", "embedded"]), 1, "is an svp checkpoint, not a model file");
 }
 
 /// A checkpoint in the format before bf16 moments (version 1) resumes.

@@ -21,7 +21,9 @@ pub fn write_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Res
     };
     let name =
         path.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path names no file"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let name = name.to_string_lossy();
+    remove_stale_temporaries(dir, &name);
+    let tmp = dir.join(format!("{}{}", temporary_prefix(&name), std::process::id()));
     let result = (|| {
         let mut w = BufWriter::new(File::create(&tmp)?);
         fill(&mut w)?;
@@ -39,6 +41,42 @@ pub fn write_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Res
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The name of a temporary for the file `name`, less the writer's process id.
+fn temporary_prefix(name: &str) -> String {
+    format!(".{name}.tmp-")
+}
+
+/// Removes the temporaries of `dir/name` that writers killed mid-write left
+/// behind (each as large as the file): those whose process is gone. A
+/// temporary of a live process, or of another file, is left alone; so is
+/// everything where it cannot be told whether the process lives.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = temporary_prefix(name);
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let pid = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && process_is_gone(pid)
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether no process has this id now (Linux: no `/proc/PID`).
+#[cfg(target_os = "linux")]
+fn process_is_gone(pid: u32) -> bool {
+    !Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Elsewhere it cannot be told cheaply: every temporary may be a live writer's.
+#[cfg(not(target_os = "linux"))]
+fn process_is_gone(_pid: u32) -> bool {
+    false
 }
 
 #[cfg(test)]
@@ -66,6 +104,31 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"third");
         let leftovers = fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "a.bin").count();
         assert_eq!(leftovers, 0, "a failed write leaves no temporary");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A temporary left by a writer that was killed is removed by the next
+    /// write of the same file; a live writer's, and another file's, stay.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn removes_the_temporaries_of_killed_writers() {
+        let dir = std::env::temp_dir().join(format!("svp-atomic-stale-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // A process id that was just in use and is gone now.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = dir.join(format!(".m.svpm.tmp-{dead}"));
+        let live = dir.join(".m.svpm.tmp-1"); // init lives as long as the system
+        let other = dir.join(format!(".n.svpm.tmp-{dead}"));
+        let unrelated = dir.join(".m.svpm.tmp-notapid");
+        for p in [&stale, &live, &other, &unrelated] {
+            fs::write(p, b"half a file").unwrap();
+        }
+        write(&dir.join("m.svpm"), b"model").unwrap();
+        assert!(!stale.exists(), "the killed writer's temporary was left");
+        assert!(live.exists() && other.exists() && unrelated.exists());
+        assert_eq!(fs::read(dir.join("m.svpm")).unwrap(), b"model");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

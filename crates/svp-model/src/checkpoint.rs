@@ -67,9 +67,32 @@ impl CheckpointRef<'_> {
     }
 }
 
-/// Streams `payload`'s postcard encoding into `w`.
+/// Streams `payload`'s postcard encoding into `w`. A failure of `w` (a full
+/// disk) comes back as itself: postcard alone would report it as its own
+/// "serialize buffer is full".
 fn encode(payload: &impl Serialize, w: impl std::io::Write) -> std::io::Result<()> {
-    postcard::to_io(payload, w).map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()))
+    /// Keeps the first error of the writer it wraps.
+    struct Keep<W> {
+        inner: W,
+        error: Option<std::io::Error>,
+    }
+    impl<W: std::io::Write> std::io::Write for Keep<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.inner.write(buf).map_err(|e| {
+                let kind = e.kind();
+                self.error.get_or_insert(e);
+                kind.into()
+            })
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+    let mut w = Keep { inner: w, error: None };
+    match postcard::to_io(payload, &mut w) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(w.error.take().unwrap_or_else(|| std::io::Error::other(e.to_string()))),
+    }
 }
 
 /// Length and FNV-1a 64 of `payload`'s encoding, by streaming it into the hash.
@@ -113,13 +136,13 @@ impl Checkpoint {
     /// Decodes a bare payload (as a device stores it inside its own framing).
     pub fn from_payload(payload: &[u8], path: &Path) -> Result<Self, ModelError> {
         let c: Checkpoint = postcard::from_bytes(payload)
-            .map_err(|e| ModelError::Invalid { path: path.to_owned(), what: format!("payload: {e}") })?;
+            .map_err(|e| ModelError::InvalidCheckpoint { path: path.to_owned(), what: format!("payload: {e}") })?;
         Self::checked(c, path)
     }
 
     fn checked(c: Checkpoint, path: &Path) -> Result<Self, ModelError> {
         if c.state.params.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::Invalid { path: path.to_owned(), what: "non-finite weights".into() });
+            return Err(ModelError::InvalidCheckpoint { path: path.to_owned(), what: "non-finite weights".into() });
         }
         Ok(c)
     }
@@ -131,7 +154,10 @@ impl Checkpoint {
 
     /// Decodes and checks a checkpoint's bytes.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, ModelError> {
-        let invalid = |what: String| ModelError::Invalid { path: path.to_owned(), what };
+        let invalid = |what: String| ModelError::InvalidCheckpoint { path: path.to_owned(), what };
+        if bytes.starts_with(&crate::MAGIC) {
+            return Err(invalid("it is an svp model file, not a checkpoint".into()));
+        }
         if bytes.len() < HEADER || bytes[..8] != CHECKPOINT_MAGIC {
             return Err(invalid("not an svp checkpoint (wrong magic number or too short)".into()));
         }
@@ -149,7 +175,7 @@ impl Checkpoint {
         }
         if version == 1 {
             let c: v1::Checkpoint = postcard::from_bytes(payload)
-                .map_err(|e| ModelError::Invalid { path: path.to_owned(), what: format!("payload: {e}") })?;
+                .map_err(|e| ModelError::InvalidCheckpoint { path: path.to_owned(), what: format!("payload: {e}") })?;
             return Self::checked(c.into(), path);
         }
         Self::from_payload(payload, path)
@@ -288,5 +314,42 @@ mod tests {
             m[i] ^= 1;
             assert!(Checkpoint::from_bytes(&m, p).is_err(), "flip at {i}");
         }
+    }
+
+    /// A disk that fills while a checkpoint streams into it: the error is the
+    /// disk's ("No space left on device"), not the encoder's.
+    #[test]
+    fn a_full_disk_is_reported_as_such() {
+        /// Takes `room` bytes, then fails as a full disk does (ENOSPC).
+        struct Disk {
+            room: usize,
+        }
+        impl std::io::Write for Disk {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                if self.room == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+                }
+                let n = buf.len().min(self.room);
+                self.room -= n;
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let state = FitState {
+            epoch: 1,
+            next_batch: 0,
+            loss_sum: 0.0,
+            samples: 0,
+            history: vec![],
+            params: vec![0.5; 1000],
+            trainer: svp_train::TrainerState { step: 0, optimizer: vec![] },
+        };
+        let c = Checkpoint { config_json: "{}".into(), data_origin: "x".into(), train_len: 1, state };
+        let err = encode(&c, Disk { room: 100 }).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "{err}");
+        assert!(!err.to_string().contains("serialize"), "{err}");
+        encode(&c, Disk { room: usize::MAX }).expect("room for all of it");
     }
 }

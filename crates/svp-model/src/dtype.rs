@@ -49,20 +49,37 @@ impl DType {
     }
 }
 
+/// Where encoded bytes go, in order: a buffer, a checksum, a file.
+pub trait ByteSink {
+    /// Appends `bytes`.
+    fn put(&mut self, bytes: &[u8]);
+    /// Bytes appended so far.
+    fn written(&self) -> u64;
+}
+
+impl ByteSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+    fn written(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
 /// Encodes `values` (a `rows x cols` row-major matrix) as `dtype`, appending
 /// the bytes to `out`; for int8 also returns the per-row scales.
-pub fn encode(dtype: DType, values: &[f32], cols: usize, out: &mut Vec<u8>) -> Option<Vec<f32>> {
+pub fn encode(dtype: DType, values: &[f32], cols: usize, out: &mut (impl ByteSink + ?Sized)) -> Option<Vec<f32>> {
     match dtype {
-        DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        DType::F32 => values.iter().for_each(|v| out.put(&v.to_le_bytes())),
+        DType::F16 => values.iter().for_each(|v| out.put(&f16::from_f32(*v).to_le_bytes())),
+        DType::BF16 => values.iter().for_each(|v| out.put(&bf16::from_f32(*v).to_le_bytes())),
         DType::I8 => {
             let mut scales = Vec::with_capacity(values.len() / cols.max(1));
             for row in values.chunks(cols.max(1)) {
                 let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
                 scales.push(scale);
-                out.extend(row.iter().map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8));
+                row.iter().for_each(|v| out.put(&[(v / scale).round().clamp(-127.0, 127.0) as i8 as u8]));
             }
             return Some(scales);
         }

@@ -22,7 +22,9 @@ pub use checkpoint::{Checkpoint, CheckpointRef};
 pub use dtype::DType;
 pub use inference::{InferenceModel, InferenceWorkspace};
 
+use dtype::ByteSink;
 use serde::{Deserialize, Serialize};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use svp_data::Normalization;
 use svp_nn::vit::TokenReadout;
@@ -274,6 +276,14 @@ pub enum ModelError {
         /// What is wrong.
         what: String,
     },
+    /// Not a checkpoint, or a damaged one.
+    #[error("{} is not a valid svp checkpoint: {what}", path.display())]
+    InvalidCheckpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
 }
 
 /// FNV-1a 64, fed in pieces; also a [`std::io::Write`] sink that counts what
@@ -405,56 +415,37 @@ impl ModelFile {
     }
 
     fn build(model: &Network, front: Option<Front>, info: ModelInfo, dtype: DType) -> Self {
-        let layers: Vec<DenseSpec> = model.layers().iter().map(|l| *l.spec()).collect();
-        let front_len = model.n_layers() - layers.len();
         let mut data = Vec::new();
-        let mut tensors = Vec::new();
-        let mut push = |layer: usize, role: Role, dt: DType, shape: Vec<u32>, values: &[f32]| {
-            pad_to(&mut data, ALIGN);
-            let offset = data.len() as u64;
-            let scales = dtype::encode(dt, values, *shape.last().unwrap_or(&1) as usize, &mut data);
-            let scale_offset = scales.map(|s| {
-                pad_to(&mut data, ALIGN);
-                let off = data.len() as u64;
-                s.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
-                off
-            });
-            tensors.push(TensorEntry { layer: layer as u32, role, dtype: dt, shape, offset, scale_offset });
-        };
-        let front_dtype = if dtype == DType::I8 { DType::F16 } else { dtype };
-        for l in 0..front_len {
-            let params = model.layer_params(l);
-            push(l, Role::Params, front_dtype, vec![params.len() as u32], params);
-        }
-        for (d, spec) in layers.iter().enumerate() {
-            let l = front_len + d;
-            let params = model.layer_params(l);
-            let mut at = 0;
-            for (role, shape) in layer_tensors(spec) {
-                let n: usize = shape.iter().map(|&d| d as usize).product();
-                let dt = if role == Role::Weight { dtype } else { DType::F32 };
-                push(l, role, dt, shape, &params[at..at + n]);
-                at += n;
-            }
-        }
-        let classes = model.classes();
-        let class_names = if info.class_names.len() == classes {
-            info.class_names
-        } else {
-            (0..classes).map(|c| c.to_string()).collect()
-        };
-        let meta = ModelMeta {
-            generator: svp_rng::GENERATOR_ID.to_string(),
-            layers,
-            heads: info.heads,
-            norm: info.norm,
-            image_shape: (info.image_shape.0 as u32, info.image_shape.1 as u32),
-            class_names,
-            provenance: info.provenance,
-            tensors,
-            front,
-        };
-        Self { meta, data }
+        let tensors = emit_data(model, dtype, &mut data);
+        Self { meta: meta_for(model, front, info, tensors), data }
+    }
+
+    /// Writes the file [`ModelFile::from_network`] would hold, atomically,
+    /// streaming the weights from `model` into it: no copy of them is made
+    /// (a model saved during training on a device with little RAM). The bytes
+    /// are those of `ModelFile::from_network(..).save(path)`.
+    pub fn save_network(
+        path: &Path,
+        model: &Network,
+        config: &ModelConfig,
+        info: ModelInfo,
+        dtype: DType,
+    ) -> Result<(), ModelError> {
+        // Three passes over the weights: to lay out the data section, to
+        // checksum it, to write it.
+        let mut count = Count(0);
+        let tensors = emit_data(model, dtype, &mut count);
+        let meta = meta_for(model, Front::of(config), info, tensors);
+        let head = head_bytes(&meta, count.0, |hash| {
+            emit_data(model, dtype, &mut Hashing { hash, written: 0 });
+        });
+        atomic::write_with(path, |w| {
+            w.write_all(&head)?;
+            let mut sink = WriteSink { w, written: 0, error: None };
+            emit_data(model, dtype, &mut sink);
+            sink.error.map_or(Ok(()), Err)
+        })
+        .map_err(|source| ModelError::Io { path: path.to_owned(), source })
     }
 
     /// The format version this file is written as: 1 for an MLP, 2 with a front.
@@ -472,30 +463,7 @@ impl ModelFile {
     /// Everything before the weights: the header (its checksum covers the
     /// weights too), the metadata and the padding up to the data section.
     fn head(&self) -> Vec<u8> {
-        let mut meta = postcard::to_stdvec(&self.meta).expect("metadata serializes");
-        if self.meta.front.is_none() {
-            // Version 1: the same section without `front`, its last byte.
-            meta.pop();
-        }
-        let meta_offset = HEADER_LEN as u64;
-        let data_offset = (HEADER_LEN + meta.len()).div_ceil(ALIGN) * ALIGN;
-        let mut out = vec![0u8; HEADER_LEN];
-        out.extend_from_slice(&meta);
-        pad_to(&mut out, ALIGN);
-        debug_assert_eq!(out.len(), data_offset);
-        let mut h = Vec::with_capacity(HEADER_LEN);
-        h.extend_from_slice(&MAGIC);
-        h.extend_from_slice(&self.version().to_le_bytes());
-        h.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
-        h.extend_from_slice(&meta_offset.to_le_bytes());
-        h.extend_from_slice(&(meta.len() as u64).to_le_bytes());
-        h.extend_from_slice(&(data_offset as u64).to_le_bytes());
-        h.extend_from_slice(&(self.data.len() as u64).to_le_bytes());
-        let checksum = fnv1a64(&[&h, &out[HEADER_LEN..], &self.data]);
-        h.extend_from_slice(&checksum.to_le_bytes());
-        h.resize(HEADER_LEN, 0);
-        out[..HEADER_LEN].copy_from_slice(&h);
-        out
+        head_bytes(&self.meta, self.data.len() as u64, |h| h.feed(&self.data))
     }
 
     /// Decodes and checks a file's bytes; `path` names it in errors. Nothing
@@ -504,6 +472,9 @@ impl ModelFile {
         let invalid = |what: String| ModelError::Invalid { path: path.to_owned(), what };
         if bytes.len() < HEADER_LEN {
             return Err(invalid(format!("{} bytes is shorter than the {HEADER_LEN}-byte header", bytes.len())));
+        }
+        if bytes.starts_with(&checkpoint::CHECKPOINT_MAGIC) {
+            return Err(invalid("it is an svp checkpoint, not a model file".into()));
         }
         if bytes[..8] != MAGIC {
             return Err(invalid("wrong magic number (not an svp model file)".into()));
@@ -753,6 +724,152 @@ impl ModelFile {
     }
 }
 
+/// The data section of `model` in `dtype`, into `out`; returns its tensors'
+/// table (offsets relative to the section's start).
+fn emit_data(model: &Network, dtype: DType, out: &mut (impl ByteSink + ?Sized)) -> Vec<TensorEntry> {
+    let mut tensors = Vec::new();
+    let mut push = |layer: usize, role: Role, dt: DType, shape: Vec<u32>, values: &[f32]| {
+        pad_sink(out);
+        let offset = out.written();
+        let scales = dtype::encode(dt, values, *shape.last().unwrap_or(&1) as usize, out);
+        let scale_offset = scales.map(|s| {
+            pad_sink(out);
+            let off = out.written();
+            s.iter().for_each(|v| out.put(&v.to_le_bytes()));
+            off
+        });
+        tensors.push(TensorEntry { layer: layer as u32, role, dtype: dt, shape, offset, scale_offset });
+    };
+    let front_len = model.n_layers() - model.layers().len();
+    let front_dtype = if dtype == DType::I8 { DType::F16 } else { dtype };
+    for l in 0..front_len {
+        let params = model.layer_params(l);
+        push(l, Role::Params, front_dtype, vec![params.len() as u32], params);
+    }
+    for (d, layer) in model.layers().iter().enumerate() {
+        let l = front_len + d;
+        let params = model.layer_params(l);
+        let mut at = 0;
+        for (role, shape) in layer_tensors(layer.spec()) {
+            let n: usize = shape.iter().map(|&d| d as usize).product();
+            let dt = if role == Role::Weight { dtype } else { DType::F32 };
+            push(l, role, dt, shape, &params[at..at + n]);
+            at += n;
+        }
+    }
+    tensors
+}
+
+/// Pads `out` with zeros to a multiple of [`ALIGN`] bytes.
+fn pad_sink(out: &mut (impl ByteSink + ?Sized)) {
+    let gap = out.written().next_multiple_of(ALIGN as u64) - out.written();
+    out.put(&[0u8; ALIGN][..gap as usize]);
+}
+
+/// The metadata of a file holding `model` with these tensors.
+fn meta_for(model: &Network, front: Option<Front>, info: ModelInfo, tensors: Vec<TensorEntry>) -> ModelMeta {
+    let classes = model.classes();
+    let class_names = if info.class_names.len() == classes {
+        info.class_names
+    } else {
+        (0..classes).map(|c| c.to_string()).collect()
+    };
+    ModelMeta {
+        generator: svp_rng::GENERATOR_ID.to_string(),
+        layers: model.layers().iter().map(|l| *l.spec()).collect(),
+        heads: info.heads,
+        norm: info.norm,
+        image_shape: (info.image_shape.0 as u32, info.image_shape.1 as u32),
+        class_names,
+        provenance: info.provenance,
+        tensors,
+        front,
+    }
+}
+
+/// Everything before a data section of `data_len` bytes: the header, whose
+/// checksum covers the metadata and the data (which `hash_data` feeds), the
+/// metadata, and the padding up to the data.
+fn head_bytes(meta: &ModelMeta, data_len: u64, hash_data: impl FnOnce(&mut Fnv64)) -> Vec<u8> {
+    let mut meta_bytes = postcard::to_stdvec(meta).expect("metadata serializes");
+    let version: u32 = if meta.front.is_some() { 2 } else { 1 };
+    if meta.front.is_none() {
+        // Version 1: the same section without `front`, its last byte.
+        meta_bytes.pop();
+    }
+    let meta_offset = HEADER_LEN as u64;
+    let data_offset = (HEADER_LEN + meta_bytes.len()).div_ceil(ALIGN) * ALIGN;
+    let mut out = vec![0u8; HEADER_LEN];
+    out.extend_from_slice(&meta_bytes);
+    pad_to(&mut out, ALIGN);
+    debug_assert_eq!(out.len(), data_offset);
+    let mut h = Vec::with_capacity(HEADER_LEN);
+    h.extend_from_slice(&MAGIC);
+    h.extend_from_slice(&version.to_le_bytes());
+    h.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+    h.extend_from_slice(&meta_offset.to_le_bytes());
+    h.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
+    h.extend_from_slice(&(data_offset as u64).to_le_bytes());
+    h.extend_from_slice(&data_len.to_le_bytes());
+    let mut hasher = Fnv64::new();
+    hasher.feed(&h);
+    hasher.feed(&out[HEADER_LEN..]);
+    hash_data(&mut hasher);
+    h.extend_from_slice(&hasher.finish().to_le_bytes());
+    h.resize(HEADER_LEN, 0);
+    out[..HEADER_LEN].copy_from_slice(&h);
+    out
+}
+
+/// Feeds a checksum that has seen the header already; counts from the data.
+struct Hashing<'a> {
+    hash: &'a mut Fnv64,
+    written: u64,
+}
+
+impl ByteSink for Hashing<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.hash.feed(bytes);
+        self.written += bytes.len() as u64;
+    }
+    fn written(&self) -> u64 {
+        self.written
+    }
+}
+
+/// Counts bytes and keeps none.
+struct Count(u64);
+
+impl ByteSink for Count {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len() as u64;
+    }
+    fn written(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Writes into a file, keeping the first error (and writing nothing after it).
+struct WriteSink<'a> {
+    w: &'a mut dyn Write,
+    written: u64,
+    error: Option<std::io::Error>,
+}
+
+impl ByteSink for WriteSink<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        if self.error.is_none()
+            && let Err(e) = self.w.write_all(bytes)
+        {
+            self.error = Some(e);
+        }
+        self.written += bytes.len() as u64;
+    }
+    fn written(&self) -> u64 {
+        self.written
+    }
+}
+
 /// The config of an MLP with dense layers `layers` (the head last; the hidden
 /// layers share one norm, activation and dropout, as configs make them).
 fn dense_config(layers: &[DenseSpec]) -> ModelConfig {
@@ -824,6 +941,28 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A network streamed to a file (as training saves each epoch) gives the
+    /// bytes of the file built in memory: MLP, conv and ViT, every dtype.
+    #[test]
+    fn a_streamed_network_is_the_file_built_in_memory() {
+        let dir = std::env::temp_dir().join(format!("svp-model-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.svpm");
+        let mut cases = front_configs();
+        cases.push(("mlp", sample_cfg()));
+        for (name, config) in cases {
+            for dtype in [DType::F32, DType::F16, DType::BF16, DType::I8] {
+                let (net, file) = front_file(&config, dtype);
+                let info = ModelInfo { class_names: file.meta.class_names.clone(), ..front_info() };
+                ModelFile::save_network(&path, &net, &config, info, dtype).unwrap();
+                let (a, b) = (std::fs::read(&path).unwrap(), file.to_bytes());
+                let first = a.iter().zip(&b).position(|(x, y)| x != y);
+                assert!(a == b, "{name} {dtype:?}: {} vs {} bytes, first difference at {first:?}", a.len(), b.len());
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn damaged_files_are_errors() {
         let bytes = sample(DType::I8).to_bytes();
@@ -865,15 +1004,18 @@ mod tests {
         for (i, p) in net.params_mut().iter_mut().enumerate() {
             *p += 0.01 * (i % 7) as f32;
         }
-        let info = ModelInfo {
+        let file = ModelFile::from_network(&net, config, front_info(), dtype);
+        (net, file)
+    }
+
+    fn front_info() -> ModelInfo {
+        ModelInfo {
             heads: Some(ProjectionHeads { seed: 4, dim: 5, sigma: None, dropout: 0.0, label_classes: None }),
             norm: Normalization { mean: 0.2, std: 0.5 },
             image_shape: (8, 8),
             class_names: vec![],
             provenance: Provenance { method: "svp".into(), epochs: 1, test_acc: 0.5, data: "test".into() },
-        };
-        let file = ModelFile::from_network(&net, config, info, dtype);
-        (net, file)
+        }
     }
 
     /// A conv network and a ViT survive the trip to bytes and back in every

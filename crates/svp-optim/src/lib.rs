@@ -237,7 +237,7 @@ impl Optimizer {
             }
             Optimizer::Adam { state: MomentDtype::Bf16, .. } | Optimizer::AdamW { state: MomentDtype::Bf16, .. } => {
                 // bf16 zero is all-zero bits.
-                let bits = |n| svp_alloc::try_filled(n, 0u16, what);
+                let bits = |n| svp_alloc::try_zeroed::<u16>(n, what);
                 Moments::Bf16 { m: bits(len)?, v: bits(len)? }
             }
         };

@@ -32,6 +32,11 @@ pub struct ModelConfig {
     /// Expected input width; checked against the data when given.
     #[serde(default)]
     pub input: Option<usize>,
+    /// Number of classes. Default: the largest training label + 1, where
+    /// every class below it has a training sample (else the data is refused:
+    /// a damaged label would add classes); stated, every label must be below it.
+    #[serde(default)]
+    pub classes: Option<usize>,
     /// Widths of the hidden layers, first to last.
     pub hidden: Vec<usize>,
     /// Normalization in each hidden block.
@@ -129,6 +134,7 @@ impl ModelConfig {
     pub fn mlp(hidden: Vec<usize>) -> Self {
         Self {
             input: None,
+            classes: None,
             hidden,
             norm: default_norm(),
             activation: default_activation(),
@@ -383,6 +389,11 @@ impl Config {
         if self.model.conv_readout == 0 {
             return invalid("model.conv_readout must be at least 1");
         }
+        if let Some(c) = self.model.classes
+            && !(2..=256).contains(&c)
+        {
+            return invalid(format!("model.classes = {c} must be from 2 to 256 (labels are bytes)"));
+        }
         if let Some(i) = self.model.hidden.iter().position(|&w| w == 0) {
             return invalid(format!("model.hidden[{i}] is 0: every width must be positive"));
         }
@@ -437,6 +448,13 @@ impl Config {
         self.model.check_image_shape(data.train.image_shape).map_err(ConfigError::DataMismatch)?;
         if features == 0 || classes < 2 {
             return Err(ConfigError::DataMismatch(format!("data has {features} features and {classes} classes")));
+        }
+        if let Some(want) = self.model.classes
+            && want != classes
+        {
+            return Err(ConfigError::DataMismatch(format!(
+                "model.classes = {want} but the data was loaded for {classes} classes"
+            )));
         }
         if let Some(want) = self.model.input
             && want != features

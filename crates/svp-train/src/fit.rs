@@ -53,10 +53,12 @@ pub struct EpochReport {
     pub layers: Option<LayerEpoch>,
 }
 
-/// The result of [`fit`]: the model (its last good weights if training
-/// diverged), the epochs completed and, if it stopped early, why.
+/// The result of [`fit`]: the model, the epochs completed and, if it
+/// stopped early, why.
 pub struct FitOutcome {
-    /// The trained network.
+    /// The trained network. If training diverged, the weights where it
+    /// stopped, which may not be finite: [`FitObserver::on_epoch`] saw the
+    /// last finite ones (each epoch's, once checked).
     pub model: Network,
     /// SVP projection heads (`None` for backpropagation).
     pub heads: Option<ProjectionHeads>,
@@ -66,7 +68,8 @@ pub struct FitOutcome {
     pub epochs: Vec<EpochReport>,
     /// Set when a non-finite loss stopped training.
     pub diverged: Option<TrainError>,
-    /// Set when a checkpoint could not be written (or a resume state did not fit).
+    /// Set when the observer stopped the run (a checkpoint or an epoch's
+    /// model could not be written), or a resume state did not fit.
     pub interrupted: Option<String>,
     /// Bytes of parameters, optimizer state and training workspace.
     pub memory: MemoryBreakdown,
@@ -83,12 +86,29 @@ pub struct MemoryBreakdown {
     pub workspace: usize,
 }
 
+/// The model as an epoch left it, with its weights checked finite: what a
+/// model file holds.
+#[derive(Clone, Copy)]
+pub struct EpochModel<'a> {
+    /// The network.
+    pub network: &'a Network,
+    /// SVP projection heads (`None` for backpropagation).
+    pub heads: Option<&'a ProjectionHeads>,
+    /// The input normalization it was trained with.
+    pub norm: Normalization,
+}
+
 /// Watches a run of [`fit`].
 pub trait FitObserver {
     /// After every step.
     fn on_step(&mut self, _progress: &Progress) {}
-    /// After every epoch's evaluation.
-    fn on_epoch(&mut self, _report: &EpochReport) {}
+    /// After every epoch's evaluation, with the model it evaluated (whose
+    /// weights are all finite: an epoch that leaves any other is reported
+    /// as [`TrainError::NonFiniteWeights`] instead). An error (a model that
+    /// could not be saved) stops training.
+    fn on_epoch(&mut self, _report: &EpochReport, _model: EpochModel<'_>) -> Result<(), String> {
+        Ok(())
+    }
     /// When a checkpoint is due ([`FitOptions::checkpoint_every`] steps, and
     /// after each epoch). An error stops training.
     fn on_checkpoint(&mut self, _state: &FitStateRef<'_>) -> Result<(), String> {
@@ -231,10 +251,20 @@ fn fit_on_this_thread(
     };
     let seed = config.train.seed;
     let mut options = options;
-    let mut model = Network::try_for_images(data.train.image_shape, data.classes, &config.model, seed)?;
-    if let Some(init) = options.initial_params.take() {
-        model.params_mut().copy_from_slice(&init);
-    }
+    // Every buffer of the run is reserved (and counted against the heap's
+    // budget) before any is written, so a run that cannot fit fails here
+    // without having taken the memory of the buffers before the one that
+    // did not fit.
+    let mut model = Network::try_zeroed_for_images(data.train.image_shape, data.classes, &config.model)?;
+    // Weights handed in move into the model at once: the caller's copy is
+    // freed before the rest is reserved (a device may not hold both).
+    let initialized = match options.initial_params.take() {
+        Some(init) => {
+            model.params_mut().copy_from_slice(&init);
+            true
+        }
+        None => false,
+    };
     let norm = options.norm.unwrap_or_else(|| Normalization::fit(&data.train));
     let rows = config.train.batch_size;
     let mut trainer: Box<dyn Trainer> = match config.train.method {
@@ -252,6 +282,9 @@ fn fit_on_this_thread(
     let total_steps = (batcher.batches() * config.train.epochs) as u64;
     let mut eval_ws = InferenceWorkspace::default();
     eval_ws.try_prepare(rows, &model, heads.as_ref().map(|h| h.dim))?;
+    if !initialized {
+        model.init(seed);
+    }
     let mut epochs = Vec::new();
     let mut diverged = None;
     let mut interrupted = None;
@@ -313,6 +346,11 @@ fn fit_on_this_thread(
                 && trainer.steps().is_multiple_of(every)
                 && b + 1 < batches
             {
+                // A checkpoint takes only finite weights (its loader refuses others).
+                if let Some(l) = model.first_non_finite_layer() {
+                    diverged = Some(TrainError::NonFiniteWeights { layer: l + 1, step: trainer.steps() });
+                    break 'epochs;
+                }
                 let state = snapshot(&model, trainer.as_ref(), (epoch, b + 1, loss_sum, samples), &history);
                 if let Err(e) = observer.on_checkpoint(&state) {
                     interrupted = Some(e);
@@ -329,6 +367,10 @@ fn fit_on_this_thread(
             });
         }
         let seconds = start.elapsed().as_secs_f64();
+        if let Some(l) = model.first_non_finite_layer() {
+            diverged = Some(TrainError::NonFiniteWeights { layer: l + 1, step: trainer.steps() });
+            break;
+        }
         let EvalReport { accuracy, exit_accuracy, .. } =
             evaluate_with(&model, &data.test, norm, heads.as_ref(), &mut eval_ws, &mut x, &mut y);
         let layers = trainer.layer_metrics().map(|m| {
@@ -348,9 +390,14 @@ fn fit_on_this_thread(
             samples_per_s: (samples - samples_before) as f64 / seconds.max(1e-9),
             layers,
         };
-        observer.on_epoch(&report);
+        let epoch_model = EpochModel { network: &model, heads: heads.as_ref(), norm };
+        let saved = observer.on_epoch(&report, epoch_model);
         history.push((epoch, report.train_loss, report.test_acc));
         epochs.push(report);
+        if let Err(e) = saved {
+            interrupted = Some(e);
+            break;
+        }
         if options.checkpoint_every.is_some() {
             let state = snapshot(&model, trainer.as_ref(), (epoch + 1, 0, 0.0, 0), &history);
             if let Err(e) = observer.on_checkpoint(&state) {

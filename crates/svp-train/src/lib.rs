@@ -29,8 +29,8 @@ pub use bp::BpTrainer;
 pub use config::{Config, ConfigError, Method};
 pub use eval::{EvalReport, argmax, evaluate, evaluate_with};
 pub use fit::{
-    EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown, Progress,
-    fit, fit_with, try_fit_with,
+    EpochModel, EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown,
+    Progress, fit, fit_with, try_fit_with,
 };
 pub use model::{InferenceWorkspace, Layer, LayerCache, Network, ProjectionHeads, Readout};
 pub use schedule::Schedule;
@@ -50,6 +50,16 @@ pub enum TrainError {
         step: u64,
         /// The loss value.
         loss: f32,
+    },
+    /// A layer's weights went NaN or infinite while every loss stayed finite
+    /// (a gradient overflowed, and the activation clamped the NaNs away
+    /// downstream). Found when an epoch ends, before it is evaluated.
+    #[error("training diverged: layer {layer}'s weights are not finite after step {step}")]
+    NonFiniteWeights {
+        /// 1-based layer holding a non-finite weight.
+        layer: usize,
+        /// Steps taken.
+        step: u64,
     },
 }
 

@@ -353,6 +353,20 @@ impl Network {
         config: &ModelConfig,
         seed: u64,
     ) -> Result<Self, OutOfMemory> {
+        let mut m = Self::try_zeroed_for_images(image_shape, classes, config)?;
+        m.init(seed);
+        Ok(m)
+    }
+
+    /// [`Network::try_for_images`] with every parameter zero and not yet
+    /// written ([`svp_alloc::try_zeroed`]): a run reserves the weights with
+    /// the rest of its memory, then [`Network::init`]s them once all of it
+    /// fits.
+    pub fn try_zeroed_for_images(
+        image_shape: (usize, usize),
+        classes: usize,
+        config: &ModelConfig,
+    ) -> Result<Self, OutOfMemory> {
         let mut front: Vec<Front> = Self::conv_specs(image_shape, config)
             .into_iter()
             .enumerate()
@@ -373,11 +387,11 @@ impl Network {
         };
         let mut m = Self::try_with_front(front, Self::specs(flat, classes, config))?;
         m.input = image_shape.0 * image_shape.1;
-        m.init(seed);
         Ok(m)
     }
 
-    fn init(&mut self, seed: u64) {
+    /// Draws every layer's initial weights from `seed`.
+    pub fn init(&mut self, seed: u64) {
         for l in 0..self.n_layers() {
             let (layer, params) = self.layer_mut(l);
             match layer {
@@ -625,6 +639,12 @@ impl Network {
     /// Parameters of layer `l`, mutable.
     pub fn layer_params_mut(&mut self, l: usize) -> &mut [f32] {
         &mut self.params[self.offsets[l]..self.offsets[l + 1]]
+    }
+
+    /// The first layer (0-based; the head is last) holding a NaN or an
+    /// infinity, if any: a model file takes only finite weights.
+    pub fn first_non_finite_layer(&self) -> Option<usize> {
+        (0..self.n_layers()).find(|&l| !self.layer_params(l).iter().all(|v| v.is_finite()))
     }
 
     /// Bytes of parameters.
