@@ -1,14 +1,16 @@
 //! Crash-safe checkpoints on raw flash: two slots, written alternately.
 //!
 //! A flash chip has no rename, so the atomic-file trick does not apply.
-//! Instead the chip is split into slots A and B. Each holds
+//! Instead the chip is split into slots A and B (each a whole number of
+//! erase sectors). Each holds
 //! `magic (8) | sequence (u64) | length (u64) | FNV-1a 64 of sequence, length and payload (u64) | payload`.
-//! A save goes to the slot that does not hold the newest valid checkpoint, so
+//! A save goes to the slot that does not hold the newest valid checkpoint
+//! (erasing the sectors it needs first: NOR programming only clears bits), so
 //! whatever a power cut destroys, the other slot still holds the previous
 //! complete checkpoint. Boot reads both and takes the valid one with the
 //! higher sequence number.
 
-use crate::flash::{Flash, FlashError};
+use crate::flash::{Flash, FlashError, SECTOR};
 use svp_model::Fnv64;
 
 const SLOT_MAGIC: [u8; 8] = *b"SVPSLOT\0";
@@ -126,7 +128,7 @@ impl CheckpointStore {
     }
 
     fn slot_size(flash: &Flash) -> u64 {
-        flash.size() / 2
+        flash.size() / 2 / SECTOR * SECTOR
     }
 
     fn read_slot(flash: &mut Flash, slot: usize) -> Result<Option<Stored>, FlashError> {
@@ -172,6 +174,7 @@ impl CheckpointStore {
             None => (1, 0),
         };
         let base = slot as u64 * slot_size;
+        self.flash.erase(base, need.next_multiple_of(SECTOR))?;
         let mut header = Vec::with_capacity(SLOT_HEADER);
         header.extend_from_slice(&SLOT_MAGIC);
         header.extend_from_slice(&sequence.to_le_bytes());

@@ -62,6 +62,76 @@ fn random_power_cuts_never_lose_a_checkpoint() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Where in a save the power goes, in the flash's units of work (a sector
+/// erased, a byte programmed).
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// At the save's first operation (the erase of its slot).
+    BeforeTheSave,
+    /// After this many header bytes, the next one torn.
+    HeaderByte(u64),
+    /// With every byte but the payload's last programmed, that one torn.
+    LastPayloadByte,
+    /// Right after the save completed (it was acknowledged), before any
+    /// other operation.
+    AfterTheSave,
+}
+
+/// Power cut at each boundary of a save, save after save, so that each
+/// slot is the one being written: every boot finds exactly the last
+/// acknowledged save (its sequence and step, whole). A store that booted
+/// from the older slot, or skipped erasing before it programs, fails here.
+#[test]
+fn cuts_at_the_boundaries_of_a_save_boot_the_last_acknowledged_save() {
+    let dir = std::env::temp_dir().join(format!("svp-flash-edges-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let chip = dir.join("flash.bin");
+    let _ = std::fs::remove_file(&chip);
+    let (len, flash_size) = (3000usize, 16 * 1024u64);
+    let sectors = (32 + 8 + len as u64).div_ceil(firmware_sim::flash::SECTOR);
+    let cuts = [
+        Cut::BeforeTheSave,
+        Cut::HeaderByte(1),
+        Cut::HeaderByte(31),
+        Cut::HeaderByte(32),
+        Cut::LastPayloadByte,
+        Cut::AfterTheSave,
+    ];
+    let (mut acknowledged, mut step) = (None::<(u64, u64)>, 0u64);
+    for round in 0..3 {
+        for cut in cuts {
+            let (mut store, found) = CheckpointStore::open(Flash::open(&chip, flash_size).unwrap()).unwrap();
+            let booted = found.as_ref().map(|f| (f.sequence, step_of(&f.payload)));
+            assert_eq!(booted, acknowledged, "round {round}, boot before {cut:?}");
+            if let Some(f) = &found {
+                assert_eq!(f.payload, payload(step_of(&f.payload), len), "the booted checkpoint is whole");
+            }
+            let units = match cut {
+                Cut::BeforeTheSave => 0,
+                Cut::HeaderByte(k) => sectors + k,
+                Cut::LastPayloadByte => sectors + 32 + 8 + len as u64 - 1,
+                Cut::AfterTheSave => sectors + 32 + 8 + len as u64,
+            };
+            store.flash_mut().arm_power_cut(units);
+            step += 1;
+            match store.save(&payload(step, len)) {
+                Ok(sequence) => {
+                    assert!(matches!(cut, Cut::AfterTheSave), "{cut:?}: the save should have been cut");
+                    // The power goes now, before anything else reaches the
+                    // chip: both slots hold a whole checkpoint at the reboot.
+                    acknowledged = Some((sequence, step));
+                }
+                Err(StoreError::Flash(FlashError::PowerCut(_))) => {
+                    assert!(!matches!(cut, Cut::AfterTheSave), "the save had all it needed");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    assert_eq!(acknowledged.map(|(sequence, _)| sequence), Some(3), "one acknowledged save per round");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Real training state through real power cuts: a small SVP fine-tuning run
 /// checkpoints to the flash every 2 steps; the power is cut at random bytes of
 /// those writes; each reboot resumes from the newest checkpoint on the chip.
@@ -75,12 +145,17 @@ fn a_run_interrupted_by_power_cuts_ends_bit_identical() {
     struct Device<'a> {
         store: &'a mut CheckpointStore,
         cut: bool,
+        /// Step of the last checkpoint the store acknowledged.
+        acknowledged: &'a mut Option<u64>,
     }
     impl FitObserver for Device<'_> {
         fn on_checkpoint(&mut self, state: &FitStateRef<'_>) -> Result<(), String> {
             let c = CheckpointRef { config_json: "", data_origin: "", train_len: 0, state: *state };
             match self.store.save_streamed(|w| c.write_payload(w)) {
-                Ok(_) => Ok(()),
+                Ok(_) => {
+                    *self.acknowledged = Some(state.trainer.step);
+                    Ok(())
+                }
                 Err(StoreError::Flash(FlashError::PowerCut(_))) => {
                     self.cut = true;
                     Err("power cut".into())
@@ -113,13 +188,17 @@ fn a_run_interrupted_by_power_cuts_ends_bit_identical() {
     while cuts < 40 {
         rounds += 1;
         let _ = std::fs::remove_file(&chip);
+        let mut acknowledged = None;
         let finished = loop {
             let (mut store, found) = CheckpointStore::open(Flash::open(&chip, 2 << 20).unwrap()).unwrap();
             let resume = found.map(|f| Checkpoint::from_payload(&f.payload, &chip).expect("a whole checkpoint").state);
+            // The reboot resumes from the last checkpoint the store acknowledged.
+            assert_eq!(resume.as_ref().map(|r| r.trainer.step), acknowledged, "round {rounds}: resume point");
+            assert!(cuts < 400, "no run got through 400 power cuts: the checkpoints do not survive them");
             // Somewhere within the next three checkpoints (each is ~320 KB:
             // 26,634 weights and two Adam moments).
             store.flash_mut().arm_power_cut(rng.below(1_000_000));
-            let mut device = Device { store: &mut store, cut: false };
+            let mut device = Device { store: &mut store, cut: false, acknowledged: &mut acknowledged };
             let options = FitOptions { resume, checkpoint_every: Some(2), ..Default::default() };
             let out = fit_with(&config, &data, &mut device, options);
             if device.cut {
