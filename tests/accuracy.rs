@@ -4,6 +4,11 @@
 use svp_integration_tests::{embedded_subset, small_config};
 use svp_train::{Method, fit};
 
+/// Early-exit accuracies of the two hidden layers after three SVP epochs:
+/// measured, and the floors a point under.
+const EXITS: [f64; 2] = [0.848, 0.846];
+const EXIT_FLOORS: [f64; 2] = [EXITS[0] - 0.01, EXITS[1] - 0.01];
+
 #[test]
 fn svp_and_bp_learn_fashion_mnist() {
     let data = embedded_subset(6000);
@@ -12,13 +17,18 @@ fn svp_and_bp_learn_fashion_mnist() {
     let svp_acc = svp.epochs.last().unwrap().test_acc;
     let bp_acc = bp.epochs.last().unwrap().test_acc;
     eprintln!("3 epochs on 6k samples: SVP {:.2}%, BP {:.2}%", 100.0 * svp_acc, 100.0 * bp_acc);
-    assert!(svp_acc >= 0.80, "SVP test accuracy {svp_acc}");
-    assert!(bp_acc >= 0.82, "BP test accuracy {bp_acc}");
+    // Training is bit-exact, so these are the values every run gives (AMD
+    // EPYC, AVX2, 2026-12-04; the AVX-512 kernel gives the same bits); each
+    // floor sits about a point under, for a kernel that rounds differently.
+    assert!(svp_acc >= 0.819, "SVP test accuracy {svp_acc} (measured 0.8290)");
+    assert!(bp_acc >= 0.848, "BP test accuracy {bp_acc} (measured 0.8580)");
     // Per-layer numbers come with every SVP epoch.
     let layers = svp.epochs.last().unwrap().layers.as_ref().unwrap();
     assert_eq!(layers.ce.len(), 3);
     assert_eq!(layers.exit_test_acc.len(), 2);
-    assert!(layers.exit_test_acc.iter().all(|&a| a > 0.75), "early exits {:?}", layers.exit_test_acc);
+    eprintln!("early exits {:?}", layers.exit_test_acc);
+    let exits = &layers.exit_test_acc;
+    assert!(exits[0] >= EXIT_FLOORS[0] && exits[1] >= EXIT_FLOORS[1], "early exits {exits:?} (measured {EXITS:?})");
     // Loss goes down epoch over epoch.
     assert!(svp.epochs[2].train_loss < svp.epochs[0].train_loss);
     assert!(bp.epochs.last().unwrap().layers.is_none());
@@ -76,7 +86,7 @@ fn one_epoch_on_full_fashion_mnist() {
     let out = fit(&config, &data, &mut ());
     let acc = out.epochs[0].test_acc;
     eprintln!("SVP 784-256-256-10, 1 epoch on full Fashion-MNIST: {:.2}%", 100.0 * acc);
-    assert!(acc >= 0.84, "test accuracy {acc}");
+    assert!(acc >= 0.838, "test accuracy {acc} (measured 0.8478)");
 }
 
 /// Two epochs on the 6k embedded subset: a small CNN (conv 8 -> M -> conv 16
@@ -103,14 +113,15 @@ fn cnn_and_vit_learn_fashion_mnist() {
         c
     };
     let acc = |c: svp_train::Config| fit(&c, &data, &mut ()).epochs.last().unwrap().test_acc;
+    // (what, accuracy, floor, measured: bit-exact, as above)
     let results = [
-        ("CNN SVP", acc(cnn(Method::Svp)), 0.75),
-        ("CNN BP", acc(cnn(Method::Bp)), 0.78),
-        ("ViT SVP+", acc(vit(Method::Svp)), 0.60),
-        ("ViT BP", acc(vit(Method::Bp)), 0.68),
+        ("CNN SVP", acc(cnn(Method::Svp)), 0.767, 0.777),
+        ("CNN BP", acc(cnn(Method::Bp)), 0.801, 0.811),
+        ("ViT SVP+", acc(vit(Method::Svp)), 0.624, 0.634),
+        ("ViT BP", acc(vit(Method::Bp)), 0.700, 0.710),
     ];
-    for (what, got, floor) in results {
-        eprintln!("{what}: {:.2}% (floor {:.0}%)", 100.0 * got, 100.0 * floor);
-        assert!(got >= floor, "{what} test accuracy {got} below {floor}");
+    for (what, got, floor, measured) in results {
+        eprintln!("{what}: {:.2}% (floor {:.1}%, measured {:.1}%)", 100.0 * got, 100.0 * floor, 100.0 * measured);
+        assert!(got >= floor, "{what} test accuracy {got} below {floor} (measured {measured})");
     }
 }

@@ -1,7 +1,12 @@
-//! Same seed and config give the same bits: run to run, and on 1 or 2 threads.
+//! Same seed and config give the same bits: run to run, and on any number of
+//! threads (the GEMM splits its work by the thread count: 1, 2, 3 and 8).
 
 use svp_integration_tests::{embedded_subset, small_config};
 use svp_train::{Method, fit};
+
+/// Thread counts every determinism check runs on: one, the CI machine's two,
+/// an odd split, and more threads than cores.
+const THREADS: [usize; 4] = [1, 2, 3, 8];
 
 fn train_bits(method: Method, threads: usize, mutate: impl Fn(&mut svp_train::Config)) -> Vec<u32> {
     let mut config = small_config(method, 1);
@@ -14,26 +19,47 @@ fn train_bits(method: Method, threads: usize, mutate: impl Fn(&mut svp_train::Co
 }
 
 fn assert_same(a: &[u32], b: &[u32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {} against {} weights", a.len(), b.len());
     let differing = a.iter().zip(b).filter(|(x, y)| x != y).count();
     assert_eq!(differing, 0, "{what}: {differing} of {} weights differ", a.len());
 }
 
+/// Trains on every count of [`THREADS`], asserts the same bits each time,
+/// and returns them.
+fn same_on_every_thread_count(method: Method, what: &str, mutate: impl Fn(&mut svp_train::Config)) -> Vec<u32> {
+    let first = train_bits(method, THREADS[0], &mutate);
+    for &threads in &THREADS[1..] {
+        let other = train_bits(method, threads, &mutate);
+        assert_same(&first, &other, &format!("{what}, {} vs {threads} threads", THREADS[0]));
+    }
+    first
+}
+
+/// The bits a fresh network of `small_config` starts from.
+fn initial_bits() -> Vec<u32> {
+    let config = small_config(Method::Svp, 1);
+    let net = svp_train::Network::try_for_images((28, 28), 10, &config.model, config.train.seed).unwrap();
+    net.params().iter().map(|v| v.to_bits()).collect()
+}
+
 #[test]
 fn svp_is_bit_identical_run_to_run_and_across_thread_counts() {
-    let one = train_bits(Method::Svp, 1, |_| {});
-    let two = train_bits(Method::Svp, 2, |_| {});
-    let again = train_bits(Method::Svp, 2, |_| {});
-    assert_same(&two, &again, "SVP run to run");
-    assert_same(&one, &two, "SVP 1 vs 2 threads");
+    let trained = same_on_every_thread_count(Method::Svp, "SVP", |_| {});
+    assert_same(&trained, &train_bits(Method::Svp, 2, |_| {}), "SVP run to run");
+    // And it trained: nearly every weight moved from its initial value (an
+    // untouched network would pass every comparison above).
+    let initial = initial_bits();
+    let moved = trained.iter().zip(&initial).filter(|(a, b)| a != b).count();
+    assert!(moved > initial.len() * 9 / 10, "only {moved} of {} weights moved", initial.len());
 }
 
 #[test]
 fn bp_is_bit_identical_run_to_run_and_across_thread_counts() {
-    let one = train_bits(Method::Bp, 1, |_| {});
-    let two = train_bits(Method::Bp, 2, |_| {});
-    let again = train_bits(Method::Bp, 2, |_| {});
-    assert_same(&two, &again, "BP run to run");
-    assert_same(&one, &two, "BP 1 vs 2 threads");
+    let trained = same_on_every_thread_count(Method::Bp, "BP", |_| {});
+    assert_same(&trained, &train_bits(Method::Bp, 2, |_| {}), "BP run to run");
+    let initial = initial_bits();
+    let moved = trained.iter().zip(&initial).filter(|(a, b)| a != b).count();
+    assert!(moved > initial.len() * 9 / 10, "only {moved} of {} weights moved", initial.len());
 }
 
 #[test]
@@ -50,9 +76,7 @@ fn every_svp_option_stays_deterministic() {
         c.svp.mean_center = true;
         c.svp.tile_bytes = 8 * 1024;
     };
-    let one = train_bits(Method::Svp, 1, mutate);
-    let two = train_bits(Method::Svp, 2, mutate);
-    assert_same(&one, &two, "SVP with every option, 1 vs 2 threads");
+    same_on_every_thread_count(Method::Svp, "SVP with every option", mutate);
 }
 
 #[test]
@@ -64,9 +88,7 @@ fn svp_plus_stays_deterministic() {
         c.model.dropout = 0.1;
         c.svp.layers_per_unit = 2;
     };
-    let one = train_bits(Method::Svp, 1, mutate);
-    let two = train_bits(Method::Svp, 2, mutate);
-    assert_same(&one, &two, "SVP+ 1 vs 2 threads");
+    let one = same_on_every_thread_count(Method::Svp, "SVP+", mutate);
     let plain = train_bits(Method::Svp, 2, |c| {
         c.model.hidden = vec![256, 200, 128];
         c.model.dropout = 0.1;

@@ -75,9 +75,12 @@ fn setup(g: &Value, optimizer: svp_optim::Optimizer) -> (Config, Network, Vec<f3
 fn initial_weights_match_bit_for_bit() {
     let g = fixture();
     let (_, model, _, _) = setup(&g, adam(&g));
-    for (l, want) in g["params_before"].as_array().unwrap().iter().enumerate() {
+    let layers = g["params_before"].as_array().unwrap();
+    assert_eq!(layers.len(), model.n_layers(), "one fixture entry per layer");
+    for (l, want) in layers.iter().enumerate() {
         let want = floats(want);
         let got = model.layer_params(l);
+        assert_eq!(got.len(), want.len(), "layer {} parameter count", l + 1);
         assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {} init", l + 1);
     }
 }
@@ -117,12 +120,17 @@ fn check_one_step(g: &Value) {
     let mut trainer = SvpTrainer::new(&model, &cfg);
     trainer.step(&mut model, &x, &y, 1.0).unwrap();
     let m = trainer.layer_metrics().unwrap();
+    assert_eq!(g["layers"].as_array().unwrap().len(), model.layers().len(), "one fixture entry per layer");
+    let mut with_losses = Vec::new();
     for l in 0..model.layers().len() {
         let want = &g["layers"][l];
+        // Every entry names both losses; null where the layer has none (inside an SVP+ unit).
+        assert!(want.get("ce").is_some() && want.get("fa").is_some(), "layer {}: no ce/fa keys", l + 1);
         if let (Some(ce), Some(fa)) = (want["ce"].as_f64(), want["fa"].as_f64()) {
             let (got_ce, got_fa) = (m.ce_sum[l] as f32, m.fa_sum[l] as f32);
             assert_close(&format!("layer {} CE", l + 1), &[got_ce], &[ce as f32], 1e-5);
             assert_close(&format!("layer {} FA", l + 1), &[got_fa], &[fa as f32], 1e-5);
+            with_losses.push(l);
         }
         assert_close(
             &format!("layer {} after Adam", l + 1),
@@ -131,6 +139,7 @@ fn check_one_step(g: &Value) {
             2e-5,
         );
     }
+    assert_eq!(with_losses, unit_ends(g), "the losses compared are those of every unit");
     let sgd = svp_optim::Optimizer::Sgd { lr: 1.0, momentum: 0.0, weight_decay: 0.0 };
     let (cfg, mut model, x, y) = setup(g, sgd);
     let before = model.params().to_vec();
@@ -143,6 +152,21 @@ fn check_one_step(g: &Value) {
         assert_close(&format!("layer {} gradient", l + 1), &grad, &floats(&g["layers"][l]["grad"]), 1e-5);
         offset += n;
     }
+}
+
+/// The layers (0-based) that end a unit, where the local losses sit, from
+/// the fixture's own description: hidden layers in runs of
+/// `layers_per_unit`, then the head, which takes the last run in when
+/// `head_joins_last_unit`.
+fn unit_ends(g: &Value) -> Vec<usize> {
+    let hidden = g["hidden"].as_array().unwrap().len();
+    let per_unit = g["layers_per_unit"].as_u64().unwrap_or(1) as usize;
+    let mut ends: Vec<usize> = (0..hidden).filter(|&l| (l + 1) % per_unit == 0 || l + 1 == hidden).collect();
+    if g["head_joins_last_unit"].as_bool().unwrap_or(false) {
+        ends.pop();
+    }
+    ends.push(hidden);
+    ends
 }
 
 fn check_trajectory(g: &Value) {

@@ -62,34 +62,46 @@ fn forward_to(net: &mut Network, last: usize, x: &[f32], rows: usize) -> Vec<f32
     h
 }
 
-/// Compares the applied gradient with central differences of `loss` at a
-/// spread of each layer's trained parameters. A conv block's loss has
-/// thousands of ReLU and max-pool switches, so it is piecewise smooth at a fine
-/// scale and a finite difference is only approximate (the blocks' exact
-/// checks on small shapes are in svp-nn's conv_gradcheck): each point within
-/// 25 %, the median within 3 %. A wiring mistake (wrong input, readout or
-/// projection) is off by far more.
+/// Compares the applied gradient with finite differences of `loss` at a
+/// spread of each layer's trained parameters, on the half-relative measure
+/// `|a - n| / (|a| + |n|)` (a gradient scaled by 1 + d is off by about d/2).
+///
+/// A transformer's (and a dense layer's) loss is smooth: the five-point
+/// stencil with a step of 4e-3 (truncation O(h^4); a larger step divides the
+/// f32 forward's rounding down) agrees to 2.3e-3 at worst, median 5.8e-4 at
+/// worst, so every point must be within 5e-3 and the median within 1.5e-3.
+/// A conv block's loss has thousands of ReLU and max-pool switches, so it is
+/// smooth only at a fine scale and any finite difference is approximate
+/// there (the blocks' exact checks on small shapes are in svp-nn's
+/// conv_gradcheck): central differences with a step of 1e-3 are within 0.11
+/// at worst, median 4.7e-3 at worst; the bounds are 0.15 and 8e-3. A wiring
+/// mistake (wrong input, readout or projection) is off by far more.
 fn check_layer(what: &str, before: &Network, after: &Network, l: usize, loss: impl Fn(&Network) -> f64) {
     let n = before.trainable_len(l);
     let (b, a) = (before.layer_params(l), after.layer_params(l));
+    let conv = matches!(before.layer(l), svp_train::Layer::Conv(_));
+    let (point_tol, median_tol) = if conv { (0.15, 8e-3) } else { (5e-3, 1.5e-3) };
     let mut errors = Vec::new();
-    let eps = 1e-3;
     // Entries far below the layer's typical gradient are all noise: errors
     // are measured against at least 5 % of the largest.
     let floor = 0.05 * (0..n).map(|i| (b[i] - a[i]).abs() as f64).fold(1e-3, f64::max);
     for i in (0..n).step_by((n / 24).max(1)) {
         let analytic = (b[i] - a[i]) as f64;
-        let (mut up, mut down) = (before.clone(), before.clone());
-        up.layer_params_mut(l)[i] += eps;
-        down.layer_params_mut(l)[i] -= eps;
-        let numeric = (loss(&up) - loss(&down)) / (2.0 * eps as f64);
+        let at = |step: f32| {
+            let mut net = before.clone();
+            net.layer_params_mut(l)[i] += step;
+            loss(&net)
+        };
+        let central = |step: f32| (at(step) - at(-step)) / (2.0 * step as f64);
+        let numeric = if conv { central(1e-3) } else { (4.0 * central(4e-3) - central(8e-3)) / 3.0 };
         let err = (analytic - numeric).abs() / (analytic.abs() + numeric.abs()).max(floor);
-        assert!(err < 0.25, "{what}, layer {} param {i}: applied {analytic} vs numeric {numeric}", l + 1);
+        assert!(err < point_tol, "{what}, layer {} param {i}: applied {analytic} vs numeric {numeric}", l + 1);
         errors.push(err);
     }
     errors.sort_by(f64::total_cmp);
     let median = errors[errors.len() / 2];
-    assert!(median < 0.03, "{what}, layer {}: median relative error {median}", l + 1);
+    eprintln!("{what}, layer {}: median {median:.2e}, worst {:.2e}", l + 1, errors[errors.len() - 1]);
+    assert!(median < median_tol, "{what}, layer {}: median relative error {median}", l + 1);
 }
 
 fn check_backprop(config: &Config) {
@@ -231,14 +243,20 @@ fn train_bits(config: &Config, threads: usize) -> Vec<u32> {
     outcome.model.params().iter().map(|v| v.to_bits()).collect()
 }
 
+/// The same bits on 1, 2, 3 and 8 threads (the GEMM and the per-sample
+/// loops split their work by the thread count).
 #[test]
-fn cnn_and_vit_training_is_bit_identical_on_one_and_two_threads() {
+fn cnn_and_vit_training_is_bit_identical_on_any_thread_count() {
     let vit = |m| {
         let mut c = vit_config(m, svp_nn::vit::TokenReadout::Cls);
         c.svp.layers_per_unit = 2;
         c
     };
     for config in [cnn_config(Method::Svp), cnn_config(Method::Bp), vit(Method::Svp), vit(Method::Bp)] {
-        assert_eq!(train_bits(&config, 1), train_bits(&config, 2), "{:?}: 1 vs 2 threads", config.train.method);
+        let one = train_bits(&config, 1);
+        for threads in [2, 3, 8] {
+            let other = train_bits(&config, threads);
+            assert!(one == other, "{:?}: 1 vs {threads} threads", config.train.method);
+        }
     }
 }

@@ -29,12 +29,14 @@ fn svp_fits_the_32_mib_device_and_backprop_does_not() {
     let line = stdout.lines().find(|l| l.starts_with("camera shift")).expect("camera line");
     let nums = percentages(line);
     assert_eq!(nums.len(), 2, "{line}");
-    assert!(nums[0] > 85.0 && nums[1] < nums[0] - 20.0, "{line}");
-    // Two epochs (24 steps) already pay: 46.90 % -> 60.10 % measured. With
-    // projections other than the model's own they cost accuracy (36.2 %).
+    // Measured (bit-exact): 90.00 % clean, 46.90 % shifted.
+    assert!(nums[0] >= 89.0 && nums[1] <= 47.9, "{line}");
+    // Two epochs (24 steps) already pay: 46.90 % -> 60.10 % measured (+13.2
+    // points, bit-exact); the floor is a point under. With projections other
+    // than the model's own they cost accuracy (36.2 %).
     let line = stdout.lines().find(|l| l.starts_with("svp: fine-tuned")).expect("svp line");
     let [before, after] = percentages(line)[..] else { panic!("{line}") };
-    assert!(after > before + 5.0, "{line}");
+    assert!(after >= 59.1 && after - before >= 12.2, "{line}");
 }
 
 #[test]

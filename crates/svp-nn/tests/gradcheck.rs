@@ -26,7 +26,9 @@ fn assert_close(what: &str, analytic: &[f32], indices: &[usize], mut numeric: im
         let a = analytic[i] as f64;
         let err = (a - n).abs() / (a.abs() + n.abs()).max(1e-2);
         worst = worst.max(err);
-        assert!(err < 3e-2, "{what}[{i}]: analytic {a:.6e} vs numeric {n:.6e} (rel {err:.3e})");
+        // Measured worst: 2.6e-3 (LayerNorm + ReLU parameters); a gradient
+        // 1 % off is an error of 5e-3 on this half-relative measure.
+        assert!(err < 5e-3, "{what}[{i}]: analytic {a:.6e} vs numeric {n:.6e} (rel {err:.3e})");
     }
     eprintln!("{what}: worst relative error {worst:.2e} over {} entries", indices.len());
 }
@@ -61,21 +63,32 @@ fn dense_case(norm: Norm, activation: Activation, dropout: f32, name: &str) {
     let mut dx = Array2::<f32>::zeros((rows, din));
     layer.backward(&params, view(&x, rows, din), &mut cache, &mut dy, &mut grad, Some(dx.view_mut()), mode);
 
-    let eps = 1e-3f32;
     let all: Vec<usize> = (0..params.len()).collect();
     assert_close(&format!("{name} params"), &grad, &all, |i| {
-        let (mut up, mut down) = (params.clone(), params.clone());
-        up[i] += eps;
-        down[i] -= eps;
-        (loss(&up, &x) - loss(&down, &x)) / (2.0 * eps as f64)
+        derivative(|h| {
+            let mut p = params.clone();
+            p[i] += h;
+            loss(&p, &x)
+        })
     });
     let all_x: Vec<usize> = (0..x.len()).collect();
     assert_close(&format!("{name} input"), dx.as_slice().unwrap(), &all_x, |i| {
-        let (mut up, mut down) = (x.clone(), x.clone());
-        up[i] += eps;
-        down[i] -= eps;
-        (loss(&params, &up) - loss(&params, &down)) / (2.0 * eps as f64)
+        derivative(|h| {
+            let mut x = x.clone();
+            x[i] += h;
+            loss(&params, &x)
+        })
     });
+}
+
+/// `f'(0)` by the five-point stencil `(8 (f(h) - f(-h)) - (f(2h) - f(-2h))) /
+/// 12h`, whose truncation error is O(h^4): so a step of 4e-3 (with the layer
+/// computed in f32, the loss's rounding over the step is what limits a
+/// central difference; a larger step divides it down) still leaves the
+/// curvature of LayerNorm and GELU out of the comparison.
+fn derivative(f: impl Fn(f32) -> f64) -> f64 {
+    let h = 4e-3f32;
+    (8.0 * (f(h) - f(-h)) - (f(2.0 * h) - f(-2.0 * h))) / (12.0 * h as f64)
 }
 
 #[test]
