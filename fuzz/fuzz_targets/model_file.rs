@@ -8,7 +8,10 @@ use svp_model::{InferenceModel, InferenceWorkspace, ModelFile};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(file) = ModelFile::from_bytes(data, Path::new("fuzz")) {
-        let inputs = file.meta.layers[0].in_dim;
+        // One sample as the model reads it: an image of the file's shape (a
+        // conv or ViT file's first dense layer reads features, not pixels).
+        let (h, w) = file.meta.image_shape;
+        let inputs = h as usize * w as usize;
         if inputs <= 1 << 16 {
             let model = InferenceModel::new(file);
             let x = vec![0.25f32; inputs];

@@ -85,6 +85,18 @@ fn mutate(s: &mut Stream, original: &[u8]) -> Vec<u8> {
     b
 }
 
+/// Whether `mutant` differs from `original` anywhere outside `unchecked`
+/// (the header bytes no checksum covers), a changed length included.
+fn damaged_outside(mutant: &[u8], original: &[u8], unchecked: std::ops::Range<usize>) -> bool {
+    mutant.len() != original.len()
+        || mutant.iter().zip(original).enumerate().any(|(i, (a, b))| a != b && !unchecked.contains(&i))
+}
+
+/// Two inputs of `width` values, not all alike.
+fn inputs(width: usize) -> Vec<f32> {
+    (0..2 * width).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect()
+}
+
 #[test]
 fn mutated_model_files_never_panic() {
     let mut s = Stream::new(StreamKey::new(11, Purpose::Shuffle, 0, 0, 0));
@@ -95,12 +107,21 @@ fn mutated_model_files_never_panic() {
         .map(|d| (sample(d), 12))
         .chain(dtypes.into_iter().flat_map(|d| [(front_sample(false, d), 16), (front_sample(true, d), 16)]))
         .collect();
-    let (mut rejected, mut accepted) = (0, 0);
+    // What each original predicts for the same two inputs.
+    let predicted: Vec<Vec<f32>> = originals
+        .iter()
+        .map(|(bytes, width)| {
+            let model = InferenceModel::new(ModelFile::from_bytes(bytes, Path::new("original")).unwrap());
+            model.predict(&inputs(*width), 2, None, &mut InferenceWorkspace::default()).to_vec()
+        })
+        .collect();
+    let (mut rejected, mut same, mut changed) = (0, 0, 0);
     for round in 0..9000 {
-        let (original, width) = &originals[round % originals.len()];
-        let x = vec![0.5f32; 2 * width];
+        let k = round % originals.len();
+        let (original, width) = &originals[k];
         let mut b = mutate(&mut s, original);
-        if s.below(2) == 0 {
+        let repaired = s.below(2) == 0;
+        if repaired {
             repair_model_checksum(&mut b);
         }
         match ModelFile::from_bytes(&b, Path::new("mutant")) {
@@ -110,17 +131,31 @@ fn mutated_model_files_never_panic() {
                 rejected += 1;
             }
             Ok(file) => {
-                // Damage confined to padding, or values that stay finite (a
-                // weight of 1e30 is legal, if useless): the model still runs.
-                let model = InferenceModel::new(file);
-                let mut ws = InferenceWorkspace::default();
-                let out = model.predict(&x, 2, None, &mut ws);
+                // The checksum covers every byte but its own and the reserved
+                // ones after it (48..64): damage anywhere else, with the
+                // checksum left as it was, is always refused.
+                assert!(repaired || !damaged_outside(&b, original, 48..64), "round {round}: damage accepted");
+                let original_file = ModelFile::from_bytes(original, Path::new("original")).unwrap();
+                let model = InferenceModel::new(file.clone());
+                let out = model.predict(&inputs(*width), 2, None, &mut InferenceWorkspace::default()).to_vec();
                 assert_eq!(out.len(), 2 * 4, "round {round}");
-                accepted += 1;
+                if file == original_file {
+                    // Damage confined to padding or reserved bytes: the same model.
+                    assert!(out == predicted[k], "round {round}: the same model predicts otherwise");
+                    same += 1;
+                } else {
+                    // A repaired checksum over changed values (a weight of
+                    // 1e30, another activation: legal, if useless): another
+                    // valid model, which runs.
+                    assert!(repaired, "round {round}: changed values accepted without a repaired checksum");
+                    changed += 1;
+                }
             }
         }
     }
-    eprintln!("9000 mutants: {rejected} rejected, {accepted} still valid");
+    eprintln!(
+        "9000 mutants: {rejected} rejected, {same} the same model, {changed} other values under a repaired checksum"
+    );
     assert!(rejected > 7500);
 }
 
@@ -150,16 +185,37 @@ fn mutated_checkpoints_never_panic() {
     let c = Checkpoint { config_json: "{\"a\":1}".into(), data_origin: "d".into(), train_len: 64, state };
     let original = c.to_bytes();
     let mut s = Stream::new(StreamKey::new(12, Purpose::Shuffle, 0, 0, 0));
-    for _ in 0..3000 {
+    let (mut rejected, mut same, mut changed) = (0, 0, 0);
+    for round in 0..3000 {
         let mut b = mutate(&mut s, &original);
-        if s.below(2) == 0 && b.len() >= 28 {
+        let repaired = s.below(2) == 0 && b.len() >= 28;
+        if repaired {
             let sum = fnv1a64(&[&b[28..]]);
             b[20..28].copy_from_slice(&sum.to_le_bytes());
             let len = (b.len() - 28) as u64;
             b[12..20].copy_from_slice(&len.to_le_bytes());
         }
-        if let Err(e) = Checkpoint::from_bytes(&b, Path::new("ck")) {
-            assert!(!e.to_string().contains('\n'));
+        match Checkpoint::from_bytes(&b, Path::new("ck")) {
+            Err(e) => {
+                assert!(!e.to_string().contains('\n'));
+                rejected += 1;
+            }
+            Ok(back) => {
+                // The header's magic, version and length are checked and the
+                // checksum covers the payload: with the checksum as it was,
+                // nothing but the original comes back.
+                assert!(repaired || back == c, "round {round}: damage accepted");
+                assert!(back.state.params.iter().all(|v| v.is_finite()), "round {round}");
+                if back == c {
+                    same += 1;
+                } else {
+                    changed += 1;
+                }
+            }
         }
     }
+    eprintln!(
+        "3000 mutants: {rejected} rejected, {same} the same checkpoint, {changed} other values under a repaired checksum"
+    );
+    assert!(rejected > 2000);
 }
