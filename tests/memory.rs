@@ -52,7 +52,7 @@ fn allocation_cases() -> Vec<(&'static str, Config)> {
         Some(VitConfig { patch: 7, dim: 16, depth: 2, heads: 2, mlp: 32, readout: svp_nn::vit::TokenReadout::Cls });
     vit.model.hidden = vec![];
     vec![
-        ("MLP, SVP.md defaults", mlp(|_| {})),
+        ("MLP, default SVP options", mlp(|_| {})),
         (
             "MLP, d' = 256 in tiles",
             mlp(|c| {

@@ -183,7 +183,7 @@ pub enum FirstLayerAlignment {
     Off,
 }
 
-/// Options of the SVP rule (SVP.md; every default is the paper's or SVP.md's).
+/// Options of the SVP rule (docs/ALGORITHM.md; every default is the paper's or the one that page gives where the paper is silent).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SvpConfig {
@@ -200,7 +200,7 @@ pub struct SvpConfig {
     #[serde(default = "default_lambda")]
     pub lambda: f32,
     /// Weight of the feature-alignment loss on the classifier head; `None` =
-    /// `lambda` (SVP.md's default).
+    /// `lambda` (the default of docs/ALGORITHM.md).
     #[serde(default)]
     pub head_lambda: Option<f32>,
     /// Target of layer 1's alignment loss.
