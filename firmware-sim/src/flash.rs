@@ -241,11 +241,13 @@ mod tests {
     fn power_cuts_tear_a_byte_or_a_sector() {
         let (path, mut f) = chip("cut");
         f.arm_power_cut(3);
-        let err = f.write(100, &[0x00; 8]).unwrap_err();
+        let err = f.write(100, &[0x0F; 8]).unwrap_err();
         assert!(matches!(err, FlashError::PowerCut(PowerCut { written: 3, requested: 8, erase: false })));
+        assert_eq!(f.bytes_written, 3);
         let after = f.read(100, 8).unwrap();
-        assert_eq!(after[..3], [0, 0, 0]);
-        assert_eq!(after[3], noise(103), "the torn byte keeps the bits that were not programmed");
+        assert_eq!(after[..3], [0x0F; 3]);
+        // The torn byte: the bits the write cleared, less some that did not get there.
+        assert_eq!(after[3], 0x0F | noise(103), "the torn byte");
         assert!(after[4..].iter().all(|&b| b == 0xFF));
         // Nothing reaches the chip until it boots again.
         assert!(f.write(200, &[0]).is_err() && f.erase(0, SECTOR).is_err());
@@ -254,12 +256,38 @@ mod tests {
         let mut f = Flash::open(&path, 4 * SECTOR).unwrap();
         assert_eq!(f.read(100, 8).unwrap(), after, "what was written survives the reboot");
         f.write(SECTOR, &[0x11; 16]).unwrap();
+        f.write(0, &[0x22; 16]).unwrap();
+        f.write(2 * SECTOR, &[0x33; 16]).unwrap();
         f.arm_power_cut(1);
         let err = f.erase(0, 2 * SECTOR).unwrap_err();
         assert!(matches!(err, FlashError::PowerCut(PowerCut { written: 1, requested: 2, erase: true })));
         assert!(f.read(0, SECTOR as usize).unwrap().iter().all(|&b| b == 0xFF), "the first sector was erased");
         let second = f.read(SECTOR, SECTOR as usize).unwrap();
-        assert!(second.iter().any(|&b| b != 0xFF) && second[..16] != [0x11; 16], "the second is garbage");
+        let garbage: Vec<u8> = (SECTOR..2 * SECTOR).map(noise).collect();
+        assert!(second == garbage, "the second sector holds the garbage of an interrupted erase");
+        assert_eq!(
+            f.read(2 * SECTOR, 17).unwrap(),
+            [[0x33; 16].as_slice(), &[0xFF]].concat(),
+            "the third is untouched"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Every operation stays on the chip; opening a chip at another size
+    /// makes a fresh (erased) one of that size.
+    #[test]
+    fn accesses_stay_on_the_chip() {
+        let (path, mut f) = chip("range");
+        let size = 4 * SECTOR;
+        assert!(matches!(f.write(size - 2, &[0; 3]), Err(FlashError::OutOfRange { .. })));
+        assert!(matches!(f.read(size, 1), Err(FlashError::OutOfRange { .. })));
+        assert!(matches!(f.erase(size, SECTOR), Err(FlashError::OutOfRange { .. })));
+        assert!(matches!(f.write(u64::MAX, &[0]), Err(FlashError::OutOfRange { .. })));
+        f.write(size - 2, &[0; 2]).unwrap();
+        assert_eq!(f.bytes_written, 2);
+        let mut bigger = Flash::open(&path, 2 * size).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * size);
+        assert!(bigger.read(0, 2 * size as usize).unwrap().iter().all(|&b| b == 0xFF), "a fresh chip");
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -202,3 +202,54 @@ impl CheckpointStore {
         &mut self.flash
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh_chip(name: &str, size: u64) -> (std::path::PathBuf, Flash) {
+        let path = std::env::temp_dir().join(format!("svp-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let flash = Flash::open(&path, size).unwrap();
+        (path, flash)
+    }
+
+    /// A checkpoint that fills its slot exactly is stored and found; one
+    /// byte more is refused before anything is written.
+    #[test]
+    fn a_slot_holds_exactly_its_size() {
+        let (path, flash) = fresh_chip("exact", 4 * SECTOR);
+        let (mut store, found) = CheckpointStore::open(flash).unwrap();
+        assert!(found.is_none());
+        let room = (2 * SECTOR) as usize - SLOT_HEADER;
+        let payload: Vec<u8> = (0..room).map(|i| (i * 31 % 251) as u8).collect();
+        assert_eq!(store.save(&payload).unwrap(), 1);
+        assert!(
+            matches!(store.save(&vec![1; room + 1]), Err(StoreError::TooBig { need, .. }) if need == room + 1 + SLOT_HEADER)
+        );
+        let (_, found) = CheckpointStore::open(Flash::open(&path, 4 * SECTOR).unwrap()).unwrap();
+        let found = found.expect("the full slot is found");
+        assert_eq!((found.sequence, found.slot), (1, 0));
+        assert!(found.payload == payload);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// A header whose length runs past its slot (into the next one) is not a
+    /// checkpoint, even with a checksum that matches the bytes it claims.
+    #[test]
+    fn a_length_past_the_slot_is_refused() {
+        let (path, mut flash) = fresh_chip("past", 4 * SECTOR);
+        let len = 2 * SECTOR; // the slot's room is 2 sectors less the header
+        let payload = flash.read(SLOT_HEADER as u64, len as usize).unwrap();
+        let mut hash = Fnv64::new();
+        hash.feed(&payload);
+        let mut header = SLOT_MAGIC.to_vec();
+        header.extend_from_slice(&1u64.to_le_bytes());
+        header.extend_from_slice(&len.to_le_bytes());
+        header.extend_from_slice(&slot_checksum(hash, 1, len).to_le_bytes());
+        flash.write(0, &header).unwrap();
+        let (_, found) = CheckpointStore::open(flash).unwrap();
+        assert!(found.is_none(), "a slot claimed bytes past its end");
+        std::fs::remove_file(path).unwrap();
+    }
+}
