@@ -85,12 +85,12 @@ impl Flash {
         let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io)?;
         if fresh || file.metadata().map_err(io)?.len() != size {
             file.set_len(0).map_err(io)?;
+            // Bounded by the chip's size whatever goes wrong (no counter to
+            // run away with: a mutation test once filled a disk here).
             let erased = vec![0xFFu8; 1 << 16];
-            let mut left = size;
-            while left > 0 {
-                let n = left.min(erased.len() as u64) as usize;
+            for start in (0..size).step_by(erased.len()) {
+                let n = (size - start).min(erased.len() as u64) as usize;
                 file.write_all(&erased[..n]).map_err(io)?;
-                left -= n as u64;
             }
         }
         Ok(Self { file, path: path.to_owned(), size, cut_after: None, powered_off: false, bytes_written: 0 })

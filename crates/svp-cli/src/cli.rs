@@ -34,8 +34,11 @@ pub enum Command {
     Eval(EvalArgs),
     /// Predict the class of each sample with a saved model.
     Predict(PredictArgs),
-    /// Write a model with its weights as f32, f16, bf16 or int8.
+    /// Write a model with its weights as f32, f16, bf16 or int8, or as a
+    /// PyTorch state dict (safetensors).
     Export(ExportArgs),
+    /// Make a model file of PyTorch weights (a safetensors state dict).
+    Import(ImportArgs),
     /// Describe a model file.
     Info(InfoArgs),
     /// Measure peak training memory against depth, SVP against backprop.
@@ -67,12 +70,63 @@ pub struct PredictArgs {
 pub struct ExportArgs {
     /// The model file to convert.
     pub model: PathBuf,
-    /// Weight type: f32, f16, bf16 or int8 (per-output-channel scales).
+    /// Weight type of an svp model file: f32, f16, bf16 or int8
+    /// (per-output-channel scales).
     #[arg(long)]
-    pub dtype: String,
+    pub dtype: Option<String>,
+    /// `svpm` (a model file) or `safetensors` (the weights as f32 under the
+    /// names of a PyTorch nn.Sequential, see `svp import`).
+    #[arg(long, value_enum, default_value = "svpm")]
+    pub format: ExportFormat,
     /// Where to write the converted model.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// What `svp export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// An svp model file.
+    Svpm,
+    /// A safetensors file for PyTorch.
+    Safetensors,
+}
+
+/// `svp import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The weights: a safetensors file of a PyTorch nn.Sequential's state dict.
+    pub weights: PathBuf,
+    /// The architecture, as a run config's `[model]` table says it (with
+    /// `[svp]` and `[train] seed` for the projection heads fine-tuning uses),
+    /// and an optional `[import]` table: `image = [H, W]`, `input_mean`,
+    /// `input_std`, `class_names`, `rename = { "their.prefix" = "svp's" }`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The model's input preprocessing `x = (pixel/255 - mean) / std`: mean
+    /// (default: the config's `input_mean`, else what a file svp exported
+    /// says, else 0).
+    #[arg(long)]
+    pub input_mean: Option<f32>,
+    /// ... and std (default: the config's `input_std`, else the file's, else 1).
+    #[arg(long)]
+    pub input_std: Option<f32>,
+    /// Input image size, HxW (default: the config's `image`, else the
+    /// file's; an MLP whose first layer reads a square number of values is
+    /// taken as square).
+    #[arg(long, value_parser = parse_image)]
+    pub image: Option<(usize, usize)>,
+    /// Where to write the model file.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn parse_image(arg: &str) -> Result<(usize, usize), String> {
+    let parsed = arg.split_once('x').and_then(|(h, w)| Some((h.parse().ok()?, w.parse().ok()?)));
+    match parsed {
+        Some((h, w)) if h > 0 && w > 0 => Ok((h, w)),
+        _ => Err("must be HEIGHTxWIDTH, for example 28x28".into()),
+    }
 }
 
 /// `svp info`.

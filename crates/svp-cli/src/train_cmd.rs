@@ -18,7 +18,12 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../../models/mlp-fmnist.toml")
 
 /// Parses a run description; errors name the line.
 pub fn parse_config(text: &str, path: &Path) -> Result<Config, CliError> {
-    toml::from_str::<Config>(text).map_err(|e| {
+    parse_toml(text, path)
+}
+
+/// Parses a TOML file into `T`; errors name the line.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, CliError> {
+    toml::from_str::<T>(text).map_err(|e| {
         // The line holding the span's first byte (a span at the start of a
         // line follows that many newlines).
         let line =

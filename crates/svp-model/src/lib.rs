@@ -17,6 +17,7 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod dtype;
 mod inference;
+pub mod pytorch;
 
 pub use checkpoint::{Checkpoint, CheckpointRef};
 pub use dtype::DType;
@@ -271,6 +272,14 @@ pub enum ModelError {
     /// Not a model file, or a damaged one.
     #[error("{} is not a valid svp model file: {what}", path.display())]
     Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Weights from elsewhere that do not fit the architecture, or cannot be read.
+    #[error("cannot import {}: {what}", path.display())]
+    Import {
         /// The file.
         path: PathBuf,
         /// What is wrong.
@@ -667,7 +676,8 @@ impl ModelFile {
     }
 
     /// The model config this file's network is built from.
-    fn model_config(&self) -> ModelConfig {
+    /// The architecture, as a config's `[model]` table describes it.
+    pub fn model_config(&self) -> ModelConfig {
         match &self.meta.front {
             Some(front) => front.config(&self.meta.layers),
             None => dense_config(&self.meta.layers),

@@ -1,0 +1,147 @@
+//! `svp import` and `svp export --format safetensors` end to end: PyTorch's
+//! models evaluate in svp to PyTorch's accuracy, and svp's models load in
+//! PyTorch with svp's predictions (where PyTorch is installed).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn svp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_svp")).args(args).output().expect("run svp")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../svp-model/tests/fixtures");
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("svp-pytorch-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+fn path(d: &Scratch, name: &str) -> String {
+    d.0.join(name).display().to_string()
+}
+
+const MLP: &str = "[model]\nhidden = [64, 32]\n[import]\ninput_mean = 0.2860\ninput_std = 0.3530\n";
+const CNN: &str = "[model]\nhidden = []\nconv = [4, \"M\", 8, \"M\"]\n[import]\nimage = [28, 28]\ninput_mean = 0.2860\ninput_std = 0.3530\n";
+
+fn eval_accuracy(model: &str) -> f64 {
+    let out = ok(&svp(&["eval", model, "--data", "embedded", "--json"]));
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["test_acc"].as_f64().unwrap()
+}
+
+#[test]
+fn imported_pytorch_models_evaluate_to_pytorchs_accuracy() {
+    let d = scratch("import");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURES}/torch-import.json")).unwrap()).unwrap();
+    for (name, config) in [("mlp", MLP), ("cnn", CNN)] {
+        let cfg = path(&d, &format!("{name}.toml"));
+        std::fs::write(&cfg, config).unwrap();
+        let model = path(&d, &format!("{name}.svpm"));
+        let weights = format!("{FIXTURES}/torch-{name}.safetensors");
+        let out = svp(&["import", &weights, "--config", &cfg, "--out", &model]);
+        ok(&out);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("28x28 images, input (pixel/255 - 0.286) / 0.353"));
+        let want = golden[name]["test_acc"].as_f64().unwrap();
+        assert!((eval_accuracy(&model) - want).abs() <= 0.001, "{name}: svp against PyTorch's {want}");
+        let info = ok(&svp(&["info", &model]));
+        assert!(info.contains("trained      elsewhere: imported from"), "{info}");
+    }
+}
+
+#[test]
+fn import_errors_are_one_line() {
+    let d = scratch("import-errors");
+    let weights = format!("{FIXTURES}/torch-cnn.safetensors");
+    let cases = [
+        (
+            CNN.replace("image = [28, 28]\n", ""),
+            "a conv network's input size is not in its weights: give the input image size",
+        ),
+        (
+            CNN.replace("conv = [4, \"M\", 8, \"M\"]", "conv = [4, \"M\", 16, \"M\"]"),
+            "has shape [8, 4, 3, 3], layer 2's Conv2d weight needs [16, 4, 3, 3]",
+        ),
+        (format!("{CNN}class_names = [\"a\", \"b\"]\n"), "[import] class_names lists 2, the model has 10 classes"),
+        (CNN.replace("input_std = 0.3530", "input_std = 0.0"), "the std must be a positive number"),
+        (CNN.replace("[import]", "[import]\nmean = 1"), "unknown field `mean`"),
+    ];
+    for (config, needle) in cases {
+        let cfg = path(&d, "c.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let out = svp(&["import", &weights, "--config", &cfg, "--out", &path(&d, "m.svpm")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.lines().count() == 1 && stderr.contains(needle), "{stderr}\nwanted: {needle}");
+        assert!(!d.0.join("m.svpm").exists());
+    }
+    let cfg = path(&d, "c.toml");
+    std::fs::write(&cfg, CNN).unwrap();
+    let out = svp(&["import", &cfg, "--config", &cfg, "--out", &path(&d, "m.svpm")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a readable safetensors file"));
+    let out = svp(&["import", &weights, "--config", &cfg, "--image", "28", "--out", &path(&d, "m.svpm")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be HEIGHTxWIDTH"));
+}
+
+/// The Python that runs `tools/load_in_pytorch.py`: `SVP_PYTHON`, else
+/// `python3`, if it has PyTorch and safetensors.
+fn python_with_torch() -> Option<String> {
+    let python = std::env::var("SVP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python).args(["-c", "import torch, safetensors"]).output().ok()?;
+    probe.status.success().then_some(python)
+}
+
+/// svp-trained models (an MLP and a CNN) exported for PyTorch: PyTorch
+/// predicts what svp predicts, image by image. Skipped without PyTorch.
+#[test]
+fn svp_models_predict_the_same_in_pytorch() {
+    let d = scratch("export");
+    let configs = [
+        ("mlp", "[model]\nhidden = [32]\n[train]\nepochs = 1\n[optimizer]\nkind = \"adam\"\nlr = 0.002\n"),
+        (
+            "cnn",
+            "[model]\nhidden = []\nconv = [4, \"M\"]\n[train]\nepochs = 1\n[optimizer]\nkind = \"adam\"\nlr = 0.002\n",
+        ),
+    ];
+    let python = python_with_torch();
+    for (name, config) in configs {
+        let cfg = path(&d, &format!("{name}.toml"));
+        std::fs::write(&cfg, config).unwrap();
+        let model = path(&d, &format!("{name}.svpm"));
+        ok(&svp(&["train", "--config", &cfg, "--data", "embedded", "--limit-train", "1024", "--out", &model]));
+        let weights = path(&d, &format!("{name}.safetensors"));
+        ok(&svp(&["export", &model, "--format", "safetensors", "--out", &weights]));
+        let predict = |m: &str| ok(&svp(&["predict", m, "--data", "embedded"]));
+        let classes = |text: &str| text.lines().map(|l| l.split('\t').nth(1).unwrap().to_string()).collect::<Vec<_>>();
+        let svp_classes = classes(&predict(&model));
+        // Back through import, with the image shape, preprocessing and class
+        // names from the file's metadata: the same predictions.
+        let back = path(&d, &format!("{name}-back.svpm"));
+        ok(&svp(&["import", &weights, "--config", &cfg, "--out", &back]));
+        assert_eq!(predict(&back), predict(&model), "{name}: the model back from safetensors predicts otherwise");
+        let Some(python) = &python else {
+            eprintln!("skipped the PyTorch half: no python3 with torch and safetensors (set SVP_PYTHON)");
+            continue;
+        };
+        let script = Path::new(ROOT).join("tools/load_in_pytorch.py");
+        let out = Command::new(python).arg(script).arg(&weights).output().unwrap();
+        let torch_classes = classes(&ok(&out));
+        assert_eq!(svp_classes.len(), 1000);
+        assert!(svp_classes == torch_classes, "{name}: PyTorch predicts otherwise than svp");
+    }
+}
