@@ -634,12 +634,24 @@ mod tests {
         (i as f64 + 1.0) * (p - 0.25 * i as f64)
     }
 
+    /// `steps` updates of `opt` on the quadratic. Its learning rate is
+    /// doubled and each step scaled by 0.5, as a schedule scales it: the
+    /// result must be the rate's own.
     fn run(opt: Optimizer, steps: usize) -> Vec<f32> {
+        let opt = match opt {
+            Optimizer::Sgd { lr, momentum, weight_decay } => Optimizer::Sgd { lr: 2.0 * lr, momentum, weight_decay },
+            Optimizer::Adam { lr, beta1, beta2, eps, weight_decay, state } => {
+                Optimizer::Adam { lr: 2.0 * lr, beta1, beta2, eps, weight_decay, state }
+            }
+            Optimizer::AdamW { lr, beta1, beta2, eps, weight_decay, state } => {
+                Optimizer::AdamW { lr: 2.0 * lr, beta1, beta2, eps, weight_decay, state }
+            }
+        };
         let mut p = vec![1.0f32, -2.0, 0.5];
         let mut state = opt.new_state(3);
         for _ in 0..steps {
             let g: Vec<f32> = p.iter().enumerate().map(|(i, &x)| grad_at(x as f64, i) as f32).collect();
-            opt.update(1.0, &mut p, &g, &mut state);
+            opt.update(0.5, &mut p, &g, &mut state);
         }
         p
     }
@@ -673,6 +685,17 @@ mod tests {
         let got = run(Optimizer::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.01 }, 30);
         for (g, w) in got.iter().zip(&p) {
             assert!((*g as f64 - w).abs() < 1e-4, "{g} vs {w}");
+        }
+        // Without momentum, with weight decay.
+        let mut q = vec![1.0f64, -2.0, 0.5];
+        for _ in 0..30 {
+            for (i, q) in q.iter_mut().enumerate() {
+                *q -= 0.05 * (grad_at(*q, i) + 0.2 * *q);
+            }
+        }
+        let got = run(Optimizer::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 0.2 }, 30);
+        for (g, w) in got.iter().zip(&q) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
         }
         let plain = run(Optimizer::Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0 }, 100);
         for (i, x) in plain.iter().enumerate() {
@@ -839,4 +862,109 @@ mod tests {
             }
         }
     }
+
+    /// Where `eps` matters (a gradient far below it), Adam follows the
+    /// reference: the denominator is `sqrt(v_hat) + eps`.
+    #[test]
+    fn adam_with_tiny_gradients_matches_the_reference() {
+        let (lr, b1, b2, eps) = (0.01f64, 0.9f64, 0.999f64, 1e-8f64);
+        let g = 3e-9f64;
+        let (mut p, mut m, mut v) = (0.0f64, 0.0f64, 0.0f64);
+        let opt = Optimizer::adam(lr as f32);
+        let mut state = opt.new_state(1);
+        let mut q = [0.0f32];
+        for t in 1..=3 {
+            m = b1 * m + (1.0 - b1) * g;
+            v = b2 * v + (1.0 - b2) * g * g;
+            p -= lr * (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
+            opt.update(1.0, &mut q, &[g as f32], &mut state);
+            assert!((q[0] as f64 - p).abs() < 1e-4 * p.abs(), "step {t}: {} vs {p}", q[0]);
+        }
+    }
+
+    /// What the config file's keys default to, and what a state holds.
+    #[test]
+    fn defaults_sizes_and_shapes() {
+        let adam: Optimizer = serde_json::from_str(r#"{"kind": "adam", "lr": 0.001}"#).unwrap();
+        assert_eq!(adam, Optimizer::adam(0.001));
+        let adamw: Optimizer = serde_json::from_str(r#"{"kind": "adamw", "lr": 0.002}"#).unwrap();
+        let want = Optimizer::AdamW {
+            lr: 0.002,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            state: MomentDtype::F32,
+        };
+        assert_eq!(adamw, want);
+        assert_eq!((adam.lr(), adamw.lr()), (0.001, 0.002));
+        assert_eq!(Optimizer::Sgd { lr: 0.5, momentum: 0.0, weight_decay: 0.0 }.lr(), 0.5);
+        let states = [
+            Optimizer::Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0 }.new_state(10),
+            Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 }.new_state(10),
+            Optimizer::adam(0.1).new_state(10),
+            Optimizer::adam(0.1).with_moments(MomentDtype::Bf16).new_state(10),
+        ];
+        let bytes: Vec<usize> = states.iter().map(LayerState::bytes).collect();
+        assert_eq!(bytes, [0, 40, 80, 40]);
+        for (i, a) in states.iter().enumerate() {
+            for (j, b) in states.iter().enumerate() {
+                assert_eq!(a.moments.same_shape(&b.moments), i == j, "{i} vs {j}");
+            }
+        }
+        let longer = Optimizer::adam(0.1).new_state(11);
+        assert!(!states[2].moments.same_shape(&longer.moments));
+        let longer = Optimizer::adam(0.1).with_moments(MomentDtype::Bf16).new_state(11);
+        assert!(!states[3].moments.same_shape(&longer.moments));
+        let longer = Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 }.new_state(11);
+        assert!(!states[1].moments.same_shape(&longer.moments));
+    }
+
+    /// bf16 moments, updated from a GEMM's rows and the rest of a layer
+    /// longer than an update chunk, give the bits of one stored update, and
+    /// those bits are pinned: the rounding noise is part of what makes
+    /// training bit-exact on every machine, so a change to it must show.
+    #[test]
+    fn bf16_updates_are_the_same_bits_however_handed_over_and_pinned() {
+        use svp_tensor::{Array2, GradientSink, gemm, gemm_to_sink_with_chunks, view_mut};
+        let (rows, cols, batch, extra) = (70, 45, 32, CHUNK + 13);
+        let w_len = rows * cols;
+        let n = w_len + extra;
+        let wave = |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) * 1e-3;
+        let opt = adam(1e-2, MomentDtype::Bf16);
+        let start: Vec<f32> = (0..n).map(|i| wave(i, 1)).collect();
+        let (mut p_stored, mut p_fused) = (start.clone(), start);
+        let (mut s_stored, mut s_fused) = (opt.new_state(n), opt.new_state(n));
+        for step in 0..3 {
+            let dz = Array2::from_shape_fn((batch, rows), |(b, r)| wave(b * rows + r, step + 2));
+            let x = Array2::from_shape_fn((batch, cols), |(b, c)| wave(b * cols + c, step + 7));
+            let mut grad: Vec<f32> = (0..n).map(|i| wave(i, step + 11)).collect();
+            gemm(1.0, dz.t(), x.view(), 0.0, view_mut(&mut grad[..w_len], rows, cols));
+            opt.update(1.0, &mut p_stored, &grad, &mut s_stored);
+            let mut update = opt.begin_update(1.0, &mut s_fused);
+            let (w, rest) = p_fused.split_at_mut(w_len);
+            let sink = update.weight_rows(0, w, cols).expect("takes a product");
+            gemm_to_sink_with_chunks(dz.t(), x.view(), sink, 3);
+            update.apply(w_len, rest, &grad[w_len..]);
+        }
+        assert!(p_stored.iter().zip(&p_fused).all(|(a, b)| a.to_bits() == b.to_bits()) && s_stored == s_fused);
+        // The pin: the same update from gradients that need no GEMM (whose
+        // bits differ between kernels with and without FMA), only IEEE-exact
+        // element arithmetic.
+        let mut p: Vec<f32> = (0..n).map(|i| wave(i, 1)).collect();
+        let mut state = opt.new_state(n);
+        for step in 0..3 {
+            let grad: Vec<f32> = (0..n).map(|i| wave(i, step + 11)).collect();
+            opt.update(1.0, &mut p, &grad, &mut state);
+        }
+        let Moments::Bf16 { m, v } = &state.moments else { unreachable!() };
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for word in p.iter().map(|x| x.to_bits()).chain(m.iter().chain(v).map(|&b| u32::from(b))) {
+            h = (h ^ u64::from(word)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        assert_eq!(h, PINNED_BF16_HASH, "the bf16 update's bits changed");
+    }
+
+    /// FNV-1a over the weights and both moments after the pinned three steps.
+    const PINNED_BF16_HASH: u64 = 9_168_953_320_442_404_675;
 }
