@@ -6,6 +6,8 @@
 //!   byte of any write.
 //! * [`store::CheckpointStore`]: two alternating checkpoint slots on that
 //!   flash, so a power cut never costs more than the checkpoint in progress.
+//! * [`fine_tune_config`]: svp-model's fine-tuning config, the same library
+//!   path as `svp finetune`.
 
 #![warn(missing_docs)]
 
@@ -15,10 +17,6 @@ pub mod store;
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use svp_model::ModelMeta;
-use svp_optim::{MomentDtype, Optimizer};
-use svp_train::config::{ModelConfig, TrainConfig};
-use svp_train::{Config, Method, Schedule};
 
 /// A simulated device.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -95,59 +93,13 @@ impl Profile {
     }
 }
 
-/// How long and how fast the device fine-tunes.
-#[derive(Clone, Copy, Debug)]
-pub struct FineTuning {
-    /// SVP or backpropagation.
-    pub method: Method,
-    /// Passes over the device's samples.
-    pub epochs: usize,
-    /// Samples per step.
-    pub batch_size: usize,
-    /// Adam's peak learning rate (cosine schedule).
-    pub lr: f32,
-    /// Storage of Adam's moments.
-    pub moments: MomentDtype,
-}
-
-/// The training config that fine-tunes the MLP of `meta`: its layers, and the
-/// seed and projection options of its SVP heads, so that SVP aligns each layer
-/// to the same `R_l` it was pre-trained against (fresh projections ask trained
-/// layers for new features: measured on the shipped model, 30 epochs ended at
-/// 80.3 % instead of 83.6 %, 10 epochs at 44.8 % instead of 76.2 %). A model
-/// without heads (trained by backprop) gets fresh ones.
-///
-/// `meta` is a loaded file's: it has at least one layer (the head).
-pub fn fine_tune_config(meta: &ModelMeta, run: FineTuning) -> Config {
-    let (first, hidden) = (meta.layers[0], &meta.layers[..meta.layers.len() - 1]);
-    let mut config = Config {
-        model: ModelConfig {
-            input: Some(first.in_dim),
-            classes: meta.layers.last().map(|head| head.out_dim),
-            norm: first.norm,
-            activation: first.activation,
-            ..ModelConfig::mlp(hidden.iter().map(|l| l.out_dim).collect())
-        },
-        svp: Default::default(),
-        train: TrainConfig {
-            method: run.method,
-            epochs: run.epochs,
-            batch_size: run.batch_size,
-            seed: 11,
-            shuffle: true,
-        },
-        optimizer: Optimizer::adam(run.lr).with_moments(run.moments),
-        schedule: Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
-    };
-    if let Some(heads) = &meta.heads {
-        heads.configure(&mut config);
-    }
-    config
-}
+pub use svp_model::finetune::{FineTuning, config as fine_tune_config};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use svp_optim::MomentDtype;
+    use svp_train::Method;
 
     #[test]
     fn every_shipped_profile_loads() {

@@ -39,6 +39,9 @@ pub enum Command {
     Export(ExportArgs),
     /// Make a model file of PyTorch weights (a safetensors state dict).
     Import(ImportArgs),
+    /// Continue training a model file on new data (its own projections and
+    /// preprocessing), and report its test accuracy before and after.
+    Finetune(FinetuneArgs),
     /// Describe a model file.
     Info(InfoArgs),
     /// Measure peak training memory against depth, SVP against backprop.
@@ -90,6 +93,45 @@ pub enum ExportFormat {
     Svpm,
     /// A safetensors file for PyTorch.
     Safetensors,
+}
+
+/// `svp finetune`.
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// The model file (any weight type: f16, bf16 and int8 are widened to f32).
+    pub model: PathBuf,
+    /// IDX data folder, or `embedded`. Default as for `train`.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Training rule. Default: SVP for a model svp trained with SVP (it
+    /// keeps aligning to the projections it was trained against), else
+    /// backpropagation (SVP would first re-align a backprop-trained model's
+    /// layers to fresh random projections, and lose accuracy doing so).
+    #[arg(long, value_enum)]
+    pub method: Option<MethodArg>,
+    /// Passes over the new training set.
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    /// Samples per step.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Adam's peak learning rate (cosine schedule over the run).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Use only the first N training samples.
+    #[arg(long)]
+    pub limit_train: Option<usize>,
+    /// Save the fine-tuned model here after every epoch (it may be the model
+    /// itself: the file is read whole first and written atomically).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// One JSON object per line on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Heap the run may take beyond the data, in MiB (default: three quarters
+    /// of the memory the system has available).
+    #[arg(long, value_name = "MIB")]
+    pub max_memory: Option<usize>,
 }
 
 /// `svp import`.

@@ -7,6 +7,7 @@
 mod cli;
 mod error;
 mod eval_cmd;
+mod finetune_cmd;
 mod import_cmd;
 mod mem;
 mod memory_cmd;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         cli::Command::Predict(a) => eval_cmd::predict(a),
         cli::Command::Export(a) => eval_cmd::export(a),
         cli::Command::Import(a) => import_cmd::run(a),
+        cli::Command::Finetune(a) => finetune_cmd::run(a),
         cli::Command::Info(a) => eval_cmd::info(a),
         cli::Command::Memory(a) => memory_cmd::run(a),
         cli::Command::MemoryChild(a) => memory_cmd::run_child(a),

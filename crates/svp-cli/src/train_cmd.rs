@@ -102,7 +102,7 @@ pub fn check_writable(path: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-fn describe(config: &Config, data: &DataSplit) -> String {
+pub fn describe(config: &Config, data: &DataSplit) -> String {
     let (h, w) = data.train.image_shape;
     let mlp = config.model.conv.is_empty() && config.model.vit.is_none();
     let input = if mlp { data.features().to_string() } else { format!("{h}x{w}") };
@@ -352,6 +352,45 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         eprintln!("resuming at epoch {}, batch {} (step {})", c.state.epoch, c.state.next_batch, c.state.trainer.step);
     }
 
+    let outputs = Outputs {
+        out: args.out.clone(),
+        class_names: data.class_names(),
+        checkpoint: args.checkpoint.clone(),
+        json: args.json,
+        max_memory: args.max_memory,
+    };
+    let options = FitOptions {
+        checkpoint_every: args.checkpoint.as_ref().map(|_| args.checkpoint_every.unwrap_or(0)),
+        resume: resume.map(|c| c.state),
+        ..Default::default()
+    };
+    train(&config, &data, options, outputs).map(|_| ())
+}
+
+/// Where a run's results go.
+pub struct Outputs {
+    /// The model file, written after every epoch.
+    pub out: Option<PathBuf>,
+    /// The class names the model file records.
+    pub class_names: Vec<String>,
+    /// The checkpoint file.
+    pub checkpoint: Option<PathBuf>,
+    /// JSON lines instead of text.
+    pub json: bool,
+    /// `--max-memory`, MiB.
+    pub max_memory: Option<usize>,
+}
+
+/// Trains `config` on `data` (validated against each other) with
+/// `options`, reporting as `outputs` says; returns the last epoch's test
+/// accuracy.
+pub fn train(
+    config: &Config,
+    data: &DataSplit,
+    options: FitOptions,
+    outputs: Outputs,
+) -> Result<Option<f64>, CliError> {
+    let args = &outputs;
     let checkpoint = args.checkpoint.clone().map(|p| {
         let json = serde_json::to_string(&config).expect("config serializes");
         (p, json, data.origin.clone(), data.train.len() as u64)
@@ -360,7 +399,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         path,
         config: config.model.clone(),
         image_shape: data.train.image_shape,
-        class_names: data.class_names(),
+        class_names: args.class_names.clone(),
         method: config.train.method,
         data_origin: data.origin.clone(),
     });
@@ -371,14 +410,9 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         saved_epoch: None,
         checkpoint,
     };
-    let options = FitOptions {
-        checkpoint_every: args.checkpoint.as_ref().map(|_| args.checkpoint_every.unwrap_or(0)),
-        resume: resume.map(|c| c.state),
-        ..Default::default()
-    };
     // A run that cannot fit fails before its first step, with one line.
     let budget = crate::mem::limit_heap_to_available(args.max_memory.map(|mib| mib.saturating_mul(1 << 20)));
-    let outcome = try_fit_with(&config, &data, &mut console, options);
+    let outcome = try_fit_with(config, data, &mut console, options);
     crate::ALLOC.set_budget(0);
     let outcome = outcome.map_err(|error| CliError::OutOfMemory { error, budget })?;
     console.progress.clear();
@@ -445,7 +479,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         };
         return Err(CliError::Diverged { error, saved });
     }
-    Ok(())
+    Ok(outcome.epochs.last().map(|r| r.test_acc))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod dtype;
+pub mod finetune;
 mod inference;
 pub mod pytorch;
 
@@ -247,6 +248,14 @@ pub struct ModelMeta {
 }
 
 impl ModelMeta {
+    /// The architecture, as a config's `[model]` table describes it.
+    pub fn model_config(&self) -> ModelConfig {
+        match &self.front {
+            Some(front) => front.config(&self.layers),
+            None => dense_config(&self.layers),
+        }
+    }
+
     /// Number of classes.
     pub fn classes(&self) -> usize {
         self.layers.last().map_or(0, |l| l.out_dim)
@@ -675,13 +684,9 @@ impl ModelFile {
         }
     }
 
-    /// The model config this file's network is built from.
     /// The architecture, as a config's `[model]` table describes it.
     pub fn model_config(&self) -> ModelConfig {
-        match &self.meta.front {
-            Some(front) => front.config(&self.meta.layers),
-            None => dense_config(&self.meta.layers),
-        }
+        self.meta.model_config()
     }
 
     /// The network with every parameter dequantized to f32.
