@@ -1091,5 +1091,60 @@ mod tests {
         let mut no_front = file.to_bytes();
         no_front[8] = 1; // a version-1 header on a file with a front
         assert!(ModelFile::from_bytes(&no_front, p).is_err());
+        // Each bound of the front's numbers, just past it (the largest legal
+        // values are far too large to build in a test).
+        let vit = |patch, dim, depth, heads, mlp| Front::Vit { patch, dim, depth, heads, mlp, mean_readout: false };
+        let cases = [
+            (Front::Conv { blocks: vec![(0, false)], readout: 2 }, "front: conv channels = 0"),
+            (Front::Conv { blocks: vec![(4, false), (65_537, false)], readout: 2 }, "front: conv channels = 65537"),
+            (Front::Conv { blocks: vec![(4, false)], readout: 0 }, "front: conv readout = 0"),
+            (Front::Conv { blocks: vec![(4, false)], readout: 65_537 }, "front: conv readout = 65537"),
+            (Front::Conv { blocks: vec![], readout: 2 }, "front: 0 conv blocks"),
+            (Front::Conv { blocks: vec![(1, false); 4097], readout: 2 }, "front: 4097 conv blocks"),
+            (vit(0, 8, 1, 2, 8), "front: patch = 0"),
+            (vit(4, 8, 65_537, 2, 8), "front: depth = 65537"),
+            (vit(4, 8, 1, 0, 8), "front: heads = 0"),
+            (vit(4, 65_537, 1, 1, 8), "front: dim = 65537"),
+            (vit(4, 8, 1, 3, 8), "front: dim 8 is not a multiple of 3 heads"),
+            (vit(4, 8, 1, 2, 0), "front: mlp = 0"),
+        ];
+        for (front, want) in cases {
+            let mut damaged = file.clone();
+            damaged.meta.front = Some(front);
+            let err = ModelFile::from_bytes(&damaged.to_bytes(), p).unwrap_err().to_string();
+            assert!(err.ends_with(want), "{err}\nwanted: {want}");
+        }
+    }
+
+    /// Each header bound, one past it: a declared length or offset beyond
+    /// the file, or metadata beyond its limit, is refused by name.
+    #[test]
+    fn header_bounds_are_checked_one_by_one() {
+        let bytes = sample(DType::F32).to_bytes();
+        let p = Path::new("m");
+        let set = |at: usize, v: u64| {
+            let mut b = bytes.clone();
+            b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            ModelFile::from_bytes(&b, p).unwrap_err().to_string()
+        };
+        let len = bytes.len() as u64;
+        let (meta_len, data_offset) = (
+            u64::from_le_bytes(bytes[24..32].try_into().unwrap()),
+            u64::from_le_bytes(bytes[32..40].try_into().unwrap()),
+        );
+        let meta_end = HEADER_LEN as u64 + meta_len;
+        for (at, v, want) in [
+            (16, HEADER_LEN as u64 + 1, "metadata at"),       // not right after the header
+            (24, MAX_META + 1, "metadata at"),                // over its limit
+            (24, len - HEADER_LEN as u64 + 1, "metadata at"), // past the end
+            (24, len - HEADER_LEN as u64, "is misplaced"),    // up to the end: the data then overlaps it
+            (32, data_offset + 1, "is misplaced"),            // data not aligned
+            (32, meta_end.next_multiple_of(ALIGN as u64) - ALIGN as u64, "is misplaced"), // data over the metadata
+            (32, len.next_multiple_of(ALIGN as u64) + ALIGN as u64, "is misplaced"), // data past the end
+            (40, len - data_offset + 1, "does not end"),      // data longer than the file
+        ] {
+            let err = set(at, v);
+            assert!(err.contains(want), "field at {at} = {v}: {err}\nwanted: {want}");
+        }
     }
 }
