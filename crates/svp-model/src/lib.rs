@@ -1116,6 +1116,50 @@ mod tests {
         }
     }
 
+    /// Each check of the metadata against itself and the data section, hit
+    /// on its own: a file damaged there (with its checksum made whole again)
+    /// is refused with that check's message.
+    #[test]
+    fn every_metadata_check_refuses_by_name() {
+        let original = sample(DType::I8);
+        let p = Path::new("m");
+        let refuse = |edit: &dyn Fn(&mut ModelFile), want: &str| {
+            let mut f = original.clone();
+            edit(&mut f);
+            let err = ModelFile::from_bytes(&f.to_bytes(), p).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}\nwanted: {want}");
+        };
+        refuse(&|f| f.meta.layers.clear(), "0 layers");
+        refuse(&|f| f.meta.layers[0].in_dim = 0, "layer 1 has width 0 -> 5");
+        refuse(&|f| f.meta.layers[1].out_dim = 0, "layer 2 has width 5 -> 0");
+        refuse(&|f| f.meta.layers[0].in_dim = (1 << 24) + 1, "layer 1 has width 16777217 -> 5");
+        refuse(&|f| f.meta.layers[2].out_dim = (1 << 24) + 1, "layer 3 has width 4 -> 16777217");
+        refuse(&|f| f.meta.layers[0].dropout = 1.0, "layer 1 has dropout 1");
+        refuse(&|f| f.meta.layers[1].in_dim = 6, "layer 1 outputs 5 values but layer 2 takes 6");
+        refuse(&|f| f.meta.image_shape = (3, 3), "image shape 3x3 does not match input width 6");
+        refuse(&|f| f.meta.class_names.pop().map_or((), drop), "2 class names for 3 classes");
+        refuse(&|f| f.meta.norm.std = 0.0, "input normalization is not finite and positive");
+        refuse(&|f| f.meta.norm.mean = f32::NAN, "input normalization is not finite and positive");
+        refuse(&|f| f.meta.generator = "another".into(), "projections were made by generator \"another\"");
+        refuse(&|f| f.meta.heads.as_mut().unwrap().dim = 0, "projection width 0");
+        refuse(&|f| f.meta.heads.as_mut().unwrap().dim = (1 << 20) + 1, "projection width 1048577");
+        refuse(&|f| f.meta.tensors.pop().map_or((), drop), "tensors listed, the architecture has");
+        refuse(&|f| f.meta.tensors[1].shape = vec![4], "layer 1 Bias: shape [4] where the architecture needs [5]");
+        refuse(&|f| f.meta.tensors[0].offset += 1, "layer 1 Weight: 30 bytes at offset 1 overrun the data section");
+        refuse(&|f| f.meta.tensors[0].offset = f.data.len() as u64, "overrun the data section");
+        refuse(&|f| f.meta.tensors[0].scale_offset = None, "layer 1 Weight: int8 without scales");
+        refuse(&|f| f.meta.tensors[0].scale_offset = Some(f.data.len() as u64), "layer 1 Weight: scales overrun");
+        refuse(&|f| f.meta.tensors[0].scale_offset = Some(1), "layer 1 Weight: scales overrun");
+        refuse(&|f| f.meta.tensors[1].scale_offset = Some(0), "layer 1 Bias: scales on a f32 tensor");
+        refuse(
+            &|f| {
+                let at = f.meta.tensors[1].offset as usize;
+                f.data[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+            },
+            "layer 1 Bias: value 0 is not finite",
+        );
+    }
+
     /// Each header bound, one past it: a declared length or offset beyond
     /// the file, or metadata beyond its limit, is refused by name.
     #[test]
