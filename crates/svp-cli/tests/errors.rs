@@ -1,41 +1,10 @@
 //! Bad input ends in one clear line and a non-zero exit, never a panic.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn svp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_svp")).args(args).output().expect("run svp")
-}
-
-/// A fresh scratch folder for one test, removed when the test ends (a
-/// failing one included: the guard drops while the panic unwinds).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("svp-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
+mod common;
+use common::{scratch, svp};
 
 /// Asserts a failure with `code` whose stderr is one `error:` line containing `needle`.
 fn assert_fails(out: &Output, code: i32, needle: &str) {

@@ -1,27 +1,10 @@
 //! `svp finetune`: a model file trained on, with its own projections and
 //! preprocessing, and the errors of data that does not fit it.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn svp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_svp")).args(args).output().expect("run svp")
-}
-
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("svp-finetune-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
+mod common;
+use common::{scratch, svp};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -37,7 +20,7 @@ fn before_after(err: &str) -> (f64, f64) {
 #[test]
 fn an_svp_model_fine_tunes_with_its_own_projections() {
     let d = scratch("svp");
-    let p = |n: &str| d.0.join(n).display().to_string();
+    let p = |n: &str| d.join(n).display().to_string();
     let cfg = p("c.toml");
     std::fs::write(&cfg, "[model]\nhidden = [64]\n[train]\nepochs = 1\n[optimizer]\nkind = \"adam\"\nlr = 0.002\n")
         .unwrap();
@@ -82,16 +65,16 @@ fn data_that_does_not_fit_the_model_is_one_line() {
         ("train-labels-idx1-ubyte", idx(&[8], &[0, 1, 2, 0, 1, 2, 0, 1])),
         ("t10k-labels-idx1-ubyte", idx(&[4], &[0, 1, 2, 0])),
     ] {
-        std::fs::write(d.0.join(stem), bytes).unwrap();
+        std::fs::write(d.join(stem), bytes).unwrap();
     }
-    let data = d.0.display().to_string();
+    let data = d.display().to_string();
     let out = svp(&["finetune", model, "--data", &data]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).trim() == "error: the model takes 28x28 images, the data has 2x2", "{}", stderr(&out));
     // A label beyond the model's classes.
     let mut labels = idx(&[4], &[0, 1, 2, 0]);
     labels[8 + 3] = 12;
-    std::fs::write(d.0.join("t10k-labels-idx1-ubyte"), labels).unwrap();
+    std::fs::write(d.join("t10k-labels-idx1-ubyte"), labels).unwrap();
     let out = svp(&["finetune", model, "--data", &data]);
     assert!(stderr(&out).contains("label 12 at index 3 is not one of the 10 classes expected"), "{}", stderr(&out));
 }

@@ -2,12 +2,11 @@
 //! models evaluate in svp to PyTorch's accuracy, and svp's models load in
 //! PyTorch with svp's predictions (where PyTorch is installed).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn svp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_svp")).args(args).output().expect("run svp")
-}
+mod common;
+use common::{Scratch, scratch, svp};
 
 fn ok(out: &Output) -> String {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -17,23 +16,8 @@ fn ok(out: &Output) -> String {
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../svp-model/tests/fixtures");
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("svp-pytorch-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
-
 fn path(d: &Scratch, name: &str) -> String {
-    d.0.join(name).display().to_string()
+    d.join(name).display().to_string()
 }
 
 const MLP: &str = "[model]\nhidden = [64, 32]\n[import]\ninput_mean = 0.2860\ninput_std = 0.3530\n";
@@ -88,7 +72,7 @@ fn import_errors_are_one_line() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.lines().count() == 1 && stderr.contains(needle), "{stderr}\nwanted: {needle}");
-        assert!(!d.0.join("m.svpm").exists());
+        assert!(!d.join("m.svpm").exists());
     }
     let cfg = path(&d, "c.toml");
     std::fs::write(&cfg, CNN).unwrap();

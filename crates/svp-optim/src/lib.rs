@@ -808,17 +808,54 @@ mod tests {
         assert!(one == two);
     }
 
+    /// `steps` updates of a layer of a `rows x cols` weight matrix and
+    /// `extra` more parameters, once from stored gradients and once with the
+    /// matrix's gradient handed from its GEMM (`weight_rows`, the product
+    /// split into `chunks`) and the rest stored: (parameters, state) of each.
+    fn stored_and_fused(
+        opt: Optimizer,
+        (rows, cols, extra): (usize, usize, usize),
+        chunks: usize,
+        steps: usize,
+    ) -> ((Vec<f32>, LayerState), (Vec<f32>, LayerState)) {
+        use svp_tensor::{Array2, GradientSink, gemm, gemm_to_sink_with_chunks, view_mut};
+        let batch = 32;
+        let w_len = rows * cols;
+        let n = w_len + extra;
+        let start: Vec<f32> = (0..n).map(|i| wave(i, 1)).collect();
+        let (mut p_stored, mut p_fused) = (start.clone(), start);
+        let (mut s_stored, mut s_fused) = (opt.new_state(n), opt.new_state(n));
+        for step in 0..steps {
+            let dz = Array2::from_shape_fn((batch, rows), |(b, r)| wave(b * rows + r, step + 2));
+            let x = Array2::from_shape_fn((batch, cols), |(b, c)| wave(b * cols + c, step + 7));
+            let mut grad: Vec<f32> = (0..n).map(|i| wave(i, step + 11)).collect();
+            gemm(1.0, dz.t(), x.view(), 0.0, view_mut(&mut grad[..w_len], rows, cols));
+            opt.update(1.0, &mut p_stored, &grad, &mut s_stored);
+
+            let mut update = opt.begin_update(1.0, &mut s_fused);
+            let (w, rest) = p_fused.split_at_mut(w_len);
+            let sink = update.weight_rows(0, w, cols).expect("takes a product");
+            gemm_to_sink_with_chunks(dz.t(), x.view(), sink, chunks);
+            update.apply(w_len, rest, &grad[w_len..]);
+        }
+        ((p_stored, s_stored), (p_fused, s_fused))
+    }
+
+    /// A fixed pseudo-random value in about ±1.
+    fn wave(i: usize, salt: usize) -> f32 {
+        (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) * 1e-3
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
     /// A weight matrix updated from a GEMM's tiles (`weight_rows`)
     /// and the rest of the layer from a stored gradient give the bits of one
     /// update from the whole stored gradient, for every rule and both kinds
     /// of moments, on one thread and split over several.
     #[test]
     fn weights_updated_from_a_product_match_a_stored_gradient() {
-        use svp_tensor::{Array2, GradientSink, gemm, gemm_to_sink_with_chunks, view_mut};
-        let (rows, cols, batch, extra) = (70, 45, 32, 13);
-        let w_len = rows * cols;
-        let n = w_len + extra;
-        let wave = |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) * 1e-3;
         let rules = [
             Optimizer::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 0.01 },
             Optimizer::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.01 },
@@ -841,24 +878,11 @@ mod tests {
         ];
         for opt in rules {
             for chunks in [1, 3] {
-                let start: Vec<f32> = (0..n).map(|i| wave(i, 1)).collect();
-                let (mut p_stored, mut p_fused) = (start.clone(), start);
-                let (mut s_stored, mut s_fused) = (opt.new_state(n), opt.new_state(n));
-                for step in 0..4 {
-                    let dz = Array2::from_shape_fn((batch, rows), |(b, r)| wave(b * rows + r, step + 2));
-                    let x = Array2::from_shape_fn((batch, cols), |(b, c)| wave(b * cols + c, step + 7));
-                    let mut grad: Vec<f32> = (0..n).map(|i| wave(i, step + 11)).collect();
-                    gemm(1.0, dz.t(), x.view(), 0.0, view_mut(&mut grad[..w_len], rows, cols));
-                    opt.update(1.0, &mut p_stored, &grad, &mut s_stored);
-
-                    let mut update = opt.begin_update(1.0, &mut s_fused);
-                    let (w, rest) = p_fused.split_at_mut(w_len);
-                    let sink = update.weight_rows(0, w, cols).expect("takes a product");
-                    gemm_to_sink_with_chunks(dz.t(), x.view(), sink, chunks);
-                    update.apply(w_len, rest, &grad[w_len..]);
-                }
-                let same = p_stored.iter().zip(&p_fused).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same && s_stored == s_fused, "{opt:?}, {chunks} chunks: fused update differs");
+                let ((p_stored, s_stored), (p_fused, s_fused)) = stored_and_fused(opt, (70, 45, 13), chunks, 4);
+                assert!(
+                    same_bits(&p_stored, &p_fused) && s_stored == s_fused,
+                    "{opt:?}, {chunks} chunks: fused update differs"
+                );
             }
         }
     }
@@ -926,31 +950,13 @@ mod tests {
     /// training bit-exact on every machine, so a change to it must show.
     #[test]
     fn bf16_updates_are_the_same_bits_however_handed_over_and_pinned() {
-        use svp_tensor::{Array2, GradientSink, gemm, gemm_to_sink_with_chunks, view_mut};
-        let (rows, cols, batch, extra) = (70, 45, 32, CHUNK + 13);
-        let w_len = rows * cols;
-        let n = w_len + extra;
-        let wave = |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) * 1e-3;
         let opt = adam(1e-2, MomentDtype::Bf16);
-        let start: Vec<f32> = (0..n).map(|i| wave(i, 1)).collect();
-        let (mut p_stored, mut p_fused) = (start.clone(), start);
-        let (mut s_stored, mut s_fused) = (opt.new_state(n), opt.new_state(n));
-        for step in 0..3 {
-            let dz = Array2::from_shape_fn((batch, rows), |(b, r)| wave(b * rows + r, step + 2));
-            let x = Array2::from_shape_fn((batch, cols), |(b, c)| wave(b * cols + c, step + 7));
-            let mut grad: Vec<f32> = (0..n).map(|i| wave(i, step + 11)).collect();
-            gemm(1.0, dz.t(), x.view(), 0.0, view_mut(&mut grad[..w_len], rows, cols));
-            opt.update(1.0, &mut p_stored, &grad, &mut s_stored);
-            let mut update = opt.begin_update(1.0, &mut s_fused);
-            let (w, rest) = p_fused.split_at_mut(w_len);
-            let sink = update.weight_rows(0, w, cols).expect("takes a product");
-            gemm_to_sink_with_chunks(dz.t(), x.view(), sink, 3);
-            update.apply(w_len, rest, &grad[w_len..]);
-        }
-        assert!(p_stored.iter().zip(&p_fused).all(|(a, b)| a.to_bits() == b.to_bits()) && s_stored == s_fused);
+        let ((p_stored, s_stored), (p_fused, s_fused)) = stored_and_fused(opt, (70, 45, CHUNK + 13), 3, 3);
+        assert!(same_bits(&p_stored, &p_fused) && s_stored == s_fused);
         // The pin: the same update from gradients that need no GEMM (whose
         // bits differ between kernels with and without FMA), only IEEE-exact
         // element arithmetic.
+        let n = 70 * 45 + CHUNK + 13;
         let mut p: Vec<f32> = (0..n).map(|i| wave(i, 1)).collect();
         let mut state = opt.new_state(n);
         for step in 0..3 {
