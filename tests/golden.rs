@@ -208,3 +208,80 @@ fn svp_plus_with_the_head_in_the_last_unit_matches() {
 fn five_step_loss_trajectory_matches() {
     check_trajectory(&fixture());
 }
+
+/// svp's vision blocks against PyTorch's own modules (float64), from
+/// `tools/golden/vision_blocks.py`.
+fn vision_fixture() -> Value {
+    serde_json::from_str(include_str!("golden/vision_blocks.json")).expect("fixture parses")
+}
+
+/// Element by element within `tol` relative to the larger of 1 and the value.
+fn assert_near(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = 0.0f32;
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let err = (a - b).abs() / b.abs().max(1.0);
+        worst = worst.max(err);
+        assert!(err <= tol, "{what}[{i}]: svp {a} vs PyTorch {b}");
+    }
+    eprintln!("{what}: worst relative error {worst:.2e}");
+}
+
+/// A pre-norm transformer block with PyTorch's MultiheadAttention (q, k, v
+/// stacked in `in_proj_weight`, heads splitting each contiguously): the
+/// same output, parameter gradients and input gradient.
+#[test]
+fn transformer_block_matches_pytorch() {
+    use svp_nn::vit::{BlockCache, BlockSpec, TransformerBlock};
+    let g = &vision_fixture()["transformer"];
+    let n = |k: &str| g[k].as_u64().unwrap() as usize;
+    let spec = BlockSpec { tokens: n("tokens"), dim: n("dim"), heads: n("heads"), mlp: n("mlp") };
+    let block = TransformerBlock { spec };
+    let rows = n("rows");
+    let params = floats(&g["params"]);
+    assert_eq!(params.len(), block.param_len());
+    let x = floats(&g["x"]);
+    let mut cache = BlockCache::try_new(&spec, rows).unwrap();
+    let mut out = vec![f32::NAN; x.len()];
+    block.forward(&params, &x, rows, &mut cache, &mut out);
+    assert_near("transformer output", &out, &floats(&g["out"]), 1e-5);
+    let mut dout = floats(&g["probe"]);
+    let (mut grad, mut dx) = (vec![f32::NAN; params.len()], vec![f32::NAN; x.len()]);
+    block.backward(&params, rows, &mut cache, &mut dout, &mut grad, Some(&mut dx));
+    assert_near("transformer parameter gradient", &grad, &floats(&g["grad"]), 1e-4);
+    assert_near("transformer input gradient", &dx, &floats(&g["dx"]), 1e-4);
+}
+
+/// A conv block in training mode (BatchNorm on the batch's statistics):
+/// the same output, gradients, and running statistics after the step
+/// (PyTorch keeps the unbiased variance, with momentum 0.1).
+#[test]
+fn conv_block_matches_pytorch_in_training() {
+    use svp_nn::conv_block::{ConvBlock, ConvBlockCache, ConvBlockSpec};
+    let g = &vision_fixture()["conv_block"];
+    let n = |k: &str| g[k].as_u64().unwrap() as usize;
+    let spec = ConvBlockSpec {
+        in_channels: n("in_channels"),
+        in_h: n("h"),
+        in_w: n("w"),
+        out_channels: n("out_channels"),
+        pool: true,
+        readout: 2,
+    };
+    let block = ConvBlock::new(spec, 1);
+    let rows = n("rows");
+    let mut params = floats(&g["params"]);
+    assert_eq!(params.len(), block.param_len());
+    let x = floats(&g["x"]);
+    let mut cache = ConvBlockCache::try_new(&block, rows).unwrap();
+    let mut out = vec![f32::NAN; rows * block.output().len()];
+    block.forward(&mut params, &x, rows, &mut cache, &mut out, Mode::Train { seed: 1, step: 0 });
+    assert_near("conv block output", &out, &floats(&g["out"]), 1e-5);
+    let c = spec.out_channels;
+    let running = &params[block.trainable_len()..];
+    assert_near("running statistics", &running[..2 * c], &floats(&g["running_after"]), 1e-5);
+    let (mut grad, mut dx) = (vec![f32::NAN; block.trainable_len()], vec![f32::NAN; x.len()]);
+    block.backward(&params, &x, rows, &mut cache, &floats(&g["probe"]), &mut grad, Some(&mut dx));
+    assert_near("conv block parameter gradient", &grad, &floats(&g["grad"]), 1e-4);
+    assert_near("conv block input gradient", &dx, &floats(&g["dx"]), 1e-4);
+}
