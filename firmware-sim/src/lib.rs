@@ -120,7 +120,14 @@ mod tests {
         let heads = file.meta.heads.clone().expect("the shipped model was trained with SVP");
         let classes = file.meta.layers.last().unwrap().out_dim;
         for method in [Method::Svp, Method::Bp] {
-            let run = FineTuning { method, epochs: 2, batch_size: 64, lr: 1e-3, moments: MomentDtype::F32 };
+            let run = FineTuning {
+                method,
+                epochs: 2,
+                batch_size: 64,
+                lr: 1e-3,
+                moments: MomentDtype::F32,
+                augment: Default::default(),
+            };
             let config = fine_tune_config(&file.meta, run);
             assert_eq!(svp_train::ProjectionHeads::from_config(&config, classes), heads);
             let widths: Vec<usize> = file.meta.layers.iter().map(|l| l.out_dim).collect();

@@ -213,8 +213,14 @@ fn run() -> Result<bool, String> {
     let mut svp_ok = false;
     let mut bp_failed = false;
     for &method in &args.methods {
-        let run =
-            FineTuning { method, epochs: args.epochs, batch_size: args.batch, lr: args.lr, moments: args.moments };
+        let run = FineTuning {
+            method,
+            epochs: args.epochs,
+            batch_size: args.batch,
+            lr: args.lr,
+            moments: args.moments,
+            augment: Default::default(),
+        };
         let config = fine_tune_config(&meta, run);
         config.validate_for_data(&split).map_err(|e| e.to_string())?;
         let _chip = ChipFile(&args.flash);

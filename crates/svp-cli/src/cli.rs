@@ -95,6 +95,15 @@ pub enum ExportFormat {
     Safetensors,
 }
 
+/// Which epoch's model `--out` keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Keep {
+    /// The last epoch's.
+    Last,
+    /// The epoch with the best validation accuracy (needs --val-split).
+    Best,
+}
+
 /// `svp finetune`.
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
@@ -128,6 +137,21 @@ pub struct FinetuneArgs {
     /// One JSON object per line on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Shift training images by up to N pixels, drawn per sample and epoch
+    /// (small data: on-device fine-tuning always is).
+    #[arg(long, value_name = "N")]
+    pub augment_shift: Option<usize>,
+    /// Mirror training images left-right at random.
+    #[arg(long)]
+    pub augment_flip: bool,
+    /// Hold out this fraction of the training set (0 < F < 1) and report the
+    /// accuracy on it after every epoch.
+    #[arg(long, value_name = "F")]
+    pub val_split: Option<f64>,
+    /// With --val-split and --out: `best` writes the model only when an
+    /// epoch improves the validation accuracy; `last` every epoch.
+    #[arg(long, value_enum, default_value = "last")]
+    pub keep: Keep,
     /// Heap the run may take beyond the data, in MiB (default: three quarters
     /// of the memory the system has available).
     #[arg(long, value_name = "MIB")]
@@ -333,6 +357,21 @@ pub struct TrainArgs {
     /// `--data` and `--limit-train`; `--epochs` may extend the run).
     #[arg(long, conflicts_with_all = ["config", "method", "seed", "batch_size", "lr"])]
     pub resume: Option<PathBuf>,
+    /// Shift training images by up to N pixels, drawn per sample and epoch
+    /// (small data: on-device fine-tuning always is).
+    #[arg(long, value_name = "N")]
+    pub augment_shift: Option<usize>,
+    /// Mirror training images left-right at random.
+    #[arg(long)]
+    pub augment_flip: bool,
+    /// Hold out this fraction of the training set (0 < F < 1) and report the
+    /// accuracy on it after every epoch.
+    #[arg(long, value_name = "F")]
+    pub val_split: Option<f64>,
+    /// With --val-split and --out: `best` writes the model only when an
+    /// epoch improves the validation accuracy; `last` every epoch.
+    #[arg(long, value_enum, default_value = "last")]
+    pub keep: Keep,
     /// Heap the run may take beyond the data already loaded, in MiB (weights,
     /// optimizer state, workspace); a run that needs more stops before its
     /// first step, before it has written any of that memory. Default: three

@@ -35,9 +35,19 @@ pub fn run(args: FinetuneArgs) -> Result<(), CliError> {
         None if meta.provenance.method == "svp" && meta.heads.is_some() => Method::Svp,
         None => Method::Bp,
     };
-    let run =
-        FineTuning { method, epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, moments: MomentDtype::F32 };
+    let mut augment = svp_data::Augment::default();
+    crate::train_cmd::apply_augment(&mut augment, args.augment_shift, args.augment_flip);
+    let run = FineTuning {
+        method,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        moments: MomentDtype::F32,
+        augment,
+    };
     let config = finetune::config(meta, run);
+    let validation =
+        crate::train_cmd::hold_out(&mut data, args.val_split, args.keep, args.out.as_deref(), config.train.seed)?;
     config.validate_for_data(&data)?;
     let network = file.to_network();
     let before = evaluate(&network, &data.test, meta.norm, 256, None, &mut InferenceWorkspace::default()).accuracy;
@@ -49,14 +59,19 @@ pub fn run(args: FinetuneArgs) -> Result<(), CliError> {
         100.0 * before
     );
     eprintln!("{}", crate::train_cmd::describe(&config, &data));
-    let options =
-        FitOptions { initial_params: Some(network.params().to_vec()), norm: Some(meta.norm), ..Default::default() };
+    let options = FitOptions {
+        initial_params: Some(network.params().to_vec()),
+        norm: Some(meta.norm),
+        validation,
+        ..Default::default()
+    };
     let outputs = Outputs {
         out: args.out.clone(),
         class_names: meta.class_names.clone(),
         checkpoint: None,
         json: args.json,
         max_memory: args.max_memory,
+        keep_best: args.keep == crate::cli::Keep::Best,
     };
     // Only the weights go on: the file's bytes and the f32 network are freed.
     drop(network);

@@ -61,7 +61,8 @@ fn config(run: &MemoryRun, method: Method, depth: usize) -> Result<Config, CliEr
         Some(path) => scaled(crate::train_cmd::read_config(path)?, depth),
         None => mlp_config(run, depth),
     };
-    config.train = TrainConfig { method, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false };
+    config.train =
+        TrainConfig { method, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false, augment: Default::default() };
     config.optimizer = optimizer(run);
     config.schedule = Default::default();
     config.validate()?;
@@ -106,7 +107,14 @@ fn mlp_config(run: &MemoryRun, depth: usize) -> Config {
     Config {
         model: ModelConfig::mlp(vec![run.width; depth]),
         svp: SvpConfig::default(),
-        train: TrainConfig { method: Method::Svp, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false },
+        train: TrainConfig {
+            method: Method::Svp,
+            epochs: 1,
+            batch_size: run.batch,
+            seed: 1,
+            shuffle: false,
+            augment: Default::default(),
+        },
         optimizer: optimizer(run),
         schedule: Default::default(),
     }

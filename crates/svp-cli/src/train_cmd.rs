@@ -74,6 +74,7 @@ fn load_config(args: &TrainArgs) -> Result<Config, CliError> {
     if let Some(b) = args.batch_size {
         config.train.batch_size = b;
     }
+    apply_augment(&mut config.train.augment, args.augment_shift, args.augment_flip);
     if let Some(lr) = args.lr {
         match &mut config.optimizer {
             Optimizer::Sgd { lr: l, .. } | Optimizer::Adam { lr: l, .. } | Optimizer::AdamW { lr: l, .. } => *l = lr,
@@ -81,6 +82,39 @@ fn load_config(args: &TrainArgs) -> Result<Config, CliError> {
     }
     config.validate()?;
     Ok(config)
+}
+
+/// `--augment-shift` and `--augment-flip` over the config's `augment`.
+pub fn apply_augment(augment: &mut svp_data::Augment, shift: Option<usize>, flip: bool) {
+    if let Some(s) = shift {
+        augment.shift = s;
+    }
+    augment.flip |= flip;
+}
+
+/// Holds out `--val-split` of the training set (checked first), and checks
+/// `--keep best` has a validation set and a file to keep.
+pub fn hold_out(
+    data: &mut DataSplit,
+    fraction: Option<f64>,
+    keep: crate::cli::Keep,
+    out: Option<&Path>,
+    seed: u64,
+) -> Result<Option<svp_data::Dataset>, CliError> {
+    let invalid = |m: String| CliError::from(svp_train::ConfigError::Invalid(m));
+    if keep == crate::cli::Keep::Best && (fraction.is_none() || out.is_none()) {
+        return Err(invalid("--keep best needs --val-split (what is best) and --out (where to keep it)".into()));
+    }
+    let Some(f) = fraction else { return Ok(None) };
+    if !(f > 0.0 && f < 1.0) {
+        return Err(invalid(format!("--val-split {f}: give a fraction between 0 and 1")));
+    }
+    let val = svp_data::split_validation(&mut data.train, f, seed);
+    if val.is_empty() {
+        return Err(invalid(format!("--val-split {f} holds out no sample of {}", data.train.len())));
+    }
+    data.origin = format!("{} ({} held out for validation)", data.origin, val.len());
+    Ok(Some(val))
 }
 
 /// Fails early, before any training, if `path` cannot be written.
@@ -168,6 +202,9 @@ fn epoch_json(r: &EpochReport) -> serde_json::Value {
         v["layer_train_acc"] = json!(l.train_acc);
         v["exit_test_acc"] = json!(l.exit_test_acc);
     }
+    if let Some(acc) = r.val_acc {
+        v["val_acc"] = json!(acc);
+    }
     v
 }
 
@@ -180,6 +217,9 @@ fn epoch_text(r: &EpochReport) -> String {
         r.seconds,
         r.samples_per_s
     );
+    if let Some(acc) = r.val_acc {
+        s.push_str(&format!("  val_acc {:.2}%", 100.0 * acc));
+    }
     if let Some(l) = &r.layers
         && !l.exit_test_acc.is_empty()
     {
@@ -228,6 +268,8 @@ struct Console {
     out: Option<ModelTarget>,
     /// The last epoch whose model `out` holds.
     saved_epoch: Option<usize>,
+    /// Keep only the epoch with the best validation accuracy, and that accuracy.
+    keep_best: Option<f64>,
     /// Where checkpoints go, and what they record besides the state.
     checkpoint: Option<(PathBuf, String, String, u64)>,
 }
@@ -265,6 +307,12 @@ impl FitObserver for Console {
             println!("{}", epoch_json(r));
         } else {
             println!("{}", epoch_text(r));
+        }
+        if let (Some(best), Some(val)) = (self.keep_best, r.val_acc) {
+            if self.saved_epoch.is_some() && val <= best {
+                return Ok(()); // not better: the file keeps the best so far
+            }
+            self.keep_best = Some(val);
         }
         if let Some(out) = &self.out {
             out.save(r, model).map_err(|e| {
@@ -334,6 +382,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         data.train.images.truncate(n * f);
         data.origin = format!("{} (first {n} training samples)", data.origin);
     }
+    let validation = hold_out(&mut data, args.val_split, args.keep, args.out.as_deref(), config.train.seed)?;
     config.validate_for_data(&data)?;
     if let Some(c) = &resume
         && (c.data_origin != data.origin || c.train_len != data.train.len() as u64)
@@ -358,10 +407,12 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         checkpoint: args.checkpoint.clone(),
         json: args.json,
         max_memory: args.max_memory,
+        keep_best: args.keep == crate::cli::Keep::Best,
     };
     let options = FitOptions {
         checkpoint_every: args.checkpoint.as_ref().map(|_| args.checkpoint_every.unwrap_or(0)),
         resume: resume.map(|c| c.state),
+        validation,
         ..Default::default()
     };
     train(&config, &data, options, outputs).map(|_| ())
@@ -379,6 +430,8 @@ pub struct Outputs {
     pub json: bool,
     /// `--max-memory`, MiB.
     pub max_memory: Option<usize>,
+    /// Write the model only when an epoch improves the validation accuracy.
+    pub keep_best: bool,
 }
 
 /// Trains `config` on `data` (validated against each other) with
@@ -408,6 +461,7 @@ pub fn train(
         json: args.json,
         out,
         saved_epoch: None,
+        keep_best: args.keep_best.then_some(f64::NEG_INFINITY),
         checkpoint,
     };
     // A run that cannot fit fails before its first step, with one line.
@@ -441,6 +495,7 @@ pub fn train(
                 "optimizer_bytes": m.optimizer,
                 "workspace_bytes": m.workspace,
                 "model": saved.as_ref().map(|(p, _)| p.display().to_string()),
+                "model_epoch": saved.as_ref().map(|(_, epoch)| epoch),
             })
         );
     } else {
@@ -449,7 +504,14 @@ pub fn train(
             None => "no epoch finished".into(),
         };
         let model = match (&saved, &args.out) {
-            (Some((p, _)), _) if outcome.diverged.is_none() => format!("model saved to {}", p.display()),
+            (Some((p, epoch)), _) if outcome.diverged.is_none() => match console.keep_best {
+                Some(val) => format!(
+                    "the model after epoch {epoch}, best on validation ({:.2}%), saved to {}",
+                    100.0 * val,
+                    p.display()
+                ),
+                None => format!("model saved to {}", p.display()),
+            },
             (_, None) => "the model was not saved (give --out FILE to save it)".into(),
             // A diverged run says what it kept in its error line.
             (_, Some(_)) => String::new(),

@@ -18,6 +18,8 @@ pub struct FineTuning {
     pub lr: f32,
     /// Storage of Adam's moments.
     pub moments: MomentDtype,
+    /// Random shifts and flips of the new training images.
+    pub augment: svp_data::Augment,
 }
 
 /// The training config that fine-tunes the network of `meta` (an MLP, a
@@ -45,6 +47,7 @@ pub fn config(meta: &ModelMeta, run: FineTuning) -> Config {
             batch_size: run.batch_size,
             seed: 11,
             shuffle: true,
+            augment: run.augment,
         },
         optimizer: Optimizer::adam(run.lr).with_moments(run.moments),
         schedule: Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },

@@ -40,6 +40,9 @@ pub enum Purpose {
     WeightInit = 4,
     /// Order of the training samples in each epoch.
     Shuffle = 5,
+    /// Random shifts and flips of training images (per sample and epoch),
+    /// and the validation split.
+    Augment = 6,
 }
 
 /// The address of one stream: `(seed, purpose, a, b, c)`.

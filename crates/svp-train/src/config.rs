@@ -288,6 +288,16 @@ pub struct TrainConfig {
     /// Shuffle the training set each epoch.
     #[serde(default = "default_true")]
     pub shuffle: bool,
+    /// Random shifts and flips of the training images (`augment = { shift
+    /// = 2, flip = true }`), drawn per sample and epoch from the seed.
+    /// Left out of the JSON when off, so checkpoints of runs without it read
+    /// as they did before it existed.
+    #[serde(default, skip_serializing_if = "is_off")]
+    pub augment: svp_data::Augment,
+}
+
+fn is_off(augment: &svp_data::Augment) -> bool {
+    !augment.is_active()
 }
 
 fn default_method() -> Method {
@@ -314,6 +324,7 @@ impl Default for TrainConfig {
             batch_size: default_batch(),
             seed: default_seed(),
             shuffle: true,
+            augment: Default::default(),
         }
     }
 }
@@ -465,6 +476,14 @@ impl Config {
         }
         if train_len == 0 {
             return Err(ConfigError::DataMismatch("the training set is empty".into()));
+        }
+        let (h, w) = data.train.image_shape;
+        let shift = self.train.augment.shift;
+        if shift > 0 && shift >= h.min(w) {
+            return Err(ConfigError::DataMismatch(format!(
+                "train.augment.shift = {shift} would move a {h}x{w} image out of sight (give less than {})",
+                h.min(w)
+            )));
         }
         Ok(())
     }

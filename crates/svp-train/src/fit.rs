@@ -51,6 +51,8 @@ pub struct EpochReport {
     pub samples_per_s: f64,
     /// SVP only: per-layer losses and accuracies.
     pub layers: Option<LayerEpoch>,
+    /// Accuracy on [`FitOptions::validation`], if given.
+    pub val_acc: Option<f64>,
 }
 
 /// The result of [`fit`]: the model, the epochs completed and, if it
@@ -189,6 +191,9 @@ pub struct FitOptions {
     pub headroom_bytes: usize,
     /// Offer a checkpoint every this many steps.
     pub checkpoint_every: Option<u64>,
+    /// Samples held out of training, evaluated after every epoch
+    /// ([`EpochReport::val_acc`]).
+    pub validation: Option<svp_data::Dataset>,
 }
 
 /// Watches nothing.
@@ -275,7 +280,7 @@ fn fit_on_this_thread(
         Method::Svp => Some(ProjectionHeads::from_config(config, data.classes)),
         Method::Bp => None,
     };
-    let mut batcher = Batcher::new(data.train.len(), rows, norm);
+    let mut batcher = Batcher::new(data.train.len(), rows, norm).with_augment(config.train.augment);
     let mut x = svp_alloc::try_zeros(rows * data.features(), "the input batch")?;
     drop(svp_alloc::try_zeros(options.headroom_bytes / 4, "headroom for a training step's transient buffers")?);
     let mut y = vec![0u32; rows];
@@ -373,6 +378,10 @@ fn fit_on_this_thread(
         }
         let EvalReport { accuracy, exit_accuracy, .. } =
             evaluate_with(&model, &data.test, norm, heads.as_ref(), &mut eval_ws, &mut x, &mut y);
+        let val_acc = options
+            .validation
+            .as_ref()
+            .map(|v| evaluate_with(&model, v, norm, None, &mut eval_ws, &mut x, &mut y).accuracy);
         let layers = trainer.layer_metrics().map(|m| {
             let s = m.steps.max(1) as f64;
             LayerEpoch {
@@ -389,6 +398,7 @@ fn fit_on_this_thread(
             seconds,
             samples_per_s: (samples - samples_before) as f64 / seconds.max(1e-9),
             layers,
+            val_acc,
         };
         let epoch_model = EpochModel { network: &model, heads: heads.as_ref(), norm };
         let saved = observer.on_epoch(&report, epoch_model);
