@@ -15,7 +15,7 @@ mod plot;
 mod progress;
 mod train_cmd;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use std::process::ExitCode;
 
 /// Every allocation of the process is counted: `svp train` and `svp memory`
@@ -24,7 +24,12 @@ use std::process::ExitCode;
 pub static ALLOC: svp_alloc::CountingAlloc = svp_alloc::CountingAlloc::new();
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let matches = cli::Cli::command().version(version()).get_matches();
+    let args = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Err(e) = svp_tensor::cpu::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     if let Some(n) = args.threads
         && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global()
     {
@@ -49,4 +54,19 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// `svp --version`: the release, and the kernels this CPU got.
+fn version() -> &'static str {
+    use svp_tensor::cpu::{self, Isa};
+    let supported: Vec<&str> = Isa::supported().into_iter().map(Isa::name).collect();
+    let text = format!(
+        "{} ({} kernels on {}; this CPU runs {}; SVP_KERNEL picks one)",
+        env!("CARGO_PKG_VERSION"),
+        cpu::selected(),
+        std::env::consts::ARCH,
+        supported.join(", ")
+    );
+    // Once per process, before the command runs; clap keeps `&'static str`s.
+    Box::leak(text.into_boxed_str())
 }

@@ -158,7 +158,7 @@ pub fn describe(config: &Config, data: &DataSplit) -> String {
         .chain([data.classes.to_string()])
         .collect();
     format!(
-        "svp train: method {}, network {}, {} train / {} test samples from {}, batch {}, {}, {}, {} threads",
+        "svp train: method {}, network {}, {} train / {} test samples from {}, batch {}, {}, {}, {} threads, {} kernels",
         config.train.method,
         widths.join("-"),
         data.train.len(),
@@ -171,7 +171,8 @@ pub fn describe(config: &Config, data: &DataSplit) -> String {
         },
         plural(config.train.epochs, "epoch"),
         describe_optimizer(&config.optimizer),
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        svp_tensor::cpu::selected()
     )
 }
 

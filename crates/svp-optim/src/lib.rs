@@ -331,14 +331,14 @@ impl GradientSink for LayerUpdate<'_> {
         // A rule without moments gets empty moment slices (a zip with the
         // empty state would stop at once).
         match &mut *self.moments {
-            Moments::None => chunks.for_each(|(p, g)| rule.apply(p, g, &mut [], &mut [])),
+            Moments::None => chunks.for_each(|(p, g)| apply_rule(rule, p, g, &mut [], &mut [])),
             Moments::Momentum(m) => {
-                chunks.zip(m[range].par_chunks_mut(CHUNK)).for_each(|((p, g), m)| rule.apply(p, g, m, &mut []))
+                chunks.zip(m[range].par_chunks_mut(CHUNK)).for_each(|((p, g), m)| apply_rule(rule, p, g, m, &mut []))
             }
             Moments::F32 { m, v } => chunks
                 .zip(m[range.clone()].par_chunks_mut(CHUNK))
                 .zip(v[range].par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| rule.apply(p, g, m, v)),
+                .for_each(|(((p, g), m), v)| apply_rule(rule, p, g, m, v)),
             Moments::Bf16 { m, v } => {
                 let StepRule::Adam(adam) = rule else { unreachable!("only Adam's state is kept in bf16") };
                 let noise_seed = self.noise_seed;
@@ -347,7 +347,7 @@ impl GradientSink for LayerUpdate<'_> {
                     .zip(v[range].par_chunks_mut(CHUNK))
                     .enumerate()
                     .for_each(|(c, (((p, g), m), v))| {
-                        adam.apply_bf16(p, g, m, v, noise_seed, (offset + c * CHUNK) as u32)
+                        apply_adam_bf16(adam, p, g, m, v, noise_seed, (offset + c * CHUNK) as u32)
                     })
             }
         }
@@ -405,14 +405,15 @@ impl svp_tensor::ProductSink for WeightRows<'_> {
         let at = row * self.cols + col0;
         let range = at..at + grad.len();
         let params = &mut self.params[range.clone()];
+        let rule = self.rule;
         match &mut self.moments {
-            RowMoments::None => self.rule.apply(params, grad, &mut [], &mut []),
-            RowMoments::Momentum(m) => self.rule.apply(params, grad, &mut m[range], &mut []),
-            RowMoments::F32 { m, v } => self.rule.apply(params, grad, &mut m[range.clone()], &mut v[range]),
+            RowMoments::None => apply_rule(rule, params, grad, &mut [], &mut []),
+            RowMoments::Momentum(m) => apply_rule(rule, params, grad, &mut m[range], &mut []),
+            RowMoments::F32 { m, v } => apply_rule(rule, params, grad, &mut m[range.clone()], &mut v[range]),
             RowMoments::Bf16 { m, v, noise_seed } => {
-                let StepRule::Adam(adam) = self.rule else { unreachable!("only Adam's state is kept in bf16") };
+                let StepRule::Adam(adam) = rule else { unreachable!("only Adam's state is kept in bf16") };
                 let (m, v) = (&mut m[range.clone()], &mut v[range]);
-                adam.apply_bf16(params, grad, m, v, *noise_seed, (self.offset + at) as u32);
+                apply_adam_bf16(adam, params, grad, m, v, *noise_seed, (self.offset + at) as u32);
             }
         }
     }
@@ -545,6 +546,28 @@ impl StepRule {
                 }
             }
         }
+    }
+}
+
+svp_tensor::multiversion! {
+    /// [`StepRule::apply`], vectorized at the CPU's width.
+    fn apply_rule(rule: StepRule, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+        rule.apply(params, grad, m, v)
+    }
+}
+
+svp_tensor::multiversion! {
+    /// [`AdamStep::apply_bf16`], vectorized at the CPU's width.
+    fn apply_adam_bf16(
+        adam: AdamStep,
+        params: &mut [f32],
+        grad: &[f32],
+        m: &mut [u16],
+        v: &mut [u16],
+        noise_seed: u32,
+        offset: u32,
+    ) {
+        adam.apply_bf16(params, grad, m, v, noise_seed, offset)
     }
 }
 

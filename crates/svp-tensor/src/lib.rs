@@ -4,9 +4,10 @@
 //! ndarray does not give at the speed or with the guarantees svp needs:
 //!
 //! * [`gemm()`]: `C = alpha * A B + beta * C` with packed panels and a
-//!   register-tiled kernel (AVX-512 intrinsics, or plain Rust that LLVM
-//!   vectorizes for AVX2 and NEON), the output rows or columns split across the
-//!   rayon pool. Every output element is summed in the same order whatever the split
+//!   register-tiled kernel chosen at run time for the CPU ([`cpu`]: AVX-512
+//!   or NEON intrinsics, plain Rust compiled for AVX2 and FMA, or a portable
+//!   fallback), the output rows or columns split across the rayon pool.
+//!   Every kernel gives the same bits. Every output element is summed in the same order whatever the split
 //!   or the thread count, so results are bit-identical. The packing buffers are
 //!   per thread and reused, so a GEMM allocates nothing after a thread's first.
 //! * [`gemm_to_sink`]: the same product handed tile row by tile row to a
@@ -17,12 +18,14 @@
 
 #![warn(missing_docs)]
 
+pub mod cpu;
 pub mod gemm;
 pub mod reduce;
 
 pub use gemm::{
-    GradientSink, ProductSink, SINK_MAX_DEPTH, WORKSPACE_BYTES, gemm, gemm_clock, gemm_to_sink,
-    gemm_to_sink_with_chunks, gemm_with_chunks, reset_gemm_clock, try_reserve_workspaces, workspace_bytes_reserved,
+    GradientSink, ProductSink, SINK_MAX_DEPTH, gemm, gemm_clock, gemm_to_sink, gemm_to_sink_with_chunks,
+    gemm_with_chunks, gemm_with_chunks_on, reset_gemm_clock, try_reserve_workspaces, workspace_bytes,
+    workspace_bytes_reserved,
 };
 pub use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, ShapeBuilder, s};
 

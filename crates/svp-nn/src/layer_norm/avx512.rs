@@ -7,9 +7,10 @@
 //! the forward twice as slow. Each function does the portable one's
 //! operations in the same order, sixteen elements at a time; a lane sum is
 //! one register in `reduce`'s layout, finished by the same fold. So the bits
-//! are the same (checked in the parent module's tests). Compiled only when
-//! the build targets AVX-512F, so every CPU the binary runs on has the
-//! instructions.
+//! are the same (checked in the parent module's tests). Compiled into every
+//! x86-64 build; the parent calls these functions only when the process runs
+//! the AVX-512 kernels (`svp_tensor::cpu::selected`), which it does only on a
+//! CPU that has AVX-512F: that is what makes those calls sound.
 
 use super::LAYER_NORM_EPS;
 use core::arch::x86_64::*;
@@ -17,21 +18,23 @@ use svp_tensor::reduce::{LANES, LaneSum};
 
 const _: () = assert!(LANES == 16, "a lane sum is one 16-float register");
 
-#[inline(always)]
+#[target_feature(enable = "avx512f")]
+#[inline]
 fn load(values: &[f32; LANES]) -> __m512 {
-    // SAFETY: `values` is exactly one register's width of floats; the build
-    // targets AVX-512F (module docs).
+    // SAFETY: `values` is exactly one register's width of floats.
     unsafe { _mm512_loadu_ps(values.as_ptr()) }
 }
 
-#[inline(always)]
+#[target_feature(enable = "avx512f")]
+#[inline]
 fn store(dst: &mut [f32; LANES], v: __m512) {
     // SAFETY: as in `load`.
     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
 }
 
 /// The register's lanes as a [`LaneSum`].
-#[inline(always)]
+#[target_feature(enable = "avx512f")]
+#[inline]
 fn lanes(v: __m512) -> LaneSum {
     let mut values = [0.0; LANES];
     store(&mut values, v);
@@ -58,7 +61,6 @@ fn chunks_mut(values: &mut [f32]) -> &mut [[f32; LANES]] {
 }
 
 /// `super::forward_row` with `act` = ReLU (`relu`) or the identity.
-/// (Callers know AVX-512F is there: the module docs.)
 #[target_feature(enable = "avx512f")]
 pub fn forward_row(
     z: &mut [f32],
@@ -105,7 +107,6 @@ pub fn forward_row(
 }
 
 /// `super::backward_row` with `act` = ReLU (`relu`) or the identity.
-/// (Callers know AVX-512F is there: the module docs.)
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub fn backward_row(

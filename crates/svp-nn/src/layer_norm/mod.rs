@@ -6,7 +6,7 @@
 //! applies the activation's derivative and accumulates the parameter
 //! gradients, the row's two means and, in a second pass, the preceding
 //! bias's gradient. A row is a few KiB, so its passes stay in L1; the batch
-//! is swept once. On AVX-512 builds, ReLU and identity rows of whole 16-float
+//! is swept once. On AVX-512 CPUs, ReLU and identity rows of whole 16-float
 //! lanes take intrinsics versions of the same passes (`layer_norm/avx512.rs`), twice as
 //! fast and bit for bit the same.
 //!
@@ -15,7 +15,7 @@
 //! accumulated per chunk and the chunks are added in order, so the bits never
 //! depend on the thread count. Row sums use `reduce`'s fixed lane layout.
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 
 use crate::Activation;
@@ -60,25 +60,7 @@ pub fn forward(
     assert_eq!(beta.len(), d, "layer norm forward: beta");
     assert!(bias.is_none_or(|b| b.len() == d), "layer norm forward: bias");
     let chunk = rows_per_chunk(d);
-    let row = |z: &mut [f32], r: &mut f32, out: &mut [f32]| {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        if let Some(relu) = avx512_rows(d, act) {
-            // SAFETY: `avx512` is compiled only when the build targets
-            // AVX-512F (its module docs), so the CPU running this has it.
-            *r = unsafe { avx512::forward_row(z, bias, gamma, beta, relu, out) };
-            return;
-        }
-        *r = match act {
-            Activation::Relu => forward_row(z, bias, gamma, beta, relu, out),
-            Activation::Gelu => forward_row(z, bias, gamma, beta, gelu, out),
-            Activation::Identity => forward_row(z, bias, gamma, beta, |v| v, out),
-        };
-    };
-    let task = |((z, r), out): ((&mut [f32], &mut [f32]), &mut [f32])| {
-        for ((z, r), out) in z.chunks_exact_mut(d).zip(r.iter_mut()).zip(out.chunks_exact_mut(d)) {
-            row(z, r, out);
-        }
-    };
+    let task = |((z, r), out): ((&mut [f32], &mut [f32]), &mut [f32])| forward_rows(z, bias, gamma, beta, act, r, out);
     if rows * d < PARALLEL_MIN_ELEMS {
         z.chunks_mut(chunk * d).zip(rstd.chunks_mut(chunk)).zip(out.chunks_mut(chunk * d)).for_each(task);
     } else {
@@ -118,25 +100,7 @@ pub fn backward(
     let partials = &mut scratch[..partial_len];
 
     type Chunk<'a> = (((&'a mut [f32], &'a [f32]), &'a [f32]), &'a mut [f32]);
-    let task = |(((dy, xhat), rstd), partial): Chunk| {
-        partial.fill(0.0);
-        let (sum_dy, rest) = partial.split_at_mut(d);
-        let (sum_dy_xhat, sum_dz) = rest.split_at_mut(d);
-        for ((dy, x), &r) in dy.chunks_exact_mut(d).zip(xhat.chunks_exact(d)).zip(rstd) {
-            let sums = (&mut *sum_dy, &mut *sum_dy_xhat, &mut *sum_dz);
-            #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-            if let Some(relu) = avx512_rows(d, act) {
-                // SAFETY: as in `forward`.
-                unsafe { avx512::backward_row(dy, x, r, gamma, beta, relu, sums) };
-                continue;
-            }
-            match act {
-                Activation::Relu => backward_row(dy, x, r, gamma, beta, relu_grad, sums),
-                Activation::Gelu => backward_row(dy, x, r, gamma, beta, gelu_grad, sums),
-                Activation::Identity => backward_row(dy, x, r, gamma, beta, |g, _| g, sums),
-            }
-        }
-    };
+    let task = |(((dy, xhat), rstd), partial): Chunk| backward_rows(xhat, rstd, gamma, beta, act, dy, partial);
     // The same chunks either way, so the same partial sums: only the scheduling differs.
     if rows * d < PARALLEL_MIN_ELEMS {
         dy.chunks_mut(chunk * d)
@@ -167,10 +131,76 @@ pub fn backward(
     }
 }
 
-/// Whether rows of `width` under `act` take the AVX-512 passes, and if so
-/// whether the activation is ReLU (else the identity).
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+svp_tensor::multiversion! {
+    /// [`forward`] over a chunk of rows.
+    fn forward_rows(
+        z: &mut [f32],
+        bias: Option<&[f32]>,
+        gamma: &[f32],
+        beta: &[f32],
+        act: Activation,
+        rstd: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let d = gamma.len();
+        for ((z, r), out) in z.chunks_exact_mut(d).zip(rstd.iter_mut()).zip(out.chunks_exact_mut(d)) {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(relu) = avx512_rows(d, act) {
+                // SAFETY: `avx512_rows` answers only when the process runs the
+                // AVX-512 kernels, which it does only on a CPU with AVX-512F.
+                *r = unsafe { avx512::forward_row(z, bias, gamma, beta, relu, out) };
+                continue;
+            }
+            *r = match act {
+                Activation::Relu => forward_row(z, bias, gamma, beta, relu, out),
+                Activation::Gelu => forward_row(z, bias, gamma, beta, gelu, out),
+                Activation::Identity => forward_row(z, bias, gamma, beta, |v| v, out),
+            };
+        }
+    }
+}
+
+svp_tensor::multiversion! {
+    /// [`backward`] over a chunk of rows, into the chunk's `partial` sums
+    /// (`dbeta`'s, `dgamma`'s and, when 3 widths long, the bias's).
+    fn backward_rows(
+        xhat: &[f32],
+        rstd: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        act: Activation,
+        dy: &mut [f32],
+        partial: &mut [f32],
+    ) {
+        let d = gamma.len();
+        partial.fill(0.0);
+        let (sum_dy, rest) = partial.split_at_mut(d);
+        let (sum_dy_xhat, sum_dz) = rest.split_at_mut(d);
+        for ((dy, x), &r) in dy.chunks_exact_mut(d).zip(xhat.chunks_exact(d)).zip(rstd) {
+            let sums = (&mut *sum_dy, &mut *sum_dy_xhat, &mut *sum_dz);
+            #[cfg(target_arch = "x86_64")]
+            if let Some(relu) = avx512_rows(d, act) {
+                // SAFETY: as in `forward_rows`.
+                unsafe { avx512::backward_row(dy, x, r, gamma, beta, relu, sums) };
+                continue;
+            }
+            match act {
+                Activation::Relu => backward_row(dy, x, r, gamma, beta, relu_grad, sums),
+                Activation::Gelu => backward_row(dy, x, r, gamma, beta, gelu_grad, sums),
+                Activation::Identity => backward_row(dy, x, r, gamma, beta, |g, _| g, sums),
+            }
+        }
+    }
+}
+
+/// Whether rows of `width` under `act` take the AVX-512 passes (only when
+/// the process runs the AVX-512 kernels: `svp_tensor::cpu::selected`), and
+/// if so whether the activation is ReLU (else the identity).
+#[cfg(target_arch = "x86_64")]
 fn avx512_rows(width: usize, act: Activation) -> Option<bool> {
+    if svp_tensor::cpu::selected() != svp_tensor::cpu::Isa::Avx512 {
+        return None;
+    }
     let whole_lanes = width.is_multiple_of(LANES);
     match act {
         Activation::Relu if whole_lanes => Some(true),
@@ -221,6 +251,7 @@ fn forward_row(
 /// expression), wrt `xhat`, then wrt `z`. The row's two means are summed in
 /// `reduce`'s lane layout as the first pass goes (the bits of `reduce::sum`
 /// and `reduce::dot` over the values it stores).
+#[inline(always)]
 fn backward_row(
     dy: &mut [f32],
     xhat: &[f32],
@@ -439,9 +470,16 @@ mod tests {
     /// The AVX-512 rows give the portable rows' bits, for every width they
     /// take, with and without bias and bias sums, and for rows holding a
     /// negative zero (ReLU's sign) and a NaN (ReLU's answer to it).
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    /// (Runs where the process runs the AVX-512 kernels; says it skipped
+    /// elsewhere.)
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_rows_match_the_portable_ones_bit_for_bit() {
+        if svp_tensor::cpu::selected() != svp_tensor::cpu::Isa::Avx512 {
+            eprintln!("skipped: the process does not run the AVX-512 kernels");
+            assert_eq!(avx512_rows(1024, Activation::Relu), None);
+            return;
+        }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for d in [16, 32, 784, 1024] {
             for (act, relu) in [(Activation::Relu, true), (Activation::Identity, false)] {
@@ -458,7 +496,8 @@ mod tests {
                     let (mut z, mut out) = (z0.clone(), vec![0.0; d]);
                     let r = forward_row(&mut z, bias, &gamma, &beta, f, &mut out);
                     let (mut z_simd, mut out_simd) = (z0.clone(), vec![0.0; d]);
-                    // SAFETY: this test is compiled only for AVX-512F targets.
+                    // SAFETY: the process runs the AVX-512 kernels (checked
+                    // above), which it does only on a CPU with AVX-512F.
                     let r_simd = unsafe { avx512::forward_row(&mut z_simd, bias, &gamma, &beta, relu, &mut out_simd) };
                     let what = format!("width {d} {act:?} {special:?}");
                     assert_eq!(r.to_bits(), r_simd.to_bits(), "1/std, {what}");

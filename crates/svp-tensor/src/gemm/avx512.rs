@@ -2,17 +2,22 @@
 //!
 //! Written with intrinsics because LLVM's tuning for these CPUs prefers
 //! 256-bit vectors, which turns the plain-Rust kernel into register spills at
-//! a third of the speed. Compiled only when the build targets AVX-512F
-//! (`target-cpu=native` on such a CPU, or an explicit `-C target-feature`), so
-//! every CPU the binary runs on has the instructions; that is what makes each
-//! `#[target_feature]` call below sound.
+//! a third of the speed. Compiled into every x86-64 build; callers hold a
+//! [`super::kernel::Avx512`], which exists only where the CPU has AVX-512F,
+//! and that is what makes their calls to these `#[target_feature]` functions
+//! sound.
 
-use super::kernel::{Blend, MR, NR, Tile};
+use super::kernel::Blend;
 use core::arch::x86_64::*;
 
 const LANES: usize = 16;
-const _: () = assert!(NR == 2 * LANES, "the kernel holds a tile row in two registers");
+/// Rows of a tile.
+const MR: usize = 12;
+/// Columns of a tile: two registers.
+const NR: usize = 2 * LANES;
 const _: () = assert!(MR <= LANES, "a transposed A step fits one register");
+
+type Tile = [[f32; NR]; MR];
 
 /// The tile's accumulators: row `r` of the tile in `acc[r][0..2]`.
 #[target_feature(enable = "avx512f")]
@@ -31,11 +36,10 @@ fn accumulate(kc: usize, a: &[f32], b: &[f32]) -> [[__m512; 2]; MR] {
     acc
 }
 
-/// See [`super::kernel::tile_product`].
-#[inline(always)]
+/// See [`super::kernel::Kernel::tile_product`].
+#[target_feature(enable = "avx512f")]
 pub fn tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
-    // SAFETY: the build targets AVX-512F (module docs).
-    let acc = unsafe { accumulate(kc, a, b) };
+    let acc = accumulate(kc, a, b);
     let mut tile = [[0.0f32; NR]; MR];
     for (dst, row) in tile.iter_mut().zip(&acc) {
         let (lo, hi) = dst.split_at_mut(LANES);
@@ -45,10 +49,9 @@ pub fn tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
     tile
 }
 
-/// [`super::kernel::tile_into`]: rows that hold all `NR` columns of the tile
+/// [`super::kernel::Kernel::tile_into`]: rows that hold all `NR` columns of the tile
 /// are blended in registers, a row cut by the output's right edge goes
 /// through a small array, and rows past its bottom edge (empty) are skipped.
-/// (Callers know AVX-512F is there: the module docs.)
 #[target_feature(enable = "avx512f")]
 pub fn tile_into(kc: usize, a: &[f32], b: &[f32], rows: &mut [&mut [f32]; MR], j0: usize, alpha: f32, blend: Blend) {
     let acc = accumulate(kc, a, b);
@@ -82,11 +85,11 @@ pub fn tile_into(kc: usize, a: &[f32], b: &[f32], rows: &mut [&mut [f32]; MR], j
 ///
 /// # Panics
 /// If `src` is shorter than 16.
-#[inline(always)]
+#[target_feature(enable = "avx512f")]
+#[inline]
 fn load16(src: &[f32]) -> __m512 {
     let src = &src[..LANES];
-    // SAFETY: `src` holds exactly 16 floats, the load's width; the build
-    // targets AVX-512F (module docs).
+    // SAFETY: `src` holds exactly 16 floats, the load's width.
     unsafe { _mm512_loadu_ps(src.as_ptr()) }
 }
 
@@ -94,11 +97,11 @@ fn load16(src: &[f32]) -> __m512 {
 ///
 /// # Panics
 /// If `dst` is shorter than 16.
-#[inline(always)]
+#[target_feature(enable = "avx512f")]
+#[inline]
 fn store16(dst: &mut [f32], v: __m512) {
     let dst = &mut dst[..LANES];
-    // SAFETY: `dst` holds exactly 16 floats, the store's width; the build
-    // targets AVX-512F (module docs).
+    // SAFETY: `dst` holds exactly 16 floats, the store's width.
     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
 }
 
@@ -106,7 +109,8 @@ fn store16(dst: &mut [f32], v: __m512) {
 ///
 /// # Panics
 /// If `dst` is shorter than `count` or `count` exceeds 16.
-#[inline(always)]
+#[target_feature(enable = "avx512f")]
+#[inline]
 fn store_first(dst: &mut [f32], count: usize, v: __m512) {
     assert!(count <= LANES);
     let dst = &mut dst[..count];
@@ -148,9 +152,9 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     out
 }
 
-/// The blocks of 16 steps of [`super::kernel::transpose_into`]; returns how
-/// many steps it wrote (a multiple of 16), leaving the rest to the caller.
-/// (Callers know AVX-512F is there: the module docs.)
+/// The blocks of 16 steps of [`super::kernel::Kernel::transpose_into`];
+/// returns how many steps it wrote (a multiple of 16), leaving the rest to
+/// the caller.
 #[target_feature(enable = "avx512f")]
 pub fn transpose_blocks<const W: usize>(lines: &[&[f32]; W], len: usize, panel: &mut [f32]) -> usize {
     let full = len / LANES * LANES;

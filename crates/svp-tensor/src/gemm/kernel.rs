@@ -1,39 +1,19 @@
-//! The register-tiled inner kernel and the transposes that feed it.
+//! The register-tiled inner kernels, one per instruction set, behind one trait.
 //!
-//! The portable code is plain Rust over fixed-size arrays, so LLVM keeps a
-//! tile in vector registers and emits fused multiply-adds for whatever SIMD
-//! the build targets (AVX2, NEON). AVX-512 builds use the intrinsics in
-//! [`super::avx512`] instead. The tile shape is chosen per target so the
-//! accumulators fit the register file without spilling.
+//! A kernel computes an `MR x NR` tile of a product from a packed `A` panel
+//! and a packed `B` panel. Each kernel type can only be had from a
+//! constructor that checks the CPU (rten's pattern), so holding one is the
+//! proof its instructions are there: that is what makes the `unsafe` calls to
+//! `#[target_feature]` functions below sound. The tile shape is chosen per
+//! instruction set so the accumulators fit the register file without
+//! spilling.
+//!
+//! Every kernel computes each element as the same chain of fused
+//! multiply-adds over `k`, in order, so a product's bits do not depend on the
+//! kernel (checked in the parent module's tests).
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-mod shape {
-    pub const MR: usize = 12;
-    pub const NR: usize = 32;
-}
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", not(target_feature = "avx512f")))]
-mod shape {
-    pub const MR: usize = 6;
-    pub const NR: usize = 16;
-}
-#[cfg(target_arch = "aarch64")]
-mod shape {
-    pub const MR: usize = 8;
-    pub const NR: usize = 12;
-}
-#[cfg(not(any(target_arch = "aarch64", all(target_arch = "x86_64", target_feature = "avx2"))))]
-mod shape {
-    pub const MR: usize = 4;
-    pub const NR: usize = 8;
-}
-
-/// Rows of an output tile (values of `A` broadcast per step of `k`).
-pub const MR: usize = shape::MR;
-/// Columns of an output tile (a whole number of vector registers).
-pub const NR: usize = shape::NR;
-
-/// One output tile, row by row.
-pub type Tile = [[f32; NR]; MR];
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::Isa;
 
 /// How a tile of `alpha * a b` joins what the output holds.
 ///
@@ -60,49 +40,49 @@ impl Blend {
     }
 }
 
-/// `a * b + c`, fused where the target has a fused multiply-add instruction
-/// (without one, `f32::mul_add` would be a slow library call).
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx512f"), allow(dead_code))]
-#[inline(always)]
-fn madd(a: f32, b: f32, c: f32) -> f32 {
-    #[cfg(any(target_feature = "fma", target_arch = "aarch64"))]
-    {
-        a.mul_add(b, c)
-    }
-    #[cfg(not(any(target_feature = "fma", target_arch = "aarch64")))]
-    {
-        a * b + c
+/// A GEMM micro-kernel with `MR x NR` tiles.
+pub trait Kernel<const MR: usize, const NR: usize>: Copy + Send + Sync {
+    /// The `MR x NR` product of a packed `A` panel (`kc` steps of `MR`
+    /// values) and a packed `B` panel (`kc` steps of `NR` values), summed
+    /// over `k` in order with one fused multiply-add per step.
+    ///
+    /// Every element of the tile sees the same sequence of operations (and
+    /// `fma(a, b, c) == fma(b, a, c)`), so neither the tile's place in the
+    /// output nor which operand was packed as `A` changes a bit.
+    ///
+    /// # Panics
+    /// If a panel is shorter than `kc` steps.
+    fn tile_product(self, kc: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR];
+
+    /// Blends `alpha` times the tile product into columns `j0..j0 + NR` of
+    /// `rows`, clipped to the rows' length (rows past the output's edge are
+    /// empty).
+    #[allow(clippy::too_many_arguments)]
+    fn tile_into(
+        self,
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        rows: &mut [&mut [f32]; MR],
+        j0: usize,
+        alpha: f32,
+        blend: Blend,
+    );
+
+    /// `panel[p * W + i] = lines[i][p]` for `p < len`: `W` lines of at least
+    /// `len` values (or empty lines, which give zeros) transposed into steps
+    /// of `W`.
+    fn transpose_into<const W: usize>(self, lines: &[&[f32]; W], len: usize, panel: &mut [f32]) {
+        transpose_rest(lines, len, 0, panel);
     }
 }
 
-/// The `MR x NR` product of a packed `A` panel (`kc` steps of `MR` values) and
-/// a packed `B` panel (`kc` steps of `NR` values), summed over `k` in order.
-///
-/// Every element of the tile sees the same sequence of operations (one fused
-/// multiply-add per step, and `fma(a, b, c) == fma(b, a, c)`), so neither the
-/// tile's place in the output nor which operand was packed as `A` changes a bit.
-///
-/// # Panics
-/// If a panel is shorter than `kc` steps.
+/// The tile product in plain Rust, for any shape. `f32::mul_add` is one
+/// fused instruction where the function it is inlined into targets FMA
+/// (or NEON); elsewhere it is the C library's `fmaf`, correctly rounded in
+/// software: slow, but the same bits.
 #[inline(always)]
-pub fn tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        super::avx512::tile_product(kc, a, b)
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-    {
-        portable_tile_product(kc, a, b)
-    }
-}
-
-/// [`tile_product`] in plain Rust. Not inlined: where the caller reads the
-/// tile element by element (a transposed output), LLVM otherwise splits the
-/// accumulators into scalars and runs the whole loop scalar; on its own the
-/// function keeps them in vector registers and stores the tile once.
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx512f"), allow(dead_code))]
-#[inline(never)]
-fn portable_tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
+fn fma_tile<const MR: usize, const NR: usize>(kc: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
     let mut acc = [[0.0f32; NR]; MR];
     for (ak, bk) in a[..kc * MR].chunks_exact(MR).zip(b[..kc * NR].chunks_exact(NR)) {
         // Fixed-size steps and a row built whole: LLVM then keeps the tile
@@ -112,30 +92,21 @@ fn portable_tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
         let ak: &[f32; MR] = ak.try_into().expect("a step of MR values");
         let bk: &[f32; NR] = bk.try_into().expect("a step of NR values");
         for (row, &ai) in acc.iter_mut().zip(ak) {
-            *row = std::array::from_fn(|j| madd(ai, bk[j], row[j]));
+            *row = std::array::from_fn(|j| ai.mul_add(bk[j], row[j]));
         }
     }
     acc
 }
 
-/// Blends `alpha` times the tile product into columns `j0..j0 + NR` of `rows`,
-/// clipped to the rows' length (rows past the output's edge are empty).
-#[inline(always)]
-pub fn tile_into(kc: usize, a: &[f32], b: &[f32], rows: &mut [&mut [f32]; MR], j0: usize, alpha: f32, blend: Blend) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        // SAFETY: `avx512` is compiled only when the build targets AVX-512F
-        // (its module docs), so the CPU running this has the instructions.
-        unsafe { super::avx512::tile_into(kc, a, b, rows, j0, alpha, blend) };
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-    store_tile(&tile_product(kc, a, b), rows, j0, alpha, blend);
-}
-
 /// Writes the valid part of `tile` into columns `j0..` of `rows`.
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx512f"), allow(dead_code))]
 #[inline(always)]
-fn store_tile(tile: &Tile, rows: &mut [&mut [f32]; MR], j0: usize, alpha: f32, blend: Blend) {
+fn store_tile<const MR: usize, const NR: usize>(
+    tile: &[[f32; NR]; MR],
+    rows: &mut [&mut [f32]; MR],
+    j0: usize,
+    alpha: f32,
+    blend: Blend,
+) {
     for (row, tile_row) in rows.iter_mut().zip(tile) {
         if let Some(dst) = row.get_mut(j0..) {
             for (d, &v) in dst.iter_mut().zip(tile_row) {
@@ -145,21 +116,13 @@ fn store_tile(tile: &Tile, rows: &mut [&mut [f32]; MR], j0: usize, alpha: f32, b
     }
 }
 
-/// `panel[p * W + i] = lines[i][p]` for `p < len`: `W` lines of at least `len`
-/// values (or empty lines, which give zeros) transposed into steps of `W`.
-pub fn transpose_into<const W: usize>(lines: &[&[f32]; W], len: usize, panel: &mut [f32]) {
-    let panel = &mut panel[..len * W];
-    // SAFETY: `avx512` is compiled only when the build targets AVX-512F
-    // (its module docs), so the CPU running this has the instructions.
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    let done = unsafe { super::avx512::transpose_blocks(lines, len, panel) };
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-    let done = 0;
-    // Line by line: each line is read once, in order, and written with a
-    // stride of W into the panel (which stays in L1); step by step over all
-    // lines, with a check per value, the forward's GEMM was 6 % slower on
-    // AVX2.
-    let rest = &mut panel[done * W..];
+/// Steps `done..len` of [`Kernel::transpose_into`], line by line: each line
+/// is read once, in order, and written with a stride of `W` into the panel
+/// (which stays in L1); step by step over all lines, with a check per
+/// value, the forward's GEMM was 6 % slower on AVX2.
+#[inline(always)]
+fn transpose_rest<const W: usize>(lines: &[&[f32]; W], len: usize, done: usize, panel: &mut [f32]) {
+    let rest = &mut panel[done * W..len * W];
     for (i, line) in lines.iter().enumerate() {
         let values = line.get(done..len.min(line.len())).unwrap_or_default();
         for (step, &v) in rest.chunks_exact_mut(W).zip(values) {
@@ -168,5 +131,193 @@ pub fn transpose_into<const W: usize>(lines: &[&[f32]; W], len: usize, panel: &m
         for step in rest.chunks_exact_mut(W).skip(values.len()) {
             step[i] = 0.0;
         }
+    }
+}
+
+/// Plain Rust for the base instruction set, 4x8 tiles: what runs where no
+/// other kernel does (an x86-64 CPU without AVX2 and FMA).
+#[derive(Clone, Copy, Debug)]
+pub struct Portable;
+
+/// [`fma_tile`] for [`Portable`]. Not inlined: where the caller reads the
+/// tile element by element (a transposed output), LLVM otherwise splits the
+/// accumulators into scalars and runs the whole loop scalar; on its own the
+/// function keeps them in vector registers and stores the tile once.
+#[inline(never)]
+fn portable_tile(kc: usize, a: &[f32], b: &[f32]) -> [[f32; 8]; 4] {
+    fma_tile(kc, a, b)
+}
+
+impl Kernel<4, 8> for Portable {
+    #[inline(always)]
+    fn tile_product(self, kc: usize, a: &[f32], b: &[f32]) -> [[f32; 8]; 4] {
+        portable_tile(kc, a, b)
+    }
+
+    #[inline(always)]
+    fn tile_into(
+        self,
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        rows: &mut [&mut [f32]; 4],
+        j0: usize,
+        alpha: f32,
+        blend: Blend,
+    ) {
+        store_tile(&portable_tile(kc, a, b), rows, j0, alpha, blend);
+    }
+}
+
+/// x86-64 with AVX2 and FMA: the plain-Rust tile compiled for them, 6x16.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    /// The kernel, if this CPU has AVX2 and FMA.
+    pub fn new() -> Option<Self> {
+        Isa::Avx2.is_supported().then_some(Avx2(()))
+    }
+}
+
+/// [`fma_tile`] compiled for AVX2 and FMA (not inlined: see [`portable_tile`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+fn avx2_tile(kc: usize, a: &[f32], b: &[f32]) -> [[f32; 16]; 6] {
+    fma_tile(kc, a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn avx2_tile_into(kc: usize, a: &[f32], b: &[f32], rows: &mut [&mut [f32]; 6], j0: usize, alpha: f32, blend: Blend) {
+    store_tile(&avx2_tile(kc, a, b), rows, j0, alpha, blend);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Kernel<6, 16> for Avx2 {
+    #[inline(always)]
+    fn tile_product(self, kc: usize, a: &[f32], b: &[f32]) -> [[f32; 16]; 6] {
+        // SAFETY: an `Avx2` exists only where `Avx2::new` found AVX2 and FMA.
+        unsafe { avx2_tile(kc, a, b) }
+    }
+
+    #[inline(always)]
+    fn tile_into(
+        self,
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        rows: &mut [&mut [f32]; 6],
+        j0: usize,
+        alpha: f32,
+        blend: Blend,
+    ) {
+        // SAFETY: as in `tile_product`.
+        unsafe { avx2_tile_into(kc, a, b, rows, j0, alpha, blend) }
+    }
+}
+
+/// x86-64 with AVX-512F: intrinsics ([`super::avx512`]), 12x32 tiles.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub struct Avx512(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512 {
+    /// The kernel, if this CPU has AVX-512F.
+    pub fn new() -> Option<Self> {
+        Isa::Avx512.is_supported().then_some(Avx512(()))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Kernel<12, 32> for Avx512 {
+    #[inline(always)]
+    fn tile_product(self, kc: usize, a: &[f32], b: &[f32]) -> [[f32; 32]; 12] {
+        // SAFETY: an `Avx512` exists only where `Avx512::new` found AVX-512F.
+        unsafe { super::avx512::tile_product(kc, a, b) }
+    }
+
+    #[inline(always)]
+    fn tile_into(
+        self,
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        rows: &mut [&mut [f32]; 12],
+        j0: usize,
+        alpha: f32,
+        blend: Blend,
+    ) {
+        // SAFETY: as in `tile_product`.
+        unsafe { super::avx512::tile_into(kc, a, b, rows, j0, alpha, blend) }
+    }
+
+    fn transpose_into<const W: usize>(self, lines: &[&[f32]; W], len: usize, panel: &mut [f32]) {
+        // SAFETY: as in `tile_product`.
+        let done = unsafe { super::avx512::transpose_blocks(lines, len, panel) };
+        transpose_rest(lines, len, done, panel);
+    }
+}
+
+/// aarch64, where NEON is part of the base architecture: intrinsics, 8x12
+/// tiles (24 of the 32 vector registers hold the accumulators).
+#[cfg(target_arch = "aarch64")]
+#[derive(Clone, Copy, Debug)]
+pub struct Neon;
+
+/// The 8x12 tile product with NEON's fused multiply-add by a scalar.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[inline(never)]
+fn neon_tile(kc: usize, a: &[f32], b: &[f32]) -> [[f32; 12]; 8] {
+    use core::arch::aarch64::*;
+    let mut acc = [[vdupq_n_f32(0.0); 3]; 8];
+    for (ak, bk) in a[..kc * 8].chunks_exact(8).zip(b[..kc * 12].chunks_exact(12)) {
+        let bk: &[f32; 12] = bk.try_into().expect("a step of 12 values");
+        // SAFETY: `bk` holds 12 floats; the loads read 4 each at offsets 0, 4
+        // and 8.
+        let b = unsafe { [vld1q_f32(bk.as_ptr()), vld1q_f32(bk.as_ptr().add(4)), vld1q_f32(bk.as_ptr().add(8))] };
+        for (row, &ai) in acc.iter_mut().zip(ak) {
+            for (r, &bv) in row.iter_mut().zip(&b) {
+                // r + bv * ai, fused (FMLA by element).
+                *r = vfmaq_n_f32(*r, bv, ai);
+            }
+        }
+    }
+    let mut tile = [[0.0f32; 12]; 8];
+    for (dst, row) in tile.iter_mut().zip(&acc) {
+        for (d, &v) in dst.chunks_exact_mut(4).zip(row) {
+            // SAFETY: `d` holds exactly the 4 floats the store writes.
+            unsafe { vst1q_f32(d.as_mut_ptr(), v) };
+        }
+    }
+    tile
+}
+
+#[cfg(target_arch = "aarch64")]
+impl Kernel<8, 12> for Neon {
+    #[inline(always)]
+    fn tile_product(self, kc: usize, a: &[f32], b: &[f32]) -> [[f32; 12]; 8] {
+        // SAFETY: NEON is part of the aarch64 base architecture.
+        unsafe { neon_tile(kc, a, b) }
+    }
+
+    #[inline(always)]
+    fn tile_into(
+        self,
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        rows: &mut [&mut [f32]; 8],
+        j0: usize,
+        alpha: f32,
+        blend: Blend,
+    ) {
+        // SAFETY: as in `tile_product`.
+        store_tile(&unsafe { neon_tile(kc, a, b) }, rows, j0, alpha, blend);
     }
 }

@@ -7,7 +7,7 @@
 //! are allocated once per thread and reused by every later call, so after a
 //! thread's first GEMM (or [`try_reserve_workspaces`]) a GEMM allocates nothing.
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod kernel;
 mod pack;
@@ -15,12 +15,48 @@ mod sink;
 
 pub use sink::{GradientSink, ProductSink, SINK_MAX_DEPTH, gemm_to_sink, gemm_to_sink_with_chunks};
 
-use kernel::{Blend, MR, NR};
+use crate::cpu::{self, Isa};
+use kernel::{Blend, Kernel};
 use ndarray::{ArrayView2, ArrayViewMut2, Axis, s};
 use std::cell::RefCell;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use svp_alloc::{OutOfMemory, try_zeros};
+
+/// Runs `$body` with `$kernel` bound to the kernel of `$isa` (a value of a
+/// different type for each: the body is compiled once per kernel).
+///
+/// # Panics
+/// If this CPU does not run `$isa` (callers pass [`cpu::selected`], or check).
+macro_rules! with_kernel {
+    ($isa:expr, |$kernel:ident| $body:expr) => {
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            $crate::cpu::Isa::Avx512 => {
+                let $kernel = $crate::gemm::kernel::Avx512::new().expect("a CPU with AVX-512F");
+                $body
+            }
+            #[cfg(target_arch = "x86_64")]
+            $crate::cpu::Isa::Avx2 => {
+                let $kernel = $crate::gemm::kernel::Avx2::new().expect("a CPU with AVX2 and FMA");
+                $body
+            }
+            #[cfg(target_arch = "aarch64")]
+            $crate::cpu::Isa::Neon => {
+                let $kernel = $crate::gemm::kernel::Neon;
+                $body
+            }
+            $crate::cpu::Isa::Portable => {
+                let $kernel = $crate::gemm::kernel::Portable;
+                $body
+            }
+            #[allow(unreachable_patterns)] // the arms above cover every kernel of some targets
+            other => panic!("the {other} kernel does not run on this CPU"),
+        }
+    };
+}
+pub(crate) use with_kernel;
 
 /// Wall time spent inside [`gemm`] since the last [`reset_gemm_clock`], in ns.
 static GEMM_NANOS: AtomicU64 = AtomicU64::new(0);
@@ -52,13 +88,15 @@ const MIN_CHUNK_COLS: usize = 16;
 ///
 /// Any strides are accepted (pass `w.t()` for a transposed operand). Large
 /// products are split by output rows or columns over the current rayon pool.
+/// Runs on the kernel [`cpu::selected`] picked.
 ///
 /// # Panics
 /// If the shapes do not agree; shapes are fixed by the layer that calls this.
 pub fn gemm(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, c: ArrayViewMut2<f32>) {
     let (m, k) = a.dim();
     let n = b.ncols();
-    let pieces = (n / MIN_CHUNK_COLS).max(m / MR);
+    let tile_rows = cpu::selected().gemm_tile().0;
+    let pieces = (n / MIN_CHUNK_COLS).max(m / tile_rows);
     let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(pieces).max(1) };
     let start = Instant::now();
     gemm_with_chunks(alpha, a, b, beta, c, chunks);
@@ -78,22 +116,78 @@ pub fn gemm_with_chunks(
     c: ArrayViewMut2<f32>,
     chunks: usize,
 ) {
-    assert_eq!(a.ncols(), b.nrows(), "gemm: inner dimensions differ");
-    assert_eq!(c.dim(), (a.nrows(), b.ncols()), "gemm: output shape differs");
-    split_product(alpha, a, b, beta, c, chunks.max(1));
+    gemm_with_chunks_on(cpu::selected(), alpha, a, b, beta, c, chunks);
 }
 
-/// Depth of a packed block: a `B` panel (`KC x NR`) stays in L1 beside the `A` panel.
-pub(crate) const KC: usize = 256;
-/// Rows of a packed `A` block.
-const MC: usize = 16 * MR;
-/// Columns of a packed `B` block (`KC x NC` floats, 1 MiB, stays in L2).
-const NC: usize = 32 * NR;
+/// [`gemm_with_chunks`] on the kernel `isa`, whatever [`cpu::selected`] says.
+///
+/// Exposed so tests can prove every kernel gives the same bits.
+///
+/// # Panics
+/// If the shapes do not agree, or this CPU does not run `isa`.
+pub fn gemm_with_chunks_on(
+    isa: Isa,
+    alpha: f32,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    c: ArrayViewMut2<f32>,
+    chunks: usize,
+) {
+    assert_eq!(a.ncols(), b.nrows(), "gemm: inner dimensions differ");
+    assert_eq!(c.dim(), (a.nrows(), b.ncols()), "gemm: output shape differs");
+    assert!(isa.is_supported(), "gemm: the {isa} kernel does not run on this CPU");
+    with_kernel!(isa, |kernel| split_product(kernel, alpha, a, b, beta, c, chunks.max(1)));
+}
 
-/// One thread's packing buffers, sized for the largest block.
+/// Depth of a packed block: a `B` panel (`KC x NR`) stays in L1 beside the
+/// `A` panel. The same for every kernel, so every kernel sums the same
+/// blocks in the same order.
+pub(crate) const KC: usize = 256;
+
+/// Rows of a packed `A` block for a kernel `mr` rows tall.
+const fn block_rows(mr: usize) -> usize {
+    16 * mr
+}
+
+/// Columns of a packed `B` block for a kernel `nr` columns wide (`KC x NC`
+/// floats: 1 MiB for AVX-512's, in L2).
+const fn block_cols(nr: usize) -> usize {
+    32 * nr
+}
+
+/// Floats of a thread's `A` and `B` packing buffers for a kernel's tile.
+///
+/// `B` holds a `KC x NC` block for [`gemm`], and at least a strip of
+/// [`sink::SINK_BLOCK_COLS`] columns at a depth of [`sink::WHOLE_ROWS_DEPTH`]
+/// for [`gemm_to_sink`], so that a weight gradient at batch 128 goes to the
+/// optimizer in whole 1,024-wide rows with every kernel. AVX2 and AVX-512
+/// blocks hold that already; the portable kernel's (256 KiB) and NEON's (384
+/// KiB) grow to 512 KiB. (SSE2 build on the AVX2 machine, `fused_update`, two
+/// alternating runs: the update from the GEMM 3.86 and 4.22 ms beyond the
+/// GEMMs alone with half rows, 0.86 and 1.07 ms with whole ones.)
+const fn buffer_lens((mr, nr): (usize, usize)) -> (usize, usize) {
+    let strip = sink::WHOLE_ROWS_DEPTH * sink::SINK_BLOCK_COLS;
+    let block = KC * block_cols(nr);
+    (block_rows(mr) * KC, if block > strip { block } else { strip })
+}
+
+/// One thread's packing buffers, sized for every kernel this CPU runs (so a
+/// test may switch kernels).
 struct Workspace {
     a: Vec<f32>,
     b: Vec<f32>,
+}
+
+/// Floats of [`Workspace`]'s two buffers.
+fn workspace_lens() -> (usize, usize) {
+    static LENS: OnceLock<(usize, usize)> = OnceLock::new();
+    *LENS.get_or_init(|| {
+        Isa::supported()
+            .into_iter()
+            .map(|isa| buffer_lens(isa.gemm_tile()))
+            .fold((0, 0), |(a, b), (ka, kb)| (a.max(ka), b.max(kb)))
+    })
 }
 
 impl Workspace {
@@ -102,18 +196,16 @@ impl Workspace {
     }
 
     fn try_new() -> Result<Self, OutOfMemory> {
-        let ws = Self {
-            a: try_zeros(MC * KC, "GEMM packing buffers")?,
-            b: try_zeros(B_BUFFER_LEN, "GEMM packing buffers")?,
-        };
-        RESERVED_BYTES.fetch_add(WORKSPACE_BYTES, Ordering::Relaxed);
+        let (a_len, b_len) = workspace_lens();
+        let ws = Self { a: try_zeros(a_len, "GEMM packing buffers")?, b: try_zeros(b_len, "GEMM packing buffers")? };
+        RESERVED_BYTES.fetch_add(workspace_bytes(), Ordering::Relaxed);
         Ok(ws)
     }
 }
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        RESERVED_BYTES.fetch_sub(WORKSPACE_BYTES, Ordering::Relaxed);
+        RESERVED_BYTES.fetch_sub(workspace_bytes(), Ordering::Relaxed);
     }
 }
 
@@ -121,22 +213,12 @@ thread_local! {
     static WORKSPACE: RefCell<Option<Workspace>> = const { RefCell::new(None) };
 }
 
-/// Bytes of packing buffers each thread that runs a GEMM keeps.
-pub const WORKSPACE_BYTES: usize = (MC * KC + B_BUFFER_LEN) * size_of::<f32>();
-
-/// Floats of a thread's `B` packing buffer: a `KC x NC` block for [`gemm`],
-/// and at least a strip of [`sink::SINK_BLOCK_COLS`] columns at a depth of
-/// [`sink::WHOLE_ROWS_DEPTH`] for [`gemm_to_sink`], so that a weight
-/// gradient at batch 128 goes to the optimizer in whole 1,024-wide rows on
-/// every target. AVX2 and AVX-512 blocks hold that already; SSE2's (256 KiB)
-/// and NEON's (384 KiB) grow to 512 KiB. (SSE2 build on the AVX2 machine,
-/// `fused_update`, two alternating runs: the update from the GEMM 3.86 and
-/// 4.22 ms beyond the GEMMs alone with half rows, 0.86 and 1.07 ms with
-/// whole ones.)
-pub(crate) const B_BUFFER_LEN: usize = {
-    let strip = sink::WHOLE_ROWS_DEPTH * sink::SINK_BLOCK_COLS;
-    if KC * NC > strip { KC * NC } else { strip }
-};
+/// Bytes of packing buffers each thread that runs a GEMM keeps (about
+/// 1.2 MiB on a CPU with AVX-512, 0.6 MiB elsewhere).
+pub fn workspace_bytes() -> usize {
+    let (a, b) = workspace_lens();
+    (a + b) * size_of::<f32>()
+}
 
 /// Packing-buffer bytes held by all threads together.
 static RESERVED_BYTES: AtomicUsize = AtomicUsize::new(0);
@@ -146,7 +228,7 @@ pub fn workspace_bytes_reserved() -> usize {
     RESERVED_BYTES.load(Ordering::Relaxed)
 }
 
-/// Allocates the packing buffers ([`WORKSPACE_BYTES`]) of the calling thread
+/// Allocates the packing buffers ([`workspace_bytes`]) of the calling thread
 /// and of every thread of the current rayon pool now, so that no later GEMM
 /// allocates, failing cleanly when the memory is not there.
 ///
@@ -176,8 +258,22 @@ fn with_workspace<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
     })
 }
 
+/// `MR` row slices of `rows` (unit-stride rows), empty past its last row.
+#[inline(always)]
+fn row_slices<'a, const MR: usize>(rows: impl Iterator<Item = &'a mut [f32]>) -> [&'a mut [f32]; MR] {
+    let mut rows = rows;
+    std::array::from_fn(|_| rows.next().unwrap_or_default())
+}
+
 /// `c = alpha * a b + beta * c` on the calling thread.
-fn gemm_serial(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, mut c: ArrayViewMut2<f32>) {
+fn gemm_serial<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
+    kernel: K,
+    alpha: f32,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    mut c: ArrayViewMut2<f32>,
+) {
     let (m, k) = a.dim();
     let n = b.ncols();
     if m == 0 || n == 0 {
@@ -194,16 +290,17 @@ fn gemm_serial(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, mu
     if n < NR && n < m {
         // A narrow product (a projection to d' = 10 dimensions, a 10-class
         // head) would fill a third of each tile; its transpose fills nearly
-        // all of one. Same bits either way (`kernel::tile_product`).
+        // all of one. Same bits either way (`Kernel::tile_product`).
         let c = c.reversed_axes();
-        with_workspace(|ws| packed_product(alpha, b.reversed_axes(), a.reversed_axes(), beta, c, ws));
+        with_workspace(|ws| packed_product(kernel, alpha, b.reversed_axes(), a.reversed_axes(), beta, c, ws));
     } else {
-        with_workspace(|ws| packed_product(alpha, a, b, beta, c, ws));
+        with_workspace(|ws| packed_product(kernel, alpha, a, b, beta, c, ws));
     }
 }
 
 /// The blocked loop nest of [`gemm_serial`] for non-empty operands.
-fn packed_product(
+fn packed_product<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
+    kernel: K,
     alpha: f32,
     a: ArrayView2<f32>,
     b: ArrayView2<f32>,
@@ -213,38 +310,47 @@ fn packed_product(
 ) {
     let (m, k) = a.dim();
     let n = b.ncols();
-    for jc in (0..n).step_by(NC) {
-        let nc = NC.min(n - jc);
+    let (mc_max, nc_max) = (block_rows(MR), block_cols(NR));
+    for jc in (0..n).step_by(nc_max) {
+        let nc = nc_max.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            pack::pack_b(b.slice(s![pc..pc + kc, jc..jc + nc]), &mut ws.b);
+            pack::pack_b(kernel, b.slice(s![pc..pc + kc, jc..jc + nc]), &mut ws.b);
             let blend = if pc == 0 { Blend::Beta(beta) } else { Blend::Accumulate };
-            for ic in (0..m).step_by(MC) {
-                let mc = MC.min(m - ic);
-                pack::pack_a(a.slice(s![ic..ic + mc, pc..pc + kc]), &mut ws.a);
+            for ic in (0..m).step_by(mc_max) {
+                let mc = mc_max.min(m - ic);
+                pack::pack_a(kernel, a.slice(s![ic..ic + mc, pc..pc + kc]), &mut ws.a);
                 let block = c.slice_mut(s![ic..ic + mc, jc..jc + nc]);
-                block_product(kc, &ws.a, &ws.b, alpha, blend, block);
+                block_product(kernel, kc, &ws.a, &ws.b, alpha, blend, block);
             }
         }
     }
 }
 
 /// All tiles of one packed `A` block times one packed `B` block, into `c`.
-fn block_product(kc: usize, a: &[f32], b: &[f32], alpha: f32, blend: Blend, mut c: ArrayViewMut2<f32>) {
+fn block_product<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
+    kernel: K,
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    alpha: f32,
+    blend: Blend,
+    mut c: ArrayViewMut2<f32>,
+) {
     let (mc, nc) = c.dim();
     let a_panels = a[..mc.div_ceil(MR) * MR * kc].chunks_exact(MR * kc);
     let b_panels = &b[..nc.div_ceil(NR) * NR * kc];
     let unit_columns = c.strides()[1] == 1;
     for (a_panel, mut rows) in a_panels.zip(c.axis_chunks_iter_mut(Axis(0), MR)) {
         if unit_columns {
-            let mut row_iter = rows.axis_iter_mut(Axis(0)).map(|r| r.into_slice().expect("unit stride row"));
-            let mut row_slices: [&mut [f32]; MR] = std::array::from_fn(|_| row_iter.next().unwrap_or_default());
+            let mut rows =
+                row_slices::<MR>(rows.axis_iter_mut(Axis(0)).map(|r| r.into_slice().expect("unit stride row")));
             for (t, b_panel) in b_panels.chunks_exact(NR * kc).enumerate() {
-                kernel::tile_into(kc, a_panel, b_panel, &mut row_slices, t * NR, alpha, blend);
+                kernel.tile_into(kc, a_panel, b_panel, &mut rows, t * NR, alpha, blend);
             }
         } else {
             for (t, b_panel) in b_panels.chunks_exact(NR * kc).enumerate() {
-                let tile = kernel::tile_product(kc, a_panel, b_panel);
+                let tile = kernel.tile_product(kc, a_panel, b_panel);
                 let j0 = t * NR;
                 let cols = NR.min(nc - j0);
                 for (r, tile_row) in tile.iter().enumerate().take(rows.nrows()) {
@@ -262,7 +368,15 @@ fn block_product(kc: usize, a: &[f32], b: &[f32], alpha: f32, blend: Blend, mut 
 /// thread then owns whole rows of it, which is how the optimizer's parallel
 /// pass splits the same buffer next), else by columns (a batch-by-features
 /// output, where each thread packs only its part of the weights).
-fn split_product(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, c: ArrayViewMut2<f32>, chunks: usize) {
+fn split_product<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
+    kernel: K,
+    alpha: f32,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    c: ArrayViewMut2<f32>,
+    chunks: usize,
+) {
     let (m, n) = c.dim();
     let left_chunks = chunks / 2;
     if chunks > 1 && m >= n {
@@ -272,22 +386,22 @@ fn split_product(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, 
             let (a_top, a_bottom) = a.split_at(Axis(0), split);
             let (c_top, c_bottom) = c.split_at(Axis(0), split);
             rayon::join(
-                || split_product(alpha, a_top, b, beta, c_top, left_chunks),
-                || split_product(alpha, a_bottom, b, beta, c_bottom, chunks - left_chunks),
+                || split_product(kernel, alpha, a_top, b, beta, c_top, left_chunks),
+                || split_product(kernel, alpha, a_bottom, b, beta, c_bottom, chunks - left_chunks),
             );
             return;
         }
     }
     if chunks <= 1 || n < 2 {
-        gemm_serial(alpha, a, b, beta, c);
+        gemm_serial(kernel, alpha, a, b, beta, c);
         return;
     }
     let split = n * left_chunks / chunks;
     let (b_left, b_right) = b.split_at(Axis(1), split);
     let (c_left, c_right) = c.split_at(Axis(1), split);
     rayon::join(
-        || split_product(alpha, a, b_left, beta, c_left, left_chunks),
-        || split_product(alpha, a, b_right, beta, c_right, chunks - left_chunks),
+        || split_product(kernel, alpha, a, b_left, beta, c_left, left_chunks),
+        || split_product(kernel, alpha, a, b_right, beta, c_right, chunks - left_chunks),
     );
 }
 
@@ -344,24 +458,28 @@ mod tests {
         }
     }
 
-    /// Shapes that cross every blocking edge: tiles (MR, NR), packed blocks
-    /// (MC, KC, NC), the 16-step transpose, and narrow products that run transposed.
-    const SHAPES: [(usize, usize, usize); 14] = [
-        (1, 1, 1),
-        (3, 5, 7),
-        (17, 33, 9),
-        (13, 15, 33),
-        (12, 16, 32),
-        (128, 784, 64),
-        (64, 10, 130),
-        (128, 1024, 10),
-        (10, 128, 1024),
-        (31, 257, 65),
-        (MC + 5, KC + 17, NC + 40),
-        (40, 2 * KC + 3, 20),
-        (200, 3, 2 * NR + 1),
-        (5, 300, 3),
-    ];
+    /// Shapes that cross every blocking edge of the kernel `isa`: tiles
+    /// (MR, NR), packed blocks (MC, KC, NC), the 16-step transpose, and
+    /// narrow products that run transposed.
+    fn shapes(isa: Isa) -> [(usize, usize, usize); 14] {
+        let (mr, nr) = isa.gemm_tile();
+        [
+            (1, 1, 1),
+            (3, 5, 7),
+            (17, 33, 9),
+            (13, 15, 33),
+            (mr, 16, nr),
+            (128, 784, 64),
+            (64, 10, 130),
+            (128, 1024, 10),
+            (10, 128, 1024),
+            (31, 257, 65),
+            (block_rows(mr) + 5, KC + 17, block_cols(nr) + 40),
+            (40, 2 * KC + 3, 20),
+            (200, 3, 2 * nr + 1),
+            (5, 300, 3),
+        ]
+    }
 
     fn assert_close(got: ArrayView2<f32>, want: &Array2<f64>, k: usize, what: &str) {
         let tol = 1e-4 * (k as f64).sqrt() * 4.0;
@@ -370,26 +488,34 @@ mod tests {
         }
     }
 
+    /// Every kernel this CPU runs, against the naive product, over the
+    /// shapes and every layout of every operand.
     #[test]
     fn matches_naive_reference_over_shapes_and_layouts() {
         let layouts = [Layout::Rows, Layout::Columns, Layout::Strided, Layout::Reversed];
-        for &(m, k, n) in &SHAPES {
-            let a = filled(m, k, 1);
-            let b = filled(k, n, 2);
-            let want = naive(&a, &b);
-            for a_layout in layouts {
-                for b_layout in layouts {
-                    let (a_store, b_store) = (stored(&a, a_layout), stored(&b, b_layout));
-                    let (av, bv) = (view_of(&a_store, a_layout), view_of(&b_store, b_layout));
-                    for c_columns in [false, true] {
-                        // NaN in the output: beta = 0 must overwrite, never read.
-                        let mut c_store = Array2::<f32>::from_elem(if c_columns { (n, m) } else { (m, n) }, f32::NAN);
-                        let c = if c_columns { c_store.view_mut().reversed_axes() } else { c_store.view_mut() };
-                        gemm_with_chunks(1.0, av, bv, 0.0, c, 1);
-                        let c = if c_columns { c_store.t() } else { c_store.view() };
-                        let what = format!("{m}x{k}x{n} a {a_layout:?} b {b_layout:?} c columns {c_columns}");
-                        assert_close(c, &want, k, &what);
-                    }
+        for isa in Isa::supported() {
+            for (m, k, n) in shapes(isa) {
+                matches_naive_reference(isa, m, k, n, layouts);
+            }
+        }
+    }
+
+    fn matches_naive_reference(isa: Isa, m: usize, k: usize, n: usize, layouts: [Layout; 4]) {
+        let a = filled(m, k, 1);
+        let b = filled(k, n, 2);
+        let want = naive(&a, &b);
+        for a_layout in layouts {
+            for b_layout in layouts {
+                let (a_store, b_store) = (stored(&a, a_layout), stored(&b, b_layout));
+                let (av, bv) = (view_of(&a_store, a_layout), view_of(&b_store, b_layout));
+                for c_columns in [false, true] {
+                    // NaN in the output: beta = 0 must overwrite, never read.
+                    let mut c_store = Array2::<f32>::from_elem(if c_columns { (n, m) } else { (m, n) }, f32::NAN);
+                    let c = if c_columns { c_store.view_mut().reversed_axes() } else { c_store.view_mut() };
+                    gemm_with_chunks_on(isa, 1.0, av, bv, 0.0, c, 1);
+                    let c = if c_columns { c_store.t() } else { c_store.view() };
+                    let what = format!("{isa}: {m}x{k}x{n} a {a_layout:?} b {b_layout:?} c columns {c_columns}");
+                    assert_close(c, &want, k, &what);
                 }
             }
         }
@@ -420,26 +546,38 @@ mod tests {
         assert!(c.iter().all(|&x| x == 0.0), "k = 0 with beta = 0 zeroes c");
     }
 
-    /// Splits by rows and by columns, splits that leave narrow pieces (which
-    /// run transposed) and pieces that straddle tiles give the same bits as
-    /// one call.
+    /// Every kernel, and with it splits by rows and by columns, splits that
+    /// leave narrow pieces (which run transposed) and pieces that straddle
+    /// tiles, give the same bits as the portable kernel in one call, alpha
+    /// and beta included.
     #[test]
-    fn any_split_and_orientation_is_bit_identical() {
+    fn any_kernel_split_and_orientation_is_bit_identical() {
         // (m, k, n) and the largest split tried.
         let cases = [((70, 300, 45), 7), ((128, 1024, 100), 7), ((9, 40, 64), 7), ((128, 1024, 1000), 16)];
         for ((m, k, n), most) in cases {
-            let splits = [2, 3, 4, 7, 16].into_iter().filter(|&c| c <= most);
             let a = filled(m, k, 11);
             let b = filled(k, n, 12);
-            let mut reference = Array2::<f32>::zeros((m, n));
-            gemm_with_chunks(1.0, a.view(), b.view(), 0.0, reference.view_mut(), 1);
-            for chunks in splits {
-                let mut c = Array2::<f32>::zeros((m, n));
-                gemm_with_chunks(1.0, a.view(), b.view(), 0.0, c.view_mut(), chunks);
-                let same = c.iter().zip(reference.iter()).all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(same, "{m}x{k}x{n}: {chunks} chunks changed the result");
+            let c0 = filled(m, n, 13);
+            let mut reference = c0.clone();
+            gemm_with_chunks_on(Isa::Portable, 0.75, a.view(), b.view(), 0.5, reference.view_mut(), 1);
+            for isa in Isa::supported() {
+                for chunks in [1, 2, 3, 4, 7, 16].into_iter().filter(|&c| c <= most) {
+                    let mut c = c0.clone();
+                    gemm_with_chunks_on(isa, 0.75, a.view(), b.view(), 0.5, c.view_mut(), chunks);
+                    let same = c.iter().zip(reference.iter()).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{m}x{k}x{n}: {isa} in {chunks} chunks changed the result");
+                }
             }
         }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    #[should_panic(expected = "does not run on this CPU")]
+    fn refuses_a_kernel_the_cpu_lacks() {
+        let a = Array2::<f32>::zeros((4, 4));
+        let mut c = Array2::<f32>::zeros((4, 4));
+        gemm_with_chunks_on(Isa::Neon, 1.0, a.view(), a.view(), 0.0, c.view_mut(), 1);
     }
 
     /// After a thread's buffers exist, a GEMM allocates nothing; measured in
@@ -454,7 +592,10 @@ mod tests {
             let w = w.as_ref().expect("reserved");
             (w.a.len() + w.b.len()) * size_of::<f32>()
         });
-        assert_eq!(bytes, WORKSPACE_BYTES);
+        assert_eq!(bytes, workspace_bytes());
+        let widest = Isa::supported().into_iter().map(|isa| buffer_lens(isa.gemm_tile())).max().expect("a kernel");
+        assert_eq!(bytes, (widest.0 + widest.1) * size_of::<f32>(), "sized for the widest kernel");
+        assert!(workspace_bytes_reserved() >= bytes);
     }
 
     #[test]

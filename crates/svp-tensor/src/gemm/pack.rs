@@ -1,32 +1,37 @@
 //! Copies blocks of the operands into the panel layout the kernel reads.
 //!
-//! A packed `A` block is a run of panels of [`MR`] rows: for each step `p` of
-//! the inner dimension, the `MR` values `a[i, p]` side by side. A packed `B`
-//! block is a run of panels of [`NR`] columns: for each `p`, the `NR` values
+//! A packed `A` block is a run of panels of `MR` rows (the kernel's tile
+//! height): for each step `p` of the inner dimension, the `MR` values
+//! `a[i, p]` side by side. A packed `B` block is a run of panels of `NR`
+//! columns (the tile width): for each `p`, the `NR` values
 //! `b[p, j]`. Rows or columns past the block's edge are zero, so the kernel
 //! always computes whole tiles.
 
 use super::KC;
-use super::kernel::{MR, NR, transpose_into};
+use super::kernel::Kernel;
 use ndarray::{ArrayView2, Axis};
 
 /// Packs the `(mc, kc)` block `a` into `out` (at least `mc.div_ceil(MR) * MR * kc` long).
-pub fn pack_a(a: ArrayView2<f32>, out: &mut [f32]) {
-    pack_panels::<MR>(a, out);
+pub fn pack_a<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(kernel: K, a: ArrayView2<f32>, out: &mut [f32]) {
+    pack_panels::<K, MR, NR, MR>(kernel, a, out);
 }
 
 /// Packs the `(kc, nc)` block `b` into `out` (at least `nc.div_ceil(NR) * NR * kc` long).
 ///
 /// Panels of `NR` columns of `b` are panels of `NR` rows of `b^T`, so this is
 /// [`pack_a`]'s layout for the transposed view.
-pub fn pack_b(b: ArrayView2<f32>, out: &mut [f32]) {
-    pack_panels::<NR>(b.reversed_axes(), out);
+pub fn pack_b<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(kernel: K, b: ArrayView2<f32>, out: &mut [f32]) {
+    pack_panels::<K, MR, NR, NR>(kernel, b.reversed_axes(), out);
 }
 
 /// Packs the `(rows, depth)` block `x` into panels of `W` rows: for each step
 /// `p` of the depth, the `W` values `x[i, p]` side by side, zeros past the
 /// last row.
-fn pack_panels<const W: usize>(x: ArrayView2<f32>, out: &mut [f32]) {
+fn pack_panels<K: Kernel<MR, NR>, const MR: usize, const NR: usize, const W: usize>(
+    kernel: K,
+    x: ArrayView2<f32>,
+    out: &mut [f32],
+) {
     let (rows, depth) = x.dim();
     let panel_len = W * depth;
     let out = &mut out[..rows.div_ceil(W) * panel_len];
@@ -51,7 +56,7 @@ fn pack_panels<const W: usize>(x: ArrayView2<f32>, out: &mut [f32]) {
                 let row_slices: [&[f32]; W] = std::array::from_fn(|r| {
                     if r < valid { block.row(r).to_slice().expect("unit stride row") } else { &[] }
                 });
-                transpose_into::<W>(&row_slices, depth, panel);
+                kernel.transpose_into::<W>(&row_slices, depth, panel);
             } else {
                 for (p, dst) in panel.chunks_exact_mut(W).enumerate() {
                     for (r, d) in dst.iter_mut().enumerate() {

@@ -7,8 +7,9 @@
 //! from the same packed panels, so every value is bit-identical to what
 //! `gemm(1.0, a, b, 0.0, c)` would have stored.
 
-use super::kernel::{self, Blend, MR, NR};
-use super::{B_BUFFER_LEN, KC, MC, NC, PARALLEL_MIN_MACS, Workspace, pack, with_workspace};
+use super::kernel::{Blend, Kernel};
+use super::{KC, PARALLEL_MIN_MACS, Workspace, block_cols, pack, row_slices, with_kernel, with_workspace};
+use crate::cpu::{self, Isa};
 use ndarray::{ArrayView2, Axis, s};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -63,7 +64,8 @@ pub trait GradientSink {
 pub fn gemm_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, sink: S) {
     let (m, k) = a.dim();
     let n = b.ncols();
-    let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(m / MR).max(1) };
+    let tile_rows = cpu::selected().gemm_tile().0;
+    let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(m / tile_rows).max(1) };
     let start = Instant::now();
     gemm_to_sink_with_chunks(a, b, sink, chunks);
     super::GEMM_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -75,13 +77,34 @@ pub fn gemm_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, sink
 /// # Panics
 /// As [`gemm_to_sink`].
 pub fn gemm_to_sink_with_chunks<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, sink: S, chunks: usize) {
+    gemm_to_sink_on(cpu::selected(), a, b, sink, chunks);
+}
+
+/// [`gemm_to_sink_with_chunks`] on the kernel `isa`.
+///
+/// # Panics
+/// As [`gemm_to_sink`], and if this CPU does not run `isa`.
+pub(crate) fn gemm_to_sink_on<S: ProductSink>(
+    isa: Isa,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    sink: S,
+    chunks: usize,
+) {
     assert_eq!(a.ncols(), b.nrows(), "gemm_to_sink: inner dimensions differ");
     assert!(a.ncols() <= SINK_MAX_DEPTH, "gemm_to_sink: inner dimension {} over {SINK_MAX_DEPTH}", a.ncols());
-    split_rows(a, b, sink, chunks.max(1));
+    assert!(isa.is_supported(), "gemm_to_sink: the {isa} kernel does not run on this CPU");
+    with_kernel!(isa, |kernel| split_rows(kernel, a, b, sink, chunks.max(1)));
 }
 
 /// Whole tiles of rows on each side, as `split_product` splits a tall output.
-fn split_rows<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, sink: S, chunks: usize) {
+fn split_rows<K: Kernel<MR, NR>, const MR: usize, const NR: usize, S: ProductSink>(
+    kernel: K,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    sink: S,
+    chunks: usize,
+) {
     let m = a.nrows();
     let left_chunks = chunks / 2;
     let split = (m * left_chunks / chunks.max(1)) / MR * MR;
@@ -89,17 +112,23 @@ fn split_rows<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, sink: S, c
         let (a_top, a_bottom) = a.split_at(Axis(0), split);
         let (top, bottom) = sink.split_rows(split);
         rayon::join(
-            || split_rows(a_top, b, top, left_chunks),
-            || split_rows(a_bottom, b, bottom, chunks - left_chunks),
+            || split_rows(kernel, a_top, b, top, left_chunks),
+            || split_rows(kernel, a_bottom, b, bottom, chunks - left_chunks),
         );
     } else {
-        with_workspace(|ws| packed_to_sink(a, b, sink, ws));
+        with_workspace(|ws| packed_to_sink(kernel, a, b, sink, ws));
     }
 }
 
 /// The loop nest of `packed_product` for a depth of one block: every tile is
 /// complete after one kernel call and goes straight to the sink.
-fn packed_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, mut sink: S, ws: &mut Workspace) {
+fn packed_to_sink<K: Kernel<MR, NR>, const MR: usize, const NR: usize, S: ProductSink>(
+    kernel: K,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    mut sink: S,
+    ws: &mut Workspace,
+) {
     let (m, k) = a.dim();
     let n = b.ncols();
     if k == 0 {
@@ -111,10 +140,13 @@ fn packed_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, mut si
         }
         return;
     }
-    let block_cols = sink_block_cols(k);
-    for jc in (0..n).step_by(block_cols) {
-        let nc = block_cols.min(n - jc);
-        pack::pack_b(b.slice(s![.., jc..jc + nc]), &mut ws.b);
+    let strip_cols = strip_cols(NR, k, ws.b.len());
+    // One panel of A and a strip fit A's packing buffer (`block_rows(MR) * KC`
+    // floats) for every tile: `MR * (KC + 1024) <= 16 * MR * KC`.
+    const { assert!(KC + SINK_BLOCK_COLS <= 16 * KC && block_cols(NR) <= SINK_BLOCK_COLS) };
+    for jc in (0..n).step_by(strip_cols) {
+        let nc = strip_cols.min(n - jc);
+        pack::pack_b(kernel, b.slice(s![.., jc..jc + nc]), &mut ws.b);
         let b_panels = &ws.b[..nc.div_ceil(NR) * NR * k];
         // One panel of A at a time: the rest of A's packing buffer holds the strip.
         let (a_panel, strip_buf) = ws.a.split_at_mut(MR * KC);
@@ -124,12 +156,11 @@ fn packed_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, mut si
             // walks whole rows of what it updates, which the hardware
             // prefetches well.
             let rows = MR.min(m - row0);
-            pack::pack_a(a.slice(s![row0..row0 + rows, ..]), a_panel);
-            let mut strip_rows = strip_buf[..rows * nc].chunks_exact_mut(nc);
-            let mut strip: [&mut [f32]; MR] = std::array::from_fn(|_| strip_rows.next().unwrap_or_default());
+            pack::pack_a(kernel, a.slice(s![row0..row0 + rows, ..]), a_panel);
+            let mut strip = row_slices::<MR>(strip_buf[..rows * nc].chunks_exact_mut(nc));
             for (t, b_panel) in b_panels.chunks_exact(NR * k).enumerate() {
                 // alpha 1 and beta 0: the bits `gemm` stores.
-                kernel::tile_into(k, &a_panel[..MR * k], b_panel, &mut strip, t * NR, 1.0, Blend::Beta(0.0));
+                kernel.tile_into(k, &a_panel[..MR * k], b_panel, &mut strip, t * NR, 1.0, Blend::Beta(0.0));
             }
             for r in 0..rows {
                 sink.take(row0 + r, jc, &strip_buf[r * nc..(r + 1) * nc]);
@@ -139,35 +170,30 @@ fn packed_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, mut si
 }
 
 /// Columns of `b` packed at once for a depth of `k` (at most
-/// [`SINK_MAX_DEPTH`]): [`STRIP_COLS`], as far as the `B` buffer holds them
-/// (all of them up to a depth of [`WHOLE_ROWS_DEPTH`]; a weight gradient's
-/// depth is the batch), and at least `NC`.
-fn sink_block_cols(k: usize) -> usize {
-    STRIP_COLS.min(B_BUFFER_LEN / k.max(1)) / NR * NR
+/// [`SINK_MAX_DEPTH`]) by a kernel `nr` columns wide, whose `B` buffer holds
+/// `b_len` floats: [`SINK_BLOCK_COLS`], as far as the buffer holds them (all
+/// of them up to a depth of [`WHOLE_ROWS_DEPTH`]; a weight gradient's depth
+/// is the batch), and at least a `KC x NC` block's.
+fn strip_cols(nr: usize, k: usize, b_len: usize) -> usize {
+    SINK_BLOCK_COLS.min(b_len / k.max(1)) / nr * nr
 }
-
-/// The widest strip: [`SINK_BLOCK_COLS`], or a whole `NC` block where wider.
-const STRIP_COLS: usize = if NC > SINK_BLOCK_COLS { NC } else { SINK_BLOCK_COLS };
 
 /// How wide a strip [`gemm_to_sink`] hands over, where the buffers allow:
 /// whole rows of the reference model's 1,024-wide layers, which the
 /// optimizer then walks in one run each. One `NC` block at a time, AVX2's
 /// 512 columns cut each row in two, and the update from the GEMM was then
-/// slower than storing the gradient (README, "Weight gradients handed
-/// straight to the optimizer"). AVX-512's `NC` is already 1,024.
+/// slower than storing the gradient (docs/PERFORMANCE.md, "Weight gradients
+/// handed straight to the optimizer"). AVX-512's `NC` is 1,024, the widest.
 pub(super) const SINK_BLOCK_COLS: usize = 1024;
 
 /// The deepest product (largest batch) whose strips of [`SINK_BLOCK_COLS`]
-/// the `B` packing buffer holds on every target ([`super::B_BUFFER_LEN`]).
+/// the `B` packing buffer holds with every kernel ([`super::buffer_lens`]).
 pub(super) const WHOLE_ROWS_DEPTH: usize = 128;
-
-/// A's packing buffer holds one panel and the widest strip.
-const _: () = assert!(MR * KC + MR * STRIP_COLS <= MC * KC, "the strip does not fit beside one panel of A");
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gemm::gemm_with_chunks;
+    use crate::gemm::gemm_with_chunks_on;
     use ndarray::Array2;
 
     /// Stores what it is handed into a matrix, counting each element.
@@ -203,36 +229,41 @@ mod tests {
 
     /// Every element once, and the bits `gemm` stores, for shapes across the
     /// tile and block edges, transposed operands (as a weight gradient's
-    /// `dz^T`), narrow products, an empty depth and every split.
+    /// `dz^T`), narrow products, an empty depth and every split, with every
+    /// kernel this CPU runs.
     #[test]
     fn hands_over_exactly_what_gemm_stores() {
-        let shapes = [
-            (1, 1, 1),
-            (3, 5, 7),
-            (13, 128, 33),
-            (MR + 1, 7, NR + 1),
-            (1024, 128, 784),
-            (10, 128, 1024),
-            (MC + 5, KC, NC + 40),
-            (40, 0, 20),
-            (200, 3, 2 * NR + 1),
-            (70, 64, 5),
-            // A shallow product wider than a strip: several blocks of columns.
-            (2 * MR + 1, 2, 3 * STRIP_COLS + NR + 5),
-        ];
-        for (m, k, n) in shapes {
-            let a_t = filled(k, m, 1);
-            let b = filled(k, n, 2);
-            let mut want = Array2::<f32>::from_elem((m, n), f32::NAN);
-            gemm_with_chunks(1.0, a_t.t(), b.view(), 0.0, want.view_mut(), 1);
-            for chunks in [1, 2, 3, 7] {
-                let mut got = vec![f32::NAN; m * n];
-                let mut seen = vec![0u8; m * n];
-                let sink = Collect { out: &mut got, seen: &mut seen, cols: n };
-                gemm_to_sink_with_chunks(a_t.t(), b.view(), sink, chunks);
-                assert!(seen.iter().all(|&s| s == 1), "{m}x{k}x{n}, {chunks} chunks: an element not handed over once");
-                let same = got.iter().zip(want.iter()).all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(same, "{m}x{k}x{n}, {chunks} chunks: values differ from gemm's");
+        for isa in Isa::supported() {
+            let (mr, nr) = isa.gemm_tile();
+            let shapes = [
+                (1, 1, 1),
+                (3, 5, 7),
+                (13, 128, 33),
+                (mr + 1, 7, nr + 1),
+                (1024, 128, 784),
+                (10, 128, 1024),
+                (16 * mr + 5, KC, 32 * nr + 40),
+                (40, 0, 20),
+                (200, 3, 2 * nr + 1),
+                (70, 64, 5),
+                // A shallow product wider than a strip: several blocks of columns.
+                (2 * mr + 1, 2, 3 * SINK_BLOCK_COLS + nr + 5),
+            ];
+            for (m, k, n) in shapes {
+                let a_t = filled(k, m, 1);
+                let b = filled(k, n, 2);
+                let mut want = Array2::<f32>::from_elem((m, n), f32::NAN);
+                gemm_with_chunks_on(Isa::Portable, 1.0, a_t.t(), b.view(), 0.0, want.view_mut(), 1);
+                for chunks in [1, 2, 3, 7] {
+                    let mut got = vec![f32::NAN; m * n];
+                    let mut seen = vec![0u8; m * n];
+                    let sink = Collect { out: &mut got, seen: &mut seen, cols: n };
+                    gemm_to_sink_on(isa, a_t.t(), b.view(), sink, chunks);
+                    let what = format!("{isa}, {m}x{k}x{n}, {chunks} chunks");
+                    assert!(seen.iter().all(|&s| s == 1), "{what}: an element not handed over once");
+                    let same = got.iter().zip(want.iter()).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{what}: values differ from gemm's");
+                }
             }
         }
     }
