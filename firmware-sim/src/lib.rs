@@ -10,6 +10,7 @@
 //!   path as `svp finetune`.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod camera;
 pub mod flash;

@@ -8,6 +8,8 @@
 //! measures again. The same fine-tuning with backpropagation is tried under the
 //! same budget.
 
+#![forbid(unsafe_code)]
+
 use firmware_sim::flash::Flash;
 use firmware_sim::store::CheckpointStore;
 use firmware_sim::{FineTuning, Profile, camera, fine_tune_config, profiles_dir};

@@ -4,6 +4,8 @@
 //! 1 for a run that could not start or finish, 2 for bad usage (clap),
 //! 3 for a run that diverged (its last good weights are still saved).
 
+#![forbid(unsafe_code)]
+
 mod cli;
 mod error;
 mod eval_cmd;

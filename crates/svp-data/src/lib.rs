@@ -10,6 +10,7 @@
 //!   owns; the data set itself is never copied.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod idx;
 

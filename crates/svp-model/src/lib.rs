@@ -12,6 +12,7 @@
 //! * [`atomic::write`]: crash-safe replacement of a file.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod atomic;
 pub mod checkpoint;

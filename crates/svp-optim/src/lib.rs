@@ -18,6 +18,7 @@
 //! steps.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

@@ -18,6 +18,7 @@
 //! must bump [`GENERATOR_ID`].
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::{Rng, SeedableRng};

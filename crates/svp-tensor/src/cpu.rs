@@ -146,7 +146,9 @@ pub fn selected() -> Isa {
 /// fuses `a * b + c` into one instruction on its own, so the bits are the
 /// same in every copy. (A closure handed to a `#[target_feature]` function
 /// would do the same only when LLVM chose to inline it, which it did not for
-/// the optimizer's update: measured.)
+/// the optimizer's update: measured.) The one `unsafe` of the expansion, the
+/// call into the copy for this CPU, is proven here, so crates that
+/// `#![forbid(unsafe_code)]` (svp-optim) use the macro too.
 ///
 /// ```
 /// svp_tensor::multiversion! {

@@ -15,6 +15,7 @@
 //!   validated against the data before anything is allocated.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod bp;
 pub mod config;
