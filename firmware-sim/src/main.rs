@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+use clap::{Parser, ValueEnum};
 use firmware_sim::flash::Flash;
 use firmware_sim::store::CheckpointStore;
 use firmware_sim::{FineTuning, Profile, camera, fine_tune_config, profiles_dir};
@@ -31,6 +32,67 @@ static ALLOC: CountingAlloc = CountingAlloc::new();
 /// and optimizer state): checked before the first step.
 const HEADROOM: usize = 2 << 20;
 
+/// The simulated device's fine-tuning scenario: a model file fine-tuned on a
+/// shifted camera stream under a profile's RAM budget, checkpointed to its
+/// flash, with SVP and with backpropagation.
+#[derive(Debug, Parser)]
+#[command(name = "firmware-sim", version, about, long_about = None)]
+struct Cli {
+    /// Device profile: a file of profiles/ (board-32m, ...).
+    #[arg(long)]
+    profile: String,
+    /// The model file fine-tuned on the device.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/device-mlp.svpm"))]
+    model: PathBuf,
+    /// Camera samples to fine-tune on.
+    #[arg(long, default_value_t = 6000, value_parser = positive)]
+    samples: usize,
+    /// Epochs of fine-tuning.
+    #[arg(long, default_value_t = 30, value_parser = positive)]
+    epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 512, value_parser = positive)]
+    batch: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Steps between checkpoints to the flash.
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: u64,
+    /// Where the simulated chip is created (a path that does not exist; it
+    /// is removed after the run). Default: a file in the temp folder.
+    #[arg(long)]
+    flash: Option<PathBuf>,
+    /// Which training rule to run.
+    #[arg(long, value_enum, default_value_t = MethodChoice::Both)]
+    method: MethodChoice,
+    /// Precision of Adam's moments.
+    #[arg(long, value_enum, default_value_t = MomentsChoice::F32)]
+    moments: MomentsChoice,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MethodChoice {
+    Svp,
+    Bp,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MomentsChoice {
+    F32,
+    Bf16,
+}
+
+fn positive(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{v:?} is not a whole number")),
+    }
+}
+
+/// What a run takes, from the command line.
 struct Args {
     profile: String,
     model: PathBuf,
@@ -44,70 +106,32 @@ struct Args {
     moments: svp_optim::MomentDtype,
 }
 
-fn usage() -> String {
-    format!(
-        "usage: firmware-sim --profile NAME [--model FILE] [--samples N] [--epochs N] [--batch N] [--lr X] \
-         [--checkpoint-every STEPS] [--flash FILE] [--method svp|bp|both] [--moments f32|bf16]\nprofiles: {}",
-        Profile::names(&profiles_dir()).join(", ")
-    )
-}
-
 /// Where the simulated chip lives unless `--flash` says otherwise.
 fn default_flash() -> PathBuf {
     std::env::temp_dir().join(format!("svp-device-flash-{}.bin", std::process::id()))
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        profile: String::new(),
-        model: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/device-mlp.svpm")),
-        samples: 6000,
-        epochs: 30,
-        batch: 512,
-        lr: 1e-3,
-        checkpoint_every: 10,
-        flash: default_flash(),
-        methods: vec![Method::Svp, Method::Bp],
-        moments: svp_optim::MomentDtype::F32,
+    let cli = Cli::parse();
+    let a = Args {
+        profile: cli.profile,
+        model: cli.model,
+        samples: cli.samples,
+        epochs: cli.epochs,
+        batch: cli.batch,
+        lr: cli.lr,
+        checkpoint_every: cli.checkpoint_every,
+        flash: cli.flash.unwrap_or_else(default_flash),
+        methods: match cli.method {
+            MethodChoice::Svp => vec![Method::Svp],
+            MethodChoice::Bp => vec![Method::Bp],
+            MethodChoice::Both => vec![Method::Svp, Method::Bp],
+        },
+        moments: match cli.moments {
+            MomentsChoice::F32 => svp_optim::MomentDtype::F32,
+            MomentsChoice::Bf16 => svp_optim::MomentDtype::Bf16,
+        },
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{}", usage()));
-        let num = |v: String| v.parse::<usize>().map_err(|_| format!("{flag}: {v:?} is not a whole number"));
-        match flag.as_str() {
-            "--profile" => a.profile = value()?,
-            "--model" => a.model = PathBuf::from(value()?),
-            "--samples" => a.samples = num(value()?)?,
-            "--epochs" => a.epochs = num(value()?)?,
-            "--batch" => a.batch = num(value()?)?,
-            "--lr" => a.lr = value()?.parse().map_err(|_| "--lr needs a number".to_string())?,
-            "--checkpoint-every" => a.checkpoint_every = num(value()?)? as u64,
-            "--flash" => a.flash = PathBuf::from(value()?),
-            "--method" => {
-                a.methods = match value()?.as_str() {
-                    "svp" => vec![Method::Svp],
-                    "bp" => vec![Method::Bp],
-                    "both" => vec![Method::Svp, Method::Bp],
-                    other => return Err(format!("--method {other:?}: use svp, bp or both")),
-                }
-            }
-            "--moments" => {
-                a.moments = match value()?.as_str() {
-                    "f32" => svp_optim::MomentDtype::F32,
-                    "bf16" => svp_optim::MomentDtype::Bf16,
-                    other => return Err(format!("--moments {other:?}: use f32 or bf16")),
-                }
-            }
-            "-h" | "--help" => return Err(usage()),
-            other => return Err(format!("unknown argument {other:?}\n{}", usage())),
-        }
-    }
-    if a.profile.is_empty() {
-        return Err(format!("--profile is required\n{}", usage()));
-    }
-    if a.samples == 0 || a.epochs == 0 || a.batch == 0 {
-        return Err("--samples, --epochs and --batch must be positive".into());
-    }
     // The chip is created fresh for each method's run and removed after it:
     // a file already at a path the user gave is somebody's data, never
     // overwritten. At the default path (this process's own name in the temp

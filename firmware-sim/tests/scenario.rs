@@ -41,15 +41,22 @@ fn svp_fits_the_32_mib_device_and_backprop_does_not() {
 
 #[test]
 fn bad_arguments_are_one_line_errors() {
-    for args in [
-        &["--profile", "toaster"][..],
-        &["--epochs", "3"][..],
-        &["--profile", "board-32m", "--model", "/nonexistent.svpm"][..],
+    // Exit 1 for a run that cannot start (one line), 2 for bad usage (clap's
+    // message, as `svp` gives it).
+    for (args, code) in [
+        (&["--profile", "toaster"][..], 1),
+        (&["--profile", "board-32m", "--model", "/nonexistent.svpm"][..], 1),
+        (&["--epochs", "3"][..], 2),
+        (&["--profile", "board-32m", "--epochs", "0"][..], 2),
+        (&["--profile", "board-32m", "--method", "sgd"][..], 2),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_firmware-sim")).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
         assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{args:?}: {stderr}");
+        if code == 1 {
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        }
     }
 }
 
