@@ -22,21 +22,26 @@
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+#[cfg(feature = "clock")]
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+#[cfg(feature = "clock")]
+use std::time::Duration;
 use svp_tensor::GradientSink;
 
 /// Wall time spent in [`Optimizer::update`] since the last [`reset_update_clock`], in ns.
+#[cfg(feature = "clock")]
 static UPDATE_NANOS: AtomicU64 = AtomicU64::new(0);
 
-/// Wall time spent in [`Optimizer::update`] since the last reset, so a
-/// benchmark can split a step's time without an instrumented build (two
-/// `Instant::now` per layer update).
+/// Wall time spent updating from stored gradients since the last reset, so
+/// a benchmark can split a step's time (two `Instant::now` per layer
+/// update). Only with the `clock` feature, which the benches turn on.
+#[cfg(feature = "clock")]
 pub fn update_clock() -> Duration {
     Duration::from_nanos(UPDATE_NANOS.load(Ordering::Relaxed))
 }
 
 /// Zeroes [`update_clock`].
+#[cfg(feature = "clock")]
 pub fn reset_update_clock() {
     UPDATE_NANOS.store(0, Ordering::Relaxed);
 }
@@ -324,7 +329,8 @@ impl GradientSink for LayerUpdate<'_> {
         Self: 'a;
 
     fn apply(&mut self, offset: usize, params: &mut [f32], grad: &[f32]) {
-        let start = Instant::now();
+        #[cfg(feature = "clock")]
+        let start = std::time::Instant::now();
         assert_eq!(params.len(), grad.len(), "optimizer: gradient length");
         let range = offset..offset + params.len();
         let rule = self.rule;
@@ -352,6 +358,7 @@ impl GradientSink for LayerUpdate<'_> {
                     })
             }
         }
+        #[cfg(feature = "clock")]
         UPDATE_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 

@@ -23,10 +23,11 @@ pub mod gemm;
 pub mod reduce;
 
 pub use gemm::{
-    GradientSink, ProductSink, SINK_MAX_DEPTH, gemm, gemm_clock, gemm_to_sink, gemm_to_sink_with_chunks,
-    gemm_with_chunks, gemm_with_chunks_on, reset_gemm_clock, try_reserve_workspaces, workspace_bytes,
-    workspace_bytes_reserved,
+    GradientSink, ProductSink, SINK_MAX_DEPTH, gemm, gemm_to_sink, gemm_to_sink_with_chunks, gemm_with_chunks,
+    gemm_with_chunks_on, try_reserve_workspaces, workspace_bytes, workspace_bytes_reserved,
 };
+#[cfg(feature = "clock")]
+pub use gemm::{gemm_clock, reset_gemm_clock};
 pub use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, ShapeBuilder, s};
 
 /// A `(rows, cols)` row-major view of the first `rows * cols` elements of `buf`.

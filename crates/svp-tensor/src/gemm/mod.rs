@@ -20,8 +20,12 @@ use kernel::{Blend, Kernel};
 use ndarray::{ArrayView2, ArrayViewMut2, Axis, s};
 use std::cell::RefCell;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+#[cfg(feature = "clock")]
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicUsize, Ordering};
+#[cfg(feature = "clock")]
+use std::time::Duration;
+use std::time::Instant;
 use svp_alloc::{OutOfMemory, try_zeros};
 
 /// Runs `$body` with `$kernel` bound to the kernel of `$isa` (a value of a
@@ -59,22 +63,48 @@ macro_rules! with_kernel {
 pub(crate) use with_kernel;
 
 /// Wall time spent inside [`gemm`] since the last [`reset_gemm_clock`], in ns.
+#[cfg(feature = "clock")]
 static GEMM_NANOS: AtomicU64 = AtomicU64::new(0);
+#[cfg(feature = "clock")]
 static GEMM_CALLS: AtomicU64 = AtomicU64::new(0);
 
-/// Wall time spent in [`gemm`] calls, and their number, since the last reset.
+/// Wall time spent in [`gemm`] and [`gemm_to_sink`] calls, and their number,
+/// since the last reset.
 ///
-/// The clock runs in every build (two `Instant::now` per call, tens of
-/// nanoseconds against microseconds of GEMM), so a benchmark can measure a
-/// training step's non-GEMM overhead in the same run as the step itself.
+/// Only with the `clock` feature (the benches turn it on): a benchmark then
+/// measures a training step's non-GEMM overhead in the same run as the step
+/// itself, for two `Instant::now` per call.
+#[cfg(feature = "clock")]
 pub fn gemm_clock() -> (Duration, u64) {
     (Duration::from_nanos(GEMM_NANOS.load(Ordering::Relaxed)), GEMM_CALLS.load(Ordering::Relaxed))
 }
 
 /// Zeroes [`gemm_clock`].
+#[cfg(feature = "clock")]
 pub fn reset_gemm_clock() {
     GEMM_NANOS.store(0, Ordering::Relaxed);
     GEMM_CALLS.store(0, Ordering::Relaxed);
+}
+
+/// Starts timing one GEMM call for [`gemm_clock`].
+#[inline(always)]
+fn clock_start() -> Option<Instant> {
+    #[cfg(feature = "clock")]
+    return Some(Instant::now());
+    #[cfg(not(feature = "clock"))]
+    None
+}
+
+/// Ends timing a GEMM call started with [`clock_start`].
+#[inline(always)]
+fn clock_stop(start: Option<Instant>) {
+    #[cfg(feature = "clock")]
+    if let Some(start) = start {
+        GEMM_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+    }
+    #[cfg(not(feature = "clock"))]
+    let _ = start;
 }
 
 /// Below this many multiply-adds a GEMM runs as one call: splitting tiny
@@ -98,10 +128,9 @@ pub fn gemm(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, c: Ar
     let tile_rows = cpu::selected().gemm_tile().0;
     let pieces = (n / MIN_CHUNK_COLS).max(m / tile_rows);
     let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(pieces).max(1) };
-    let start = Instant::now();
+    let start = clock_start();
     gemm_with_chunks(alpha, a, b, beta, c, chunks);
-    GEMM_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+    clock_stop(start);
 }
 
 /// [`gemm`] with an explicit number of pieces to split the output into

@@ -11,8 +11,6 @@ use super::kernel::{Blend, Kernel};
 use super::{KC, PARALLEL_MIN_MACS, Workspace, block_cols, pack, row_slices, with_kernel, with_workspace};
 use crate::cpu::{self, Isa};
 use ndarray::{ArrayView2, Axis, s};
-use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 /// Deepest inner dimension [`gemm_to_sink`] takes: one packed block, so each
 /// tile is final after a single pass of the kernel. (A weight gradient's inner
@@ -66,10 +64,9 @@ pub fn gemm_to_sink<S: ProductSink>(a: ArrayView2<f32>, b: ArrayView2<f32>, sink
     let n = b.ncols();
     let tile_rows = cpu::selected().gemm_tile().0;
     let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(m / tile_rows).max(1) };
-    let start = Instant::now();
+    let start = super::clock_start();
     gemm_to_sink_with_chunks(a, b, sink, chunks);
-    super::GEMM_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    super::GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+    super::clock_stop(start);
 }
 
 /// [`gemm_to_sink`] with an explicit number of row pieces (1 = on this thread).
