@@ -30,7 +30,7 @@ impl Isa {
     /// Every kernel this build has, widest first.
     pub const ALL: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Portable];
 
-    /// The name `SVP_KERNEL` takes and `svp info --system` prints.
+    /// The name `SVP_KERNEL` takes and `svp --version` prints.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "avx512",

@@ -143,9 +143,11 @@ svp_tensor::multiversion! {
         out: &mut [f32],
     ) {
         let d = gamma.len();
+        #[cfg(target_arch = "x86_64")]
+        let simd_rows = avx512_rows(d, act);
         for ((z, r), out) in z.chunks_exact_mut(d).zip(rstd.iter_mut()).zip(out.chunks_exact_mut(d)) {
             #[cfg(target_arch = "x86_64")]
-            if let Some(relu) = avx512_rows(d, act) {
+            if let Some(relu) = simd_rows {
                 // SAFETY: `avx512_rows` answers only when the process runs the
                 // AVX-512 kernels, which it does only on a CPU with AVX-512F.
                 *r = unsafe { avx512::forward_row(z, bias, gamma, beta, relu, out) };
@@ -176,10 +178,12 @@ svp_tensor::multiversion! {
         partial.fill(0.0);
         let (sum_dy, rest) = partial.split_at_mut(d);
         let (sum_dy_xhat, sum_dz) = rest.split_at_mut(d);
+        #[cfg(target_arch = "x86_64")]
+        let simd_rows = avx512_rows(d, act);
         for ((dy, x), &r) in dy.chunks_exact_mut(d).zip(xhat.chunks_exact(d)).zip(rstd) {
             let sums = (&mut *sum_dy, &mut *sum_dy_xhat, &mut *sum_dz);
             #[cfg(target_arch = "x86_64")]
-            if let Some(relu) = avx512_rows(d, act) {
+            if let Some(relu) = simd_rows {
                 // SAFETY: as in `forward_rows`.
                 unsafe { avx512::backward_row(dy, x, r, gamma, beta, relu, sums) };
                 continue;
