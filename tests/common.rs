@@ -10,7 +10,7 @@ pub fn small_config(method: svp_train::Method, epochs: usize) -> Config {
     Config {
         model: ModelConfig::mlp(vec![256, 256]),
         svp: SvpConfig::default(),
-        train: TrainConfig { method, epochs, batch_size: 64, seed: 7, shuffle: true, augment: Default::default() },
+        train: TrainConfig { method, epochs, batch_size: 64, seed: 7, shuffle: true, ..Default::default() },
         optimizer: svp_optim::Optimizer::adam(1e-3),
         schedule: svp_train::Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
     }

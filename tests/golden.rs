@@ -44,7 +44,7 @@ fn config(g: &Value, optimizer: svp_optim::Optimizer) -> Config {
             batch_size: g["y"].as_array().unwrap().len(),
             seed: g["seed"].as_u64().unwrap(),
             shuffle: false,
-            augment: Default::default(),
+            ..Default::default()
         },
         optimizer,
         schedule: Default::default(),

@@ -128,6 +128,7 @@ mod tests {
                 lr: 1e-3,
                 moments: MomentDtype::F32,
                 augment: Default::default(),
+                train_from_layer: 1,
             };
             let config = fine_tune_config(&file.meta, run);
             assert_eq!(svp_train::ProjectionHeads::from_config(&config, classes), heads);

@@ -246,6 +246,7 @@ fn run() -> Result<bool, String> {
             lr: args.lr,
             moments: args.moments,
             augment: Default::default(),
+            train_from_layer: 1,
         };
         let config = fine_tune_config(&meta, run);
         config.validate_for_data(&split).map_err(|e| e.to_string())?;

@@ -130,6 +130,13 @@ pub struct FinetuneArgs {
     /// Use only the first N training samples.
     #[arg(long)]
     pub limit_train: Option<usize>,
+    /// Train layer K and the layers after it; the layers below K keep their
+    /// weights and run forward only, with no optimizer state, gradients or
+    /// backward caches. Layers count from 1: conv blocks (or a ViT's patch
+    /// embedding, blocks and token head) first, then the dense layers; the
+    /// head is the last.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub train_from_layer: usize,
     /// Save the fine-tuned model here after every epoch (it may be the model
     /// itself: the file is read whole first and written atomically).
     #[arg(long)]

@@ -44,8 +44,16 @@ pub fn run(args: FinetuneArgs) -> Result<(), CliError> {
         lr: args.lr,
         moments: MomentDtype::F32,
         augment,
+        train_from_layer: args.train_from_layer,
     };
     let config = finetune::config(meta, run);
+    let layers = config.model.layer_count();
+    if !(1..=layers).contains(&args.train_from_layer) {
+        return Err(CliError::ModelMismatch(format!(
+            "--train-from-layer {}: the model has layers 1 to {layers} (the head is layer {layers})",
+            args.train_from_layer
+        )));
+    }
     let validation =
         crate::train_cmd::hold_out(&mut data, args.val_split, args.keep, args.out.as_deref(), config.train.seed)?;
     config.validate_for_data(&data)?;

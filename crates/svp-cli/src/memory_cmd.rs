@@ -62,7 +62,7 @@ fn config(run: &MemoryRun, method: Method, depth: usize) -> Result<Config, CliEr
         None => mlp_config(run, depth),
     };
     config.train =
-        TrainConfig { method, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false, augment: Default::default() };
+        TrainConfig { method, epochs: 1, batch_size: run.batch, seed: 1, shuffle: false, ..Default::default() };
     config.optimizer = optimizer(run);
     config.schedule = Default::default();
     config.validate()?;
@@ -113,7 +113,7 @@ fn mlp_config(run: &MemoryRun, depth: usize) -> Config {
             batch_size: run.batch,
             seed: 1,
             shuffle: false,
-            augment: Default::default(),
+            ..Default::default()
         },
         optimizer: optimizer(run),
         schedule: Default::default(),

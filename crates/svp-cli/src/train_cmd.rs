@@ -158,9 +158,14 @@ pub fn describe(config: &Config, data: &DataSplit) -> String {
         .chain([data.classes.to_string()])
         .collect();
     format!(
-        "svp train: method {}, network {}, {} train / {} test samples from {}, batch {}, {}, {}, {} threads, {} kernels",
+        "svp train: method {}, network {}{}, {} train / {} test samples from {}, batch {}, {}, {}, {} threads, {} kernels",
         config.train.method,
         widths.join("-"),
+        match config.train.train_from_layer {
+            1 => String::new(),
+            2 => " (layer 1 frozen)".to_string(),
+            k => format!(" (layers 1-{} frozen)", k - 1),
+        },
         data.train.len(),
         data.test.len(),
         data.origin,

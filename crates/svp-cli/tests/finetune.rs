@@ -78,3 +78,34 @@ fn data_that_does_not_fit_the_model_is_one_line() {
     let out = svp(&["finetune", model, "--data", &data]);
     assert!(stderr(&out).contains("label 12 at index 3 is not one of the 10 classes expected"), "{}", stderr(&out));
 }
+
+#[test]
+fn frozen_layers_come_out_of_fine_tuning_as_they_went_in() {
+    let d = scratch("frozen");
+    let p = |n: &str| d.join(n).display().to_string();
+    let cfg = p("c.toml");
+    let toml = "[model]\nhidden = [64, 32]\n[train]\nepochs = 1\n[optimizer]\nkind = \"adam\"\nlr = 0.002\n";
+    std::fs::write(&cfg, toml).unwrap();
+    let (base, tuned) = (p("base.svpm"), p("tuned.svpm"));
+    let out = svp(&["train", "--config", &cfg, "--data", "embedded", "--limit-train", "1000", "--out", &base]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for method in ["svp", "bp"] {
+        let args = ["--data", "embedded", "--epochs", "1", "--method", method, "--train-from-layer", "2"];
+        let out = svp(&[&["finetune", &base, "--out", &tuned][..], &args].concat());
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("network 784-64-32-10 (layer 1 frozen)"), "{err}");
+        let net = |path: &str| svp_model::ModelFile::load(std::path::Path::new(path)).unwrap().to_network();
+        let (a, b) = (net(&base), net(&tuned));
+        assert_eq!(a.layer_params(0), b.layer_params(0), "{method}: the frozen layer");
+        for l in 1..3 {
+            assert_ne!(a.layer_params(l), b.layer_params(l), "{method}: layer {} is trained", l + 1);
+        }
+    }
+    for bad in ["0", "4"] {
+        let out = svp(&["finetune", &base, "--data", "embedded", "--train-from-layer", bad]);
+        assert_eq!(out.status.code(), Some(1));
+        let want = format!("error: --train-from-layer {bad}: the model has layers 1 to 3 (the head is layer 3)");
+        assert_eq!(stderr(&out).trim(), want);
+    }
+}

@@ -20,6 +20,9 @@ pub struct FineTuning {
     pub moments: MomentDtype,
     /// Random shifts and flips of the new training images.
     pub augment: svp_data::Augment,
+    /// The first layer trained; the layers below it stay as they are
+    /// ([`svp_train::config::TrainConfig::train_from_layer`]).
+    pub train_from_layer: usize,
 }
 
 /// The training config that fine-tunes the network of `meta` (an MLP, a
@@ -48,6 +51,7 @@ pub fn config(meta: &ModelMeta, run: FineTuning) -> Config {
             seed: 11,
             shuffle: true,
             augment: run.augment,
+            train_from_layer: run.train_from_layer,
         },
         optimizer: Optimizer::adam(run.lr).with_moments(run.moments),
         schedule: Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },

@@ -1,22 +1,26 @@
 //! Backpropagation over the same layers: the baseline SVP is measured against.
 
 use crate::config::Config;
+use crate::frozen::FrozenLayers;
 use crate::model::{LayerCache, Network};
 use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_nn::{Mode, softmax_cross_entropy};
 use svp_tensor::view;
 
-/// Backpropagation trainer. It keeps every layer's output and backward cache
-/// for the whole step, so its memory grows with depth (the contrast to SVP).
-/// Each layer is updated as soon as its gradient and its input gradient exist.
+/// Backpropagation trainer. It keeps every trained layer's output and
+/// backward cache for the whole step, so its memory grows with depth (the
+/// contrast to SVP). Each layer is updated as soon as its gradient and its
+/// input gradient exist.
 pub struct BpTrainer {
     updater: Updater,
     seed: u64,
     max_rows: usize,
-    /// Output of every layer (the head's logits last).
+    /// The layers below `train_from_layer`, run forward only.
+    frozen: FrozenLayers,
+    /// Output of every trained layer (the head's logits last; frozen layers' are empty).
     acts: Vec<Vec<f32>>,
-    /// Each layer's backward cache.
+    /// Each trained layer's backward cache.
     caches: Vec<LayerCache>,
     /// Ping-pong gradients wrt layer outputs.
     grads_out: [Vec<f32>; 2],
@@ -36,15 +40,20 @@ impl BpTrainer {
         svp_tensor::try_reserve_workspaces()?;
         let rows = config.train.batch_size;
         let n = model.n_layers();
+        let first = config.train.train_from_layer - 1;
+        let trained = |l: usize, len: usize| if l < first { 0 } else { len };
         let acts = (0..n)
-            .map(|l| try_zeros(rows * model.out_len(l), "every layer's activations"))
+            .map(|l| try_zeros(trained(l, rows * model.out_len(l)), "every layer's activations"))
             .collect::<Result<_, _>>()?;
-        let caches = model.all_layers().map(|l| LayerCache::try_for([l], rows)).collect::<Result<_, _>>()?;
-        let width = model.max_out_width();
+        let caches = (0..n)
+            .map(|l| if l < first { Ok(LayerCache::default()) } else { LayerCache::try_for([model.layer(l)], rows) })
+            .collect::<Result<_, _>>()?;
+        let width = (first..n).map(|l| model.out_len(l)).max().unwrap_or(0);
         Ok(Self {
-            updater: Updater::try_new(model, config.optimizer, rows)?,
+            updater: Updater::try_new(model, config.optimizer, rows, first)?,
             seed: config.train.seed,
             max_rows: rows,
+            frozen: FrozenLayers::try_new(model, first, rows)?,
             acts,
             caches,
             grads_out: [try_zeros(rows * width, "output gradients")?, try_zeros(rows * width, "input gradients")?],
@@ -59,11 +68,13 @@ impl Trainer for BpTrainer {
         let step = self.updater.step();
         let mode = Mode::Train { seed: self.seed, step };
         let n = model.n_layers();
+        let first = self.frozen.len();
+        let h0 = self.frozen.forward(model, x, rows);
 
-        for l in 0..n {
+        for l in first..n {
             let (layer, params) = model.layer_mut(l);
             let (before, after) = self.acts.split_at_mut(l);
-            let input = if l == 0 { x } else { &before[l - 1][..] };
+            let input = if l == first { h0 } else { &before[l - 1][..] };
             layer.forward(params, input, rows, &mut self.caches[l], &mut after[0], mode);
         }
         let classes = model.classes();
@@ -73,13 +84,13 @@ impl Trainer for BpTrainer {
         }
 
         let mut cur = 0;
-        for l in (0..n).rev() {
+        for l in (first..n).rev() {
             let trainable = model.trainable_len(l);
             let (layer, params) = model.layer_mut(l);
-            let input = if l == 0 { x } else { &self.acts[l - 1][..] };
+            let input = if l == first { h0 } else { &self.acts[l - 1][..] };
             let (a, b) = self.grads_out.split_at_mut(1);
             let (dout, dx) = if cur == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
-            let dx = (l > 0).then_some(&mut dx[..]);
+            let dx = (l > first).then_some(&mut dx[..]);
             let (mut update, grad) = self.updater.begin(l, lr_scale);
             let cache = &mut self.caches[l];
             layer.backward_update(params, trainable, input, rows, cache, dout, grad, dx, mode, &mut update);
@@ -100,6 +111,7 @@ impl Trainer for BpTrainer {
     fn workspace_bytes(&self) -> usize {
         4 * (self.acts.iter().map(Vec::len).sum::<usize>() + self.grads_out[0].len() + self.grads_out[1].len())
             + self.caches.iter().map(LayerCache::bytes).sum::<usize>()
+            + self.frozen.bytes()
             + self.updater.gradient_bytes()
     }
 }

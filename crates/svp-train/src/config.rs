@@ -160,6 +160,14 @@ impl ModelConfig {
         }
         blocks
     }
+
+    /// How many layers the network has, numbered as reports number them:
+    /// conv blocks, or a ViT's patch embedding, blocks and token head, then
+    /// the dense hidden layers and the head.
+    pub fn layer_count(&self) -> usize {
+        let front = self.conv_blocks().len() + self.vit.as_ref().map_or(0, |v| v.depth + 2);
+        front + self.hidden.len() + 1
+    }
 }
 
 fn default_conv_readout() -> usize {
@@ -294,6 +302,21 @@ pub struct TrainConfig {
     /// as they did before it existed.
     #[serde(default, skip_serializing_if = "is_off")]
     pub augment: svp_data::Augment,
+    /// The first layer trained (1-based, as layers are numbered in reports):
+    /// the layers below it are frozen. They run forward in inference mode
+    /// (BatchNorm on its running statistics, no dropout) and hold no optimizer
+    /// state, no backward cache and no gradient. 1 trains every layer; the
+    /// head's number trains the head alone. Left out of the JSON when 1.
+    #[serde(default = "default_train_from_layer", skip_serializing_if = "trains_every_layer")]
+    pub train_from_layer: usize,
+}
+
+fn default_train_from_layer() -> usize {
+    1
+}
+
+fn trains_every_layer(first: &usize) -> bool {
+    *first == 1
 }
 
 fn is_off(augment: &svp_data::Augment) -> bool {
@@ -325,6 +348,7 @@ impl Default for TrainConfig {
             seed: default_seed(),
             shuffle: true,
             augment: Default::default(),
+            train_from_layer: default_train_from_layer(),
         }
     }
 }
@@ -444,6 +468,13 @@ impl Config {
         }
         if self.train.batch_size == 0 {
             return invalid("train.batch_size must be at least 1");
+        }
+        let layers = self.model.layer_count();
+        if !(1..=layers).contains(&self.train.train_from_layer) {
+            return invalid(format!(
+                "train.train_from_layer = {} must be from 1 to {layers}, the network's layer count (the head is layer {layers})",
+                self.train.train_from_layer
+            ));
         }
         let lr = self.optimizer.lr();
         if !(lr.is_finite() && lr > 0.0) {

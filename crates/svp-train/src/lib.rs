@@ -21,6 +21,7 @@ mod bp;
 pub mod config;
 mod eval;
 mod fit;
+mod frozen;
 mod model;
 mod schedule;
 mod svp;

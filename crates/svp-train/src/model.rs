@@ -590,16 +590,17 @@ impl Network {
         (0..self.n_layers()).map(|l| self.offsets[l + 1] - self.offsets[l]).max().unwrap_or(0)
     }
 
-    /// The most gradient values one layer's update stores
-    /// ([`Layer::backward_update`]): with `weights_fused`, dense blocks store
-    /// only their bias's and norm's, their weights' going straight from the
-    /// GEMM to the optimizer; every other layer stores all of its own.
-    pub fn max_stored_gradient_len(&self, weights_fused: bool) -> usize {
+    /// The most gradient values the update of one layer from `first_trained`
+    /// on stores ([`Layer::backward_update`]): with `weights_fused`, dense
+    /// blocks store only their bias's and norm's, their weights' going
+    /// straight from the GEMM to the optimizer; every other layer stores all
+    /// of its own.
+    pub fn max_stored_gradient_len(&self, first_trained: usize, weights_fused: bool) -> usize {
         let stored = |l: usize| match self.layer(l) {
             Layer::Dense(d) if weights_fused => d.fused_gradient_len(),
             _ => self.trainable_len(l),
         };
-        (0..self.n_layers()).map(stored).max().unwrap_or(0)
+        (first_trained..self.n_layers()).map(stored).max().unwrap_or(0)
     }
 
     /// Parameters of layer `l` that the optimizer trains (a conv block's

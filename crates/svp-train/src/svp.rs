@@ -1,11 +1,12 @@
 //! The SVP training step: every layer learns from its own local loss.
 
 use crate::config::{Config, FirstLayerAlignment};
+use crate::frozen::FrozenLayers;
 use crate::model::{Layer, LayerCache, Network, ProjectionHeads, Readout};
 use crate::{TrainError, Trainer, Updater};
 use std::ops::Range;
 use svp_alloc::{OutOfMemory, try_zeros};
-use svp_nn::{FaWorkspace, FeatureAlignment, Mode, Projection, softmax_cross_entropy};
+use svp_nn::{FaWorkspace, FeatureAlignment, Mode, softmax_cross_entropy};
 use svp_tensor::{view, view_mut};
 
 /// Sums of per-layer local losses and head accuracies over the steps since
@@ -47,8 +48,11 @@ pub struct SvpTrainer {
     head_lambda: f32,
     align_first: bool,
     fa: FeatureAlignment,
+    /// The layers below `train_from_layer`, run forward only.
+    frozen: FrozenLayers,
+    /// The units of the trained layers.
     units: Vec<Range<usize>>,
-    /// Which of the workspace's caches each layer uses.
+    /// Which of the workspace's caches each trained layer uses.
     cache_slots: Vec<usize>,
     head_lr_scale: f32,
     max_rows: usize,
@@ -180,7 +184,13 @@ impl SvpTrainer {
         let vdim = dim.max(classes);
         let label_cols = if config.svp.label_concat { classes } else { 0 };
         let tile_floats = (config.svp.tile_bytes / 4).max(model.max_readout_len() + label_cols);
-        let units = units(model, config.svp.layers_per_unit, config.svp.head_joins_last_unit);
+        let first = config.train.train_from_layer - 1;
+        // Frozen layers leave the units; a unit they cut into starts at the first trained layer.
+        let units: Vec<_> = units(model, config.svp.layers_per_unit, config.svp.head_joins_last_unit)
+            .into_iter()
+            .filter(|u| u.end > first)
+            .map(|u| u.start.max(first)..u.end)
+            .collect();
         let unit_len = units.iter().map(|u| u.len()).max().unwrap_or(1);
         let caches = (0..unit_len)
             .map(|slot| {
@@ -202,13 +212,16 @@ impl SvpTrainer {
             fa: FaWorkspace::try_new(rows, vdim)?,
         };
         Ok(Self {
-            updater: Updater::try_new(model, config.optimizer, rows)?,
+            updater: Updater::try_new(model, config.optimizer, rows, first)?,
+            frozen: FrozenLayers::try_new(model, first, rows)?,
             heads,
             lambda: config.svp.lambda,
             head_lambda: config.svp.head_lambda.unwrap_or(config.svp.lambda),
             align_first: config.svp.first_layer_alignment == FirstLayerAlignment::Input,
             fa: FeatureAlignment { mean_center: config.svp.mean_center },
-            cache_slots: (0..model.n_layers()).map(|l| cache_slot(model, &units, l)).collect(),
+            cache_slots: (0..model.n_layers())
+                .map(|l| if l < first { 0 } else { cache_slot(model, &units, l) })
+                .collect(),
             units,
             head_lr_scale: config.svp.head_lr_scale,
             max_rows: rows,
@@ -220,11 +233,6 @@ impl SvpTrainer {
     /// The projection heads (what a model file needs to regenerate `R_l`).
     pub fn heads(&self) -> &ProjectionHeads {
         &self.heads
-    }
-
-    /// Layer `l`'s projection (1-based hidden index; 0 = input).
-    fn projection(&self, layer: usize, width: usize) -> Projection {
-        self.heads.for_layer(layer, width, layer > 0)
     }
 }
 
@@ -240,10 +248,25 @@ impl Trainer for SvpTrainer {
         let slots = self.ws.act.len();
         let token = model.token_readout();
 
+        let first_trained = self.frozen.len();
+        let h0 = self.frozen.forward(model, x, rows);
+
         // v_0: the alignment target of layer 1.
         let mut have_prev = false;
-        if self.align_first {
-            let p0 = self.projection(0, input_dim);
+        if first_trained > 0 {
+            // The first trained unit aligns to the last frozen layer's local
+            // logits, as it would to a unit ending there.
+            let last_frozen = first_trained - 1;
+            let read_len = model.readout_len(last_frozen);
+            let p = self.heads.for_layer(first_trained, read_len, true);
+            let ws = &mut self.ws;
+            let out_len = model.out_len(last_frozen);
+            let read = model.layer(last_frozen).readout().read(h0, rows, out_len, token, &mut ws.readout);
+            p.forward(view(read, rows, read_len), Some(y), Some(step), view_mut(&mut ws.v, rows, vdim), &mut ws.tile);
+            self.fa.set_target(view(&ws.v, rows, vdim), &mut ws.fa);
+            have_prev = true;
+        } else if self.align_first {
+            let p0 = self.heads.for_layer(0, input_dim, false);
             let ws = &mut self.ws;
             p0.forward(view(x, rows, input_dim), None, None, view_mut(&mut ws.v, rows, vdim), &mut ws.tile);
             self.fa.set_target(view(&ws.v, rows, vdim), &mut ws.fa);
@@ -262,7 +285,7 @@ impl Trainer for SvpTrainer {
             for (j, l) in (first..end).enumerate() {
                 let (layer, params) = model.layer_mut(l);
                 let (src, dst) = read_write(&mut ws.act, if j == 0 { unit_input } else { slot(j - 1) }, slot(j));
-                let input = if l == 0 { x } else { src };
+                let input = if l == first_trained { h0 } else { src };
                 layer.forward(params, input, rows, &mut ws.caches[self.cache_slots[l]], dst, mode);
             }
             let last = end - 1;
@@ -333,7 +356,7 @@ impl Trainer for SvpTrainer {
                 let trainable = model.trainable_len(l);
                 let (layer, params) = model.layer_mut(l);
                 let src = &ws.act[if j == 0 { unit_input } else { slot(j - 1) }];
-                let input = if l == 0 { x } else { &src[..] };
+                let input = if l == first_trained { h0 } else { &src[..] };
                 let dinput = (j > 0).then_some(&mut dx[..]);
                 let lr = if l + 1 == n_layers { lr_scale * self.head_lr_scale } else { lr_scale };
                 let (mut update, grad) = self.updater.begin(l, lr);
@@ -370,7 +393,7 @@ impl Trainer for SvpTrainer {
     }
 
     fn workspace_bytes(&self) -> usize {
-        self.ws.bytes() + self.updater.gradient_bytes()
+        self.ws.bytes() + self.frozen.bytes() + self.updater.gradient_bytes()
     }
 
     fn layer_metrics(&self) -> Option<&LayerMetrics> {

@@ -4,13 +4,16 @@ use crate::{Network, TrainerState};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_optim::{LayerState, LayerUpdate, Optimizer};
 
-/// The optimizer, each layer's optimizer state, the step counter and the
-/// buffer a layer's gradient is stored in when its update cannot take it
+/// The optimizer, each trained layer's optimizer state, the step counter and
+/// the buffer a layer's gradient is stored in when its update cannot take it
 /// straight from a GEMM.
 #[derive(Debug)]
 pub struct Updater {
     optimizer: Optimizer,
+    /// One per layer; frozen layers' are empty.
     states: Vec<LayerState>,
+    /// Layers below this one are frozen.
+    first_trained: usize,
     step: u64,
     /// One layer's stored gradient ([`Network::max_stored_gradient_len`]).
     grad: Vec<f32>,
@@ -21,27 +24,40 @@ pub struct Updater {
 }
 
 impl Updater {
-    /// Fresh state for every layer of `model`, trained in batches of up to
-    /// `batch_rows`, failing cleanly without the memory.
-    pub fn try_new(model: &Network, optimizer: Optimizer, batch_rows: usize) -> Result<Self, OutOfMemory> {
-        let states =
-            (0..model.n_layers()).map(|l| optimizer.try_new_state(model.trainable_len(l))).collect::<Result<_, _>>()?;
+    /// Fresh state for every layer of `model` from `first_trained` (0-based;
+    /// the layers below are frozen and get none), trained in batches of up
+    /// to `batch_rows`, failing cleanly without the memory.
+    pub fn try_new(
+        model: &Network,
+        optimizer: Optimizer,
+        batch_rows: usize,
+        first_trained: usize,
+    ) -> Result<Self, OutOfMemory> {
+        let state = |l| match l < first_trained {
+            true => Ok(LayerState::default()),
+            false => optimizer.try_new_state(model.trainable_len(l)),
+        };
+        let states = (0..model.n_layers()).map(state).collect::<Result<_, _>>()?;
         let fused = batch_rows <= svp_tensor::SINK_MAX_DEPTH;
-        let grad = try_zeros(model.max_stored_gradient_len(fused), "one layer's stored gradient")?;
-        Ok(Self { optimizer, states, step: 0, grad, fused })
+        let grad = try_zeros(model.max_stored_gradient_len(first_trained, fused), "one layer's stored gradient")?;
+        Ok(Self { optimizer, states, first_trained, step: 0, grad, fused })
     }
 
     /// Starts one update of layer `l`, which the layer's backward then
     /// completes as its gradient comes ([`crate::Layer::backward_update`]),
     /// with the buffer for the gradient it stores.
+    ///
+    /// # Panics
+    /// If layer `l` is frozen.
     pub fn begin(&mut self, l: usize, lr_scale: f32) -> (LayerUpdate<'_>, &mut [f32]) {
+        assert!(l >= self.first_trained, "layer {} is frozen", l + 1);
         let update = self.optimizer.begin_update(lr_scale, &mut self.states[l]);
         (if self.fused { update } else { update.stored_gradients_only() }, &mut self.grad)
     }
 
     /// See [`crate::Trainer::store_weight_gradients`].
     pub fn store_weight_gradients(&mut self, model: &Network) -> Result<(), OutOfMemory> {
-        self.grad = try_zeros(model.max_stored_gradient_len(false), "one layer's stored gradient")?;
+        self.grad = try_zeros(model.max_stored_gradient_len(self.first_trained, false), "one layer's stored gradient")?;
         self.fused = false;
         Ok(())
     }
