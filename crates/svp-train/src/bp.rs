@@ -16,8 +16,10 @@ pub struct BpTrainer {
     updater: Updater,
     seed: u64,
     max_rows: usize,
-    /// The layers below `train_from_layer`, run forward only.
+    /// The layers below `train_from_layer`, run forward only, and the two
+    /// buffers their forward alternates between.
     frozen: FrozenLayers,
+    frozen_acts: [Vec<f32>; 2],
     /// Output of every trained layer (the head's logits last; frozen layers' are empty).
     acts: Vec<Vec<f32>>,
     /// Each trained layer's backward cache.
@@ -49,11 +51,14 @@ impl BpTrainer {
             .map(|l| if l < first { Ok(LayerCache::default()) } else { LayerCache::try_for([model.layer(l)], rows) })
             .collect::<Result<_, _>>()?;
         let width = (first..n).map(|l| model.out_len(l)).max().unwrap_or(0);
+        let frozen = FrozenLayers::try_new(model, first, rows)?;
+        let frozen_act = || try_zeros(rows * frozen.max_out_len(model), "the frozen layers' activations");
         Ok(Self {
             updater: Updater::try_new(model, config.optimizer, rows, first)?,
             seed: config.train.seed,
             max_rows: rows,
-            frozen: FrozenLayers::try_new(model, first, rows)?,
+            frozen_acts: [frozen_act()?, frozen_act()?],
+            frozen,
             acts,
             caches,
             grads_out: [try_zeros(rows * width, "output gradients")?, try_zeros(rows * width, "input gradients")?],
@@ -69,7 +74,11 @@ impl Trainer for BpTrainer {
         let mode = Mode::Train { seed: self.seed, step };
         let n = model.n_layers();
         let first = self.frozen.len();
-        let h0 = self.frozen.forward(model, x, rows);
+        let [a, b] = &mut self.frozen_acts;
+        let h0 = match self.frozen.forward(model, x, rows, [a, b]) {
+            Some(i) => &self.frozen_acts[i][..rows * model.out_len(first - 1)],
+            None => x,
+        };
 
         for l in first..n {
             let (layer, params) = model.layer_mut(l);
@@ -112,6 +121,7 @@ impl Trainer for BpTrainer {
         4 * (self.acts.iter().map(Vec::len).sum::<usize>() + self.grads_out[0].len() + self.grads_out[1].len())
             + self.caches.iter().map(LayerCache::bytes).sum::<usize>()
             + self.frozen.bytes()
+            + 4 * (self.frozen_acts[0].len() + self.frozen_acts[1].len())
             + self.updater.gradient_bytes()
     }
 }

@@ -2,35 +2,28 @@
 //! layers of the network, run forward as at inference and never updated.
 
 use crate::model::{LayerCache, Network};
-use svp_alloc::{OutOfMemory, try_zeros};
+use svp_alloc::OutOfMemory;
 
-/// Buffers for the forward pass through the frozen layers. Both trainers
-/// start a step here: what the frozen layers compute is the trained layers'
-/// input, as the images are when nothing is frozen. The frozen layers keep no
-/// backward cache, gradient or optimizer state; their forward needs two
-/// activation buffers (one layer's input and output) and one inference cache.
+/// The forward pass through the frozen layers, which both trainers start a
+/// step with: what the frozen layers compute is the trained layers' input, as
+/// the images are when nothing is frozen. The frozen layers keep no backward
+/// cache, gradient or optimizer state; their forward needs one inference cache
+/// (held here) and two activation buffers (the caller's).
 #[derive(Debug, Default)]
 pub(crate) struct FrozenLayers {
     layers: usize,
-    act: [Vec<f32>; 2],
     cache: LayerCache,
 }
 
 impl FrozenLayers {
-    /// Buffers for `model`'s first `layers` layers and batches of up to
-    /// `rows` rows (nothing when `layers` is 0).
+    /// The forward pass through `model`'s first `layers` layers, for batches
+    /// of up to `rows` rows (nothing to hold when `layers` is 0).
     pub(crate) fn try_new(model: &Network, layers: usize, rows: usize) -> Result<Self, OutOfMemory> {
         assert!(layers < model.n_layers(), "the head is always trained");
         if layers == 0 {
             return Ok(Self::default());
         }
-        let width = (0..layers).map(|l| model.out_len(l)).max().unwrap_or(0);
-        let act = || try_zeros(rows * width, "the frozen layers' activations");
-        Ok(Self {
-            layers,
-            act: [act()?, act()?],
-            cache: LayerCache::try_for((0..layers).map(|l| model.layer(l)), rows)?,
-        })
+        Ok(Self { layers, cache: LayerCache::try_for((0..layers).map(|l| model.layer(l)), rows)? })
     }
 
     /// How many layers are frozen: the first trained layer's index (0-based).
@@ -38,21 +31,28 @@ impl FrozenLayers {
         self.layers
     }
 
-    /// The frozen layers' output for the batch `x` of `rows` samples: the
-    /// input of the first trained layer (`x` itself when nothing is frozen).
-    pub(crate) fn forward<'a>(&'a mut self, model: &Network, x: &'a [f32], rows: usize) -> &'a [f32] {
-        let [a, b] = &mut self.act;
-        let (mut src, mut dst) = (a, b);
+    /// Values per sample the activation buffers of [`FrozenLayers::forward`] need.
+    pub(crate) fn max_out_len(&self, model: &Network) -> usize {
+        (0..self.layers).map(|l| model.out_len(l)).max().unwrap_or(0)
+    }
+
+    /// Runs the batch `x` of `rows` samples through the frozen layers, layer
+    /// by layer from one of `bufs` into the other, and says which one holds
+    /// their output (`None`, with nothing written, when no layer is frozen:
+    /// the trained layers read `x`).
+    pub(crate) fn forward(&mut self, model: &Network, x: &[f32], rows: usize, bufs: [&mut [f32]; 2]) -> Option<usize> {
+        let [mut src, mut dst] = bufs;
         for l in 0..self.layers {
             let input = if l == 0 { x } else { &src[..rows * model.out_len(l - 1)] };
             model.layer(l).infer(model.layer_params(l), input, rows, &mut self.cache, dst);
             std::mem::swap(&mut src, &mut dst);
         }
-        if self.layers == 0 { x } else { &src[..rows * model.out_len(self.layers - 1)] }
+        // After an odd number of layers the output is in the second buffer.
+        (self.layers > 0).then_some(self.layers % 2)
     }
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        4 * (self.act[0].len() + self.act[1].len()) + self.cache.bytes()
+        self.cache.bytes()
     }
 }

@@ -30,6 +30,19 @@ impl LayerMetrics {
         Self { ce_sum: vec![0.0; layers], fa_sum: vec![0.0; layers], correct: vec![0; layers], steps: 0, samples: 0 }
     }
 
+    /// Adds a step's local loss and head accuracy at layer `l` (0-based).
+    fn record(&mut self, l: usize, ce: f32, fa: f32, correct: usize) {
+        self.ce_sum[l] += ce as f64;
+        self.fa_sum[l] += fa as f64;
+        self.correct[l] += correct as u64;
+    }
+
+    /// Counts a step of `rows` samples.
+    fn count_step(&mut self, rows: usize) {
+        self.steps += 1;
+        self.samples += rows as u64;
+    }
+
     fn reset(&mut self) {
         self.ce_sum.fill(0.0);
         self.fa_sum.fill(0.0);
@@ -62,9 +75,8 @@ pub struct SvpTrainer {
 
 /// Everything a step touches besides the weights and optimizer state.
 struct Workspace {
-    /// Activations: a unit's input and the outputs of its layers, in
-    /// rotation (one more than the longest unit; two for plain SVP).
-    act: Vec<Vec<f32>>,
+    /// The current unit's input and its layers' outputs.
+    ring: ActivationRing,
     /// One backward cache per position in a unit, serving that position of every unit.
     caches: Vec<LayerCache>,
     /// What a projection reads from a unit's output (a conv block's pooling,
@@ -84,16 +96,85 @@ struct Workspace {
 
 impl Workspace {
     fn bytes(&self) -> usize {
-        4 * (self.act.iter().map(Vec::len).sum::<usize>()
-            + self.dh.len()
-            + self.dx.len()
-            + self.v.len()
-            + self.dv.len()
-            + self.tile.len()
-            + self.readout.len()
-            + self.d_readout.len())
+        self.ring.bytes()
+            + 4 * (self.dh.len()
+                + self.dx.len()
+                + self.v.len()
+                + self.dv.len()
+                + self.tile.len()
+                + self.readout.len()
+                + self.d_readout.len())
             + self.caches.iter().map(LayerCache::bytes).sum::<usize>()
             + self.fa.bytes()
+    }
+}
+
+/// The activations of the unit being trained: its input, then each of its
+/// layers' outputs, in buffers used in rotation (one more than the longest
+/// unit has layers, so a unit never overwrites its own input). A unit's
+/// output stays where it is and becomes the next unit's input.
+struct ActivationRing {
+    bufs: Vec<Vec<f32>>,
+    /// The buffer holding the current unit's input; `None` while that is the batch itself.
+    input: Option<usize>,
+}
+
+impl ActivationRing {
+    fn try_new(buffers: usize, len: usize) -> Result<Self, OutOfMemory> {
+        assert!(buffers >= 2, "a unit's input and its output");
+        let bufs = (0..buffers).map(|_| try_zeros(len, "layer activations")).collect::<Result<_, _>>()?;
+        Ok(Self { bufs, input: None })
+    }
+
+    /// The buffer of the output of the unit's layer `j`.
+    fn slot(&self, j: usize) -> usize {
+        (self.input.unwrap_or(0) + 1 + j) % self.bufs.len()
+    }
+
+    /// The input of the unit's layer `j` (`x`, the batch, may be the unit's).
+    fn input<'a>(&'a self, x: &'a [f32], j: usize) -> &'a [f32] {
+        match (j, self.input) {
+            (0, None) => x,
+            (0, Some(i)) => &self.bufs[i],
+            _ => &self.bufs[self.slot(j - 1)],
+        }
+    }
+
+    /// The input and the output of the unit's layer `j`.
+    fn layer_io<'a>(&'a mut self, x: &'a [f32], j: usize) -> (&'a [f32], &'a mut [f32]) {
+        let write = self.slot(j);
+        let read = match (j, self.input) {
+            (0, None) => return (x, &mut self.bufs[write]),
+            (0, Some(i)) => i,
+            _ => self.slot(j - 1),
+        };
+        read_write(&mut self.bufs, read, write)
+    }
+
+    /// The output of a unit of `len` layers.
+    fn output(&self, len: usize) -> &[f32] {
+        &self.bufs[self.slot(len - 1)]
+    }
+
+    /// Makes the output of the unit of `len` layers the next unit's input.
+    fn pass_on(&mut self, len: usize) {
+        self.input = Some(self.slot(len - 1));
+    }
+
+    /// Starts a step whose first unit reads buffer `input` (what the frozen
+    /// layers computed), or with `None` the batch.
+    fn start(&mut self, input: Option<usize>) {
+        self.input = input;
+    }
+
+    /// The first two buffers, for the frozen layers' forward before a step.
+    fn first_two(&mut self) -> [&mut [f32]; 2] {
+        let (a, b) = self.bufs.split_at_mut(1);
+        [&mut a[0], &mut b[0]]
+    }
+
+    fn bytes(&self) -> usize {
+        4 * self.bufs.iter().map(Vec::len).sum::<usize>()
     }
 }
 
@@ -107,6 +188,16 @@ fn read_write(bufs: &mut [Vec<f32>], read: usize, write: usize) -> (&[f32], &mut
         let (a, b) = bufs.split_at_mut(read);
         (&b[0], &mut a[write])
     }
+}
+
+/// What the phases of one step share: the batch and where the run is.
+struct Batch<'a> {
+    x: &'a [f32],
+    y: &'a [u32],
+    rows: usize,
+    step: u64,
+    mode: Mode,
+    lr_scale: f32,
 }
 
 /// The units of a step, in order: ranges of consecutive layers trained
@@ -200,7 +291,7 @@ impl SvpTrainer {
             .collect::<Result<_, _>>()?;
         let readout_len = if model.is_mlp() { 0 } else { rows * model.max_readout_len() };
         let ws = Workspace {
-            act: (0..=unit_len).map(|_| try_zeros(rows * width, "layer activations")).collect::<Result<_, _>>()?,
+            ring: ActivationRing::try_new(unit_len + 1, rows * width)?,
             caches,
             readout: try_zeros(readout_len, "projection readouts")?,
             d_readout: try_zeros(readout_len, "projection readout gradients")?,
@@ -237,149 +328,33 @@ impl SvpTrainer {
 }
 
 impl Trainer for SvpTrainer {
+    /// One SVP step, unit by unit: forward the unit; its local loss (project
+    /// its output with `R`, cross-entropy plus feature alignment); backward
+    /// and update inside the unit alone; pass its output, detached, and its
+    /// `S(v)`, as the next alignment target, on to the next unit.
     fn step(&mut self, model: &mut Network, x: &[f32], y: &[u32], lr_scale: f32) -> Result<f32, TrainError> {
         let rows = y.len();
         assert!(rows > 0 && rows <= self.max_rows, "batch of {rows} rows for a trainer sized for {}", self.max_rows);
         let step = self.updater.step();
-        let mode = Mode::Train { seed: self.heads.seed, step };
-        let n_layers = model.n_layers();
-        let input_dim = model.input();
-        let vdim = self.heads.dim;
-        let slots = self.ws.act.len();
-        let token = model.token_readout();
+        let b = Batch { x, y, rows, step, mode: Mode::Train { seed: self.heads.seed, step }, lr_scale };
 
-        let first_trained = self.frozen.len();
-        let h0 = self.frozen.forward(model, x, rows);
-
-        // v_0: the alignment target of layer 1.
-        let mut have_prev = false;
-        if first_trained > 0 {
-            // The first trained unit aligns to the last frozen layer's local
-            // logits, as it would to a unit ending there.
-            let last_frozen = first_trained - 1;
-            let read_len = model.readout_len(last_frozen);
-            let p = self.heads.for_layer(first_trained, read_len, true);
-            let ws = &mut self.ws;
-            let out_len = model.out_len(last_frozen);
-            let read = model.layer(last_frozen).readout().read(h0, rows, out_len, token, &mut ws.readout);
-            p.forward(view(read, rows, read_len), Some(y), Some(step), view_mut(&mut ws.v, rows, vdim), &mut ws.tile);
-            self.fa.set_target(view(&ws.v, rows, vdim), &mut ws.fa);
-            have_prev = true;
-        } else if self.align_first {
-            let p0 = self.heads.for_layer(0, input_dim, false);
-            let ws = &mut self.ws;
-            p0.forward(view(x, rows, input_dim), None, None, view_mut(&mut ws.v, rows, vdim), &mut ws.tile);
-            self.fa.set_target(view(&ws.v, rows, vdim), &mut ws.fa);
-            have_prev = true;
-        }
-
+        self.forward_frozen_layers(model, &b);
+        let mut has_target = self.first_alignment_target(model, &b);
         let mut head_ce = 0.0;
-        // The activation slot holding the current unit's input (unused while it is `x`).
-        let mut unit_input = 0;
-        for unit in 0..self.units.len() {
-            let (first, end) = (self.units[unit].start, self.units[unit].end);
-            let is_head = end == n_layers;
-            let slot = |j: usize| (unit_input + 1 + j) % slots;
-            let ws = &mut self.ws;
-
-            for (j, l) in (first..end).enumerate() {
-                let (layer, params) = model.layer_mut(l);
-                let (src, dst) = read_write(&mut ws.act, if j == 0 { unit_input } else { slot(j - 1) }, slot(j));
-                let input = if l == first_trained { h0 } else { src };
-                layer.forward(params, input, rows, &mut ws.caches[self.cache_slots[l]], dst, mode);
-            }
-            let last = end - 1;
-            let d_out = model.out_len(last);
-            let out = &ws.act[slot(end - first - 1)][..rows * d_out];
-
-            // Local logits: v = Dropout(R) readout(h) at the unit's output, or the head's own output.
-            let readout = model.layer(last).readout();
-            let read_len = model.readout_len(last);
-            let out_dim = if is_head { d_out } else { vdim };
-            let proj = (!is_head).then(|| self.heads.for_layer(end, read_len, true));
-            let v = if let Some(p) = &proj {
-                let read = readout.read(out, rows, d_out, token, &mut ws.readout);
-                p.forward(
-                    view(read, rows, read_len),
-                    Some(y),
-                    Some(step),
-                    view_mut(&mut ws.v, rows, vdim),
-                    &mut ws.tile,
-                );
-                &ws.v[..rows * vdim]
+        for u in 0..self.units.len() {
+            let unit = self.units[u].clone();
+            self.forward_unit(model, &unit, &b);
+            let ce = self.local_loss(model, &unit, &b, has_target)?;
+            self.backward_update_unit(model, &unit, &b);
+            if unit.end == model.n_layers() {
+                head_ce = ce;
             } else {
-                out
-            };
-
-            let lambda = if is_head { self.head_lambda } else { self.lambda };
-            let (ce, correct) = softmax_cross_entropy(view(v, rows, out_dim), y, &mut ws.dv);
-            let fa =
-                if have_prev { self.fa.align(view(v, rows, out_dim), &mut ws.fa, lambda, &mut ws.dv) } else { 0.0 };
-            let loss = ce + lambda * fa;
-            if !loss.is_finite() {
-                // Earlier units' updates are done (their losses were finite); this one's is never applied.
-                return Err(TrainError::Diverged { layer: end, step, loss });
+                self.pass_target_on(has_target, rows);
+                has_target = true;
             }
-            self.metrics.ce_sum[last] += ce as f64;
-            self.metrics.fa_sum[last] += fa as f64;
-            self.metrics.correct[last] += correct as u64;
-
-            // eps = dL/dh through R only (and the readout), or the head's
-            // logit gradient; then backprop inside the unit, each layer updated
-            // right after its own backward; the unit's input stays detached.
-            // (Overlapping an update with the next layer's forward, which SVP
-            // allows, measured no faster on 2 cores: both compete for the same
-            // cores and memory bandwidth.)
-            let mut dout = match &proj {
-                Some(p) if matches!(readout, Readout::Whole) => {
-                    let dh = view_mut(&mut ws.dh, rows, d_out);
-                    p.backward_after_forward(view(&ws.dv, rows, vdim), Some(step), dh, &mut ws.tile);
-                    &mut ws.dh
-                }
-                Some(p) => {
-                    let d_read = view_mut(&mut ws.d_readout, rows, read_len);
-                    p.backward_after_forward(view(&ws.dv, rows, vdim), Some(step), d_read, &mut ws.tile);
-                    let out = &ws.act[slot(end - first - 1)][..rows * d_out];
-                    readout.backward(out, rows, d_out, token, &ws.d_readout, &mut ws.dh);
-                    &mut ws.dh
-                }
-                None => {
-                    // The logit gradient moves to a full-width buffer: inside a
-                    // unit, dout and dx trade places layer by layer.
-                    head_ce = ce;
-                    ws.dh[..rows * d_out].copy_from_slice(&ws.dv[..rows * d_out]);
-                    &mut ws.dh
-                }
-            };
-            let mut dx = &mut ws.dx;
-            for (j, l) in (first..end).enumerate().rev() {
-                let trainable = model.trainable_len(l);
-                let (layer, params) = model.layer_mut(l);
-                let src = &ws.act[if j == 0 { unit_input } else { slot(j - 1) }];
-                let input = if l == first_trained { h0 } else { &src[..] };
-                let dinput = (j > 0).then_some(&mut dx[..]);
-                let lr = if l + 1 == n_layers { lr_scale * self.head_lr_scale } else { lr_scale };
-                let (mut update, grad) = self.updater.begin(l, lr);
-                let cache = &mut ws.caches[self.cache_slots[l]];
-                layer.backward_update(params, trainable, input, rows, cache, dout, grad, dinput, mode, &mut update);
-                if j > 0 {
-                    std::mem::swap(&mut dout, &mut dx);
-                }
-            }
-
-            if !is_head {
-                // This unit's S(v) is the next one's alignment target.
-                if have_prev {
-                    ws.fa.promote();
-                } else {
-                    self.fa.set_target(view(&ws.v, rows, vdim), &mut ws.fa);
-                }
-                have_prev = true;
-            }
-            unit_input = slot(end - first - 1);
+            self.ws.ring.pass_on(unit.len());
         }
-        self.metrics.steps += 1;
-        self.metrics.samples += rows as u64;
+        self.metrics.count_step(rows);
         self.updater.finish_step();
         Ok(head_ce)
     }
@@ -402,5 +377,152 @@ impl Trainer for SvpTrainer {
 
     fn reset_layer_metrics(&mut self) {
         self.metrics.reset();
+    }
+}
+
+/// The phases of [`SvpTrainer`]'s step, in the order it calls them.
+impl SvpTrainer {
+    /// Runs the batch through the frozen layers, if any, into the first
+    /// unit's input.
+    fn forward_frozen_layers(&mut self, model: &Network, b: &Batch) {
+        let input = self.frozen.forward(model, b.x, b.rows, self.ws.ring.first_two());
+        self.ws.ring.start(input);
+    }
+
+    /// Sets the first unit's alignment target, if it has one, and says
+    /// whether it does: the last frozen layer's local logits (as a unit
+    /// ending there computes them), or, with `first_layer_alignment =
+    /// "input"`, the projected batch `v_0 = R_0 x`.
+    fn first_alignment_target(&mut self, model: &Network, b: &Batch) -> bool {
+        let (first_trained, vdim) = (self.frozen.len(), self.heads.dim);
+        let ws = &mut self.ws;
+        let v = view_mut(&mut ws.v, b.rows, vdim);
+        if first_trained > 0 {
+            let last_frozen = first_trained - 1;
+            let (out_len, read_len) = (model.out_len(last_frozen), model.readout_len(last_frozen));
+            let h = &ws.ring.input(b.x, 0)[..b.rows * out_len];
+            let readout = model.layer(last_frozen).readout();
+            let read = readout.read(h, b.rows, out_len, model.token_readout(), &mut ws.readout);
+            let p = self.heads.for_layer(first_trained, read_len, true);
+            p.forward(view(read, b.rows, read_len), Some(b.y), Some(b.step), v, &mut ws.tile);
+        } else if self.align_first {
+            let p0 = self.heads.for_layer(0, model.input(), false);
+            p0.forward(view(b.x, b.rows, model.input()), None, None, v, &mut ws.tile);
+        } else {
+            return false;
+        }
+        self.fa.set_target(view(&ws.v, b.rows, vdim), &mut ws.fa);
+        true
+    }
+
+    /// Forward through the unit's layers, each into the next activation
+    /// buffer, filling their backward caches.
+    fn forward_unit(&mut self, model: &mut Network, unit: &Range<usize>, b: &Batch) {
+        let ws = &mut self.ws;
+        for (j, l) in unit.clone().enumerate() {
+            let (layer, params) = model.layer_mut(l);
+            let (input, out) = ws.ring.layer_io(b.x, j);
+            layer.forward(params, input, b.rows, &mut ws.caches[self.cache_slots[l]], out, b.mode);
+        }
+    }
+
+    /// The unit's local loss: its local logits `v` (the projection
+    /// `Dropout(R) readout(h)` of its output, or the head's own logits),
+    /// cross-entropy plus `lambda` times the feature alignment to the target.
+    /// Leaves `dL/dv` in the workspace and returns the cross-entropy; a
+    /// non-finite loss is an error, and the unit is not updated.
+    fn local_loss(
+        &mut self,
+        model: &Network,
+        unit: &Range<usize>,
+        b: &Batch,
+        has_target: bool,
+    ) -> Result<f32, TrainError> {
+        let last = unit.end - 1;
+        let is_head = unit.end == model.n_layers();
+        let (d_out, read_len, vdim) = (model.out_len(last), model.readout_len(last), self.heads.dim);
+        let ws = &mut self.ws;
+        let out = &ws.ring.output(unit.len())[..b.rows * d_out];
+        let (v, width) = if is_head {
+            (out, d_out)
+        } else {
+            let read = model.layer(last).readout().read(out, b.rows, d_out, model.token_readout(), &mut ws.readout);
+            let p = self.heads.for_layer(unit.end, read_len, true);
+            let v = view_mut(&mut ws.v, b.rows, vdim);
+            p.forward(view(read, b.rows, read_len), Some(b.y), Some(b.step), v, &mut ws.tile);
+            (&ws.v[..b.rows * vdim], vdim)
+        };
+        let lambda = if is_head { self.head_lambda } else { self.lambda };
+        let v = view(v, b.rows, width);
+        let (ce, correct) = softmax_cross_entropy(v, b.y, &mut ws.dv);
+        let fa = if has_target { self.fa.align(v, &mut ws.fa, lambda, &mut ws.dv) } else { 0.0 };
+        let loss = ce + lambda * fa;
+        if !loss.is_finite() {
+            // Earlier units' updates are done (their losses were finite); this one's is never applied.
+            return Err(TrainError::Diverged { layer: unit.end, step: b.step, loss });
+        }
+        self.metrics.record(last, ce, fa, correct);
+        Ok(ce)
+    }
+
+    /// `dL/dh` at the unit's output, into the workspace: from `dL/dv`
+    /// through `R` alone (and the readout), or for the head its logit
+    /// gradient itself.
+    fn output_gradient(&mut self, model: &Network, unit: &Range<usize>, b: &Batch) {
+        let last = unit.end - 1;
+        let (d_out, read_len) = (model.out_len(last), model.readout_len(last));
+        let ws = &mut self.ws;
+        if unit.end == model.n_layers() {
+            // To a full-width buffer: inside a unit, dout and dx trade places layer by layer.
+            ws.dh[..b.rows * d_out].copy_from_slice(&ws.dv[..b.rows * d_out]);
+            return;
+        }
+        let p = self.heads.for_layer(unit.end, read_len, true);
+        let dv = view(&ws.dv, b.rows, self.heads.dim);
+        match model.layer(last).readout() {
+            Readout::Whole => {
+                p.backward_after_forward(dv, Some(b.step), view_mut(&mut ws.dh, b.rows, d_out), &mut ws.tile);
+            }
+            readout => {
+                let d_read = view_mut(&mut ws.d_readout, b.rows, read_len);
+                p.backward_after_forward(dv, Some(b.step), d_read, &mut ws.tile);
+                let out = &ws.ring.output(unit.len())[..b.rows * d_out];
+                readout.backward(out, b.rows, d_out, model.token_readout(), &ws.d_readout, &mut ws.dh);
+            }
+        }
+    }
+
+    /// Backprop inside the unit from `dL/dh` at its output, each layer
+    /// updated right after its own backward; the unit's input stays
+    /// detached. (Overlapping an update with the next layer's forward, which
+    /// SVP allows, measured no faster on 2 cores: both compete for the same
+    /// cores and memory bandwidth.)
+    fn backward_update_unit(&mut self, model: &mut Network, unit: &Range<usize>, b: &Batch) {
+        self.output_gradient(model, unit, b);
+        let head = model.n_layers() - 1;
+        let ws = &mut self.ws;
+        let (mut dout, mut dx) = (&mut ws.dh, &mut ws.dx);
+        for (j, l) in unit.clone().enumerate().rev() {
+            let trainable = model.trainable_len(l);
+            let (layer, params) = model.layer_mut(l);
+            let input = ws.ring.input(b.x, j);
+            let dinput = (j > 0).then_some(&mut dx[..]);
+            let lr = if l == head { b.lr_scale * self.head_lr_scale } else { b.lr_scale };
+            let (mut update, grad) = self.updater.begin(l, lr);
+            let cache = &mut ws.caches[self.cache_slots[l]];
+            layer.backward_update(params, trainable, input, b.rows, cache, dout, grad, dinput, b.mode, &mut update);
+            if j > 0 {
+                std::mem::swap(&mut dout, &mut dx);
+            }
+        }
+    }
+
+    /// Makes this unit's `S(v)` the next unit's alignment target.
+    fn pass_target_on(&mut self, had_target: bool, rows: usize) {
+        if had_target {
+            self.ws.fa.promote();
+        } else {
+            self.fa.set_target(view(&self.ws.v, rows, self.heads.dim), &mut self.ws.fa);
+        }
     }
 }
