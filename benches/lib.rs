@@ -320,8 +320,8 @@ impl StepBench {
             svp_train::Method::Svp => Box::new(svp_train::SvpTrainer::new(&model, &config)),
             svp_train::Method::Bp => Box::new(svp_train::BpTrainer::new(&model, &config)),
         };
-        let norm = svp_data::Normalization::fit(&data.train);
-        let mut batcher = svp_data::Batcher::new(data.train.len(), 128, norm);
+        let norm = svp_train::Normalization::of_pixels(&data.train.images);
+        let mut batcher = svp_data::Batcher::new(data.train.len(), 128, norm.table());
         batcher.start_epoch(1, 0, true);
         let mut x = vec![0.0; 128 * data.features()];
         let mut y = vec![0; 128];

@@ -165,8 +165,8 @@ fn resuming_with_bf16_moments_is_bit_identical() {
 fn head_lambda_weights_only_the_heads_alignment() {
     use svp_train::{Network, SvpTrainer, Trainer};
     let data = embedded_subset(64);
-    let norm = svp_data::Normalization::fit(&data.train);
-    let mut b = svp_data::Batcher::new(64, 64, norm);
+    let norm = svp_train::Normalization::of_pixels(&data.train.images);
+    let mut b = svp_data::Batcher::new(64, 64, norm.table());
     b.start_epoch(1, 0, false);
     let (mut x, mut y) = (vec![0.0; 64 * 784], vec![0; 64]);
     b.gather(&data.train, 0, &mut x, &mut y);
@@ -216,7 +216,8 @@ fn step_bits(method: Method, fused: bool, mutate: impl Fn(&mut svp_train::Config
         trainer.store_weight_gradients(&model).expect("memory");
     }
     let rows = config.train.batch_size;
-    let mut batcher = svp_data::Batcher::new(data.train.len(), rows, svp_data::Normalization::fit(&data.train));
+    let mut batcher =
+        svp_data::Batcher::new(data.train.len(), rows, svp_train::Normalization::of_pixels(&data.train.images).table());
     batcher.start_epoch(seed, 0, true);
     let (mut x, mut y) = (vec![0.0; rows * data.features()], vec![0; rows]);
     for b in 0..5 {

@@ -8,8 +8,8 @@ use svp_train::config::{ConvItem, PoolMarker, VitConfig};
 use svp_train::{BpTrainer, Config, FitOptions, Method, Network, SvpTrainer, Trainer};
 
 fn batch(data: &svp_data::DataSplit, rows: usize) -> (Vec<f32>, Vec<u32>) {
-    let norm = svp_data::Normalization::fit(&data.train);
-    let mut b = svp_data::Batcher::new(data.train.len(), rows, norm);
+    let norm = svp_train::Normalization::of_pixels(&data.train.images);
+    let mut b = svp_data::Batcher::new(data.train.len(), rows, norm.table());
     b.start_epoch(1, 0, false);
     let (mut x, mut y) = (vec![0.0; rows * data.features()], vec![0; rows]);
     b.gather(&data.train, 0, &mut x, &mut y);

@@ -11,7 +11,7 @@ use serde_json::Value;
 use svp_nn::{DenseCache, Mode};
 use svp_tensor::{view, view_mut};
 use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
-use svp_train::{Config, Method, Network, ProjectionHeads, SvpTrainer, Trainer};
+use svp_train::{Config, Method, Network, SvpTrainer, Trainer};
 
 fn fixture() -> Value {
     serde_json::from_str(include_str!("golden/svp_step.json")).expect("fixture parses")
@@ -90,7 +90,7 @@ fn initial_weights_match_bit_for_bit() {
 fn projections_and_local_logits_match() {
     let g = fixture();
     let (cfg, model, x, y) = setup(&g, adam(&g));
-    let heads = ProjectionHeads::from_config(&cfg, model.classes());
+    let heads = cfg.projection_heads(model.classes());
     let rows = y.len();
     let mut h = x.clone();
     let mut cache = DenseCache::new(rows, 16);

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use svp_alloc::CountingAlloc;
 use svp_integration_tests::small_config;
 use svp_train::config::{ConvItem, PoolMarker, VitConfig};
-use svp_train::{BpTrainer, Config, InferenceWorkspace, Method, Network, ProjectionHeads, SvpTrainer, Trainer};
+use svp_train::{BpTrainer, Config, InferenceWorkspace, Method, Network, SvpTrainer, Trainer};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc::new();
@@ -15,8 +15,8 @@ static COUNTERS: Mutex<()> = Mutex::new(());
 /// One batch of `rows` embedded training samples.
 fn batch(rows: usize) -> (Vec<f32>, Vec<u32>) {
     let data = svp_data::DataSplit::embedded();
-    let norm = svp_data::Normalization::fit(&data.train);
-    let mut batcher = svp_data::Batcher::new(data.train.len(), rows, norm);
+    let norm = svp_train::Normalization::of_pixels(&data.train.images);
+    let mut batcher = svp_data::Batcher::new(data.train.len(), rows, norm.table());
     batcher.start_epoch(1, 0, true);
     let mut x = vec![0.0; rows * data.features()];
     let mut y = vec![0; rows];
@@ -122,7 +122,7 @@ fn inference_allocates_nothing_after_the_first_batch() {
     for (name, config) in allocation_cases() {
         let model = Network::try_for_images(data.train.image_shape, data.classes, &config.model, 1)
             .expect("memory for the model");
-        let heads = ProjectionHeads::from_config(&config, data.classes);
+        let heads = config.projection_heads(data.classes);
         let mut ws = InferenceWorkspace::default();
         for exits in [None, Some(&heads)] {
             let allocations = allocations_after_first(|| {

@@ -7,7 +7,7 @@ use svp_integration_tests::{embedded_subset, small_config};
 use svp_nn::{FaWorkspace, FeatureAlignment, Mode, softmax_cross_entropy};
 use svp_tensor::{view, view_mut};
 use svp_train::config::{ConvItem, PoolMarker, VitConfig};
-use svp_train::{BpTrainer, Config, LayerCache, Method, Network, ProjectionHeads, SvpTrainer, Trainer};
+use svp_train::{BpTrainer, Config, LayerCache, Method, Network, SvpTrainer, Trainer};
 
 /// conv 3 -> M -> conv 4, readout 2x2, then a linear head.
 fn cnn_config(method: Method) -> Config {
@@ -27,8 +27,8 @@ fn vit_config(method: Method, readout: svp_nn::vit::TokenReadout) -> Config {
 
 fn batch(rows: usize) -> (Vec<f32>, Vec<u32>) {
     let data = embedded_subset(rows);
-    let norm = svp_data::Normalization::fit(&data.train);
-    let mut b = svp_data::Batcher::new(rows, rows, norm);
+    let norm = svp_train::Normalization::of_pixels(&data.train.images);
+    let mut b = svp_data::Batcher::new(rows, rows, norm.table());
     b.start_epoch(1, 0, false);
     let (mut x, mut y) = (vec![0.0; rows * 784], vec![0; rows]);
     b.gather(&data.train, 0, &mut x, &mut y);
@@ -127,7 +127,7 @@ fn check_svp(config: &Config) {
     let rows = 8;
     let (x, y) = batch(rows);
     let (before, after) = applied_gradient(config, &x, &y);
-    let heads = ProjectionHeads::from_config(config, 10);
+    let heads = config.projection_heads(10);
     let fa = FeatureAlignment { mean_center: false };
     // Written here from the layers' shapes, not with the trainer's readout code.
     let project = |net: &Network, l: usize, h: &[f32]| {

@@ -94,7 +94,7 @@ impl Profile {
     }
 }
 
-pub use svp_model::finetune::{FineTuning, config as fine_tune_config};
+pub use svp_train::finetune::{FineTuning, config as fine_tune_config};
 
 #[cfg(test)]
 mod tests {
@@ -131,7 +131,7 @@ mod tests {
                 train_from_layer: 1,
             };
             let config = fine_tune_config(&file.meta, run);
-            assert_eq!(svp_train::ProjectionHeads::from_config(&config, classes), heads);
+            assert_eq!(config.projection_heads(classes), heads);
             let widths: Vec<usize> = file.meta.layers.iter().map(|l| l.out_dim).collect();
             assert_eq!(config.model.hidden, widths[..widths.len() - 1]);
             assert_eq!(config.model.input, Some(file.meta.layers[0].in_dim));

@@ -19,8 +19,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 use svp_alloc::CountingAlloc;
 use svp_data::{DataSplit, Dataset};
-use svp_model::CheckpointRef;
 use svp_model::ModelFile;
+use svp_train::CheckpointRef;
 use svp_train::{FitObserver, FitOptions, FitStateRef, InferenceWorkspace, Method, Network, evaluate, try_fit_with};
 
 #[global_allocator]
@@ -182,7 +182,7 @@ fn mib(b: usize) -> f64 {
     b as f64 / 1048576.0
 }
 
-fn accuracy(model: &Network, data: &Dataset, norm: svp_data::Normalization) -> f64 {
+fn accuracy(model: &Network, data: &Dataset, norm: svp_train::Normalization) -> f64 {
     evaluate(model, data, norm, 256, None, &mut InferenceWorkspace::default()).accuracy
 }
 

@@ -139,7 +139,7 @@ fn cuts_at_the_boundaries_of_a_save_boot_the_last_acknowledged_save() {
 /// that never lost power.
 #[test]
 fn a_run_interrupted_by_power_cuts_ends_bit_identical() {
-    use svp_model::{Checkpoint, CheckpointRef};
+    use svp_train::{Checkpoint, CheckpointRef};
     use svp_train::{FitObserver, FitOptions, FitStateRef, fit_with};
 
     struct Device<'a> {

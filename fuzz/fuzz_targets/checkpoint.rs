@@ -5,5 +5,5 @@ use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = svp_model::Checkpoint::from_bytes(data, Path::new("fuzz"));
+    let _ = svp_train::Checkpoint::from_bytes(data, Path::new("fuzz"));
 });

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     for config in [mlp, cnn] {
         let options = ImportOptions {
             image_shape: (4, 4),
-            norm: svp_data::Normalization { mean: 0.0, std: 1.0 },
+            norm: svp_train::Normalization { mean: 0.0, std: 1.0 },
             class_names: vec![],
             rename: vec![],
             heads: None,

@@ -44,7 +44,7 @@ fn check_exit(model: &InferenceModel, exit: Option<usize>) -> Result<(), CliErro
 /// Accuracy and wall time of one exit (`None` = the head) over a data set.
 fn accuracy(model: &InferenceModel, data: &Dataset, exit: Option<usize>, ws: &mut InferenceWorkspace) -> (f64, f64) {
     let batch = 256;
-    let mut batcher = Batcher::new(data.len(), batch, model.meta().norm);
+    let mut batcher = Batcher::new(data.len(), batch, model.meta().norm.table());
     batcher.start_epoch(0, 0, false);
     let mut x = vec![0.0; batch * data.features()];
     let mut y = vec![0u32; batch];
@@ -219,8 +219,8 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
     use svp_optim::Moments;
     let bytes =
         std::fs::read(&args.model).map_err(|source| svp_model::ModelError::Io { path: args.model.clone(), source })?;
-    if bytes.starts_with(&svp_model::checkpoint::CHECKPOINT_MAGIC) {
-        let c = svp_model::Checkpoint::from_bytes(&bytes, &args.model)?;
+    if bytes.starts_with(&svp_train::checkpoint::CHECKPOINT_MAGIC) {
+        let c = svp_train::Checkpoint::from_bytes(&bytes, &args.model)?;
         let s = &c.state;
         println!(
             "{}: svp checkpoint, {} bytes: epoch {}, next batch {}, step {}, {} parameters, trained on {} ({} samples)",

@@ -4,8 +4,8 @@ use crate::cli::{FinetuneArgs, MethodArg};
 use crate::error::CliError;
 use crate::train_cmd::{Outputs, check_writable, data_source, train};
 use svp_model::ModelFile;
-use svp_model::finetune::{self, FineTuning};
 use svp_optim::MomentDtype;
+use svp_train::finetune::{self, FineTuning};
 use svp_train::{FitOptions, InferenceWorkspace, Method, evaluate};
 
 /// Runs `svp finetune`.

@@ -8,7 +8,7 @@ use svp_model::pytorch::{self, ImportOptions};
 use svp_model::{ModelError, ModelFile};
 use svp_optim::Optimizer;
 use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
-use svp_train::{Config, ProjectionHeads, Schedule};
+use svp_train::{Config, Schedule};
 
 /// An import config: a run config (whose `[optimizer]` may be left out)
 /// with an `[import]` table.
@@ -137,10 +137,10 @@ pub fn run(args: ImportArgs) -> Result<(), CliError> {
     config.model.check_image_shape(image).map_err(invalid)?;
     let options = ImportOptions {
         image_shape: image,
-        norm: svp_data::Normalization { mean, std },
+        norm: svp_train::Normalization { mean, std },
         class_names: table.class_names,
         rename,
-        heads: Some(ProjectionHeads::from_config(&config, classes)),
+        heads: Some(config.projection_heads(classes)),
         source: format!("imported from {}", args.weights.display()),
     };
     let model = pytorch::import(&bytes, &args.weights, &config.model, classes, options)?;

@@ -181,8 +181,8 @@ fn inputs(run: &MemoryRun) -> Result<(Vec<f32>, Vec<u32>), svp_alloc::OutOfMemor
         MemoryData::Embedded => {
             let data = svp_data::DataSplit::embedded();
             debug_assert_eq!((data.train.image_shape, data.classes), (IMAGE_SHAPE, CLASSES));
-            let norm = svp_data::Normalization::fit(&data.train);
-            let mut b = svp_data::Batcher::new(data.train.len(), run.batch, norm);
+            let norm = svp_train::Normalization::of_pixels(&data.train.images);
+            let mut b = svp_data::Batcher::new(data.train.len(), run.batch, norm.table());
             b.start_epoch(1, 0, true);
             let n = b.gather(&data.train, 0, &mut x, &mut y);
             x.truncate(n * features);

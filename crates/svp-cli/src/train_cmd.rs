@@ -7,9 +7,9 @@ use crate::progress::ProgressLine;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use svp_data::{DataSource, DataSplit};
-use svp_model::{Checkpoint, CheckpointRef};
 use svp_model::{DType, ModelFile, ModelInfo, Provenance};
 use svp_optim::Optimizer;
+use svp_train::{Checkpoint, CheckpointRef};
 use svp_train::{Config, EpochModel, EpochReport, Method};
 use svp_train::{FitObserver, FitOptions, FitStateRef, Progress, try_fit_with};
 

@@ -502,7 +502,7 @@ fn resume_from_a_checkpoint_file_reproduces_the_uninterrupted_model() {
 fn a_version_1_checkpoint_resumes() {
     let d = scratch("resume-v1");
     let ck = d.join("v1.ckpt");
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../svp-model/tests/fixtures/v1-adam.ckpt"), &ck).unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../svp-train/tests/fixtures/v1-adam.ckpt"), &ck).unwrap();
     let ck = ck.to_str().unwrap();
     let out = svp(&["train", "--resume", ck, "--data", "embedded", "--limit-train", "1000", "--epochs", "2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -4,38 +4,6 @@ use crate::Dataset;
 use serde::{Deserialize, Serialize};
 use svp_rng::{Purpose, Stream, StreamKey};
 
-/// Input standardization `x = (pixel / 255 - mean) / std`, from training data.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Normalization {
-    /// Mean of `pixel / 255` over the training set.
-    pub mean: f32,
-    /// Standard deviation of `pixel / 255` over the training set.
-    pub std: f32,
-}
-
-impl Normalization {
-    /// Mean and standard deviation over all pixels of `data`.
-    pub fn fit(data: &Dataset) -> Self {
-        let mut hist = [0u64; 256];
-        for &p in &data.images {
-            hist[p as usize] += 1;
-        }
-        let n = data.images.len().max(1) as f64;
-        let mean = hist.iter().enumerate().map(|(v, &c)| v as f64 / 255.0 * c as f64).sum::<f64>() / n;
-        let var = hist.iter().enumerate().map(|(v, &c)| (v as f64 / 255.0 - mean).powi(2) * c as f64).sum::<f64>() / n;
-        Self { mean: mean as f32, std: (var.sqrt() as f32).max(1e-6) }
-    }
-
-    /// The normalized value of each possible pixel byte.
-    pub fn table(&self) -> [f32; 256] {
-        let mut t = [0.0; 256];
-        for (v, out) in t.iter_mut().enumerate() {
-            *out = (v as f32 / 255.0 - self.mean) / self.std;
-        }
-        t
-    }
-}
-
 /// Random changes to training images, drawn anew for every sample in every
 /// epoch from the stream `(seed, Augment, epoch, sample)`: so a run stays
 /// bit-identical, on any thread count and when resumed.
@@ -71,16 +39,18 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// A batcher over `len` samples.
+    /// A batcher over `len` samples that turns a pixel byte `p` into the
+    /// input value `pixel_values[p]` (the network's input normalization,
+    /// `svp_net::Normalization::table`).
     ///
     /// # Panics
     /// If `batch_size` is zero (configs are validated before this).
-    pub fn new(len: usize, batch_size: usize, norm: Normalization) -> Self {
+    pub fn new(len: usize, batch_size: usize, pixel_values: [f32; 256]) -> Self {
         assert!(batch_size > 0, "batch size must be positive");
         Self {
             order: (0..len as u32).collect(),
             batch_size,
-            table: norm.table(),
+            table: pixel_values,
             augment: Augment::default(),
             epoch: (0, 0),
         }
@@ -200,10 +170,9 @@ mod tests {
         let (h, w) = (5, 6);
         let image: Vec<u8> = (0..h * w).map(|v| 1 + v as u8).collect();
         let data = Dataset { images: image.repeat(40), labels: vec![0; 40], image_shape: (h, w) };
-        let norm = Normalization { mean: 0.0, std: 1.0 };
-        let table = norm.table();
-        let plain = Batcher::new(40, 40, norm);
-        let augmented = Batcher::new(40, 40, norm).with_augment(Augment { shift: 2, flip: true });
+        let table: [f32; 256] = std::array::from_fn(|p| p as f32 / 255.0);
+        let plain = Batcher::new(40, 40, table);
+        let augmented = Batcher::new(40, 40, table).with_augment(Augment { shift: 2, flip: true });
         let (mut x, mut y) = (vec![0.0; 40 * h * w], vec![0; 40]);
         let mut seen_shift = false;
         for epoch in 0..3 {
@@ -230,7 +199,7 @@ mod tests {
                 seen_shift |= found[0] != (0, 0, false);
             }
             // Batches of another size see each sample transformed the same.
-            let mut small = Batcher::new(40, 7, norm).with_augment(Augment { shift: 2, flip: true });
+            let mut small = Batcher::new(40, 7, table).with_augment(Augment { shift: 2, flip: true });
             small.start_epoch(9, epoch, true);
             let (mut xs, mut ys) = (vec![0.0; 7 * h * w], vec![0; 7]);
             let n = small.gather(&data, 2, &mut xs, &mut ys);
@@ -275,8 +244,7 @@ mod tests {
     #[test]
     fn shuffle_is_a_seeded_permutation() {
         let d = tiny();
-        let norm = Normalization::fit(&d);
-        let mut b = Batcher::new(d.len(), 4, norm);
+        let mut b = Batcher::new(d.len(), 4, [0.0; 256]);
         b.start_epoch(1, 0, true);
         let first: Vec<u32> = (0..b.batches()).flat_map(|i| b.indices(i).to_vec()).collect();
         let mut sorted = first.clone();
@@ -293,19 +261,15 @@ mod tests {
     }
 
     #[test]
-    fn gather_normalizes() {
+    fn gather_looks_pixels_up() {
         let d = tiny();
-        let norm = Normalization { mean: 0.5, std: 0.25 };
-        let mut b = Batcher::new(d.len(), 4, norm);
+        let table: [f32; 256] = std::array::from_fn(|p| (p as f32 / 255.0 - 0.5) / 0.25);
+        let mut b = Batcher::new(d.len(), 4, table);
         b.start_epoch(0, 0, false);
         let mut x = vec![0.0; 16];
         let mut y = vec![0; 4];
         assert_eq!(b.gather(&d, 2, &mut x, &mut y), 2);
         assert_eq!(y[..2], [2, 0]);
-        assert!((x[0] - (d.image(8)[0] as f32 / 255.0 - 0.5) / 0.25).abs() < 1e-6);
-        let fit = Normalization::fit(&d);
-        let all: Vec<f64> = d.images.iter().map(|&p| p as f64 / 255.0).collect();
-        let mean = all.iter().sum::<f64>() / all.len() as f64;
-        assert!((fit.mean as f64 - mean).abs() < 1e-6);
+        assert_eq!(x[0], table[d.image(8)[0] as usize]);
     }
 }

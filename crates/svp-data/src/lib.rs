@@ -17,5 +17,5 @@ pub mod idx;
 mod batch;
 mod dataset;
 
-pub use batch::{Augment, Batcher, Normalization, split_validation};
+pub use batch::{Augment, Batcher, split_validation};
 pub use dataset::{DEBIAN_FASHION_MNIST, DataError, DataSource, DataSplit, Dataset};

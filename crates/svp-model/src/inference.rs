@@ -6,9 +6,9 @@
 
 use crate::{ModelError, ModelFile, layer_param_len};
 use std::path::Path;
+use svp_net::Network;
 use svp_nn::{DenseCache, Mode};
 use svp_tensor::{view, view_mut};
-use svp_train::Network;
 
 /// A model ready to predict.
 pub struct InferenceModel {
@@ -34,7 +34,7 @@ pub struct InferenceWorkspace {
     logits: Vec<f32>,
     tile: Vec<f32>,
     rows: usize,
-    net: svp_train::InferenceWorkspace,
+    net: svp_net::InferenceWorkspace,
 }
 
 /// Floats of `R_l` held at once by an early exit.
@@ -180,7 +180,7 @@ mod tests {
             let x: Vec<f32> = (0..4 * 6).map(|i| (i % 5) as f32 * 0.3 - 0.6).collect();
             let mut ws = InferenceWorkspace::default();
             let got = model.predict(&x, 4, None, &mut ws).to_vec();
-            let mut train_ws = svp_train::InferenceWorkspace::default();
+            let mut train_ws = svp_net::InferenceWorkspace::default();
             let want = mlp.predict(&x, 4, &mut train_ws, heads.as_ref()).to_vec();
             assert_eq!(got, want, "{dtype:?} head");
             for k in 1..=2 {
@@ -201,7 +201,7 @@ mod tests {
             let model = InferenceModel::new(file);
             let x: Vec<f32> = (0..5 * 64).map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.1).collect();
             let mut ws = InferenceWorkspace::default();
-            let mut train_ws = svp_train::InferenceWorkspace::default();
+            let mut train_ws = svp_net::InferenceWorkspace::default();
             let want = net.predict(&x, 5, &mut train_ws, Some(&heads)).to_vec();
             assert_eq!(model.predict(&x, 5, None, &mut ws), &want[..], "{name} head");
             assert_eq!(model.hidden_layers(), net.n_layers() - 1);

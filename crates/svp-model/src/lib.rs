@@ -15,13 +15,10 @@
 #![forbid(unsafe_code)]
 
 pub mod atomic;
-pub mod checkpoint;
 pub mod dtype;
-pub mod finetune;
 mod inference;
 pub mod pytorch;
 
-pub use checkpoint::{Checkpoint, CheckpointRef};
 pub use dtype::DType;
 pub use inference::{InferenceModel, InferenceWorkspace};
 
@@ -29,14 +26,15 @@ use dtype::ByteSink;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use svp_data::Normalization;
+use svp_net::{ConvItem, ModelConfig, Network, Normalization, PoolMarker, ProjectionHeads, VitConfig};
 use svp_nn::vit::TokenReadout;
 use svp_nn::{Dense, DenseSpec, Norm};
-use svp_train::config::{ConvItem, ModelConfig, PoolMarker, VitConfig};
-use svp_train::{Network, ProjectionHeads};
 
 /// First eight bytes of every model file.
 pub const MAGIC: [u8; 8] = *b"SVPMODEL";
+/// First eight bytes of an svp checkpoint (`svp_train::checkpoint`): a
+/// model file's loader names what it was given instead of a bad magic.
+pub const CHECKPOINT_MAGIC: [u8; 8] = *b"SVPCKPT\0";
 /// Newest format version this build writes and reads: 2 adds conv and ViT
 /// fronts ([`Front`]); a file without one is written as version 1, which
 /// every earlier build reads.
@@ -492,7 +490,7 @@ impl ModelFile {
         if bytes.len() < HEADER_LEN {
             return Err(invalid(format!("{} bytes is shorter than the {HEADER_LEN}-byte header", bytes.len())));
         }
-        if bytes.starts_with(&checkpoint::CHECKPOINT_MAGIC) {
+        if bytes.starts_with(&CHECKPOINT_MAGIC) {
             return Err(invalid("it is an svp checkpoint, not a model file".into()));
         }
         if bytes[..8] != MAGIC {
@@ -905,7 +903,7 @@ pub fn layer_param_len(spec: &DenseSpec) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use svp_train::config::ModelConfig;
+    use svp_net::ModelConfig;
 
     pub(crate) fn sample(dtype: DType) -> ModelFile {
         let cfg = sample_cfg();

@@ -22,9 +22,7 @@ use crate::{DType, ModelError, ModelFile, ModelInfo, Provenance};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use svp_data::Normalization;
-use svp_train::config::ModelConfig;
-use svp_train::{Layer, Network, ProjectionHeads};
+use svp_net::{Layer, ModelConfig, Network, Normalization, ProjectionHeads};
 
 /// What a PyTorch model does not say about itself, for [`import`].
 #[derive(Clone, Debug)]

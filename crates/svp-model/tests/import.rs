@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::path::Path;
 use svp_model::pytorch::{ImportOptions, export, import};
 use svp_model::{InferenceModel, InferenceWorkspace, ModelFile};
-use svp_train::config::{ConvItem, ModelConfig, PoolMarker};
+use svp_net::{ConvItem, ModelConfig, PoolMarker};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
@@ -34,7 +34,7 @@ fn config(name: &str) -> ModelConfig {
 fn options(g: &Value) -> ImportOptions {
     ImportOptions {
         image_shape: (28, 28),
-        norm: svp_data::Normalization {
+        norm: svp_net::Normalization {
             mean: g["mean"].as_f64().unwrap() as f32,
             std: g["std"].as_f64().unwrap() as f32,
         },

@@ -2,9 +2,9 @@
 
 use crate::config::Config;
 use crate::frozen::FrozenLayers;
-use crate::model::{LayerCache, Network};
 use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
+use svp_net::{LayerCache, Network};
 use svp_nn::{Mode, softmax_cross_entropy};
 use svp_tensor::view;
 

@@ -2,7 +2,8 @@
 
 use crate::Schedule;
 use serde::{Deserialize, Serialize};
-use svp_nn::{Activation, Norm};
+use svp_net::ProjectionHeads;
+pub use svp_net::{ConvItem, ModelConfig, PoolMarker, VitConfig};
 use svp_optim::Optimizer;
 
 /// Training rule.
@@ -22,163 +23,6 @@ impl std::fmt::Display for Method {
             Method::Bp => "bp",
         })
     }
-}
-
-/// The network: optional convolutional blocks, hidden dense blocks, then a
-/// linear classifier. Input width, image shape and class count come from the data.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// Expected input width; checked against the data when given.
-    #[serde(default)]
-    pub input: Option<usize>,
-    /// Number of classes. Default: the largest training label + 1, where
-    /// every class below it has a training sample (else the data is refused:
-    /// a damaged label would add classes); stated, every label must be below it.
-    #[serde(default)]
-    pub classes: Option<usize>,
-    /// Widths of the hidden layers, first to last.
-    pub hidden: Vec<usize>,
-    /// Normalization in each hidden block.
-    #[serde(default = "default_norm")]
-    pub norm: Norm,
-    /// Activation in each hidden block.
-    #[serde(default = "default_activation")]
-    pub activation: Activation,
-    /// Dropout on hidden activations (training only).
-    #[serde(default)]
-    pub dropout: f32,
-    /// Convolutional blocks before the dense ones, VGG style: a number is a
-    /// block `conv3x3 -> BatchNorm -> ReLU` with that many output channels,
-    /// `"M"` a 2x2 max pooling after the block before it. Empty: an MLP.
-    #[serde(default)]
-    pub conv: Vec<ConvItem>,
-    /// Side of the adaptive average pooling that reads a conv block's output
-    /// out for its projection head (SVP's local loss and early exits):
-    /// `R_l` sees `channels x conv_readout x conv_readout` values.
-    #[serde(default = "default_conv_readout")]
-    pub conv_readout: usize,
-    /// A vision transformer before the dense layers (`[model.vit]`); not
-    /// together with `conv`.
-    #[serde(default)]
-    pub vit: Option<VitConfig>,
-}
-
-/// A vision transformer: patch embedding with class token and learned
-/// positions, `depth` pre-norm blocks, then LayerNorm of the readout token.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VitConfig {
-    /// Side of a square patch (divides the image sides).
-    pub patch: usize,
-    /// Token width.
-    pub dim: usize,
-    /// Transformer blocks.
-    pub depth: usize,
-    /// Attention heads (divides `dim`).
-    pub heads: usize,
-    /// Hidden width of each block's MLP.
-    pub mlp: usize,
-    /// What the classifier and SVP's projections read: `"cls"` or `"mean"`.
-    #[serde(default = "default_token_readout")]
-    pub readout: svp_nn::vit::TokenReadout,
-}
-
-fn default_token_readout() -> svp_nn::vit::TokenReadout {
-    svp_nn::vit::TokenReadout::Cls
-}
-
-/// One entry of [`ModelConfig::conv`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ConvItem {
-    /// A conv block with this many output channels.
-    Channels(usize),
-    /// `"M"`: 2x2 max pooling after the previous block.
-    Pool(PoolMarker),
-}
-
-/// The `"M"` of a VGG layer list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PoolMarker {
-    /// 2x2 max pooling, stride 2.
-    M,
-}
-
-impl ModelConfig {
-    /// Whether this network can read `(height, width)` images: the ViT's
-    /// patch divides both sides, and no conv block pools them to nothing.
-    pub fn check_image_shape(&self, (height, width): (usize, usize)) -> Result<(), String> {
-        let (mut h, mut w) = (height, width);
-        if let Some(v) = &self.vit
-            && (v.patch == 0 || h % v.patch != 0 || w % v.patch != 0)
-        {
-            return Err(format!("model.vit.patch = {} does not divide the {h}x{w} images", v.patch));
-        }
-        for (i, (_, pool)) in self.conv_blocks().into_iter().enumerate() {
-            if pool {
-                (h, w) = (h / 2, w / 2);
-            }
-            if h == 0 || w == 0 {
-                return Err(format!(
-                    "({height}, {width}) images shrink to nothing after conv block {} and its pooling",
-                    i + 1
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// An MLP of these hidden widths with the defaults a config file gets:
-    /// LayerNorm + ReLU, no dropout, no conv blocks or ViT.
-    pub fn mlp(hidden: Vec<usize>) -> Self {
-        Self {
-            input: None,
-            classes: None,
-            hidden,
-            norm: default_norm(),
-            activation: default_activation(),
-            dropout: 0.0,
-            conv: Vec::new(),
-            conv_readout: default_conv_readout(),
-            vit: None,
-        }
-    }
-
-    /// The conv blocks as (output channels, pool after) pairs.
-    pub fn conv_blocks(&self) -> Vec<(usize, bool)> {
-        let mut blocks: Vec<(usize, bool)> = Vec::new();
-        for item in &self.conv {
-            match item {
-                ConvItem::Channels(c) => blocks.push((*c, false)),
-                ConvItem::Pool(_) => {
-                    if let Some(last) = blocks.last_mut() {
-                        last.1 = true;
-                    }
-                }
-            }
-        }
-        blocks
-    }
-
-    /// How many layers the network has, numbered as reports number them:
-    /// conv blocks, or a ViT's patch embedding, blocks and token head, then
-    /// the dense hidden layers and the head.
-    pub fn layer_count(&self) -> usize {
-        let front = self.conv_blocks().len() + self.vit.as_ref().map_or(0, |v| v.depth + 2);
-        front + self.hidden.len() + 1
-    }
-}
-
-fn default_conv_readout() -> usize {
-    2
-}
-
-fn default_norm() -> Norm {
-    Norm::LayerNorm
-}
-fn default_activation() -> Activation {
-    Activation::Relu
 }
 
 /// How layer 1 gets its alignment target `v_0`.
@@ -388,6 +232,31 @@ fn invalid(msg: impl Into<String>) -> Result<(), ConfigError> {
 }
 
 impl Config {
+    /// The projection heads an SVP run of this config uses on data with
+    /// `classes` classes.
+    pub fn projection_heads(&self, classes: usize) -> ProjectionHeads {
+        ProjectionHeads {
+            seed: self.train.seed,
+            dim: self.svp.projection_dim.unwrap_or(classes),
+            sigma: self.svp.sigma,
+            dropout: self.svp.projection_dropout,
+            label_classes: self.svp.label_concat.then_some(classes),
+        }
+    }
+
+    /// Sets the seed and projection options to `heads`', so that an SVP run
+    /// regenerates the same `R_l`: fine-tuning a model must align its layers
+    /// to the projections they were trained against, not to fresh ones.
+    /// Options the heads do not fix (lambda, the first layer's target, ...)
+    /// are left as they are.
+    pub fn use_projection_heads(&mut self, heads: &ProjectionHeads) {
+        self.train.seed = heads.seed;
+        self.svp.projection_dim = Some(heads.dim);
+        self.svp.sigma = heads.sigma;
+        self.svp.projection_dropout = heads.dropout;
+        self.svp.label_concat = heads.label_classes.is_some();
+    }
+
     /// Checks every value that would otherwise fail (or silently misbehave) later.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.model.hidden.is_empty() && self.model.conv.is_empty() && self.model.vit.is_none() {
@@ -517,5 +386,31 @@ impl Config {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_heads_are_the_heads_a_run_regenerates() {
+        let cases = [
+            ProjectionHeads { seed: 3, dim: 10, sigma: None, dropout: 0.0, label_classes: None },
+            ProjectionHeads { seed: 42, dim: 64, sigma: Some(0.25), dropout: 0.1, label_classes: Some(10) },
+        ];
+        for heads in cases {
+            let mut config = Config {
+                model: ModelConfig::mlp(vec![8]),
+                svp: SvpConfig { lambda: 0.5, ..SvpConfig::default() },
+                train: TrainConfig { seed: 11, ..TrainConfig::default() },
+                optimizer: svp_optim::Optimizer::adam(1e-3),
+                schedule: crate::Schedule::default(),
+            };
+            assert_ne!(config.projection_heads(10), heads);
+            config.use_projection_heads(&heads);
+            assert_eq!(config.projection_heads(10), heads);
+            assert_eq!(config.svp.lambda, 0.5, "options the heads do not fix are kept");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Test-set evaluation.
 
-use crate::model::{InferenceWorkspace, Network, ProjectionHeads};
-use svp_data::{Batcher, Dataset, Normalization};
+use svp_data::{Batcher, Dataset};
+use svp_net::{InferenceWorkspace, Network, Normalization, ProjectionHeads};
 
 /// Accuracy of a model on a data set.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,7 +54,7 @@ pub fn evaluate_with(
     let batch_size = y.len();
     let features = data.features();
     assert_eq!(x.len(), batch_size * features, "evaluate: the input buffer holds {batch_size} samples");
-    let mut batcher = Batcher::new(data.len(), batch_size, norm);
+    let mut batcher = Batcher::new(data.len(), batch_size, norm.table());
     batcher.start_epoch(0, 0, false);
     let classes = model.classes();
     let hidden = model.hidden_layers();

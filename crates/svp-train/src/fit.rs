@@ -2,11 +2,11 @@
 
 use crate::config::{Config, Method};
 use crate::eval::{EvalReport, evaluate_with};
-use crate::model::{InferenceWorkspace, Network, ProjectionHeads};
 use crate::{BpTrainer, SvpTrainer, TrainError, Trainer, TrainerState, TrainerStateRef};
 use std::time::Instant;
 use svp_alloc::OutOfMemory;
-use svp_data::{Batcher, DataSplit, Normalization};
+use svp_data::{Batcher, DataSplit};
+use svp_net::{InferenceWorkspace, Network, Normalization, ProjectionHeads};
 
 /// Progress inside an epoch, reported after every step.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -270,17 +270,17 @@ fn fit_on_this_thread(
         }
         None => false,
     };
-    let norm = options.norm.unwrap_or_else(|| Normalization::fit(&data.train));
+    let norm = options.norm.unwrap_or_else(|| Normalization::of_pixels(&data.train.images));
     let rows = config.train.batch_size;
     let mut trainer: Box<dyn Trainer> = match config.train.method {
         Method::Svp => Box::new(SvpTrainer::try_new(&model, config)?),
         Method::Bp => Box::new(BpTrainer::try_new(&model, config)?),
     };
     let heads = match config.train.method {
-        Method::Svp => Some(ProjectionHeads::from_config(config, data.classes)),
+        Method::Svp => Some(config.projection_heads(data.classes)),
         Method::Bp => None,
     };
-    let mut batcher = Batcher::new(data.train.len(), rows, norm).with_augment(config.train.augment);
+    let mut batcher = Batcher::new(data.train.len(), rows, norm.table()).with_augment(config.train.augment);
     let mut x = svp_alloc::try_zeros(rows * data.features(), "the input batch")?;
     drop(svp_alloc::try_zeros(options.headroom_bytes / 4, "headroom for a training step's transient buffers")?);
     let mut y = vec![0u32; rows];

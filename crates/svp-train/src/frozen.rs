@@ -1,8 +1,8 @@
 //! The frozen layers of a fine-tuning run (`train_from_layer`): the first
 //! layers of the network, run forward as at inference and never updated.
 
-use crate::model::{LayerCache, Network};
 use svp_alloc::OutOfMemory;
+use svp_net::{LayerCache, Network};
 
 /// The forward pass through the frozen layers, which both trainers start a
 /// step with: what the frozen layers compute is the trained layers' input, as

@@ -1,8 +1,11 @@
 //! Training rules for svp.
 //!
-//! * [`Network`]: the network (conv blocks or a vision transformer in front,
-//!   dense blocks, a linear head) with all parameters in one contiguous buffer,
-//!   and its inference path.
+//! The network they train ([`Network`], its layers, projection heads and
+//! inference) is svp-net's, re-exported here; this crate adds what training
+//! needs on top of it:
+//!
+//! * [`fit`]: the epoch loop (data order, schedule, evaluation, checkpoints,
+//!   a memory budget checked before the first step).
 //! * [`SvpTrainer`]: Stochastic Variational Propagation. Unit by unit (a layer,
 //!   or for SVP+ a few consecutive layers, see [`units`]): forward, project the
 //!   unit's output with the seed-regenerated `R_l`, local loss `CE + lambda *
@@ -11,6 +14,8 @@
 //!   with depth.
 //! * [`BpTrainer`]: backpropagation over the same layers; it keeps every layer's
 //!   activations, which is the memory contrast.
+//! * [`checkpoint`]: checkpoint files, to resume a run bit for bit.
+//! * [`finetune`]: the config that continues training a model file.
 //! * [`config`]: what a run is (network, rule options, optimizer, schedule),
 //!   validated against the data before anything is allocated.
 
@@ -18,25 +23,27 @@
 #![forbid(unsafe_code)]
 
 mod bp;
+pub mod checkpoint;
 pub mod config;
 mod eval;
+pub mod finetune;
 mod fit;
 mod frozen;
-mod model;
 mod schedule;
 mod svp;
 mod updater;
 
 pub use bp::BpTrainer;
+pub use checkpoint::{Checkpoint, CheckpointRef};
 pub use config::{Config, ConfigError, Method};
 pub use eval::{EvalReport, argmax, evaluate, evaluate_with};
 pub use fit::{
     EpochModel, EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown,
     Progress, fit, fit_with, try_fit_with,
 };
-pub use model::{InferenceWorkspace, Layer, LayerCache, Network, ProjectionHeads, Readout};
 pub use schedule::Schedule;
 pub use svp::{LayerMetrics, SvpTrainer, units};
+pub use svp_net::{InferenceWorkspace, Layer, LayerCache, Network, Normalization, ProjectionHeads, Readout};
 pub use updater::Updater;
 
 /// Why a training step stopped.

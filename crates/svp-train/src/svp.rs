@@ -2,10 +2,10 @@
 
 use crate::config::{Config, FirstLayerAlignment};
 use crate::frozen::FrozenLayers;
-use crate::model::{Layer, LayerCache, Network, ProjectionHeads, Readout};
 use crate::{TrainError, Trainer, Updater};
 use std::ops::Range;
 use svp_alloc::{OutOfMemory, try_zeros};
+use svp_net::{Layer, LayerCache, Network, ProjectionHeads, Readout};
 use svp_nn::{FaWorkspace, FeatureAlignment, Mode, softmax_cross_entropy};
 use svp_tensor::{view, view_mut};
 
@@ -268,7 +268,7 @@ impl SvpTrainer {
     pub fn try_new(model: &Network, config: &Config) -> Result<Self, OutOfMemory> {
         svp_tensor::try_reserve_workspaces()?;
         let classes = model.classes();
-        let heads = ProjectionHeads::from_config(config, classes);
+        let heads = config.projection_heads(classes);
         let dim = heads.dim;
         let rows = config.train.batch_size;
         let width = model.max_out_width();

@@ -1,7 +1,8 @@
 //! What both trainers update weights with, and what a checkpoint restores.
 
-use crate::{Network, TrainerState};
+use crate::TrainerState;
 use svp_alloc::{OutOfMemory, try_zeros};
+use svp_net::Network;
 use svp_optim::{LayerState, LayerUpdate, Optimizer};
 
 /// The optimizer, each trained layer's optimizer state, the step counter and

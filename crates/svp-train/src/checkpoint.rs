@@ -2,16 +2,15 @@
 //!
 //! Layout (little-endian): magic `SVPCKPT\0` (8 bytes), version (u32), payload
 //! length (u64), FNV-1a 64 checksum of the payload (u64), then the postcard
-//! payload ([`Checkpoint`]). Written with [`crate::atomic::write_with`], so a crash
+//! payload ([`Checkpoint`]). Written with [`svp_model::atomic::write_with`], so a crash
 //! leaves the previous checkpoint intact.
 
-use crate::{ModelError, fnv1a64};
+use crate::{FitState, FitStateRef};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use svp_train::{FitState, FitStateRef};
+use svp_model::{ModelError, fnv1a64};
 
-/// First eight bytes of every checkpoint.
-pub const CHECKPOINT_MAGIC: [u8; 8] = *b"SVPCKPT\0";
+pub use svp_model::CHECKPOINT_MAGIC;
 /// Version written by this build. Version 2 added bf16 optimizer moments
 /// (each layer's moments carry their kind); version 1 files still load.
 pub const CHECKPOINT_VERSION: u32 = 2;
@@ -97,7 +96,7 @@ fn encode(payload: &impl Serialize, w: impl std::io::Write) -> std::io::Result<(
 
 /// Length and FNV-1a 64 of `payload`'s encoding, by streaming it into the hash.
 fn len_and_checksum(payload: &impl Serialize) -> (u64, u64) {
-    let mut h = crate::Fnv64::new();
+    let mut h = svp_model::Fnv64::new();
     encode(payload, &mut h).expect("hashing never fails");
     (h.len(), h.finish())
 }
@@ -115,7 +114,7 @@ fn file_bytes(payload: &impl Serialize) -> Vec<u8> {
 /// (into the checksum, then into the file) and never held whole.
 fn save_file(payload: &impl Serialize, path: &Path) -> Result<(), ModelError> {
     let (len, sum) = len_and_checksum(payload);
-    crate::atomic::write_with(path, |w| {
+    svp_model::atomic::write_with(path, |w| {
         w.write_all(&header(len, sum))?;
         encode(payload, w)
     })
@@ -155,7 +154,7 @@ impl Checkpoint {
     /// Decodes and checks a checkpoint's bytes.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, ModelError> {
         let invalid = |what: String| ModelError::InvalidCheckpoint { path: path.to_owned(), what };
-        if bytes.starts_with(&crate::MAGIC) {
+        if bytes.starts_with(&svp_model::MAGIC) {
             return Err(invalid("it is an svp model file, not a checkpoint".into()));
         }
         if bytes.len() < HEADER || bytes[..8] != CHECKPOINT_MAGIC {
@@ -249,14 +248,14 @@ mod v1 {
                 config_json: c.config_json,
                 data_origin: c.data_origin,
                 train_len: c.train_len,
-                state: svp_train::FitState {
+                state: crate::FitState {
                     epoch: s.epoch,
                     next_batch: s.next_batch,
                     loss_sum: s.loss_sum,
                     samples: s.samples,
                     history: s.history,
                     params: s.params,
-                    trainer: svp_train::TrainerState {
+                    trainer: crate::TrainerState {
                         step: s.trainer.step,
                         optimizer: s.trainer.optimizer.into_iter().map(Into::into).collect(),
                     },
@@ -283,7 +282,7 @@ mod tests {
                 samples: 7,
                 history: vec![(1, 0.5, 0.8)],
                 params: vec![1.0, -2.0],
-                trainer: svp_train::TrainerState { step: 9, optimizer: vec![] },
+                trainer: crate::TrainerState { step: 9, optimizer: vec![] },
             },
         };
         let b = c.to_bytes();
@@ -302,7 +301,7 @@ mod tests {
                 samples: s.samples,
                 history: &s.history,
                 params: &s.params,
-                trainer: svp_train::TrainerStateRef { step: s.trainer.step, optimizer: &s.trainer.optimizer },
+                trainer: crate::TrainerStateRef { step: s.trainer.step, optimizer: &s.trainer.optimizer },
             },
         };
         assert_eq!(borrowed.to_bytes(), b);
@@ -344,7 +343,7 @@ mod tests {
             samples: 0,
             history: vec![],
             params: vec![0.5; 1000],
-            trainer: svp_train::TrainerState { step: 0, optimizer: vec![] },
+            trainer: crate::TrainerState { step: 0, optimizer: vec![] },
         };
         let c = Checkpoint { config_json: "{}".into(), data_origin: "x".into(), train_len: 1, state };
         let err = encode(&c, Disk { room: 100 }).unwrap_err();

@@ -1,6 +1,6 @@
 //! Train an MLP with SVP from Rust and save it as a model file.
 //!
-//!     cargo run --release -p svp-model --example train_and_save -- mlp.svpm
+//!     cargo run --release -p svp-train --example train_and_save -- mlp.svpm
 
 use svp_data::DataSplit;
 use svp_model::{DType, ModelFile, ModelInfo, Provenance};

@@ -5,7 +5,7 @@
 //! trained on a workstation is the one a board runs, and the reverse.
 //!
 //! The fixtures were written on x86-64 (AVX2) by this file itself:
-//! `SVP_WRITE_FIXTURES=1 cargo test -p svp-model --test cross_platform`.
+//! `SVP_WRITE_FIXTURES=1 cargo test -p svp-train --test cross_platform`.
 
 use serde_json::Value;
 use std::path::Path;

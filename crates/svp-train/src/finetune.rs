@@ -1,9 +1,9 @@
 //! Fine-tuning a model file: the training config that continues it.
 
-use crate::ModelMeta;
+use crate::config::TrainConfig;
+use crate::{Config, Method, Schedule};
+use svp_model::ModelMeta;
 use svp_optim::{MomentDtype, Optimizer};
-use svp_train::config::TrainConfig;
-use svp_train::{Config, Method, Schedule};
 
 /// How long and how fast a model is fine-tuned.
 #[derive(Clone, Copy, Debug)]
@@ -21,7 +21,7 @@ pub struct FineTuning {
     /// Random shifts and flips of the new training images.
     pub augment: svp_data::Augment,
     /// The first layer trained; the layers below it stay as they are
-    /// ([`svp_train::config::TrainConfig::train_from_layer`]).
+    /// ([`TrainConfig::train_from_layer`]).
     pub train_from_layer: usize,
 }
 
@@ -35,8 +35,8 @@ pub struct FineTuning {
 /// fresh ones from seed 11.
 ///
 /// The weights come from the file: pass them as
-/// [`svp_train::FitOptions::initial_params`], and the file's input
-/// normalization as [`svp_train::FitOptions::norm`].
+/// [`crate::FitOptions::initial_params`], and the file's input
+/// normalization as [`crate::FitOptions::norm`].
 pub fn config(meta: &ModelMeta, run: FineTuning) -> Config {
     let mut model = meta.model_config();
     model.input = meta.front.is_none().then(|| meta.layers[0].in_dim);
@@ -57,7 +57,7 @@ pub fn config(meta: &ModelMeta, run: FineTuning) -> Config {
         schedule: Schedule::Cosine { warmup_steps: 0, min_factor: 0.0 },
     };
     if let Some(heads) = &meta.heads {
-        heads.configure(&mut config);
+        config.use_projection_heads(heads);
     }
     config
 }

@@ -5,8 +5,8 @@
 //! schedule, `--data embedded --limit-train 1000 --epochs 1 --checkpoint`.
 
 use std::path::Path;
-use svp_model::Checkpoint;
 use svp_optim::Moments;
+use svp_train::Checkpoint;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1-adam.ckpt");
 
