@@ -4,11 +4,9 @@
 //! ViT is dequantized once into an f32 network (its layers need their own
 //! caches and shapes) and runs through [`Network::predict`].
 
-use crate::{ModelError, ModelFile, layer_param_len};
+use crate::{ModelError, ModelFile};
 use std::path::Path;
-use svp_net::Network;
-use svp_nn::{DenseCache, Mode};
-use svp_tensor::{view, view_mut};
+use svp_net::{InferenceWorkspace, Network, predict_streamed};
 
 /// A model ready to predict.
 pub struct InferenceModel {
@@ -24,21 +22,6 @@ enum Body {
     /// A conv network or ViT, dequantized once.
     Network(Box<Network>),
 }
-
-/// Buffers for [`InferenceModel::predict`], grown on first use and reused.
-#[derive(Debug, Default)]
-pub struct InferenceWorkspace {
-    params: Vec<f32>,
-    act: [Vec<f32>; 2],
-    cache: DenseCache,
-    logits: Vec<f32>,
-    tile: Vec<f32>,
-    rows: usize,
-    net: svp_net::InferenceWorkspace,
-}
-
-/// Floats of `R_l` held at once by an early exit.
-const EXIT_TILE_FLOATS: usize = 16 * 1024;
 
 impl InferenceModel {
     /// Reads and checks a model file.
@@ -70,7 +53,8 @@ impl InferenceModel {
 
     /// Logits for `rows` samples in `x` (rows x input), from the head, or with
     /// `exit = Some(k)` from hidden layer `k`'s projection head (1-based; only
-    /// for SVP models). Returns `rows x classes` values.
+    /// for SVP models: the first `classes` entries of `v_k`). Returns `rows x
+    /// classes` values.
     ///
     /// # Panics
     /// If `exit` is out of range or the model has no projection heads (the CLI
@@ -82,86 +66,19 @@ impl InferenceModel {
         exit: Option<usize>,
         ws: &'w mut InferenceWorkspace,
     ) -> &'w [f32] {
-        let layers = match &self.body {
-            Body::Lean(layers) => layers,
-            Body::Network(net) => return self.predict_network(net, x, rows, exit, ws),
-        };
-        let classes = self.file.meta.classes();
-        let width = layers.iter().map(|l| l.spec().out_dim).chain([layers[0].spec().in_dim]).max().unwrap_or(0);
-        if ws.rows < rows || ws.act[0].len() < rows * width {
-            // Later predictions then allocate nothing, GEMM packing included.
-            svp_tensor::try_reserve_workspaces().expect("memory for GEMM packing buffers");
-            ws.act = [vec![0.0; rows * width], vec![0.0; rows * width]];
-            let (norm_width, plain_width) = DenseCache::widths(layers.iter().map(|l| l.spec()));
-            ws.cache = DenseCache::try_sized(rows, norm_width, plain_width).expect("memory for the layer cache");
-            ws.rows = rows;
-        }
-        let max_params = layers.iter().map(|l| layer_param_len(l.spec())).max().unwrap_or(0);
-        if ws.params.len() < max_params {
-            ws.params = vec![0.0; max_params];
-        }
-        let last = exit.unwrap_or(layers.len());
-        assert!((1..=layers.len()).contains(&last), "exit layer {last} out of range");
-        let mut cur = 0;
-        for (l, layer) in layers.iter().enumerate().take(last) {
-            let spec = layer.spec();
-            let params = &mut ws.params[..layer_param_len(spec)];
-            self.file.layer_params_into(l, params);
-            let (a, b) = ws.act.split_at_mut(1);
-            let (src, dst) = if cur == 0 { (&a[0], &mut b[0]) } else { (&b[0], &mut a[0]) };
-            let input = if l == 0 { view(x, rows, spec.in_dim) } else { view(src, rows, spec.in_dim) };
-            layer.forward(params, input, &mut ws.cache, dst, Mode::Infer);
-            cur = 1 - cur;
-        }
-        let out = if cur == 0 { &ws.act[0] } else { &ws.act[1] };
-        match exit {
-            Some(k) if k < layers.len() => {
-                let heads = self.file.meta.heads.as_ref().expect("early exits need SVP projection heads");
-                let width = layers[k - 1].spec().out_dim;
-                let p = heads.for_layer(k, width, false);
-                if ws.logits.len() < rows * heads.dim {
-                    ws.logits = vec![0.0; rows * heads.dim];
-                }
-                if ws.tile.len() < EXIT_TILE_FLOATS.max(width) {
-                    ws.tile = vec![0.0; EXIT_TILE_FLOATS.max(width)];
-                }
-                p.forward(view(out, rows, width), None, None, view_mut(&mut ws.logits, rows, heads.dim), &mut ws.tile);
-                // Exits predict among the first `classes` entries of v_l.
-                if heads.dim != classes {
-                    for r in 0..rows {
-                        ws.logits.copy_within(r * heads.dim..r * heads.dim + classes.min(heads.dim), r * classes);
-                    }
-                }
-                &ws.logits[..rows * classes.min(heads.dim)]
+        let heads = || self.file.meta.heads.as_ref().expect("early exits need SVP projection heads");
+        // The head is the last "exit": its own logits.
+        let exit = exit.filter(|&k| k != self.hidden_layers() + 1);
+        match &self.body {
+            Body::Lean(layers) => {
+                let load = |l, params: &mut [f32]| self.file.layer_params_into(l, params);
+                predict_streamed(layers, x, rows, exit.map(|k| (k, heads())), load, ws)
             }
-            _ => &out[..rows * classes],
+            Body::Network(net) => match exit {
+                Some(k) => net.predict_exit(x, rows, k, heads(), ws),
+                None => net.predict(x, rows, ws, None),
+            },
         }
-    }
-
-    /// [`InferenceModel::predict`] for a conv network or ViT.
-    fn predict_network<'w>(
-        &self,
-        net: &Network,
-        x: &[f32],
-        rows: usize,
-        exit: Option<usize>,
-        ws: &'w mut InferenceWorkspace,
-    ) -> &'w [f32] {
-        let classes = self.file.meta.classes();
-        let head = net.n_layers();
-        let last = exit.unwrap_or(head);
-        assert!((1..=head).contains(&last), "exit layer {last} out of range");
-        if last == head {
-            return net.predict(x, rows, &mut ws.net, None);
-        }
-        let heads = self.file.meta.heads.as_ref().expect("early exits need SVP projection heads");
-        net.predict(x, rows, &mut ws.net, Some(heads));
-        let logits = ws.net.exit_logits(last - 1, rows);
-        // Exits predict among the first `classes` entries of v_l.
-        let kept = classes.min(heads.dim);
-        ws.logits.clear();
-        ws.logits.extend(logits.chunks_exact(heads.dim).flat_map(|row| &row[..kept]));
-        &ws.logits
     }
 }
 
@@ -180,7 +97,7 @@ mod tests {
             let x: Vec<f32> = (0..4 * 6).map(|i| (i % 5) as f32 * 0.3 - 0.6).collect();
             let mut ws = InferenceWorkspace::default();
             let got = model.predict(&x, 4, None, &mut ws).to_vec();
-            let mut train_ws = svp_net::InferenceWorkspace::default();
+            let mut train_ws = InferenceWorkspace::default();
             let want = mlp.predict(&x, 4, &mut train_ws, heads.as_ref()).to_vec();
             assert_eq!(got, want, "{dtype:?} head");
             for k in 1..=2 {
@@ -201,7 +118,7 @@ mod tests {
             let model = InferenceModel::new(file);
             let x: Vec<f32> = (0..5 * 64).map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.1).collect();
             let mut ws = InferenceWorkspace::default();
-            let mut train_ws = svp_net::InferenceWorkspace::default();
+            let mut train_ws = InferenceWorkspace::default();
             let want = net.predict(&x, 5, &mut train_ws, Some(&heads)).to_vec();
             assert_eq!(model.predict(&x, 5, None, &mut ws), &want[..], "{name} head");
             assert_eq!(model.hidden_layers(), net.n_layers() - 1);

@@ -20,7 +20,8 @@ mod inference;
 pub mod pytorch;
 
 pub use dtype::DType;
-pub use inference::{InferenceModel, InferenceWorkspace};
+pub use inference::InferenceModel;
+pub use svp_net::InferenceWorkspace;
 
 use dtype::ByteSink;
 use serde::{Deserialize, Serialize};

@@ -38,7 +38,7 @@ mod normalization;
 
 pub use arch::{ConvItem, ModelConfig, PoolMarker, VitConfig};
 pub use heads::ProjectionHeads;
-pub use inference::InferenceWorkspace;
+pub use inference::{InferenceWorkspace, predict_streamed};
 pub use layer::{Layer, LayerCache, Readout};
 pub use network::Network;
 pub use normalization::Normalization;

@@ -16,7 +16,7 @@ use svp_nn::{ConvBlock, ConvBlockSpec, Dense, DenseSpec};
 pub struct Network {
     pub(crate) input: usize,
     pub(crate) classes: usize,
-    front: Vec<Front>,
+    front: Vec<FrontLayer>,
     layers: Vec<Dense>,
     offsets: Vec<usize>,
     params: Vec<f32>,
@@ -24,19 +24,19 @@ pub struct Network {
 
 /// A layer before the dense ones.
 #[derive(Clone, Debug, PartialEq)]
-enum Front {
+enum FrontLayer {
     Conv(ConvBlock),
     Patch(PatchEmbed),
     Block(TransformerBlock),
     Readout(TokenHead),
 }
 
-fn front_layer(f: &Front) -> Layer<'_> {
+fn front_layer(f: &FrontLayer) -> Layer<'_> {
     match f {
-        Front::Conv(c) => Layer::Conv(c),
-        Front::Patch(p) => Layer::Patch(p),
-        Front::Block(b) => Layer::Block(b),
-        Front::Readout(r) => Layer::Readout(r),
+        FrontLayer::Conv(c) => Layer::Conv(c),
+        FrontLayer::Patch(p) => Layer::Patch(p),
+        FrontLayer::Block(b) => Layer::Block(b),
+        FrontLayer::Readout(r) => Layer::Readout(r),
     }
 }
 
@@ -85,22 +85,22 @@ impl Network {
         classes: usize,
         config: &ModelConfig,
     ) -> Result<Self, OutOfMemory> {
-        let mut front: Vec<Front> = Self::conv_specs(image_shape, config)
+        let mut front: Vec<FrontLayer> = Self::conv_specs(image_shape, config)
             .into_iter()
             .enumerate()
-            .map(|(i, s)| Front::Conv(ConvBlock::new(s, i as u64 + 1)))
+            .map(|(i, s)| FrontLayer::Conv(ConvBlock::new(s, i as u64 + 1)))
             .collect();
         if let Some(v) = &config.vit {
             let patch = PatchEmbed { channels: 1, h: image_shape.0, w: image_shape.1, patch: v.patch, dim: v.dim };
             let spec = BlockSpec { tokens: patch.tokens(), dim: v.dim, heads: v.heads, mlp: v.mlp };
-            front.push(Front::Patch(patch));
-            front.extend((0..v.depth).map(|_| Front::Block(TransformerBlock { spec })));
-            front.push(Front::Readout(TokenHead { tokens: spec.tokens, dim: v.dim, readout: v.readout }));
+            front.push(FrontLayer::Patch(patch));
+            front.extend((0..v.depth).map(|_| FrontLayer::Block(TransformerBlock { spec })));
+            front.push(FrontLayer::Readout(TokenHead { tokens: spec.tokens, dim: v.dim, readout: v.readout }));
         }
         let flat = match front.last() {
             None => image_shape.0 * image_shape.1,
-            Some(Front::Conv(c)) => c.output().len(),
-            Some(Front::Readout(r)) => r.dim,
+            Some(FrontLayer::Conv(c)) => c.output().len(),
+            Some(FrontLayer::Readout(r)) => r.dim,
             Some(_) => unreachable!("a ViT ends with its token head"),
         };
         let mut m = Self::try_with_front(front, Self::specs(flat, classes, config))?;
@@ -175,7 +175,7 @@ impl Network {
         Self::try_with_front(Vec::new(), specs)
     }
 
-    fn try_with_front(front: Vec<Front>, specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
+    fn try_with_front(front: Vec<FrontLayer>, specs: Vec<DenseSpec>) -> Result<Self, OutOfMemory> {
         assert!(!specs.is_empty(), "a network needs at least a head");
         for pair in specs.windows(2) {
             assert_eq!(pair[0].out_dim, pair[1].in_dim, "layer widths must chain");
@@ -183,18 +183,18 @@ impl Network {
         let n_front = front.len();
         let input = match front.first() {
             None => specs[0].in_dim,
-            Some(Front::Conv(c)) => c.spec().input().len(),
-            Some(Front::Patch(p)) => p.input().len(),
+            Some(FrontLayer::Conv(c)) => c.spec().input().len(),
+            Some(FrontLayer::Patch(p)) => p.input().len(),
             Some(_) => panic!("a ViT starts with its patch embedding"),
         };
         let classes = specs.last().map(|s| s.out_dim).unwrap_or(0);
         let layers: Vec<Dense> =
             specs.into_iter().enumerate().map(|(i, s)| Dense::new(s, (n_front + i) as u64 + 1)).collect();
         let lens = front.iter().map(|f| match f {
-            Front::Conv(c) => c.param_len(),
-            Front::Patch(p) => p.param_len(),
-            Front::Block(b) => b.param_len(),
-            Front::Readout(r) => r.param_len(),
+            FrontLayer::Conv(c) => c.param_len(),
+            FrontLayer::Patch(p) => p.param_len(),
+            FrontLayer::Block(b) => b.param_len(),
+            FrontLayer::Readout(r) => r.param_len(),
         });
         let mut offsets = vec![0];
         for len in lens.chain(layers.iter().map(Dense::param_len)) {
@@ -281,7 +281,7 @@ impl Network {
         self.front
             .iter()
             .find_map(|f| match f {
-                Front::Readout(r) => Some(r.readout),
+                FrontLayer::Readout(r) => Some(r.readout),
                 _ => None,
             })
             .unwrap_or(TokenReadout::Cls)
