@@ -10,6 +10,27 @@
 //! * [`InferenceModel`]: what prediction needs and nothing else: the file's
 //!   bytes and one buffer into which each layer is dequantized in turn.
 //! * [`atomic::write`]: crash-safe replacement of a file.
+//!
+//! ```
+//! use svp_model::{DType, InferenceModel, InferenceWorkspace, ModelFile, ModelInfo, Provenance};
+//! use svp_net::{ModelConfig, Network, Normalization};
+//!
+//! let config = ModelConfig::mlp(vec![32]);
+//! let net = Network::new(784, 10, &config, 1);
+//! let info = ModelInfo {
+//!     heads: None,
+//!     norm: Normalization { mean: 0.29, std: 0.35 },
+//!     image_shape: (28, 28),
+//!     class_names: Vec::new(),
+//!     provenance: Provenance { method: "svp".into(), epochs: 0, test_acc: 0.0, data: "none".into() },
+//! };
+//! // In memory here; `ModelFile::save_network` streams it to disk atomically.
+//! let bytes = ModelFile::from_network(&net, &config, info, DType::I8).to_bytes();
+//! let model = InferenceModel::new(ModelFile::from_bytes(&bytes, "model.svpm".as_ref())?);
+//! let logits = model.predict(&vec![0.0; 784], 1, None, &mut InferenceWorkspace::default()).to_vec();
+//! assert_eq!(logits.len(), 10);
+//! # Ok::<(), svp_model::ModelError>(())
+//! ```
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]

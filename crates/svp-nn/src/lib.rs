@@ -16,6 +16,19 @@
 //!   positions, the pre-norm transformer block, the token readout.
 //! * [`projection`]: the fixed random projection `R_l`, regenerated from the
 //!   seed tile by tile each time it is used and never stored whole.
+//!
+//! ```
+//! use svp_nn::{Dense, DenseCache, DenseSpec, Mode};
+//! use svp_tensor::view;
+//!
+//! // A linear layer 3 -> 2: its parameters live in a slice the caller owns.
+//! let layer = Dense::new(DenseSpec::linear(3, 2), 1);
+//! let mut params = vec![0.0; layer.param_len()];
+//! layer.init_params(7, &mut params);
+//! let (x, mut out) = ([1.0f32, 2.0, 3.0], [0.0f32; 2]);
+//! layer.forward(&params, view(&x, 1, 3), &mut DenseCache::new(1, 3), &mut out, Mode::Infer);
+//! assert!(out.iter().all(|v| v.is_finite()));
+//! ```
 
 #![warn(missing_docs)]
 

@@ -16,6 +16,16 @@
 //! `f32::MIN_POSITIVE`: subnormal floats are 10-100x slower on x86, and a
 //! momentum of a dead unit would otherwise decay through them for hundreds of
 //! steps.
+//!
+//! ```
+//! use svp_optim::Optimizer;
+//!
+//! let adam = Optimizer::adam(1e-3);
+//! let (mut weights, gradient) = (vec![1.0f32; 4], vec![0.5f32; 4]);
+//! let mut state = adam.try_new_state(weights.len()).unwrap();
+//! adam.update(1.0, &mut weights, &gradient, &mut state);
+//! assert!(weights.iter().all(|&w| (w - 0.999).abs() < 1e-6)); // Adam's first step: lr * sign
+//! ```
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]

@@ -16,6 +16,15 @@
 //!
 //! Golden-vector tests pin the output; changing any of it is a format break and
 //! must bump [`GENERATOR_ID`].
+//!
+//! ```
+//! use svp_rng::{Purpose, Stream, StreamKey};
+//!
+//! // The same key gives the same numbers on every machine, in any order of use.
+//! let key = StreamKey::new(42, Purpose::Projection, 1, 0, 0);
+//! let (mut a, mut b) = (Stream::new(key), Stream::new(key));
+//! assert_eq!(a.gaussian().to_bits(), b.gaussian().to_bits());
+//! ```
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]

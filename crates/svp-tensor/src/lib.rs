@@ -15,6 +15,16 @@
 //!   from their gradient while it is in cache and never write the gradient.
 //! * [`reduce`]: sums and dot products with a fixed number of accumulator lanes,
 //!   so they vectorize and still give the same bits on every run.
+//!
+//! ```
+//! use svp_tensor::{gemm, view, view_mut};
+//!
+//! // C (2x2) = A (2x3) B (3x2)
+//! let (a, b) = ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+//! let mut c = [0.0f32; 4];
+//! gemm(1.0, view(&a, 2, 3), view(&b, 3, 2), 0.0, view_mut(&mut c, 2, 2));
+//! assert_eq!(c, [4.0, 5.0, 10.0, 11.0]);
+//! ```
 
 #![warn(missing_docs)]
 

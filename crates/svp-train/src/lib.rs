@@ -18,6 +18,24 @@
 //! * [`finetune`]: the config that continues training a model file.
 //! * [`config`]: what a run is (network, rule options, optimizer, schedule),
 //!   validated against the data before anything is allocated.
+//!
+//! ```
+//! use svp_train::config::{ModelConfig, TrainConfig};
+//! use svp_train::{Config, Method, fit};
+//!
+//! let data = svp_data::DataSplit::embedded(); // 6,000 + 1,000 Fashion-MNIST images
+//! let config = Config {
+//!     model: ModelConfig::mlp(vec![64]),
+//!     svp: Default::default(),
+//!     train: TrainConfig { method: Method::Svp, epochs: 2, batch_size: 64, ..Default::default() },
+//!     optimizer: svp_optim::Optimizer::adam(1e-3),
+//!     schedule: Default::default(),
+//! };
+//! config.validate_for_data(&data)?;
+//! let run = fit(&config, &data, &mut ()); // `fit_with` adds checkpoints, fine-tuning, a memory budget
+//! assert!(run.epochs[1].test_acc > 0.6, "{}", run.epochs[1].test_acc);
+//! # Ok::<(), svp_train::ConfigError>(())
+//! ```
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
