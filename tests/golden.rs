@@ -286,3 +286,144 @@ fn conv_block_matches_pytorch_in_training() {
     assert_near("conv block parameter gradient", &grad, &floats(&g["grad"]), 1e-4);
     assert_near("conv block input gradient", &dx, &floats(&g["dx"]), 1e-4);
 }
+
+/// One SVP+ step of a small ViT or CNN, from `tools/golden/vision_step.py`:
+/// PyTorch's own modules in float64, svp's layout, projections from the seed.
+fn vision_step_fixture(network: &str) -> Value {
+    let text = match network {
+        "vit" => include_str!("golden/vit_svp_plus_step.json"),
+        _ => include_str!("golden/cnn_svp_plus_step.json"),
+    };
+    serde_json::from_str(text).expect("fixture parses")
+}
+
+/// The fixture's run config and network, its parameters loaded, and the batch.
+fn vision_setup(g: &Value, optimizer: svp_optim::Optimizer) -> (Config, Network, Vec<f32>, Vec<u32>) {
+    use svp_train::config::VitConfig;
+    let m = &g["model"];
+    let n = |v: &Value| v.as_u64().unwrap() as usize;
+    let mut model = ModelConfig::mlp(vec![]);
+    match m["kind"].as_str() {
+        Some("vit") => {
+            model.vit = Some(VitConfig {
+                patch: n(&m["patch"]),
+                dim: n(&m["dim"]),
+                depth: n(&m["depth"]),
+                heads: n(&m["heads"]),
+                mlp: n(&m["mlp"]),
+                readout: svp_nn::vit::TokenReadout::Cls,
+            })
+        }
+        _ => {
+            model.conv = serde_json::from_value(m["conv"].clone()).expect("conv list");
+            model.conv_readout = n(&m["conv_readout"]);
+        }
+    }
+    let y: Vec<u32> = g["y"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let cfg = Config {
+        model,
+        svp: SvpConfig {
+            lambda: g["lambda"].as_f64().unwrap() as f32,
+            projection_dropout: g["projection_dropout"].as_f64().unwrap() as f32,
+            projection_dim: Some(n(&g["projection_dim"])),
+            layers_per_unit: n(&g["layers_per_unit"]),
+            ..SvpConfig::default()
+        },
+        train: TrainConfig {
+            method: Method::Svp,
+            epochs: 1,
+            batch_size: y.len(),
+            seed: g["seed"].as_u64().unwrap(),
+            shuffle: false,
+            ..Default::default()
+        },
+        optimizer,
+        schedule: Default::default(),
+    };
+    let image = (n(&m["image"][0]), n(&m["image"][1]));
+    let mut net = Network::try_for_images(image, n(&g["classes"]), &cfg.model, cfg.train.seed).unwrap();
+    let before = g["params_before"].as_array().unwrap();
+    assert_eq!(before.len(), net.n_layers(), "one fixture entry per layer");
+    for (l, p) in before.iter().enumerate() {
+        let p = floats(p);
+        let dst = net.layer_params_mut(l);
+        assert_eq!(dst.len(), p.len(), "layer {} parameter count (svp's layout)", l + 1);
+        dst.copy_from_slice(&p);
+    }
+    (cfg, net, floats(&g["x"]), y)
+}
+
+/// Below this, a float64 gradient is zero in exact arithmetic (measured
+/// sizes: about 1e-17 in the fixture, about 1e-9 in svp's f32).
+const ZERO_GRADIENT: f32 = 1e-6;
+
+fn check_vision_step(network: &str) {
+    let g = vision_step_fixture(network);
+    let opt: svp_optim::Optimizer = serde_json::from_value(g["optimizer"].clone()).expect("optimizer");
+    let (cfg, mut model, x, y) = vision_setup(&g, opt);
+    let want_units: Vec<Vec<usize>> = serde_json::from_value(g["units"].clone()).unwrap();
+    let got_units: Vec<Vec<usize>> =
+        svp_train::units(&model, cfg.svp.layers_per_unit, false).into_iter().map(|u| u.collect()).collect();
+    assert_eq!(got_units, want_units, "svp groups the layers into the fixture's units");
+
+    let mut trainer = SvpTrainer::new(&model, &cfg);
+    trainer.step(&mut model, &x, &y, 1.0).unwrap();
+    let m = trainer.layer_metrics().unwrap();
+    let unit_ends: Vec<usize> = want_units.iter().map(|u| *u.last().unwrap()).collect();
+    let mut noise_only = 0;
+    for l in 0..model.n_layers() {
+        let want = &g["layers"][l];
+        match (want["ce"].as_f64(), want["fa"].as_f64()) {
+            (Some(ce), Some(fa)) => {
+                assert!(unit_ends.contains(&l), "layer {} has a local loss only at a unit's end", l + 1);
+                assert_near(&format!("{network} layer {} CE", l + 1), &[m.ce_sum[l] as f32], &[ce as f32], 1e-6);
+                assert_near(&format!("{network} layer {} FA", l + 1), &[m.fa_sum[l] as f32], &[fa as f32], 1e-6);
+            }
+            _ => assert!(!unit_ends.contains(&l), "layer {}: the fixture has no losses at a unit's end", l + 1),
+        }
+        // Weights after the optimizer step, a conv block's running statistics
+        // too, except where the gradient is zero in exact arithmetic (a conv
+        // bias under BatchNorm, the attention's key bias): Adam's first step
+        // moves a weight by about lr * sign(g), and there the sign is f32
+        // rounding noise in svp (and would be in PyTorch's f32).
+        let (after, grad) = (floats(&want["params_after"]), floats(&want["grad"]));
+        let keep = |i: &usize| grad.get(*i).is_none_or(|g| g.abs() >= ZERO_GRADIENT);
+        let pick = |v: &[f32]| v.iter().enumerate().filter(|(i, _)| keep(i)).map(|(_, &x)| x).collect::<Vec<_>>();
+        noise_only += after.len() - pick(&after).len();
+        let what = format!("{network} layer {} after the step", l + 1);
+        assert_near(&what, &pick(model.layer_params(l)), &pick(&after), 1e-6);
+    }
+    eprintln!("{network}: {noise_only} weights with a zero exact gradient left out of the comparison after Adam");
+
+    // The gradients: one SGD step with lr = 1 moves each weight by minus its gradient.
+    let sgd = svp_optim::Optimizer::Sgd { lr: 1.0, momentum: 0.0, weight_decay: 0.0 };
+    let (cfg, mut model, x, y) = vision_setup(&g, sgd);
+    let before: Vec<Vec<f32>> = (0..model.n_layers()).map(|l| model.layer_params(l).to_vec()).collect();
+    SvpTrainer::new(&model, &cfg).step(&mut model, &x, &y, 1.0).unwrap();
+    for (l, before) in before.iter().enumerate() {
+        let n = model.trainable_len(l);
+        let grad: Vec<f32> = before[..n].iter().zip(model.layer_params(l)).map(|(b, a)| b - a).collect();
+        assert_near(&format!("{network} layer {} gradient", l + 1), &grad, &floats(&g["layers"][l]["grad"]), 1e-5);
+    }
+
+    let opt: svp_optim::Optimizer = serde_json::from_value(g["optimizer"].clone()).unwrap();
+    let (cfg, mut model, x, y) = vision_setup(&g, opt);
+    let mut trainer = SvpTrainer::new(&model, &cfg);
+    let want = floats(&g["head_loss_per_step"]);
+    let losses: Vec<f32> = want.iter().map(|_| trainer.step(&mut model, &x, &y, 1.0).unwrap()).collect();
+    assert_near(&format!("{network} head loss per step"), &losses, &want, 2e-6);
+}
+
+/// SVP+ on a ViT (units of two transformer blocks, the patch embedding in
+/// the first, the class token projected; AdamW) against PyTorch.
+#[test]
+fn vit_svp_plus_step_matches_pytorch() {
+    check_vision_step("vit");
+}
+
+/// SVP+ on a CNN (units of two conv blocks, BatchNorm on the batch, the
+/// output read through 2x2 adaptive pooling and projected; Adam) against PyTorch.
+#[test]
+fn cnn_svp_plus_step_matches_pytorch() {
+    check_vision_step("cnn");
+}

@@ -53,15 +53,20 @@ def init_linear(layer, d_in, d_out):
 
 def projection(layer, width, step):
     """R_l (d' x width) with the dropout mask of `step` (None: no dropout)."""
+    return projection_of(SEED, layer, width, DPRIME, PROJ_DROPOUT, step)
+
+
+def projection_of(seed, layer, width, dprime, dropout, step):
+    """R_l of a model seeded `seed`, as svp-nn's Projection draws it (f32)."""
     sigma = torch.tensor(1.0, dtype=f32) / torch.sqrt(torch.tensor(float(width), dtype=f32))
     rows = []
-    threshold = min(int(PROJ_DROPOUT * 4294967296.0), 0xFFFFFFFF)
-    keep_scale = torch.tensor(1.0, dtype=f32) / (torch.tensor(1.0, dtype=f32) - torch.tensor(PROJ_DROPOUT, dtype=f32))
-    for r in range(DPRIME):
-        st = rr.Stream(SEED, PROJECTION, layer, r, 0)
+    threshold = min(int(dropout * 4294967296.0), 0xFFFFFFFF)
+    keep_scale = torch.tensor(1.0, dtype=f32) / (torch.tensor(1.0, dtype=f32) - torch.tensor(dropout, dtype=f32))
+    for r in range(dprime):
+        st = rr.Stream(seed, PROJECTION, layer, r, 0)
         row = torch.tensor([rr.gaussian(st) for _ in range(width)], dtype=f32) * sigma
-        if step is not None and PROJ_DROPOUT > 0:
-            ms = rr.Stream(SEED, PROJECTION_DROPOUT, layer, r, step)
+        if step is not None and dropout > 0:
+            ms = rr.Stream(seed, PROJECTION_DROPOUT, layer, r, step)
             draws = []
             while len(draws) < width:
                 bits = ms.next_u64()
