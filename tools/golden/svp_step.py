@@ -174,7 +174,7 @@ def main():
     losses = [step(layers, opts, x, y, 0, record)]
     for t in range(1, STEPS):
         losses.append(step(layers, opts, x, y, t, None))
-    json.dump(
+    write_fixture(
         {
             "about": "one SVP step (Adam) and a loss trajectory, from tools/golden/svp_step.py (PyTorch %s)" % torch.__version__,
             "seed": SEED,
@@ -186,14 +186,23 @@ def main():
             "lambda": LAMBDA,
             "projection_dropout": PROJ_DROPOUT,
             "lr": LR,
-            "x": flat([x]),
-            "y": [int(v) for v in y],
-            "params_before": params_before,
-            "layers": record,
-            "head_loss_per_step": losses,
         },
-        sys.stdout,
+        x, y, params_before, record, losses,
     )
+
+
+def write_fixture(run, x, y, params_before, record, losses):
+    """Writes a golden step as JSON to stdout: `run` (what was run), then the
+    batch, the parameters before the step, the per-layer record and the
+    head's loss per step."""
+    run.update({
+        "x": flat([x]),
+        "y": [int(v) for v in y],
+        "params_before": params_before,
+        "layers": record,
+        "head_loss_per_step": losses,
+    })
+    json.dump(run, sys.stdout)
     print()
 
 

@@ -28,14 +28,13 @@ steps.
 tests/golden.rs reads the JSON; the tests never need PyTorch.
 """
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from svp_step import fa_loss, flat, projection_of  # noqa: E402
+from svp_step import fa_loss, flat, projection_of, write_fixture  # noqa: E402
 
 f32, f64 = torch.float32, torch.float64
 F = torch.nn.functional
@@ -214,7 +213,7 @@ def main():
     opts = [optimizer(layer.params, opt) for layer in layers]
     record = []
     losses = [step(layers, units, opts, x, y, t, record if t == 0 else None) for t in range(STEPS)]
-    json.dump(
+    write_fixture(
         {
             "about": "one SVP+ step, from tools/golden/vision_step.py %s (PyTorch %s, float64)" % (a.network, torch.__version__),
             "seed": SEED,
@@ -226,15 +225,9 @@ def main():
             "layers_per_unit": 2,
             "optimizer": opt,
             "units": [members for members, _ in units],
-            "x": flat([x32]),
-            "y": [int(v) for v in y],
-            "params_before": params_before,
-            "layers": record,
-            "head_loss_per_step": losses,
         },
-        sys.stdout,
+        x32, y, params_before, record, losses,
     )
-    print()
 
 
 if __name__ == "__main__":
