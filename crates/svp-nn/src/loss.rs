@@ -251,6 +251,61 @@ mod tests {
         }
     }
 
+    /// The second value is the number of rows whose largest logit is the
+    /// label's, a tie going to the first of the tied classes.
+    #[test]
+    fn cross_entropy_counts_rows_whose_argmax_is_the_label() {
+        let logits = [
+            0.1, 0.9, 0.3, // argmax 1
+            2.0, 2.0, 1.0, // tie: class 0
+            -1.0, -3.0, -0.5, // argmax 2
+            0.0, 0.0, 0.0, // all tied: class 0
+        ];
+        let mut grad = [0.0; 12];
+        let count = |labels: &[u32], grad: &mut [f32]| softmax_cross_entropy(view(&logits, 4, 3), labels, grad).1;
+        assert_eq!(count(&[1, 0, 2, 0], &mut grad), 4);
+        assert_eq!(count(&[1, 1, 2, 1], &mut grad), 2, "ties go to the first class");
+        assert_eq!(count(&[0, 2, 0, 2], &mut grad), 0);
+        assert_eq!(count(&[2, 0, 1, 0], &mut grad), 2);
+    }
+
+    /// A row that is all zeros (a sample no unit of the layer responds to)
+    /// has the cosine's derivative at zero, `1/eps` times the gradient wrt
+    /// its normalized row `4/B^2 (D N)_i`, where that row of `N` is zero.
+    #[test]
+    fn a_zero_row_gets_the_gradient_through_the_epsilon() {
+        let (b, d) = (6, 4);
+        let mut v = values(b * d, 3);
+        v[2 * d..3 * d].fill(0.0);
+        let v_prev = values(b * 3, 11);
+        let mut dv = vec![0.0; b * d];
+        let fa = FeatureAlignment::default();
+        fa.loss_and_grad(view(&v, b, d), view(&v_prev, b, 3), &mut FaWorkspace::new(b, d), 1.0, &mut dv);
+        let normed = |m: &[f32], cols: usize| -> Vec<Vec<f64>> {
+            m.chunks(cols)
+                .map(|r| {
+                    let n = r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+                    r.iter().map(|&x| x as f64 / (n + FA_EPS as f64)).collect()
+                })
+                .collect()
+        };
+        let (n, n_prev) = (normed(&v, d), normed(&v_prev, 3));
+        let dot = |a: &[f64], c: &[f64]| a.iter().zip(c).map(|(x, y)| x * y).sum::<f64>();
+        for k in 0..d {
+            let dn: f64 = (0..b).map(|j| (dot(&n[2], &n[j]) - dot(&n_prev[2], &n_prev[j])) * n[j][k]).sum::<f64>();
+            let want = 4.0 / (b * b) as f64 * dn / FA_EPS as f64;
+            let got = dv[2 * d + k] as f64;
+            assert!((got - want).abs() <= 1e-4 * want.abs(), "column {k}: {got} vs {want}");
+        }
+    }
+
+    /// What a trainer reports as its workspace: every buffer, in bytes.
+    #[test]
+    fn fa_workspace_counts_its_buffers() {
+        let (b, d) = (37, 10);
+        assert_eq!(FaWorkspace::new(b, d).bytes(), 4 * (2 * b * d + b + 2 * b * b));
+    }
+
     /// A target is used once: a second alignment needs a promotion or a new target.
     #[test]
     #[should_panic(expected = "no target")]

@@ -167,7 +167,8 @@ fn cross_entropy() {
 }
 
 fn fa_case(mean_center: bool) {
-    let (rows, d, d_prev) = (7, 5, 3);
+    // 6 rows: 36 similarities, so the loss's 8-lane sum has a tail of 4 off the diagonal.
+    let (rows, d, d_prev) = (6, 5, 3);
     let v = random(rows * d, 8, 1.0);
     let v_prev = random(rows * d_prev, 9, 1.0);
     let fa = FeatureAlignment { mean_center };
@@ -307,4 +308,28 @@ fn projection_is_a_pure_function_of_seed_and_layer() {
     let var: f64 = big.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / big.len() as f64;
     assert!((var.sqrt() - 0.2).abs() < 0.03, "std {}", var.sqrt());
     let _ = view_mut(&mut big, 11, 37);
+}
+
+/// Projection dropout keeps each entry of `R` whole, scaled by `1/(1-p)`, or
+/// zeroes it, with a mask that changes with the step; without a step (or
+/// without dropout) `R` is the same matrix.
+#[test]
+fn projection_dropout_zeroes_or_rescales_each_entry() {
+    let p = 0.25;
+    let proj = projection(None, p);
+    let len = proj.out_dim * proj.cols();
+    let (mut plain, mut step3, mut step4) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+    proj.fill_rows(0, proj.out_dim, None, &mut plain);
+    proj.fill_rows(0, proj.out_dim, Some(3), &mut step3);
+    proj.fill_rows(0, proj.out_dim, Some(4), &mut step4);
+    let mut none = vec![0.0; len];
+    projection(None, 0.0).fill_rows(0, proj.out_dim, Some(3), &mut none);
+    assert_eq!(plain, none, "no dropout: the step does not matter");
+    let scale = 1.0 / (1.0 - p);
+    let kept = step3.iter().zip(&plain).filter(|&(&d, &r)| d != 0.0 && d == r * scale).count();
+    let dropped = step3.iter().filter(|&&d| d == 0.0).count();
+    assert_eq!(kept + dropped, len, "every entry zero or R / (1 - p)");
+    let frac = dropped as f64 / len as f64;
+    assert!((frac - p as f64).abs() < 0.06, "dropped {frac:.3} of the entries for p = {p}");
+    assert_ne!(step3, step4, "a new mask every step");
 }
