@@ -72,6 +72,44 @@ fn every_kernel_trains_the_reference_mlp_to_the_same_bits() {
     }
 }
 
+/// Small conv and ViT networks on every kernel (BatchNorm's and the other
+/// vision passes are compiled once per instruction set): two SVP+ steps at
+/// batch 128 give the same model file bytes.
+#[test]
+fn every_kernel_trains_a_cnn_and_a_vit_to_the_same_bits() {
+    let kernels = kernels();
+    let d = scratch("kernels-vision");
+    let nets = [
+        (
+            "cnn",
+            "[model]\nhidden = []\nconv = [8, 8, \"M\", 16, \"M\"]\n[svp]\nlayers_per_unit = 2\n[train]\n[optimizer]\nkind = \"adam\"\nlr = 1e-3\n",
+        ),
+        (
+            "vit",
+            "[model]\nhidden = []\n[model.vit]\npatch = 7\ndim = 16\ndepth = 2\nheads = 2\nmlp = 32\n[svp]\nlayers_per_unit = 2\n[train]\n[optimizer]\nkind = \"adamw\"\nlr = 1e-3\n",
+        ),
+    ];
+    for (net, toml) in nets {
+        let config = d.join(format!("{net}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        let config = config.display().to_string();
+        let mut first: Option<(String, Vec<u8>)> = None;
+        for kernel in &kernels {
+            let out = d.join(format!("{net}-{kernel}.svpm")).display().to_string();
+            let args = ["train", "--config", &config, "--data", "embedded", "--limit-train", "256", "--epochs", "1"];
+            let o = svp_on(kernel, &[&args[..], &["--out", &out]].concat());
+            assert!(o.status.success(), "{net} {kernel}: {}", String::from_utf8_lossy(&o.stderr));
+            let bytes = std::fs::read(&out).unwrap();
+            match &first {
+                None => first = Some((kernel.clone(), bytes)),
+                Some((widest, want)) => {
+                    assert!(&bytes == want, "{net}: the {kernel} kernel trains other bits than {widest}")
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn a_kernel_this_cpu_cannot_run_is_one_line() {
     let foreign = if cfg!(target_arch = "aarch64") { "avx2" } else { "neon" };

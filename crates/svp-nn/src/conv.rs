@@ -414,7 +414,8 @@ impl Pool2d {
 
 /// BatchNorm over the channels of NCHW batches: batch statistics in training
 /// (and an exponential running average of them), running statistics in
-/// inference. Parameters: `[gamma (c) | beta (c)]`; running statistics:
+/// inference; with `relu`, a ReLU after it, fused into the same passes.
+/// Parameters: `[gamma (c) | beta (c)]`; running statistics:
 /// `[mean (c) | var (c)]`, owned by the caller beside the parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchNorm2d {
@@ -422,10 +423,151 @@ pub struct BatchNorm2d {
     pub shape: Chw,
     /// Weight of the newest batch in the running statistics (PyTorch: 0.1).
     pub momentum: f32,
+    /// A ReLU follows: the output is `max(gamma * xhat + beta, 0)`, and the
+    /// backward lets the gradient through only where that was positive.
+    pub relu: bool,
 }
 
 /// BatchNorm's variance epsilon (PyTorch's default).
 pub const BATCH_NORM_EPS: f32 = 1e-5;
+
+/// Lanes of the f64 sums over a channel: independent accumulators, so the
+/// sums vectorize instead of waiting on one chain of additions; their order
+/// is fixed, so the bits do not depend on the thread count or the CPU.
+const SUM_LANES: usize = 8;
+
+/// Adds `values` into the lanes of `acc` (`[sum x, sum x^2]`), in f64.
+#[inline(always)]
+fn add_moments(values: &[f32], acc: &mut [[f64; SUM_LANES]; 2]) {
+    let (whole, rest) = values.as_chunks::<SUM_LANES>();
+    let (mut s, mut sq) = (acc[0], acc[1]);
+    for c in whole {
+        for i in 0..SUM_LANES {
+            let v = c[i] as f64;
+            s[i] += v;
+            sq[i] += v * v;
+        }
+    }
+    for (i, &v) in rest.iter().enumerate() {
+        s[i] += v as f64;
+        sq[i] += v as f64 * v as f64;
+    }
+    *acc = [s, sq];
+}
+
+/// `d` where BatchNorm's output `gamma * h + beta` was positive, else +0.0:
+/// the gradient through the ReLU after it (a mask of the bits, not a
+/// branch: about half the entries go each way).
+#[inline(always)]
+fn relu_masked(d: f32, h: f32, gamma: f32, beta: f32) -> f32 {
+    let keep = u32::from(gamma * h + beta > 0.0).wrapping_neg();
+    f32::from_bits(d.to_bits() & keep)
+}
+
+/// Adds `d'` and `d' * h` over a plane into the lanes of `acc`, where `d'`
+/// is the gradient `d`, through the ReLU's mask if `relu`, in f64.
+#[inline(always)]
+fn add_gradient_sums(d: &[f32], h: &[f32], (gamma, beta, relu): (f32, f32, bool), acc: &mut [[f64; SUM_LANES]; 2]) {
+    let (mut s, mut sh) = (acc[0], acc[1]);
+    let (dw, d_rest) = d.as_chunks::<SUM_LANES>();
+    let (hw, h_rest) = h[..d.len()].as_chunks::<SUM_LANES>();
+    for (dc, hc) in dw.iter().zip(hw) {
+        for i in 0..SUM_LANES {
+            let g = if relu { relu_masked(dc[i], hc[i], gamma, beta) } else { dc[i] };
+            s[i] += g as f64;
+            sh[i] += (g * hc[i]) as f64;
+        }
+    }
+    for (i, (&dv, &hv)) in d_rest.iter().zip(h_rest).enumerate() {
+        let g = if relu { relu_masked(dv, hv, gamma, beta) } else { dv };
+        s[i] += g as f64;
+        sh[i] += (g * hv) as f64;
+    }
+    *acc = [s, sh];
+}
+
+fn lane_total(acc: &[f64; SUM_LANES]) -> f64 {
+    acc.iter().sum()
+}
+
+svp_tensor::multiversion! {
+    /// `(sum, sum of squares)` of channel `ch` (planes of `hw` values at
+    /// `ch * hw` in each sample of `len`) over the samples of `x`, in f64.
+    fn channel_moments(x: &[f32], len: usize, ch: usize, hw: usize) -> (f64, f64) {
+        let mut acc = [[0.0f64; SUM_LANES]; 2];
+        for sample in x.chunks_exact(len) {
+            add_moments(&sample[ch * hw..][..hw], &mut acc);
+        }
+        (lane_total(&acc[0]), lane_total(&acc[1]))
+    }
+}
+
+svp_tensor::multiversion! {
+    /// One sample: `xhat = (x - mean) * rstd` and `out = gamma * xhat +
+    /// beta` per channel plane of `hw`, through a ReLU if `relu`.
+    fn normalize_sample(
+        xs: &[f32],
+        out: &mut [f32],
+        xhat: &mut [f32],
+        hw: usize,
+        stats: (&[f32], &[f32]),
+        affine: (&[f32], &[f32]),
+        relu: bool,
+    ) {
+        let ((mean, rstd), (gamma, beta)) = (stats, affine);
+        let planes = xs.chunks_exact(hw).zip(out.chunks_exact_mut(hw)).zip(xhat.chunks_exact_mut(hw));
+        for (ch, ((xs, os), hs)) in planes.enumerate() {
+            let (m, r, g, b) = (mean[ch], rstd[ch], gamma[ch], beta[ch]);
+            for ((&v, o), h) in xs.iter().zip(os.iter_mut()).zip(hs.iter_mut()) {
+                *h = (v - m) * r;
+                let y = g * *h + b;
+                *o = if relu { y.max(0.0) } else { y };
+            }
+        }
+    }
+}
+
+svp_tensor::multiversion! {
+    /// `(sum d', sum d' * xhat)` of channel `ch` over the batch, `d'` the
+    /// gradient `dout` through the ReLU's mask if `relu`, in f64.
+    fn channel_gradient_sums(
+        dout: &[f32],
+        xhat: &[f32],
+        layout: (usize, usize, usize),
+        affine: (f32, f32, bool),
+    ) -> (f64, f64) {
+        let (len, ch, hw) = layout;
+        let mut acc = [[0.0f64; SUM_LANES]; 2];
+        for (ds, hs) in dout.chunks_exact(len).zip(xhat.chunks_exact(len)) {
+            add_gradient_sums(&ds[ch * hw..][..hw], &hs[ch * hw..][..hw], affine, &mut acc);
+        }
+        (lane_total(&acc[0]), lane_total(&acc[1]))
+    }
+}
+
+svp_tensor::multiversion! {
+    /// One sample's input gradient `dx = gamma * rstd / n * (n d' - sum d' -
+    /// xhat sum d' xhat)` per channel plane of `hw`.
+    fn input_gradient_sample(
+        hs: &[f32],
+        ds: &[f32],
+        dxs: &mut [f32],
+        shape: (usize, f32),
+        params: (&[f32], &[f32], &[f32]),
+        sums: (&[f32], &[f32]),
+        relu: bool,
+    ) {
+        let ((hw, n), (gamma, beta, rstd), (dgamma, dbeta)) = (shape, params, sums);
+        let planes = hs.chunks_exact(hw).zip(ds.chunks_exact(hw)).zip(dxs.chunks_exact_mut(hw));
+        for (ch, ((hs, ds), dxs)) in planes.enumerate() {
+            let (k, g, b, sum_d, sum_dh) = (gamma[ch] * rstd[ch] / n, gamma[ch], beta[ch], dbeta[ch], dgamma[ch]);
+            for ((&h, &d), dx) in hs.iter().zip(ds).zip(dxs.iter_mut()) {
+                let d = if relu { relu_masked(d, h, g, b) } else { d };
+                *dx = k * (n * d - sum_d - h * sum_dh);
+            }
+        }
+    }
+}
 
 impl BatchNorm2d {
     /// Number of parameters.
@@ -442,6 +584,11 @@ impl BatchNorm2d {
 
     fn plane(&self) -> usize {
         self.shape.h * self.shape.w
+    }
+
+    /// `gamma * h + beta`, through the ReLU if there is one.
+    fn activate(&self, v: f32) -> f32 {
+        if self.relu { v.max(0.0) } else { v }
     }
 
     /// Training forward: normalizes with the batch's statistics, writes
@@ -468,9 +615,11 @@ impl BatchNorm2d {
         let (run_mean, run_var) = running[..2 * c].split_at_mut(c);
         let per_channel = rstd.par_iter_mut().zip(mean.par_iter_mut()).zip(run_mean.par_iter_mut().zip(run_var));
         per_channel.enumerate().for_each(|(ch, ((r, m), (run_mean, run_var)))| {
-            let planes = x.chunks_exact(len).map(|sample| &sample[ch * hw..][..hw]);
-            let mu = planes.clone().map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / n;
-            let var = planes.map(|p| p.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>()).sum::<f64>() / n;
+            // One pass, E[x^2] - E[x]^2 in f64: f32 values lose nothing to
+            // the cancellation unless the mean is ~1e6 standard deviations.
+            let (sum, sum_sq) = channel_moments(x, len, ch, hw);
+            let mu = sum / n;
+            let var = (sum_sq / n - mu * mu).max(0.0);
             *r = 1.0 / (var as f32 + BATCH_NORM_EPS).sqrt();
             *m = mu as f32;
             let k = self.momentum;
@@ -479,18 +628,10 @@ impl BatchNorm2d {
             let unbiased = if n > 1.0 { var * n / (n - 1.0) } else { var };
             *run_var = (1.0 - k) * *run_var + k * unbiased as f32;
         });
-        let (rstd, mean) = (&*rstd, &*mean);
+        let stats = (&*mean, &*rstd);
         let samples =
             x.par_chunks(len).zip(out[..rows * len].par_chunks_mut(len)).zip(xhat[..rows * len].par_chunks_mut(len));
-        samples.for_each(|((xs, os), hs)| {
-            for ch in 0..c {
-                let range = ch * hw..(ch + 1) * hw;
-                for ((&v, o), h) in xs[range.clone()].iter().zip(&mut os[range.clone()]).zip(&mut hs[range]) {
-                    *h = (v - mean[ch]) * rstd[ch];
-                    *o = gamma[ch] * *h + beta[ch];
-                }
-            }
-        });
+        samples.for_each(|((xs, os), hs)| normalize_sample(xs, os, hs, hw, stats, (gamma, beta), self.relu));
     }
 
     /// Inference forward with the running statistics.
@@ -502,15 +643,17 @@ impl BatchNorm2d {
             for row in 0..rows {
                 let at = row * len + ch * hw;
                 for i in at..at + hw {
-                    out[i] = gamma[ch] * (x[i] - running[ch]) * r + beta[ch];
+                    out[i] = self.activate(gamma[ch] * (x[i] - running[ch]) * r + beta[ch]);
                 }
             }
         }
     }
 
     /// Backward of [`BatchNorm2d::forward_train`]: parameter gradient into
-    /// `grad` (overwriting) and the input gradient into `dx` (overwriting).
-    /// `rstd` is the first half of the forward's `stats`.
+    /// `grad` (overwriting) and the input gradient into `dx` (overwriting),
+    /// from `dout`, the gradient wrt the output (after the ReLU, if any,
+    /// whose mask is recomputed bit for bit from `xhat`). `rstd` is the
+    /// first half of the forward's `stats`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -524,31 +667,18 @@ impl BatchNorm2d {
     ) {
         let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
         let n = (rows * hw) as f32;
-        let gamma = &params[..c];
+        let (gamma, beta) = params[..2 * c].split_at(c);
         let (dgamma, dbeta) = grad[..2 * c].split_at_mut(c);
         let (xhat, dout) = (&xhat[..rows * len], &dout[..rows * len]);
         dgamma.par_iter_mut().zip(dbeta.par_iter_mut()).enumerate().for_each(|(ch, (dg, db))| {
-            let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
-            for (hs, ds) in xhat.chunks_exact(len).zip(dout.chunks_exact(len)) {
-                for (&h, &d) in hs[ch * hw..][..hw].iter().zip(&ds[ch * hw..][..hw]) {
-                    sum_dy += d as f64;
-                    sum_dy_xhat += (d * h) as f64;
-                }
-            }
-            *dg = sum_dy_xhat as f32;
-            *db = sum_dy as f32;
+            let (sum_d, sum_dh) = channel_gradient_sums(dout, xhat, (len, ch, hw), (gamma[ch], beta[ch], self.relu));
+            *dg = sum_dh as f32;
+            *db = sum_d as f32;
         });
-        let (dgamma, dbeta) = (&*dgamma, &*dbeta);
-        // dx = gamma * rstd / n * (n dy - sum(dy) - xhat sum(dy xhat))
+        let sums = (&*dgamma, &*dbeta);
         let samples = xhat.par_chunks(len).zip(dout.par_chunks(len)).zip(dx[..rows * len].par_chunks_mut(len));
         samples.for_each(|((hs, ds), dxs)| {
-            for ch in 0..c {
-                let k = gamma[ch] * rstd[ch] / n;
-                let range = ch * hw..(ch + 1) * hw;
-                for ((&h, &d), g) in hs[range.clone()].iter().zip(&ds[range.clone()]).zip(&mut dxs[range]) {
-                    *g = k * (n * d - dbeta[ch] - h * dgamma[ch]);
-                }
-            }
+            input_gradient_sample(hs, ds, dxs, (hw, n), (gamma, beta, &rstd[..c]), sums, self.relu)
         });
     }
 }

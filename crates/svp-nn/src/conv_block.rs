@@ -111,7 +111,7 @@ impl ConvBlock {
     /// Block `layer` (its index keys its weight initialization).
     pub fn new(spec: ConvBlockSpec, layer: u64) -> Self {
         let conv = Conv2d { input: spec.input(), c_out: spec.out_channels, k: 3, stride: 1, padding: 1 };
-        let bn = BatchNorm2d { shape: conv.output(), momentum: 0.1 };
+        let bn = BatchNorm2d { shape: conv.output(), momentum: 0.1, relu: true };
         let pool = spec.pool.then(|| Pool2d::fixed(conv.output(), PoolKind::Max, 2, 2));
         Self { spec, layer, conv, bn, pool }
     }
@@ -209,9 +209,6 @@ impl ConvBlock {
         self.conv.forward(conv_p, x, rows, &mut c.d_conv[..plane], &mut c.col);
         let act = if self.pool.is_some() { &mut c.act[..plane] } else { &mut out[..plane] };
         normalize(&c.d_conv[..plane], act, &mut c.xhat[..plane], &mut c.bn_stats);
-        for v in act.iter_mut() {
-            *v = v.max(0.0);
-        }
         if let Some(pool) = &self.pool {
             pool.forward(&c.act[..plane], rows, out);
         }
@@ -235,32 +232,15 @@ impl ConvBlock {
         let conv_len = self.conv.param_len();
         let plane = rows * self.conv.output().len();
         let c = &mut *cache;
-        let d_act = &mut c.d_act[..plane];
         let bn_p = &params[conv_len..conv_len + self.bn.param_len()];
-        match &self.pool {
+        // BatchNorm's backward applies the ReLU's mask itself.
+        let d_act = match &self.pool {
             Some(pool) => {
-                pool.backward(&c.act[..plane], rows, dout, d_act);
-                for (g, &a) in d_act.iter_mut().zip(&c.act[..plane]) {
-                    if a <= 0.0 {
-                        *g = 0.0;
-                    }
-                }
+                pool.backward(&c.act[..plane], rows, dout, &mut c.d_act[..plane]);
+                &c.d_act[..plane]
             }
-            None => {
-                // No copy of the activation was kept: ReLU let through exactly
-                // where BatchNorm's output `gamma * xhat + beta` (recomputed
-                // bit for bit) was positive.
-                let (gamma, beta) = bn_p.split_at(self.spec.out_channels);
-                let hw = self.conv.output().h * self.conv.output().w;
-                let per_channel = d_act.chunks_exact_mut(hw).zip(dout[..plane].chunks_exact(hw));
-                for (k, ((g, d), h)) in per_channel.zip(c.xhat[..plane].chunks_exact(hw)).enumerate() {
-                    let ch = k % self.spec.out_channels;
-                    for ((g, &d), &h) in g.iter_mut().zip(d).zip(h) {
-                        *g = if gamma[ch] * h + beta[ch] > 0.0 { d } else { 0.0 };
-                    }
-                }
-            }
-        }
+            None => &dout[..plane],
+        };
         let (g_conv, g_bn) = grad[..self.trainable_len()].split_at_mut(conv_len);
         self.bn.backward(bn_p, &c.xhat[..plane], &c.bn_stats, rows, d_act, g_bn, &mut c.d_conv[..plane]);
         self.conv.backward(&params[..conv_len], x, rows, &c.d_conv[..plane], g_conv, dx, &mut c.col, &mut c.dcol);

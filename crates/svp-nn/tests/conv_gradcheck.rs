@@ -167,8 +167,19 @@ fn pooling_forward_and_backward() {
 
 #[test]
 fn batch_norm_2d_training_inference_and_gradients() {
+    batch_norm_case(false);
+}
+
+/// With the fused ReLU: the output clipped at zero, the gradient only where
+/// it was positive.
+#[test]
+fn batch_norm_2d_with_relu() {
+    batch_norm_case(true);
+}
+
+fn batch_norm_case(relu: bool) {
     use svp_nn::conv::BatchNorm2d;
-    let bn = BatchNorm2d { shape: Chw { c: 3, h: 2, w: 3 }, momentum: 0.1 };
+    let bn = BatchNorm2d { shape: Chw { c: 3, h: 2, w: 3 }, momentum: 0.1, relu };
     let rows = 4;
     let len = bn.shape.len();
     let mut params = random(bn.param_len(), 50);
@@ -215,19 +226,27 @@ fn batch_norm_2d_training_inference_and_gradients() {
         bn.forward_train(p, &mut run, x, rows, &mut o, &mut h, &mut r);
         weighted(&o, &probe)
     };
-    let eps = 1e-3;
-    check("batchnorm params", &grad, |i| {
+    let by_params = |i: usize, eps: f32| {
         let (mut u, mut d) = (params.clone(), params.clone());
         u[i] += eps;
         d[i] -= eps;
         (loss(&u, &x) - loss(&d, &x)) / (2.0 * eps as f64)
-    });
-    check("batchnorm input", &dx, |i| {
+    };
+    let by_input = |i: usize, eps: f32| {
         let (mut u, mut d) = (x.clone(), x.clone());
         u[i] += eps;
         d[i] -= eps;
         (loss(&params, &u) - loss(&params, &d)) / (2.0 * eps as f64)
-    });
+    };
+    if relu {
+        // Moving one input moves the channel's statistics, and with them
+        // every output of the channel: some cross the ReLU's kink.
+        check_kinked("batchnorm+relu params", &grad, by_params);
+        check_kinked("batchnorm+relu input", &dx, by_input);
+    } else {
+        check("batchnorm params", &grad, |i| by_params(i, 1e-3));
+        check("batchnorm input", &dx, |i| by_input(i, 1e-3));
+    }
 }
 
 #[test]
