@@ -340,6 +340,12 @@ impl Pool2d {
         Chw { c: self.input.c, h: self.out_hw.0, w: self.out_hw.1 }
     }
 
+    /// 2x2 max pooling with stride 2, the conv blocks' pooling, which has
+    /// its own passes (the windows neither overlap nor need a search).
+    fn is_max_2x2(&self) -> bool {
+        self.kind == PoolKind::Max && self.window == Some((2, 2))
+    }
+
     /// Input range of output index `i` along an axis of length `n` with `out` outputs.
     fn span(&self, i: usize, n: usize, out: usize) -> (usize, usize) {
         match self.window {
@@ -366,6 +372,10 @@ impl Pool2d {
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         let (il, ol, w) = (self.input.len(), self.output().len(), self.input.w);
         let samples = x[..rows * il].par_chunks(il).zip(out[..rows * ol].par_chunks_mut(ol));
+        if self.is_max_2x2() {
+            let shape = (self.input.c, self.input.h, w);
+            return samples.for_each(|(xs, ys)| max_pool_2x2_sample(xs, ys, shape));
+        }
         samples.for_each(|(xs, ys)| {
             self.cells(|base, o, (y0, y1), (x0, x1)| {
                 let window = (y0..y1).map(|y| &xs[base + y * w + x0..base + y * w + x1]);
@@ -382,6 +392,12 @@ impl Pool2d {
     /// Input gradient (overwriting `dx`) from `dout`; `x` is the forward's input.
     pub fn backward(&self, x: &[f32], rows: usize, dout: &[f32], dx: &mut [f32]) {
         let (il, ol, w) = (self.input.len(), self.output().len(), self.input.w);
+        if self.is_max_2x2() {
+            let shape = (self.input.c, self.input.h, w);
+            let samples = x[..rows * il].par_chunks(il).zip(dout[..rows * ol].par_chunks(ol));
+            let samples = samples.zip(dx[..rows * il].par_chunks_mut(il));
+            return samples.for_each(|((xs, ds), dxs)| max_pool_2x2_backward_sample(xs, ds, dxs, shape));
+        }
         dx[..rows * il].fill(0.0);
         let samples =
             x[..rows * il].par_chunks(il).zip(dout[..rows * ol].par_chunks(ol)).zip(dx[..rows * il].par_chunks_mut(il));
@@ -409,6 +425,50 @@ impl Pool2d {
                 }
             });
         });
+    }
+}
+
+svp_tensor::multiversion! {
+    /// One sample's 2x2 stride-2 max pooling over `(channels, h, w)` planes
+    /// (an odd last row or column is dropped, as in the general pass).
+    fn max_pool_2x2_sample(xs: &[f32], ys: &mut [f32], shape: (usize, usize, usize)) {
+        let (c, h, w) = shape;
+        let (oh, ow) = (h / 2, w / 2);
+        for (plane, out) in xs[..c * h * w].chunks_exact(h * w).zip(ys.chunks_exact_mut(oh * ow)) {
+            for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
+                let (top, bottom) = (&plane[2 * oy * w..][..w], &plane[(2 * oy + 1) * w..][..w]);
+                for (ox, o) in out_row.iter_mut().enumerate() {
+                    // The same comparisons, in the same order, as the general pass.
+                    let m = f32::NEG_INFINITY.max(top[2 * ox]).max(top[2 * ox + 1]);
+                    *o = m.max(bottom[2 * ox]).max(bottom[2 * ox + 1]);
+                }
+            }
+        }
+    }
+}
+
+svp_tensor::multiversion! {
+    /// The backward of [`max_pool_2x2_sample`] (overwriting `dxs`): each
+    /// output's gradient to the first maximum of its window, in row order.
+    fn max_pool_2x2_backward_sample(xs: &[f32], ds: &[f32], dxs: &mut [f32], shape: (usize, usize, usize)) {
+        let (c, h, w) = shape;
+        let (oh, ow) = (h / 2, w / 2);
+        dxs[..c * h * w].fill(0.0);
+        for ch in 0..c {
+            let base = ch * h * w;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (a, b) = (base + 2 * oy * w + 2 * ox, base + (2 * oy + 1) * w + 2 * ox);
+                    let mut best = (f32::NEG_INFINITY, a);
+                    for i in [a, a + 1, b, b + 1] {
+                        if xs[i] > best.0 {
+                            best = (xs[i], i);
+                        }
+                    }
+                    dxs[best.1] += ds[(ch * oh + oy) * ow + ox];
+                }
+            }
+        }
     }
 }
 

@@ -304,3 +304,46 @@ fn conv_block_forward_and_backward() {
         assert_ne!(inf, out);
     }
 }
+
+/// 2x2 stride-2 max pooling (the conv blocks', with passes of its own)
+/// against a naive reference, on even and odd planes with ties: the same
+/// maxima, and each gradient to the first maximum of its window in row
+/// order; every entry of the outputs written (they start as NaN).
+#[test]
+fn max_pool_2x2_matches_a_naive_reference() {
+    for (c, h, w) in [(3, 6, 4), (2, 7, 7), (1, 5, 8), (4, 2, 3)] {
+        let input = Chw { c, h, w };
+        let pool = Pool2d::fixed(input, PoolKind::Max, 2, 2);
+        let rows = 3;
+        // Coarse values, so that windows hold ties.
+        let x: Vec<f32> = random(rows * input.len(), 77).iter().map(|v| (v * 4.0).round()).collect();
+        let (oh, ow) = (h / 2, w / 2);
+        assert_eq!(pool.output(), Chw { c, h: oh, w: ow });
+        let mut out = vec![f32::NAN; rows * c * oh * ow];
+        pool.forward(&x, rows, &mut out);
+        let dout = random(out.len(), 78);
+        let mut dx = vec![f32::NAN; x.len()];
+        pool.backward(&x, rows, &dout, &mut dx);
+        let mut want_dx = vec![0.0; x.len()];
+        for r in 0..rows {
+            for ch in 0..c {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let at = |y: usize, xx: usize| ((r * c + ch) * h + y) * w + xx;
+                        let window = [
+                            at(2 * oy, 2 * ox),
+                            at(2 * oy, 2 * ox + 1),
+                            at(2 * oy + 1, 2 * ox),
+                            at(2 * oy + 1, 2 * ox + 1),
+                        ];
+                        let first_max = window.into_iter().fold(window[0], |b, i| if x[i] > x[b] { i } else { b });
+                        let o = ((r * c + ch) * oh + oy) * ow + ox;
+                        assert_eq!(out[o], x[first_max], "({c},{h},{w}) output {o}");
+                        want_dx[first_max] += dout[o];
+                    }
+                }
+            }
+        }
+        assert_eq!(dx, want_dx, "({c},{h},{w}) input gradient");
+    }
+}
