@@ -515,6 +515,12 @@ fn add_moments(values: &[f32], acc: &mut [[f64; SUM_LANES]; 2]) {
     *acc = [s, sq];
 }
 
+/// BatchNorm's output `y`, through the ReLU after it if `relu`.
+#[inline(always)]
+fn relu_if(relu: bool, y: f32) -> f32 {
+    if relu { y.max(0.0) } else { y }
+}
+
 /// `d` where BatchNorm's output `gamma * h + beta` was positive, else +0.0:
 /// the gradient through the ReLU after it (a mask of the bits, not a
 /// branch: about half the entries go each way).
@@ -580,8 +586,7 @@ svp_tensor::multiversion! {
             let (m, r, g, b) = (mean[ch], rstd[ch], gamma[ch], beta[ch]);
             for ((&v, o), h) in xs.iter().zip(os.iter_mut()).zip(hs.iter_mut()) {
                 *h = (v - m) * r;
-                let y = g * *h + b;
-                *o = if relu { y.max(0.0) } else { y };
+                *o = relu_if(relu, g * *h + b);
             }
         }
     }
@@ -646,11 +651,6 @@ impl BatchNorm2d {
         self.shape.h * self.shape.w
     }
 
-    /// `gamma * h + beta`, through the ReLU if there is one.
-    fn activate(&self, v: f32) -> f32 {
-        if self.relu { v.max(0.0) } else { v }
-    }
-
     /// Training forward: normalizes with the batch's statistics, writes
     /// `xhat` (the normalized input, kept for the backward) and, in `stats`
     /// (`2 * channels` floats), `1/std` per channel then the batch mean, and
@@ -703,7 +703,7 @@ impl BatchNorm2d {
             for row in 0..rows {
                 let at = row * len + ch * hw;
                 for i in at..at + hw {
-                    out[i] = self.activate(gamma[ch] * (x[i] - running[ch]) * r + beta[ch]);
+                    out[i] = relu_if(self.relu, gamma[ch] * (x[i] - running[ch]) * r + beta[ch]);
                 }
             }
         }

@@ -41,7 +41,7 @@ pub struct ConvBlockCache {
     act: Vec<f32>,
     /// BatchNorm's `1/std` and mean per channel.
     bn_stats: Vec<f32>,
-    /// Backward scratch, before and after BatchNorm.
+    /// Backward scratch: before BatchNorm (blocks with pooling only), and after it.
     d_act: Vec<f32>,
     d_conv: Vec<f32>,
     /// One group of samples' im2col columns and their gradient.
@@ -74,7 +74,9 @@ impl ConvBlockCache {
             xhat: try_zeros(max_rows * plane, "a conv block's normalized values")?,
             act: try_zeros(max_rows * pooled, "a conv block's activations before pooling")?,
             bn_stats: try_zeros(2 * channels, "a conv block's BatchNorm statistics")?,
-            d_act: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
+            // The gradient wrt the activation before pooling; without
+            // pooling BatchNorm's backward reads the block's output gradient.
+            d_act: try_zeros(max_rows * pooled, "a conv block's backward scratch")?,
             d_conv: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
             col: try_zeros(col, "im2col columns")?,
             dcol: try_zeros(col, "im2col column gradients")?,
