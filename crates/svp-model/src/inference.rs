@@ -43,6 +43,11 @@ impl InferenceModel {
         &self.file.meta
     }
 
+    /// The model file it reads.
+    pub fn file(&self) -> &ModelFile {
+        &self.file
+    }
+
     /// Number of hidden layers (possible exits).
     pub fn hidden_layers(&self) -> usize {
         match &self.body {

@@ -171,7 +171,8 @@ pub struct TensorEntry {
 }
 
 impl TensorEntry {
-    pub(crate) fn elements(&self) -> u64 {
+    /// Number of values.
+    pub fn elements(&self) -> u64 {
         self.shape.iter().map(|&d| d as u64).product()
     }
 
@@ -217,6 +218,18 @@ impl ModelMeta {
     /// Number of classes.
     pub fn classes(&self) -> usize {
         self.layers.last().map_or(0, |l| l.out_dim)
+    }
+
+    /// Everything but the weights and their layout: what a file of the same
+    /// model with other weights records.
+    pub fn info(&self) -> crate::ModelInfo {
+        crate::ModelInfo {
+            heads: self.heads.clone(),
+            norm: self.norm,
+            image_shape: (self.image_shape.0 as usize, self.image_shape.1 as usize),
+            class_names: self.class_names.clone(),
+            provenance: self.provenance.clone(),
+        }
     }
 
     /// Dtype of the weight matrices.

@@ -158,7 +158,7 @@ impl ModelFile {
         let mut buf = Vec::new();
         for t in &m.tensors {
             buf.resize(t.elements() as usize, 0.0);
-            self.decode_into(t, &mut buf);
+            self.tensor_into(t, &mut buf);
             if let Some(i) = buf.iter().position(|v| !v.is_finite()) {
                 return Err(format!("layer {} {:?}: value {i} is not finite", t.layer + 1, t.role));
             }
@@ -189,8 +189,12 @@ impl ModelFile {
         Ok((0..net.n_layers() - dense.len()).map(|l| net.layer_params(l).len()).collect())
     }
 
-    /// Decodes one (checked) tensor into `out`.
-    fn decode_into(&self, t: &TensorEntry, out: &mut [f32]) {
+    /// Decodes one of this file's tensors (an entry of `meta.tensors`) into
+    /// `out`, which holds its [`TensorEntry::elements`] values.
+    ///
+    /// # Panics
+    /// If `t` is not an entry of this file or `out` has another length.
+    pub fn tensor_into(&self, t: &TensorEntry, out: &mut [f32]) {
         let bytes = &self.data[t.offset as usize..(t.offset + t.bytes()) as usize];
         let cols = *t.shape.last().unwrap_or(&1) as usize;
         let scales: Option<Vec<f32>> = t.scale_offset.map(|off| {
@@ -206,7 +210,7 @@ impl ModelFile {
         let mut at = 0;
         for t in self.meta.tensors.iter().filter(|t| t.layer as usize == l) {
             let n = t.elements() as usize;
-            self.decode_into(t, &mut out[at..at + n]);
+            self.tensor_into(t, &mut out[at..at + n]);
             at += n;
         }
     }

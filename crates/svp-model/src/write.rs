@@ -95,15 +95,7 @@ impl ModelFile {
 
     /// The same model with its weights re-encoded as `dtype`.
     pub fn convert(&self, dtype: DType) -> Self {
-        let meta = &self.meta;
-        let info = ModelInfo {
-            heads: meta.heads.clone(),
-            norm: meta.norm,
-            image_shape: (meta.image_shape.0 as usize, meta.image_shape.1 as usize),
-            class_names: meta.class_names.clone(),
-            provenance: meta.provenance.clone(),
-        };
-        Self::build(&self.to_network(), meta.front.clone(), info, dtype)
+        Self::build(&self.to_network(), self.meta.front.clone(), self.meta.info(), dtype)
     }
 
     /// Writes the file atomically (see [`atomic::write`]), the weights
