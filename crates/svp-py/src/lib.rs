@@ -20,6 +20,7 @@
 
 mod arrays;
 mod model;
+mod quant;
 
 pub use model::Model;
 use numpy::{PyArray1, PyArray3, PyArrayMethods};
@@ -60,6 +61,8 @@ fn load_data<'py>(py: Python<'py>, path: Option<PathBuf>) -> PyResult<(Part<'py>
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Model>()?;
     m.add_function(wrap_pyfunction!(load_data, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::dequantize, m)?)?;
     m.add("SvpError", m.py().get_type::<SvpError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -238,3 +238,25 @@ def test_set_weights_rejects_what_does_not_fit(mlp_file):
     with pytest.raises(ValueError, match="not finite"):
         model.set_weights(bad)
     assert all(np.array_equal(p, q) for p, q in zip(weights, model.get_weights()))
+
+
+def test_quantizers_are_the_model_files(mlp_file, tmp_path):
+    model = svp.Model.load(mlp_file)
+    for dtype in ["f16", "int8"]:
+        model.save(tmp_path / f"{dtype}.svpm", dtype=dtype)
+        stored = svp.Model.load(tmp_path / f"{dtype}.svpm").get_weights()
+        for name, w, s in zip(model.weight_names(), model.get_weights(), stored):
+            if not name.endswith(".weight"):
+                continue  # files keep biases and norms in f32
+            q, scales = svp.quantize(w, dtype)
+            assert q.dtype == (np.float16 if dtype == "f16" else np.int8) and q.shape == w.shape
+            assert (scales is None) == (dtype == "f16")
+            if scales is not None:
+                assert scales.shape == (w.shape[0],)
+            assert np.array_equal(svp.dequantize(q, scales), s), f"{dtype} {name}"
+    with pytest.raises(ValueError, match="needs its scales"):
+        svp.dequantize(np.zeros(3, np.int8))
+    with pytest.raises(ValueError, match="2 scales for 3 rows of 4"):
+        svp.dequantize(np.zeros((3, 4), np.int8), np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="give \"f16\" or \"int8\""):
+        svp.quantize(np.zeros(3, np.float32), "bf16")

@@ -11,6 +11,6 @@ backpropagation, and read or replace its weights as numpy arrays.
     >>> model.save("tuned.svpm", dtype="int8")
 """
 
-from svp._native import Model, SvpError, __version__, load_data
+from svp._native import Model, SvpError, __version__, dequantize, load_data, quantize
 
-__all__ = ["Model", "SvpError", "__version__", "load_data"]
+__all__ = ["Model", "SvpError", "__version__", "dequantize", "load_data", "quantize"]

@@ -21,6 +21,16 @@ def load_data(
 ) -> Tuple[Tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]], Tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]]:
     """((x_train, y_train), (x_test, y_test)) from an IDX folder, or the embedded Fashion-MNIST subset."""
 
+def quantize(
+    x: npt.NDArray[np.float32], dtype: Literal["f16", "int8"]
+) -> Tuple[Union[npt.NDArray[np.float16], npt.NDArray[np.int8]], Optional[npt.NDArray[np.float32]]]:
+    """svp's quantizers: (float16 values, None) or (int8 values, one scale per row of the last axis)."""
+
+def dequantize(
+    q: Union[npt.NDArray[np.float16], npt.NDArray[np.int8]], scales: Optional[npt.NDArray[np.float32]] = None
+) -> npt.NDArray[np.float32]:
+    """The float32 values of what quantize() gave."""
+
 class SvpError(Exception):
     """A model file that is damaged or does not fit, or a training run that failed."""
 
