@@ -46,6 +46,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Measure peak training memory against depth, SVP against backprop.
     Memory(MemoryArgs),
+    /// List the devices svp can compute on: the CPU's kernels and any CUDA GPUs.
+    Devices,
     /// One measurement of `svp memory`, in a fresh process (internal).
     #[command(hide = true)]
     MemoryChild(MemoryChildArgs),
@@ -324,6 +326,10 @@ pub struct TrainArgs {
     /// Run description (TOML). Default: the built-in models/mlp-fmnist.toml.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`
+    /// and an NVIDIA GPU; `svp devices` lists them).
+    #[arg(long, default_value = "cpu")]
+    pub device: svp_cuda::Device,
     /// IDX data folder, or `embedded` for the built-in subset. Default: Debian's
     /// full Fashion-MNIST if installed, else the built-in subset.
     #[arg(long)]

@@ -27,6 +27,12 @@ pub enum CliError {
     /// A saved model cannot read these inputs (or this request of it).
     #[error("{0}")]
     ModelMismatch(String),
+    /// The GPU backend is missing, or cannot open the device asked for.
+    #[error(transparent)]
+    Cuda(#[from] svp_cuda::CudaError),
+    /// The device works, but this command cannot run on it yet.
+    #[error("{0}")]
+    NotOnDevice(String),
     /// Data could not be loaded.
     #[error(transparent)]
     Data(#[from] svp_data::DataError),

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod devices_cmd;
 mod error;
 mod eval_cmd;
 mod finetune_cmd;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
         cli::Command::Finetune(a) => finetune_cmd::run(a),
         cli::Command::Info(a) => eval_cmd::info(a),
         cli::Command::Memory(a) => memory_cmd::run(a),
+        cli::Command::Devices => devices_cmd::run(),
         cli::Command::MemoryChild(a) => memory_cmd::run_child(a),
     };
     match result {
@@ -63,11 +65,12 @@ fn version() -> &'static str {
     use svp_tensor::cpu::{self, Isa};
     let supported: Vec<&str> = Isa::supported().into_iter().map(Isa::name).collect();
     let text = format!(
-        "{} ({} kernels on {}; this CPU runs {}; SVP_KERNEL picks one)",
+        "{} ({} kernels on {}; this CPU runs {}; SVP_KERNEL picks one; {})",
         env!("CARGO_PKG_VERSION"),
         cpu::selected(),
         std::env::consts::ARCH,
-        supported.join(", ")
+        supported.join(", "),
+        if svp_cuda::BUILT_WITH_CUDA { "built with CUDA" } else { "built without CUDA" }
     );
     // Once per process, before the command runs; clap keeps `&'static str`s.
     Box::leak(text.into_boxed_str())

@@ -358,6 +358,16 @@ fn check_epochs_left(next: usize, next_batch: usize, epochs: usize, asked: Optio
 
 /// Runs `svp train`.
 pub fn run(args: TrainArgs) -> Result<(), CliError> {
+    if let svp_cuda::Device::Cuda(ordinal) = args.device {
+        // Says what is missing (the feature, the driver, the device) before
+        // anything is loaded.
+        let gpu = svp_cuda::Gpu::open(ordinal)?;
+        return Err(CliError::NotOnDevice(format!(
+            "{} ({}) is ready, but svp cannot train on a GPU yet (only its kernels exist); train on the CPU",
+            args.device,
+            gpu.info().name
+        )));
+    }
     let resume = match &args.resume {
         Some(path) => Some(Checkpoint::load(path)?),
         None => None,
