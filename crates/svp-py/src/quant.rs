@@ -20,11 +20,7 @@ fn cols_of(shape: &[usize]) -> usize {
 /// gives `(float16 array, None)`; `dtype="int8"` gives `(int8 array, scales)`
 /// with one float32 scale per row (symmetric, `max |row| / 127`).
 #[pyfunction]
-pub fn quantize<'py>(
-    py: Python<'py>,
-    x: PyReadonlyArrayDyn<'py, f32>,
-    dtype: &str,
-) -> PyResult<Quantized<'py>> {
+pub fn quantize<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>, dtype: &str) -> PyResult<Quantized<'py>> {
     let shape = x.shape().to_vec();
     let values: Vec<f32> = x.as_array().iter().copied().collect();
     match DType::parse(dtype) {
