@@ -9,6 +9,7 @@
 //!   and (with no norm and identity activation) the linear classifier head.
 //! * [`layer_norm`]: LayerNorm fused with the bias before it and the
 //!   activation after it, its backward with the column sums of its gradients.
+//! * [`depthwise`]: depthwise convolution and ReLU6 (MobileNet blocks).
 //! * [`conv`]: 2-D convolution (im2col + GEMM), BatchNorm2d, max, average and
 //!   adaptive average pooling over NCHW batches.
 //! * [`loss`]: softmax cross-entropy and the SVP feature-alignment loss.
@@ -36,6 +37,7 @@ pub mod activation;
 pub mod conv;
 pub mod conv_block;
 pub mod dense;
+pub mod depthwise;
 pub mod layer_norm;
 pub mod loss;
 pub mod projection;
