@@ -145,6 +145,7 @@ impl DepthwiseConv2d {
 
 /// `min(max(v, 0), 6)`, MobileNet's activation (bounded for low precision).
 #[inline(always)]
+#[allow(clippy::manual_clamp)] // clamp keeps NaN; ReLU6 must map it to 0 as ReLU does
 pub fn relu6(v: f32) -> f32 {
     // Not `clamp`: NaN becomes 0, as in ReLU.
     v.max(0.0).min(6.0)
