@@ -78,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             "num-examples": len(y),
+            "partition-id": int(node["partition-id"]),
             "train-loss": float(report["epochs"][-1]["train_loss"]),
             "update-bytes": codec.payload_bytes(arrays),
             # Linux reports KiB.

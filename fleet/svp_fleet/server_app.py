@@ -82,6 +82,9 @@ class SvpFedAvg(FedAvg):
                 self.min_train_nodes,
             )
             return None, None
+        # Replies arrive in whatever order the clients finish; summing in
+        # partition order makes a federation repeatable to the bit.
+        accepted.sort(key=lambda a: int(a[2]["partition-id"]) if "partition-id" in a[2] else -1)
         total = sum(w for w, _, _ in accepted)
         new = []
         for i, current in enumerate(self.current):

@@ -147,6 +147,13 @@ def test_two_clients_two_rounds_improve_the_global_model(start_model, tmp_path):
     assert accuracy > rounds[0]["test-acc"] + 0.10, [r["test-acc"] for r in rounds]
 
 
+def test_a_federation_is_repeatable_to_the_bit(start_model, tmp_path):
+    # Three clients, so that the order of the server's sum could matter: it
+    # sums in partition order, whatever order the replies arrive in.
+    runs = [federate(start_model, tmp_path / str(i), "--clients", 3, "--rounds", 1)[1] for i in range(2)]
+    assert runs[0].read_bytes() == runs[1].read_bytes()
+
+
 def test_a_faulty_client_is_rejected_and_a_lost_one_does_not_stop_the_round(start_model, tmp_path):
     rounds, out, logs = federate(
         start_model, tmp_path, "--clients", 4, "--rounds", 2, "--min-clients", 2, "--update-dtype", "int8",
