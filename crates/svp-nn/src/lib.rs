@@ -10,6 +10,8 @@
 //! * [`layer_norm`]: LayerNorm fused with the bias before it and the
 //!   activation after it, its backward with the column sums of its gradients.
 //! * [`depthwise`]: depthwise convolution and ReLU6 (MobileNet blocks).
+//! * [`mobile_block`]: MobileNetV2's inverted residual block (expand, depthwise,
+//!   project, residual) over those layers.
 //! * [`conv`]: 2-D convolution (im2col + GEMM), BatchNorm2d, max, average and
 //!   adaptive average pooling over NCHW batches.
 //! * [`loss`]: softmax cross-entropy and the SVP feature-alignment loss.
@@ -40,6 +42,7 @@ pub mod dense;
 pub mod depthwise;
 pub mod layer_norm;
 pub mod loss;
+pub mod mobile_block;
 pub mod projection;
 pub mod vit;
 
