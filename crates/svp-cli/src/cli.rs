@@ -326,7 +326,7 @@ pub struct TrainArgs {
     /// Run description (TOML). Default: the built-in models/mlp-fmnist.toml.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`
+    /// Where to compute: cpu, or `cuda[:N]` (a build with `--features cuda`
     /// and an NVIDIA GPU; `svp devices` lists them).
     #[arg(long, default_value = "cpu")]
     pub device: svp_cuda::Device,
