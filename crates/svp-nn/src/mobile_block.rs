@@ -10,6 +10,7 @@
 use crate::conv::{BatchNorm2d, Chw, Conv2d};
 use crate::depthwise::{DepthwiseConv2d, relu6, relu6_grad};
 use rayon::prelude::*;
+use svp_alloc::{OutOfMemory, try_zeros};
 
 /// Shape of an inverted residual block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,25 +150,40 @@ pub struct MobileBlockCache {
 }
 
 impl MobileBlockCache {
-    /// A cache for `block` and up to `max_rows` samples.
-    pub fn new(block: &MobileBlock, max_rows: usize) -> Self {
+    /// A cache for `block` and up to `max_rows` samples, or the allocation
+    /// that did not fit (before any of it is written).
+    pub fn try_new(block: &MobileBlock, max_rows: usize) -> Result<Self, OutOfMemory> {
         let hidden = block.depthwise.0.input.len();
         let sizes = [hidden, block.depthwise.0.output().len(), block.output().len()];
         let widest = sizes.iter().copied().max().unwrap_or(0).max(block.spec.input.len());
         let channels = [block.depthwise.0.input.c, block.depthwise.0.input.c, block.spec.out_channels];
         let col = block.expand.map_or(0, |(c, _)| c.col_len()).max(block.project.0.col_len());
-        Self {
+        let per_stage = |what| -> Result<[Vec<f32>; 3], OutOfMemory> {
+            Ok([
+                try_zeros(sizes[0] * max_rows, what)?,
+                try_zeros(sizes[1] * max_rows, what)?,
+                try_zeros(sizes[2] * max_rows, what)?,
+            ])
+        };
+        Ok(Self {
             max_rows,
-            conv: sizes.map(|n| vec![0.0; n * max_rows]),
-            xhat: sizes.map(|n| vec![0.0; n * max_rows]),
-            pre: sizes.map(|n| vec![0.0; n * max_rows]),
-            stats: channels.map(|c| vec![0.0; 2 * c]),
-            act: [hidden, sizes[1]].map(|n| vec![0.0; n * max_rows]),
-            d_a: vec![0.0; widest * max_rows],
-            d_b: vec![0.0; widest * max_rows],
-            col: vec![0.0; col],
-            dcol: vec![0.0; col],
-        }
+            conv: per_stage("a mobile block's convolution outputs")?,
+            xhat: per_stage("a mobile block's normalized values")?,
+            pre: per_stage("a mobile block's activations")?,
+            stats: [
+                try_zeros(2 * channels[0], "a mobile block's BatchNorm statistics")?,
+                try_zeros(2 * channels[1], "a mobile block's BatchNorm statistics")?,
+                try_zeros(2 * channels[2], "a mobile block's BatchNorm statistics")?,
+            ],
+            act: [
+                try_zeros(hidden * max_rows, "a mobile block's activations")?,
+                try_zeros(sizes[1] * max_rows, "a mobile block's activations")?,
+            ],
+            d_a: try_zeros(widest * max_rows, "a mobile block's backward scratch")?,
+            d_b: try_zeros(widest * max_rows, "a mobile block's backward scratch")?,
+            col: try_zeros(col, "a mobile block's im2col columns")?,
+            dcol: try_zeros(col, "a mobile block's im2col columns")?,
+        })
     }
 }
 

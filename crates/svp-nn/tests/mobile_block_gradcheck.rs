@@ -53,7 +53,7 @@ fn case(spec: MobileBlockSpec, residual: bool, out: Chw) {
     let x: Vec<f32> = random(rows * il, 3).iter().map(|v| 1.5 * v).collect();
     let probe = random(rows * ol, 4);
 
-    let mut cache = MobileBlockCache::new(&block, rows);
+    let mut cache = MobileBlockCache::try_new(&block, rows).unwrap();
     let forward = |p: &[f32], x: &[f32], cache: &mut MobileBlockCache| {
         let mut run = running.clone();
         let mut y = vec![0.0; rows * ol];
@@ -66,7 +66,7 @@ fn case(spec: MobileBlockSpec, residual: bool, out: Chw) {
     let mut dx = vec![f32::NAN; rows * il];
     block.backward(&params, &x, rows, &probe, &mut grad, &mut dx, &mut cache);
 
-    let mut scratch = MobileBlockCache::new(&block, rows);
+    let mut scratch = MobileBlockCache::try_new(&block, rows).unwrap();
     let mut loss = |p: &[f32], x: &[f32]| {
         forward(p, x, &mut scratch).iter().zip(&probe).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
     };
