@@ -4,13 +4,20 @@
 //! conv + BatchNorm, linear), and the input added back when the shapes allow
 //! (stride 1, as many channels out as in).
 //!
-//! A first version: BatchNorm's fused ReLU is not used, so each ReLU6 reads
-//! a stored pre-activation; buffers are the caller's ([`MobileBlockCache`]).
+//! Its API is a [`ConvBlock`](crate::ConvBlock)'s: one parameter slice with
+//! the running statistics last, training and inference forwards, a backward
+//! with an optional input gradient, and the readout a projection head reads.
+//! BatchNorm's fused ReLU is not used here, so each ReLU6 reads a stored
+//! pre-activation; fusing ReLU6 into BatchNorm is left for when the block's
+//! speed is measured.
 
-use crate::conv::{BatchNorm2d, Chw, Conv2d};
+use crate::Mode;
+use crate::conv::{BatchNorm2d, Chw, Conv2d, Pool2d};
 use crate::depthwise::{DepthwiseConv2d, relu6, relu6_grad};
 use rayon::prelude::*;
+use std::ops::Range;
 use svp_alloc::{OutOfMemory, try_zeros};
+use svp_rng::{Purpose, Stream, StreamKey};
 
 /// Shape of an inverted residual block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,23 +30,27 @@ pub struct MobileBlockSpec {
     pub expansion: usize,
     /// The depthwise convolution's stride: 1 or 2.
     pub stride: usize,
+    /// Side of the adaptive average pooling that reads the block's output
+    /// for a projection head (see [`MobileBlock::readout`]).
+    pub readout: usize,
 }
 
-/// An inverted residual block: its layers and where their parameters and
-/// running statistics lie in the block's slices.
+/// An inverted residual block. Its parameters live in a slice the caller
+/// owns: the trained ones first (expand conv, its BatchNorm's gain and
+/// shift, depthwise conv, its BatchNorm, project conv, its BatchNorm; each
+/// conv `[W | b]`), then the three BatchNorms' running mean and variance.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MobileBlock {
-    /// Its shape.
-    pub spec: MobileBlockSpec,
+    spec: MobileBlockSpec,
+    layer: u64,
     expand: Option<(Conv2d, BatchNorm2d)>,
     depthwise: (DepthwiseConv2d, BatchNorm2d),
     project: (Conv2d, BatchNorm2d),
 }
 
-/// Parameter ranges, in order: expand conv, its BatchNorm, depthwise, its
-/// BatchNorm, project conv, its BatchNorm.
-fn offsets(lens: [usize; 6]) -> [std::ops::Range<usize>; 6] {
-    let mut at = 0;
+/// Consecutive ranges of the given lengths.
+fn ranges<const N: usize>(start: usize, lens: [usize; N]) -> [Range<usize>; N] {
+    let mut at = start;
     lens.map(|n| {
         at += n;
         at - n..at
@@ -47,8 +58,8 @@ fn offsets(lens: [usize; 6]) -> [std::ops::Range<usize>; 6] {
 }
 
 impl MobileBlock {
-    /// The block of `spec` (BatchNorm momentum 0.1, as PyTorch's).
-    pub fn new(spec: MobileBlockSpec) -> Self {
+    /// Block `layer` (its index keys its weight initialization).
+    pub fn new(spec: MobileBlockSpec, layer: u64) -> Self {
         let bn = |shape| BatchNorm2d { shape, momentum: 0.1, relu: false };
         let hidden = Chw { c: spec.input.c * spec.expansion, ..spec.input };
         let expand = (spec.expansion != 1)
@@ -56,7 +67,12 @@ impl MobileBlock {
         let dw = DepthwiseConv2d { input: hidden, k: 3, stride: spec.stride, padding: 1 };
         let dw_out = dw.output();
         let project = Conv2d { input: dw_out, c_out: spec.out_channels, k: 1, stride: 1, padding: 0 };
-        Self { spec, expand, depthwise: (dw, bn(dw_out)), project: (project, bn(project.output())) }
+        Self { spec, layer, expand, depthwise: (dw, bn(dw_out)), project: (project, bn(project.output())) }
+    }
+
+    /// Shape and kind.
+    pub fn spec(&self) -> &MobileBlockSpec {
+        &self.spec
     }
 
     /// Output shape.
@@ -69,68 +85,68 @@ impl MobileBlock {
         self.spec.stride == 1 && self.spec.input.c == self.spec.out_channels
     }
 
-    fn param_ranges(&self) -> [std::ops::Range<usize>; 6] {
+    /// The adaptive average pooling that summarizes the block's output for a
+    /// projection head (no larger than the output itself).
+    pub fn readout(&self) -> Pool2d {
+        let o = self.output();
+        Pool2d::adaptive(o, self.spec.readout.min(o.h), self.spec.readout.min(o.w))
+    }
+
+    /// The three BatchNorms (the expand's absent at expansion 1).
+    fn norms(&self) -> [Option<BatchNorm2d>; 3] {
+        [self.expand.map(|(_, b)| b), Some(self.depthwise.1), Some(self.project.1)]
+    }
+
+    /// Trained parameter ranges: expand conv, its BatchNorm, depthwise, its
+    /// BatchNorm, project conv, its BatchNorm.
+    fn trained(&self) -> [Range<usize>; 6] {
         let (e, eb) = self.expand.map_or((0, 0), |(c, b)| (c.param_len(), b.param_len()));
-        offsets([
-            e,
-            eb,
-            self.depthwise.0.param_len(),
-            self.depthwise.1.param_len(),
-            self.project.0.param_len(),
-            self.project.1.param_len(),
-        ])
+        let (dw, dwb) = (self.depthwise.0.param_len(), self.depthwise.1.param_len());
+        ranges(0, [e, eb, dw, dwb, self.project.0.param_len(), self.project.1.param_len()])
     }
 
-    /// Number of parameters.
+    /// Running statistics' ranges, one per BatchNorm, after the trained ones.
+    fn running(&self) -> [Range<usize>; 3] {
+        ranges(self.trainable_len(), self.norms().map(|b| b.map_or(0, |b| b.param_len())))
+    }
+
+    /// Number of trained parameters (the running statistics follow them).
+    pub fn trainable_len(&self) -> usize {
+        self.trained()[5].end
+    }
+
+    /// Number of f32 parameters, running statistics included.
     pub fn param_len(&self) -> usize {
-        self.param_ranges()[5].end
+        self.running()[2].end
     }
 
-    /// Floats of running statistics (two per BatchNorm channel).
-    pub fn running_len(&self) -> usize {
-        self.running_ranges()[2].end
-    }
-
-    fn running_ranges(&self) -> [std::ops::Range<usize>; 3] {
-        let e = self.expand.map_or(0, |(_, b)| b.param_len());
-        let [a, b, c, ..] = offsets([e, self.depthwise.1.param_len(), self.project.1.param_len(), 0, 0, 0]);
-        [a, b, c]
-    }
-
-    /// Initial parameters (He-normal convolutions from `init`'s values,
-    /// BatchNorm gamma 1 and beta 0) and running statistics.
-    pub fn init(&self, gaussian: &mut impl FnMut() -> f32, params: &mut [f32], running: &mut [f32]) {
-        let r = self.param_ranges();
-        let mut he = |p: &mut [f32], fan_in: usize, weights: usize| {
-            let scale = (2.0 / fan_in as f32).sqrt();
-            p[..weights].iter_mut().for_each(|w| *w = gaussian() * scale);
-            p[weights..].fill(0.0);
-        };
-        if let Some((c, _)) = self.expand {
-            he(&mut params[r[0].clone()], c.input.c, c.c_out * c.input.c);
-        }
-        let dw = self.depthwise.0;
-        he(&mut params[r[2].clone()], 9, dw.input.c * 9);
-        let p = self.project.0;
-        he(&mut params[r[4].clone()], p.input.c, p.c_out * p.input.c);
-        for (i, bn) in [(1, self.expand.map(|(_, b)| b)), (3, Some(self.depthwise.1)), (5, Some(self.project.1))] {
-            if let Some(bn) = bn {
-                let (gamma, beta) = params[r[i].clone()].split_at_mut(bn.shape.c);
-                gamma.fill(1.0);
-                beta.fill(0.0);
+    /// PyTorch's default initialization (each conv's W and b uniform in
+    /// `±1/sqrt(fan_in)`; a depthwise filter's fan-in is its 9 taps),
+    /// BatchNorm gain 1, shift 0, running mean 0, variance 1. Drawn from the
+    /// stream `(seed, WeightInit, layer)`.
+    pub fn init_params(&self, seed: u64, params: &mut [f32]) {
+        let mut stream = Stream::new(StreamKey::new(seed, Purpose::WeightInit, self.layer, 0, 0));
+        let t = self.trained();
+        let fan_ins = [self.spec.input.c, 9, self.project.0.input.c];
+        for (range, fan_in) in [t[0].clone(), t[2].clone(), t[4].clone()].into_iter().zip(fan_ins) {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            for v in &mut params[range] {
+                *v = ((2.0 * stream.uniform() - 1.0) * bound) as f32;
             }
         }
-        let rr = self.running_ranges();
-        if let Some((_, bn)) = self.expand {
-            bn.init_running(&mut running[rr[0].clone()]);
+        for ((bn, gamma_beta), running) in self.norms().into_iter().zip([&t[1], &t[3], &t[5]]).zip(self.running()) {
+            if let Some(bn) = bn {
+                let (gamma, beta) = params[gamma_beta.clone()].split_at_mut(bn.shape.c);
+                gamma.fill(1.0);
+                beta.fill(0.0);
+                bn.init_running(&mut params[running]);
+            }
         }
-        self.depthwise.1.init_running(&mut running[rr[1].clone()]);
-        self.project.1.init_running(&mut running[rr[2].clone()]);
     }
 }
 
 /// What a block's backward needs from its training forward, and the
-/// backward's scratch, for batches of up to `max_rows` samples.
+/// scratch of both, for batches of up to `max_rows` samples.
 #[derive(Debug)]
 pub struct MobileBlockCache {
     max_rows: usize,
@@ -165,15 +181,16 @@ impl MobileBlockCache {
                 try_zeros(sizes[2] * max_rows, what)?,
             ])
         };
+        let stats = "a mobile block's BatchNorm statistics";
         Ok(Self {
             max_rows,
             conv: per_stage("a mobile block's convolution outputs")?,
             xhat: per_stage("a mobile block's normalized values")?,
             pre: per_stage("a mobile block's activations")?,
             stats: [
-                try_zeros(2 * channels[0], "a mobile block's BatchNorm statistics")?,
-                try_zeros(2 * channels[1], "a mobile block's BatchNorm statistics")?,
-                try_zeros(2 * channels[2], "a mobile block's BatchNorm statistics")?,
+                try_zeros(2 * channels[0], stats)?,
+                try_zeros(2 * channels[1], stats)?,
+                try_zeros(2 * channels[2], stats)?,
             ],
             act: [
                 try_zeros(hidden * max_rows, "a mobile block's activations")?,
@@ -185,94 +202,132 @@ impl MobileBlockCache {
             dcol: try_zeros(col, "a mobile block's im2col columns")?,
         })
     }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let stages: usize =
+            [&self.conv, &self.xhat, &self.pre, &self.stats].iter().flat_map(|s| s.iter()).map(Vec::len).sum();
+        let rest = [&self.act[0], &self.act[1], &self.d_a, &self.d_b, &self.col, &self.dcol].map(|v| v.len());
+        4 * (stages + rest.iter().sum::<usize>())
+    }
+}
+
+/// How a stage's BatchNorm runs: on the batch's statistics (training,
+/// updating the running ones) or on the running ones (inference).
+enum Norming<'a> {
+    Train(&'a mut [f32]),
+    Infer(&'a [f32]),
 }
 
 impl MobileBlock {
-    /// Training forward of `rows` samples of `x` into `out`, with the
-    /// batch's statistics (which also update `running`).
-    pub fn forward_train(
+    /// Forward over `rows` samples of `x` into `out`, filling `cache` for
+    /// [`MobileBlock::backward`]. In training the BatchNorms use (and the
+    /// running statistics in `params` follow) the batch statistics.
+    pub fn forward(
         &self,
-        params: &[f32],
-        running: &mut [f32],
+        params: &mut [f32],
         x: &[f32],
         rows: usize,
-        out: &mut [f32],
         cache: &mut MobileBlockCache,
+        out: &mut [f32],
+        mode: Mode,
+    ) {
+        if mode == Mode::Infer {
+            return self.infer(params, x, rows, cache, out);
+        }
+        let (trained, running) = params.split_at_mut(self.trainable_len());
+        let [r0, r1, r2] = self.running().map(|r| r.start - self.trainable_len()..r.end - self.trainable_len());
+        let (run01, run2) = running.split_at_mut(r2.start);
+        let (run0, run1) = run01.split_at_mut(r1.start);
+        debug_assert_eq!(r0.end, r1.start);
+        let norming = [Norming::Train(run0), Norming::Train(run1), Norming::Train(run2)];
+        self.run(trained, norming, x, rows, cache, out);
+    }
+
+    /// Inference forward (BatchNorm with the running statistics); `cache` is scratch.
+    pub fn infer(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut MobileBlockCache, out: &mut [f32]) {
+        let running = self.running().map(|r| Norming::Infer(&params[r]));
+        self.run(&params[..self.trainable_len()], running, x, rows, cache, out);
+    }
+
+    fn run(
+        &self,
+        p: &[f32],
+        norming: [Norming; 3],
+        x: &[f32],
+        rows: usize,
+        cache: &mut MobileBlockCache,
+        out: &mut [f32],
     ) {
         assert!(rows <= cache.max_rows, "a batch of {rows} in a cache for {}", cache.max_rows);
-        let (r, rr) = (self.param_ranges(), self.running_ranges());
+        let r = self.trained();
         let c = cache;
+        let [n0, n1, n2] = norming;
+        let norm = |bn: BatchNorm2d,
+                    how: Norming,
+                    gb: &[f32],
+                    z: &[f32],
+                    y: &mut [f32],
+                    xhat: &mut [f32],
+                    stats: &mut [f32]| {
+            match how {
+                Norming::Train(running) => bn.forward_train(gb, running, z, rows, y, xhat, stats),
+                Norming::Infer(running) => bn.forward_infer(gb, running, z, rows, y),
+            }
+        };
         let [act_e, act_d] = &mut c.act;
         let hidden_in: &[f32] = match self.expand {
             Some((conv, bn)) => {
-                conv.forward(&params[r[0].clone()], x, rows, &mut c.conv[0], &mut c.col);
-                let run = &mut running[rr[0].clone()];
-                bn.forward_train(
-                    &params[r[1].clone()],
-                    run,
-                    &c.conv[0],
-                    rows,
-                    &mut c.pre[0],
-                    &mut c.xhat[0],
-                    &mut c.stats[0],
-                );
+                conv.forward(&p[r[0].clone()], x, rows, &mut c.conv[0], &mut c.col);
+                norm(bn, n0, &p[r[1].clone()], &c.conv[0], &mut c.pre[0], &mut c.xhat[0], &mut c.stats[0]);
                 relu6_into(&c.pre[0], act_e, rows * bn.shape.len());
                 act_e
             }
             None => x,
         };
         let (dw, bn) = self.depthwise;
-        dw.forward(&params[r[2].clone()], hidden_in, rows, &mut c.conv[1]);
-        let run = &mut running[rr[1].clone()];
-        bn.forward_train(&params[r[3].clone()], run, &c.conv[1], rows, &mut c.pre[1], &mut c.xhat[1], &mut c.stats[1]);
+        dw.forward(&p[r[2].clone()], hidden_in, rows, &mut c.conv[1]);
+        norm(bn, n1, &p[r[3].clone()], &c.conv[1], &mut c.pre[1], &mut c.xhat[1], &mut c.stats[1]);
         relu6_into(&c.pre[1], act_d, rows * bn.shape.len());
         let (conv, bn) = self.project;
-        conv.forward(&params[r[4].clone()], act_d, rows, &mut c.conv[2], &mut c.col);
+        conv.forward(&p[r[4].clone()], act_d, rows, &mut c.conv[2], &mut c.col);
         let n = rows * bn.shape.len();
-        let run = &mut running[rr[2].clone()];
-        bn.forward_train(&params[r[5].clone()], run, &c.conv[2], rows, &mut out[..n], &mut c.xhat[2], &mut c.stats[2]);
+        norm(bn, n2, &p[r[5].clone()], &c.conv[2], &mut out[..n], &mut c.xhat[2], &mut c.stats[2]);
         if self.residual() {
             out[..n].par_iter_mut().zip(&x[..n]).for_each(|(o, &v)| *o += v);
         }
     }
 
-    /// Backward of [`MobileBlock::forward_train`] (which filled `cache`):
-    /// the parameter gradient into `grad` (overwriting) and the input
-    /// gradient into `dx` (overwriting), from `dout`.
+    /// Backward from `dout` (gradient wrt this block's output) after a
+    /// training forward of the same `x`: the gradient of the trained
+    /// parameters into `grad` (overwriting; [`MobileBlock::trainable_len`]
+    /// values) and, if given, the gradient wrt `x` into `dx`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         params: &[f32],
         x: &[f32],
         rows: usize,
+        cache: &mut MobileBlockCache,
         dout: &[f32],
         grad: &mut [f32],
-        dx: &mut [f32],
-        cache: &mut MobileBlockCache,
+        mut dx: Option<&mut [f32]>,
     ) {
-        let r = self.param_ranges();
+        let r = self.trained();
         let c = cache;
-        let stats_len = |bn: &BatchNorm2d| bn.shape.c;
         // Project: BatchNorm, then the 1x1 conv back to the depthwise's activation.
         let (conv, bn) = self.project;
         let n_out = rows * bn.shape.len();
-        let rstd = &c.stats[2][..stats_len(&bn)];
+        let rstd = &c.stats[2][..bn.shape.c];
         bn.backward(&params[r[5].clone()], &c.xhat[2], rstd, rows, dout, &mut grad[r[5].clone()], &mut c.d_a[..n_out]);
         let n_dw = rows * self.depthwise.1.shape.len();
-        conv.backward(
-            &params[r[4].clone()],
-            &c.act[1],
-            rows,
-            &c.d_a[..n_out],
-            &mut grad[r[4].clone()],
-            Some(&mut c.d_b[..n_dw]),
-            &mut c.col,
-            &mut c.dcol,
-        );
+        let (g_conv, p_conv) = (&mut grad[r[4].clone()], &params[r[4].clone()]);
+        let d_act = Some(&mut c.d_b[..n_dw]);
+        conv.backward(p_conv, &c.act[1], rows, &c.d_a[..n_out], g_conv, d_act, &mut c.col, &mut c.dcol);
         // Depthwise: ReLU6, BatchNorm, the convolution.
         let (dw, bn) = self.depthwise;
-        c.d_b[..n_dw].par_iter_mut().zip(&c.pre[1][..n_dw]).for_each(|(g, &v)| *g = relu6_grad(*g, v));
-        let rstd = &c.stats[1][..stats_len(&bn)];
+        mask_relu6(&mut c.d_b[..n_dw], &c.pre[1]);
+        let rstd = &c.stats[1][..bn.shape.c];
         bn.backward(
             &params[r[3].clone()],
             &c.xhat[1],
@@ -285,16 +340,10 @@ impl MobileBlock {
         let n_in = rows * dw.input.len();
         match self.expand {
             Some((conv, bn)) => {
-                dw.backward(
-                    &params[r[2].clone()],
-                    &c.act[0],
-                    rows,
-                    &c.d_a[..n_dw],
-                    &mut grad[r[2].clone()],
-                    Some(&mut c.d_b[..n_in]),
-                );
-                c.d_b[..n_in].par_iter_mut().zip(&c.pre[0][..n_in]).for_each(|(g, &v)| *g = relu6_grad(*g, v));
-                let rstd = &c.stats[0][..stats_len(&bn)];
+                let d_hidden = Some(&mut c.d_b[..n_in]);
+                dw.backward(&params[r[2].clone()], &c.act[0], rows, &c.d_a[..n_dw], &mut grad[r[2].clone()], d_hidden);
+                mask_relu6(&mut c.d_b[..n_in], &c.pre[0]);
+                let rstd = &c.stats[0][..bn.shape.c];
                 bn.backward(
                     &params[r[1].clone()],
                     &c.xhat[0],
@@ -304,20 +353,16 @@ impl MobileBlock {
                     &mut grad[r[1].clone()],
                     &mut c.d_a[..n_in],
                 );
-                conv.backward(
-                    &params[r[0].clone()],
-                    x,
-                    rows,
-                    &c.d_a[..n_in],
-                    &mut grad[r[0].clone()],
-                    Some(dx),
-                    &mut c.col,
-                    &mut c.dcol,
-                );
+                let (g, p) = (&mut grad[r[0].clone()], &params[r[0].clone()]);
+                conv.backward(p, x, rows, &c.d_a[..n_in], g, dx.as_deref_mut(), &mut c.col, &mut c.dcol);
             }
-            None => dw.backward(&params[r[2].clone()], x, rows, &c.d_a[..n_dw], &mut grad[r[2].clone()], Some(dx)),
+            None => {
+                dw.backward(&params[r[2].clone()], x, rows, &c.d_a[..n_dw], &mut grad[r[2].clone()], dx.as_deref_mut())
+            }
         }
-        if self.residual() {
+        if let Some(dx) = dx
+            && self.residual()
+        {
             dx[..n_out].par_iter_mut().zip(&dout[..n_out]).for_each(|(d, &g)| *d += g);
         }
     }
@@ -325,4 +370,9 @@ impl MobileBlock {
 
 fn relu6_into(pre: &[f32], act: &mut [f32], n: usize) {
     act[..n].par_iter_mut().zip(&pre[..n]).for_each(|(a, &v)| *a = relu6(v));
+}
+
+/// The gradient through ReLU6, whose input was `pre`.
+fn mask_relu6(grad: &mut [f32], pre: &[f32]) {
+    grad.par_iter_mut().zip(pre).for_each(|(g, &v)| *g = relu6_grad(*g, v));
 }
