@@ -329,6 +329,12 @@ fn describe_front(front: &svp_model::Front) -> String {
                 blocks.iter().map(|&(c, pool)| if pool { format!("{c}-M") } else { c.to_string() }).collect();
             format!("conv({}, readout {readout}x{readout})", items.join("-"))
         }
+        svp_model::Front::Mobile { conv, blocks, readout } => {
+            let stem: Vec<String> =
+                conv.iter().map(|&(c, pool)| if pool { format!("{c}-M") } else { c.to_string() }).collect();
+            let mobile: Vec<String> = blocks.iter().map(|&(c, e, s)| format!("{c}x{e}/{s}")).collect();
+            format!("conv({}) mobile({}, readout {readout}x{readout})", stem.join("-"), mobile.join("-"))
+        }
         &svp_model::Front::Vit { patch, dim, depth, heads, mlp, mean_readout } => format!(
             "vit(patch {patch}, dim {dim}, {depth} blocks, {heads} heads, mlp {mlp}, {})",
             if mean_readout { "mean" } else { "cls" }

@@ -69,7 +69,8 @@ fn config(run: &MemoryRun, method: Method, depth: usize) -> Result<Config, CliEr
     Ok(config)
 }
 
-/// `config`'s network at `depth`: a ViT gets `depth` transformer blocks; conv
+/// `config`'s network at `depth`: a ViT gets `depth` transformer blocks; a
+/// network with mobile blocks `depth` of those after its stem; conv
 /// networks `depth` conv blocks (the list's first ones with their pooling,
 /// then copies of its last block without pooling); MLPs `depth` hidden layers
 /// of their first width.
@@ -78,6 +79,12 @@ fn scaled(mut config: Config, depth: usize) -> Config {
     let blocks = config.model.conv_blocks();
     if let Some(vit) = &mut config.model.vit {
         vit.depth = depth;
+    } else if let Some(&last) = config.model.mobile.last() {
+        // The stem stays; the list's first mobile blocks, then copies of its
+        // last at stride 1.
+        let mobile = &mut config.model.mobile;
+        mobile.truncate(depth);
+        mobile.resize(depth, svp_train::config::MobileItem { stride: 1, ..last });
     } else if let Some(&(last, _)) = blocks.last() {
         let mut conv = Vec::new();
         for i in 0..depth {
@@ -309,6 +316,8 @@ fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, 
 fn depth_unit(model: &ModelConfig) -> &'static str {
     if model.vit.is_some() {
         "transformer blocks"
+    } else if !model.mobile.is_empty() {
+        "mobile blocks"
     } else if !model.conv.is_empty() {
         "conv blocks"
     } else {

@@ -138,12 +138,13 @@ pub fn check_writable(path: &Path) -> Result<(), CliError> {
 
 pub fn describe(config: &Config, data: &DataSplit) -> String {
     let (h, w) = data.train.image_shape;
-    let mlp = config.model.conv.is_empty() && config.model.vit.is_none();
+    let mlp = config.model.conv.is_empty() && config.model.mobile.is_empty() && config.model.vit.is_none();
     let input = if mlp { data.features().to_string() } else { format!("{h}x{w}") };
     let convs = config.model.conv.iter().map(|item| match item {
         svp_train::config::ConvItem::Channels(c) => format!("c{c}"),
         svp_train::config::ConvItem::Pool(_) => "M".to_string(),
     });
+    let mobile = config.model.mobile.iter().map(|m| format!("mb{}x{}/{}", m.channels, m.expansion, m.stride));
     let vit = config.model.vit.iter().map(|v| {
         format!(
             "vit(patch {}, dim {}, {} blocks, {} heads, mlp {}, {:?})",
@@ -153,6 +154,7 @@ pub fn describe(config: &Config, data: &DataSplit) -> String {
     });
     let widths: Vec<String> = std::iter::once(input)
         .chain(convs)
+        .chain(mobile)
         .chain(vit)
         .chain(config.model.hidden.iter().map(|w| w.to_string()))
         .chain([data.classes.to_string()])

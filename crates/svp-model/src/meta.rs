@@ -3,7 +3,7 @@
 
 use crate::DType;
 use serde::{Deserialize, Serialize};
-use svp_net::{ConvItem, ModelConfig, Normalization, PoolMarker, ProjectionHeads, VitConfig};
+use svp_net::{ConvItem, MobileItem, ModelConfig, Normalization, PoolMarker, ProjectionHeads, VitConfig};
 use svp_nn::vit::TokenReadout;
 use svp_nn::{Dense, DenseSpec, Norm};
 
@@ -64,6 +64,16 @@ pub enum Front {
         /// The classifier reads the token mean (else the class token).
         mean_readout: bool,
     },
+    /// Conv blocks as a stem (possibly none), then MobileNetV2 inverted
+    /// residual blocks (format version 3).
+    Mobile {
+        /// Each conv block's output channels, and whether a 2x2 max pool follows it.
+        conv: Vec<(u32, bool)>,
+        /// Each mobile block's output channels, expansion and stride.
+        blocks: Vec<(u32, u32, u32)>,
+        /// Side of the adaptive pooling a projection head reads.
+        readout: u32,
+    },
 }
 
 impl Front {
@@ -74,24 +84,36 @@ impl Front {
             let mean_readout = v.readout == TokenReadout::Mean;
             return Some(Front::Vit { patch, dim, depth, heads, mlp, mean_readout });
         }
-        (!config.conv.is_empty()).then(|| Front::Conv {
-            blocks: config.conv_blocks().into_iter().map(|(c, pool)| (c as u32, pool)).collect(),
-            readout: config.conv_readout as u32,
-        })
+        let conv: Vec<(u32, bool)> = config.conv_blocks().into_iter().map(|(c, pool)| (c as u32, pool)).collect();
+        let readout = config.conv_readout as u32;
+        if !config.mobile.is_empty() {
+            let blocks =
+                config.mobile.iter().map(|m| (m.channels as u32, m.expansion as u32, m.stride as u32)).collect();
+            return Some(Front::Mobile { conv, blocks, readout });
+        }
+        (!conv.is_empty()).then_some(Front::Conv { blocks: conv, readout })
     }
 
     /// The model config of this front followed by dense layers `layers` (the head last).
     pub(crate) fn config(&self, layers: &[DenseSpec]) -> ModelConfig {
         let mut config = dense_config(layers);
-        match self {
-            Front::Conv { blocks, readout } => {
-                for &(channels, pool) in blocks {
-                    config.conv.push(ConvItem::Channels(channels as usize));
-                    if pool {
-                        config.conv.push(ConvItem::Pool(PoolMarker::M));
-                    }
+        let push_conv = |config: &mut ModelConfig, blocks: &[(u32, bool)], readout: u32| {
+            for &(channels, pool) in blocks {
+                config.conv.push(ConvItem::Channels(channels as usize));
+                if pool {
+                    config.conv.push(ConvItem::Pool(PoolMarker::M));
                 }
-                config.conv_readout = *readout as usize;
+            }
+            config.conv_readout = readout as usize;
+        };
+        match self {
+            Front::Conv { blocks, readout } => push_conv(&mut config, blocks, *readout),
+            Front::Mobile { conv, blocks, readout } => {
+                push_conv(&mut config, conv, *readout);
+                config.mobile = blocks
+                    .iter()
+                    .map(|&(c, e, s)| MobileItem { channels: c as usize, expansion: e as usize, stride: s as usize })
+                    .collect();
             }
             &Front::Vit { patch, dim, depth, heads, mlp, mean_readout } => {
                 let [patch, dim, depth, heads, mlp] = [patch, dim, depth, heads, mlp].map(|x| x as usize);
@@ -117,6 +139,22 @@ impl Front {
                     })
                     .sum()
             }
+            Front::Mobile { conv, blocks, .. } => {
+                let c_in = conv.last().map_or(1, |&(c, _)| c as u128);
+                let stem = Front::Conv { blocks: conv.clone(), readout: 1 }.param_bound((h, w));
+                let mut c_in = c_in;
+                let mobile: u128 = blocks
+                    .iter()
+                    .map(|&(c, e, _)| {
+                        let (c, hid) = (c as u128, c_in * e as u128);
+                        // expand, depthwise, project, three BatchNorms with running statistics
+                        let n = (c_in + 1) * hid + 10 * hid + (hid + 1) * c + 8 * hid + 4 * c;
+                        c_in = c;
+                        n
+                    })
+                    .sum();
+                stem + mobile
+            }
             &Front::Vit { patch, dim, depth, mlp, .. } => {
                 let (p, d, m) = (patch.max(1) as u128, dim as u128, mlp as u128);
                 let tokens = (h as u128 * w as u128) / (p * p) + 1;
@@ -138,6 +176,22 @@ impl Front {
                 .or_else(|| too_big("conv readout", *readout))
                 .or_else(|| {
                     (blocks.is_empty() || blocks.len() > 4096).then(|| format!("{} conv blocks", blocks.len()))
+                }),
+            Front::Mobile { conv, blocks, readout } => conv
+                .iter()
+                .find_map(|&(c, _)| too_big("conv channels", c))
+                .or_else(|| {
+                    blocks.iter().find_map(|&(c, e, _)| {
+                        too_big("mobile channels", c).or_else(|| too_big("mobile expansion", e.min(MAX + 1)))
+                    })
+                })
+                .or_else(|| {
+                    blocks.iter().find_map(|&(_, _, s)| (!(1..=2).contains(&s)).then(|| format!("mobile stride = {s}")))
+                })
+                .or_else(|| too_big("conv readout", *readout))
+                .or_else(|| {
+                    (blocks.is_empty() || conv.len() + blocks.len() > 4096)
+                        .then(|| format!("{} conv and {} mobile blocks", conv.len(), blocks.len()))
                 }),
             &Front::Vit { patch, dim, depth, heads, mlp, .. } => {
                 [("patch", patch), ("dim", dim), ("depth", depth.min(MAX + 1)), ("heads", heads), ("mlp", mlp)]

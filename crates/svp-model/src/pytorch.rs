@@ -99,6 +99,11 @@ fn canonical_modules(network: &Network, config: &ModelConfig) -> Result<Vec<Modu
     if config.vit.is_some() {
         return Err("a vision transformer has no nn.Sequential layout; import takes MLPs and conv networks".into());
     }
+    if !config.mobile.is_empty() {
+        return Err(
+            "mobile blocks have no PyTorch layout in svp yet; import and export take MLPs and conv networks".into()
+        );
+    }
     let mut modules = Vec::new();
     let mut index = 0;
     let mut push = |layer, kind, index: &mut usize| {

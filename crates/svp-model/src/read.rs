@@ -1,7 +1,7 @@
 //! Decoding a model file, every length, shape and value checked first.
 
 use crate::meta::{layer_param_len, layer_tensors};
-use crate::write::CHECKED_HEADER;
+use crate::write::{CHECKED_HEADER, version_of};
 use crate::{
     ALIGN, CHECKPOINT_MAGIC, DType, FORMAT_VERSION, Front, HEADER_LEN, MAGIC, MAX_LAYERS, MAX_META, ModelError,
     ModelFile, ModelMeta, Role, TensorEntry, dtype, fnv1a64,
@@ -58,10 +58,15 @@ impl ModelFile {
             section.push(0); // `front: None`, which version 1 leaves out
         }
         let meta: ModelMeta = postcard::from_bytes(&section).map_err(|e| invalid(format!("metadata: {e}")))?;
-        if (version == 2) != meta.front.is_some() {
+        if version != version_of(&meta) {
             return Err(invalid(format!(
-                "a version {version} file {} a conv or ViT front",
-                if version == 2 { "without" } else { "with" }
+                "a version {version} file describing a version {} model (its front: {})",
+                version_of(&meta),
+                match &meta.front {
+                    None => "none",
+                    Some(Front::Mobile { .. }) => "mobile blocks",
+                    Some(_) => "conv blocks or a ViT",
+                }
             )));
         }
         let file = Self { meta, data: bytes[data_offset as usize..].to_vec() };

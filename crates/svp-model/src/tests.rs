@@ -2,7 +2,7 @@
 
 use super::*;
 use std::path::Path;
-use svp_net::{ConvItem, ModelConfig, Network, PoolMarker, VitConfig};
+use svp_net::{ConvItem, MobileItem, ModelConfig, Network, PoolMarker, VitConfig};
 use svp_nn::vit::TokenReadout;
 
 pub(crate) fn sample(dtype: DType) -> ModelFile {
@@ -98,10 +98,10 @@ fn damaged_files_are_errors() {
     wrong_shape.meta.tensors[0].shape = vec![4, 6];
     let err = ModelFile::from_bytes(&wrong_shape.to_bytes(), p).unwrap_err().to_string();
     assert!(err.contains("architecture needs"), "{err}");
-    let mut v3 = bytes.clone();
-    v3[8] = 3;
-    let err = ModelFile::from_bytes(&v3, p).unwrap_err().to_string();
-    assert!(err.contains("format version 3"), "{err}");
+    let mut v4 = bytes.clone();
+    v4[8] = 4;
+    let err = ModelFile::from_bytes(&v4, p).unwrap_err().to_string();
+    assert!(err.contains("format version 4"), "{err}");
 }
 
 pub(crate) fn front_configs() -> Vec<(&'static str, ModelConfig)> {
@@ -109,7 +109,12 @@ pub(crate) fn front_configs() -> Vec<(&'static str, ModelConfig)> {
     cnn.conv = vec![ConvItem::Channels(3), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(4)];
     let mut vit = ModelConfig::mlp(vec![]);
     vit.vit = Some(VitConfig { patch: 4, dim: 8, depth: 2, heads: 2, mlp: 16, readout: TokenReadout::Mean });
-    vec![("cnn", cnn), ("vit", vit)]
+    // A conv stem, a stride-2 expanding block, a residual one.
+    let mut mobile = ModelConfig::mlp(vec![]);
+    mobile.conv = vec![ConvItem::Channels(3)];
+    mobile.mobile =
+        vec![MobileItem { channels: 4, expansion: 2, stride: 2 }, MobileItem { channels: 4, expansion: 3, stride: 1 }];
+    vec![("cnn", cnn), ("vit", vit), ("mobile", mobile)]
 }
 
 pub(crate) fn front_file(config: &ModelConfig, dtype: DType) -> (Network, ModelFile) {
@@ -132,16 +137,17 @@ fn front_info() -> ModelInfo {
     }
 }
 
-/// A conv network and a ViT survive the trip to bytes and back in every
-/// dtype, as version-2 files that rebuild the same network; an MLP stays
-/// version 1.
+/// A conv network, a ViT and a mobile network survive the trip to bytes
+/// and back in every dtype, as version-2 files (version 3 with mobile
+/// blocks) that rebuild the same network; an MLP stays version 1.
 #[test]
 fn conv_and_vit_files_round_trip() {
     for (name, config) in front_configs() {
         for dtype in [DType::F32, DType::F16, DType::BF16, DType::I8] {
             let (net, file) = front_file(&config, dtype);
             let bytes = file.to_bytes();
-            assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2, "{name}");
+            let version = if name == "mobile" { 3 } else { 2 };
+            assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), version, "{name}");
             let back = ModelFile::from_bytes(&bytes, Path::new("m")).unwrap();
             assert_eq!(back, file, "{name} {dtype:?}");
             let rebuilt = back.to_network();
@@ -206,6 +212,9 @@ fn damaged_front_files_are_errors() {
         (vit(4, 65_537, 1, 1, 8), "front: dim = 65537"),
         (vit(4, 8, 1, 3, 8), "front: dim 8 is not a multiple of 3 heads"),
         (vit(4, 8, 1, 2, 0), "front: mlp = 0"),
+        (Front::Mobile { conv: vec![], blocks: vec![(4, 2, 3)], readout: 2 }, "front: mobile stride = 3"),
+        (Front::Mobile { conv: vec![], blocks: vec![(0, 2, 1)], readout: 2 }, "front: mobile channels = 0"),
+        (Front::Mobile { conv: vec![(3, false)], blocks: vec![], readout: 2 }, "front: 1 conv and 0 mobile blocks"),
     ];
     for (front, want) in cases {
         let mut damaged = file.clone();

@@ -75,9 +75,10 @@ impl ModelFile {
         .map_err(|source| ModelError::Io { path: path.to_owned(), source })
     }
 
-    /// The format version this file is written as: 1 for an MLP, 2 with a front.
+    /// The format version this file is written as: 1 for an MLP, 2 with
+    /// conv blocks or a ViT, 3 with mobile blocks.
     pub fn version(&self) -> u32 {
-        if self.meta.front.is_some() { 2 } else { 1 }
+        version_of(&self.meta)
     }
 
     /// The whole file.
@@ -178,7 +179,7 @@ fn meta_for(model: &Network, front: Option<Front>, info: ModelInfo, tensors: Vec
 /// metadata, and the padding up to the data.
 fn head_bytes(meta: &ModelMeta, data_len: u64, hash_data: impl FnOnce(&mut Fnv64)) -> Vec<u8> {
     let mut meta_bytes = postcard::to_stdvec(meta).expect("metadata serializes");
-    let version: u32 = if meta.front.is_some() { 2 } else { 1 };
+    let version = version_of(meta);
     if meta.front.is_none() {
         // Version 1: the same section without `front`, its last byte.
         meta_bytes.pop();
@@ -253,5 +254,16 @@ impl ByteSink for WriteSink<'_> {
     }
     fn written(&self) -> u64 {
         self.written
+    }
+}
+
+/// The oldest format version that can hold `meta`: 1 for an MLP, 2 with
+/// conv blocks or a ViT, 3 with mobile blocks (so that a build that cannot
+/// read them says the file is newer instead of failing to decode it).
+pub(crate) fn version_of(meta: &ModelMeta) -> u32 {
+    match &meta.front {
+        None => 1,
+        Some(Front::Mobile { .. }) => 3,
+        Some(_) => 2,
     }
 }

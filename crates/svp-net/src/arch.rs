@@ -37,8 +37,13 @@ pub struct ModelConfig {
     /// `R_l` sees `channels x conv_readout x conv_readout` values.
     #[serde(default = "default_conv_readout")]
     pub conv_readout: usize,
+    /// MobileNetV2 inverted residual blocks after the conv blocks (which
+    /// serve as their stem), before the dense layers: `mobile = [{ channels
+    /// = 16, expansion = 6, stride = 2 }, ...]`. Not together with a ViT.
+    #[serde(default)]
+    pub mobile: Vec<MobileItem>,
     /// A vision transformer before the dense layers (`[model.vit]`); not
-    /// together with `conv`.
+    /// together with `conv` or `mobile`.
     #[serde(default)]
     pub vit: Option<VitConfig>,
 }
@@ -65,6 +70,28 @@ pub struct VitConfig {
 
 fn default_token_readout() -> svp_nn::vit::TokenReadout {
     svp_nn::vit::TokenReadout::Cls
+}
+
+/// One entry of [`ModelConfig::mobile`]: an inverted residual block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MobileItem {
+    /// Output channels.
+    pub channels: usize,
+    /// Hidden channels per input channel (1: no expand convolution).
+    #[serde(default = "default_expansion")]
+    pub expansion: usize,
+    /// The depthwise convolution's stride: 1 or 2.
+    #[serde(default = "default_stride")]
+    pub stride: usize,
+}
+
+fn default_expansion() -> usize {
+    6
+}
+
+fn default_stride() -> usize {
+    1
 }
 
 /// One entry of [`ModelConfig::conv`].
@@ -105,6 +132,16 @@ impl ModelConfig {
                 ));
             }
         }
+        for (i, m) in self.mobile.iter().enumerate() {
+            if m.channels == 0 || m.expansion == 0 || !(1..=2).contains(&m.stride) {
+                return Err(format!(
+                    "model.mobile block {}: channels and expansion must be at least 1 and stride 1 or 2",
+                    i + 1
+                ));
+            }
+            // A 3x3 depthwise convolution with padding 1.
+            (h, w) = ((h - 1) / m.stride + 1, (w - 1) / m.stride + 1);
+        }
         Ok(())
     }
 
@@ -120,6 +157,7 @@ impl ModelConfig {
             dropout: 0.0,
             conv: Vec::new(),
             conv_readout: default_conv_readout(),
+            mobile: Vec::new(),
             vit: None,
         }
     }
@@ -144,7 +182,7 @@ impl ModelConfig {
     /// conv blocks, or a ViT's patch embedding, blocks and token head, then
     /// the dense hidden layers and the head.
     pub fn layer_count(&self) -> usize {
-        let front = self.conv_blocks().len() + self.vit.as_ref().map_or(0, |v| v.depth + 2);
+        let front = self.conv_blocks().len() + self.mobile.len() + self.vit.as_ref().map_or(0, |v| v.depth + 2);
         front + self.hidden.len() + 1
     }
 }

@@ -2,6 +2,7 @@
 //! update, and how a projection head reads its output.
 
 use svp_alloc::OutOfMemory;
+use svp_nn::mobile_block::{MobileBlock, MobileBlockCache};
 use svp_nn::vit::{BlockCache, PatchEmbed, TokenHead, TokenReadout, TransformerBlock};
 use svp_nn::{ConvBlock, ConvBlockCache, Dense, DenseCache, Mode};
 use svp_tensor::{GradientSink, view, view_mut};
@@ -11,6 +12,8 @@ use svp_tensor::{GradientSink, view, view_mut};
 pub enum Layer<'a> {
     /// A conv block.
     Conv(&'a ConvBlock),
+    /// A MobileNetV2 inverted residual block.
+    Mobile(&'a MobileBlock),
     /// A ViT's patch embedding (always a network's first layer).
     Patch(&'a PatchEmbed),
     /// A transformer block.
@@ -27,6 +30,7 @@ pub enum Layer<'a> {
 pub struct LayerCache {
     dense: DenseCache,
     conv: ConvBlockCache,
+    mobile: MobileBlockCache,
     block: BlockCache,
     patches: Vec<f32>,
 }
@@ -34,10 +38,12 @@ pub struct LayerCache {
 impl LayerCache {
     /// A cache that serves any one of `layers` at a time, for batches of up to `rows`.
     pub fn try_for<'a>(layers: impl IntoIterator<Item = Layer<'a>>, rows: usize) -> Result<Self, OutOfMemory> {
-        let (mut convs, mut block, mut patches, mut readout_width, mut dense) = (Vec::new(), None, 0, 0, Vec::new());
+        let (mut convs, mut mobiles, mut block, mut patches, mut readout_width, mut dense) =
+            (Vec::new(), Vec::new(), None, 0, 0, Vec::new());
         for layer in layers {
             match layer {
                 Layer::Conv(c) => convs.push(c),
+                Layer::Mobile(m) => mobiles.push(m),
                 Layer::Patch(p) => patches = patches.max(p.scratch_len(rows)),
                 Layer::Block(b) => block = Some(b.spec),
                 Layer::Readout(r) => readout_width = readout_width.max(r.dim),
@@ -48,6 +54,7 @@ impl LayerCache {
         Ok(Self {
             dense: DenseCache::try_sized(rows, norm_width.max(readout_width), plain_width)?,
             conv: ConvBlockCache::try_new_for(convs, rows)?,
+            mobile: MobileBlockCache::try_new_for(mobiles, rows)?,
             block: block.map_or(Ok(BlockCache::default()), |spec| BlockCache::try_new(&spec, rows))?,
             patches: svp_alloc::try_zeros(patches, "unfolded patches")?,
         })
@@ -55,7 +62,7 @@ impl LayerCache {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.dense.bytes() + self.conv.bytes() + self.block.bytes() + 4 * self.patches.len()
+        self.dense.bytes() + self.conv.bytes() + self.mobile.bytes() + self.block.bytes() + 4 * self.patches.len()
     }
 }
 
@@ -73,6 +80,7 @@ impl Layer<'_> {
     ) {
         match self {
             Layer::Conv(c) => c.forward(params, x, rows, &mut cache.conv, out, mode),
+            Layer::Mobile(m) => m.forward(params, x, rows, &mut cache.mobile, out, mode),
             Layer::Patch(p) => p.forward(params, x, rows, &mut cache.patches, out),
             Layer::Block(b) => b.forward(params, x, rows, &mut cache.block, out),
             Layer::Readout(r) => r.forward(params, x, rows, &mut cache.dense, out),
@@ -84,6 +92,7 @@ impl Layer<'_> {
     pub fn infer(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut LayerCache, out: &mut [f32]) {
         match self {
             Layer::Conv(c) => c.infer(params, x, rows, &mut cache.conv, out),
+            Layer::Mobile(m) => m.infer(params, x, rows, &mut cache.mobile, out),
             Layer::Patch(p) => p.forward(params, x, rows, &mut cache.patches, out),
             Layer::Block(b) => b.forward(params, x, rows, &mut cache.block, out),
             Layer::Readout(r) => r.forward(params, x, rows, &mut cache.dense, out),
@@ -108,6 +117,7 @@ impl Layer<'_> {
     ) {
         match self {
             Layer::Conv(c) => c.backward(params, x, rows, &mut cache.conv, dout, grad, dx),
+            Layer::Mobile(m) => m.backward(params, x, rows, &mut cache.mobile, dout, grad, dx),
             Layer::Patch(p) => {
                 assert!(dx.is_none(), "a patch embedding reads the input images: no input gradient");
                 p.backward(x, rows, &mut cache.patches, dout, grad);
@@ -160,6 +170,7 @@ impl Layer<'_> {
     pub fn readout(&self) -> Readout {
         match self {
             Layer::Conv(c) => Readout::Pool(c.readout()),
+            Layer::Mobile(m) => Readout::Pool(m.readout()),
             Layer::Block(b) => Readout::Token { tokens: b.spec.tokens, dim: b.spec.dim },
             _ => Readout::Whole,
         }

@@ -36,7 +36,7 @@ mod layer;
 mod network;
 mod normalization;
 
-pub use arch::{ConvItem, ModelConfig, PoolMarker, VitConfig};
+pub use arch::{ConvItem, MobileItem, ModelConfig, PoolMarker, VitConfig};
 pub use heads::ProjectionHeads;
 pub use inference::{InferenceWorkspace, predict_streamed};
 pub use layer::{Layer, LayerCache, Readout};

@@ -3,10 +3,12 @@
 use crate::arch::ModelConfig;
 use crate::layer::Layer;
 use svp_alloc::OutOfMemory;
+use svp_nn::conv::Chw;
+use svp_nn::mobile_block::{MobileBlock, MobileBlockSpec};
 use svp_nn::vit::{BlockSpec, PatchEmbed, TokenHead, TokenReadout, TransformerBlock};
 use svp_nn::{ConvBlock, ConvBlockSpec, Dense, DenseSpec};
 
-/// A feed-forward network: optional conv blocks or a vision transformer,
+/// A feed-forward network: optional conv and mobile blocks or a vision transformer,
 /// dense hidden blocks, then a linear head. All parameters live in one
 /// contiguous buffer, layer after layer. Layers are numbered globally, front
 /// layers (conv blocks, or a ViT's patch embedding, blocks and token head)
@@ -26,6 +28,7 @@ pub struct Network {
 #[derive(Clone, Debug, PartialEq)]
 enum FrontLayer {
     Conv(ConvBlock),
+    Mobile(MobileBlock),
     Patch(PatchEmbed),
     Block(TransformerBlock),
     Readout(TokenHead),
@@ -34,6 +37,7 @@ enum FrontLayer {
 fn front_layer(f: &FrontLayer) -> Layer<'_> {
     match f {
         FrontLayer::Conv(c) => Layer::Conv(c),
+        FrontLayer::Mobile(m) => Layer::Mobile(m),
         FrontLayer::Patch(p) => Layer::Patch(p),
         FrontLayer::Block(b) => Layer::Block(b),
         FrontLayer::Readout(r) => Layer::Readout(r),
@@ -90,6 +94,23 @@ impl Network {
             .enumerate()
             .map(|(i, s)| FrontLayer::Conv(ConvBlock::new(s, i as u64 + 1)))
             .collect();
+        // Mobile blocks read what the conv blocks (their stem) write.
+        let mut shape = match front.last() {
+            Some(FrontLayer::Conv(c)) => c.output(),
+            _ => Chw { c: 1, h: image_shape.0, w: image_shape.1 },
+        };
+        for m in &config.mobile {
+            let spec = MobileBlockSpec {
+                input: shape,
+                out_channels: m.channels,
+                expansion: m.expansion,
+                stride: m.stride,
+                readout: config.conv_readout,
+            };
+            let block = MobileBlock::new(spec, front.len() as u64 + 1);
+            shape = block.output();
+            front.push(FrontLayer::Mobile(block));
+        }
         if let Some(v) = &config.vit {
             let patch = PatchEmbed { channels: 1, h: image_shape.0, w: image_shape.1, patch: v.patch, dim: v.dim };
             let spec = BlockSpec { tokens: patch.tokens(), dim: v.dim, heads: v.heads, mlp: v.mlp };
@@ -100,6 +121,7 @@ impl Network {
         let flat = match front.last() {
             None => image_shape.0 * image_shape.1,
             Some(FrontLayer::Conv(c)) => c.output().len(),
+            Some(FrontLayer::Mobile(m)) => m.output().len(),
             Some(FrontLayer::Readout(r)) => r.dim,
             Some(_) => unreachable!("a ViT ends with its token head"),
         };
@@ -114,6 +136,7 @@ impl Network {
             let (layer, params) = self.layer_mut(l);
             match layer {
                 Layer::Conv(c) => c.init_params(seed, params),
+                Layer::Mobile(m) => m.init_params(seed, params),
                 Layer::Patch(p) => p.init_params(seed, l as u64 + 1, params),
                 Layer::Block(b) => b.init_params(seed, l as u64 + 1, params),
                 Layer::Readout(r) => r.init_params(params),
@@ -151,9 +174,12 @@ impl Network {
     /// [`Network::new`], failing cleanly when the memory is not there.
     ///
     /// # Panics
-    /// If `config` has conv blocks or a ViT (they need the image shape: [`Network::try_for_images`]).
+    /// If `config` has conv or mobile blocks or a ViT (they need the image shape: [`Network::try_for_images`]).
     pub fn try_new(input: usize, classes: usize, config: &ModelConfig, seed: u64) -> Result<Self, OutOfMemory> {
-        assert!(config.conv.is_empty() && config.vit.is_none(), "a conv or ViT network needs the image shape");
+        assert!(
+            config.conv.is_empty() && config.mobile.is_empty() && config.vit.is_none(),
+            "a conv, mobile or ViT network needs the image shape"
+        );
         let mut m = Self::try_with_specs(Self::specs(input, classes, config))?;
         m.init(seed);
         Ok(m)
@@ -184,6 +210,7 @@ impl Network {
         let input = match front.first() {
             None => specs[0].in_dim,
             Some(FrontLayer::Conv(c)) => c.spec().input().len(),
+            Some(FrontLayer::Mobile(m)) => m.spec().input.len(),
             Some(FrontLayer::Patch(p)) => p.input().len(),
             Some(_) => panic!("a ViT starts with its patch embedding"),
         };
@@ -192,6 +219,7 @@ impl Network {
             specs.into_iter().enumerate().map(|(i, s)| Dense::new(s, (n_front + i) as u64 + 1)).collect();
         let lens = front.iter().map(|f| match f {
             FrontLayer::Conv(c) => c.param_len(),
+            FrontLayer::Mobile(m) => m.param_len(),
             FrontLayer::Patch(p) => p.param_len(),
             FrontLayer::Block(b) => b.param_len(),
             FrontLayer::Readout(r) => r.param_len(),
@@ -205,6 +233,7 @@ impl Network {
         for l in 1..m.n_layers() {
             let want = match m.layer(l) {
                 Layer::Conv(c) => c.spec().input().len(),
+                Layer::Mobile(m) => m.spec().input.len(),
                 Layer::Patch(_) => panic!("a patch embedding must be the first layer"),
                 Layer::Block(b) => b.sample_len(),
                 Layer::Readout(r) => r.tokens * r.dim,
@@ -262,6 +291,7 @@ impl Network {
     pub fn out_len(&self, l: usize) -> usize {
         match self.layer(l) {
             Layer::Conv(c) => c.output().len(),
+            Layer::Mobile(m) => m.output().len(),
             Layer::Patch(p) => p.tokens() * p.dim,
             Layer::Block(b) => b.sample_len(),
             Layer::Readout(r) => r.dim,
@@ -326,6 +356,7 @@ impl Network {
     pub fn trainable_len(&self, l: usize) -> usize {
         match self.layer(l) {
             Layer::Conv(c) => c.trainable_len(),
+            Layer::Mobile(m) => m.trainable_len(),
             _ => self.offsets[l + 1] - self.offsets[l],
         }
     }

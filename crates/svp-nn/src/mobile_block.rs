@@ -147,7 +147,7 @@ impl MobileBlock {
 
 /// What a block's backward needs from its training forward, and the
 /// scratch of both, for batches of up to `max_rows` samples.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct MobileBlockCache {
     max_rows: usize,
     /// Per stage (expand, depthwise, project): the conv output, BatchNorm's
@@ -169,11 +169,28 @@ impl MobileBlockCache {
     /// A cache for `block` and up to `max_rows` samples, or the allocation
     /// that did not fit (before any of it is written).
     pub fn try_new(block: &MobileBlock, max_rows: usize) -> Result<Self, OutOfMemory> {
-        let hidden = block.depthwise.0.input.len();
-        let sizes = [hidden, block.depthwise.0.output().len(), block.output().len()];
-        let widest = sizes.iter().copied().max().unwrap_or(0).max(block.spec.input.len());
-        let channels = [block.depthwise.0.input.c, block.depthwise.0.input.c, block.spec.out_channels];
-        let col = block.expand.map_or(0, |(c, _)| c.col_len()).max(block.project.0.col_len());
+        Self::try_new_for([block], max_rows)
+    }
+
+    /// One cache that serves each of `blocks` (one at a time), for batches of
+    /// up to `max_rows` samples.
+    pub fn try_new_for<'a>(
+        blocks: impl IntoIterator<Item = &'a MobileBlock>,
+        max_rows: usize,
+    ) -> Result<Self, OutOfMemory> {
+        let (mut sizes, mut channels, mut widest, mut col) = ([0usize; 3], [0usize; 3], 0, 0);
+        for b in blocks {
+            let hidden = b.depthwise.0.input;
+            let these = [hidden.len(), b.depthwise.0.output().len(), b.output().len()];
+            let chans = [hidden.c, hidden.c, b.spec.out_channels];
+            for i in 0..3 {
+                sizes[i] = sizes[i].max(these[i]);
+                channels[i] = channels[i].max(chans[i]);
+            }
+            widest = widest.max(b.spec.input.len()).max(these.into_iter().max().unwrap_or(0));
+            col = col.max(b.expand.map_or(0, |(c, _)| c.col_len())).max(b.project.0.col_len());
+        }
+        let hidden = sizes[0];
         let per_stage = |what| -> Result<[Vec<f32>; 3], OutOfMemory> {
             Ok([
                 try_zeros(sizes[0] * max_rows, what)?,

@@ -44,6 +44,7 @@ fn cases() -> Vec<DepthwiseConv2d> {
         DepthwiseConv2d { input: Chw { c: 1, h: 4, w: 4 }, k: 1, stride: 1, padding: 0 },
         DepthwiseConv2d { input: Chw { c: 2, h: 9, w: 8 }, k: 5, stride: 1, padding: 2 },
         DepthwiseConv2d { input: Chw { c: 2, h: 3, w: 3 }, k: 7, stride: 1, padding: 3 },
+        DepthwiseConv2d { input: Chw { c: 3, h: 8, w: 8 }, k: 3, stride: 2, padding: 1 },
     ]
 }
 

@@ -3,7 +3,7 @@
 use crate::Schedule;
 use serde::{Deserialize, Serialize};
 use svp_net::ProjectionHeads;
-pub use svp_net::{ConvItem, ModelConfig, PoolMarker, VitConfig};
+pub use svp_net::{ConvItem, MobileItem, ModelConfig, PoolMarker, VitConfig};
 use svp_optim::Optimizer;
 
 /// Training rule.
@@ -259,14 +259,20 @@ impl Config {
 
     /// Checks every value that would otherwise fail (or silently misbehave) later.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.model.hidden.is_empty() && self.model.conv.is_empty() && self.model.vit.is_none() {
+        let (no_conv, no_mobile) = (self.model.conv.is_empty(), self.model.mobile.is_empty());
+        if self.model.hidden.is_empty() && no_conv && no_mobile && self.model.vit.is_none() {
             return invalid(
-                "model.hidden must list at least one hidden layer width (or model.conv a conv block, or model.vit)",
+                "model.hidden must list at least one hidden layer width (or model.conv a conv block, model.mobile a mobile block, or model.vit)",
             );
         }
+        for (i, m) in self.model.mobile.iter().enumerate() {
+            if m.channels == 0 || m.expansion == 0 || !(1..=2).contains(&m.stride) {
+                return invalid(format!("model.mobile[{i}]: channels and expansion must be at least 1, stride 1 or 2"));
+            }
+        }
         if let Some(v) = &self.model.vit {
-            if !self.model.conv.is_empty() {
-                return invalid("model.conv and model.vit cannot both be given");
+            if !no_conv || !no_mobile {
+                return invalid("model.vit cannot be given with model.conv or model.mobile");
             }
             for (name, value) in
                 [("patch", v.patch), ("dim", v.dim), ("depth", v.depth), ("heads", v.heads), ("mlp", v.mlp)]

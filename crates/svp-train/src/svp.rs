@@ -202,7 +202,7 @@ struct Batch<'a> {
 
 /// The units of a step, in order: ranges of consecutive layers trained
 /// together by backprop from one local loss at the unit's last layer, with
-/// no gradient between units. Conv blocks, transformer blocks and dense
+/// no gradient between units. Conv blocks, mobile blocks, transformer blocks and dense
 /// hidden layers go in runs of up to `per_unit` of a kind (1: plain SVP);
 /// a ViT's patch embedding and token head join the unit after them; the
 /// classifier head ends the last unit, which is the head alone (with the
@@ -212,7 +212,10 @@ pub fn units(model: &Network, per_unit: usize, head_joins: bool) -> Vec<Range<us
     let same_kind = |a: Layer, b: Layer| {
         matches!(
             (a, b),
-            (Layer::Conv(_), Layer::Conv(_)) | (Layer::Block(_), Layer::Block(_)) | (Layer::Dense(_), Layer::Dense(_))
+            (Layer::Conv(_), Layer::Conv(_))
+                | (Layer::Mobile(_), Layer::Mobile(_))
+                | (Layer::Block(_), Layer::Block(_))
+                | (Layer::Dense(_), Layer::Dense(_))
         )
     };
     let mut units = Vec::new();
