@@ -69,6 +69,27 @@ pub fn vit_config() -> Config {
     c
 }
 
+/// `models/mobilenet-fmnist.toml`'s network and rule (checked against the file's key lines).
+pub fn mobilenet_config() -> Config {
+    use svp_train::config::{ConvItem, MobileItem};
+    let text = include_str!("../models/mobilenet-fmnist.toml");
+    let blocks = [(16, 1, 1), (24, 6, 2), (24, 6, 1), (32, 6, 2), (32, 6, 1), (64, 6, 1)];
+    for (channels, expansion, stride) in blocks {
+        let line = format!("{{ channels = {channels}, expansion = {expansion}, stride = {stride} }}");
+        assert!(text.contains(&line), "MobileNet config changed ({line}): update the benches");
+    }
+    for line in ["conv = [16]", "layers_per_unit = 2"] {
+        assert!(text.contains(line), "MobileNet config changed ({line}): update the benches");
+    }
+    let mut c = reference_config();
+    c.model.conv = vec![ConvItem::Channels(16)];
+    c.model.mobile =
+        blocks.into_iter().map(|(channels, expansion, stride)| MobileItem { channels, expansion, stride }).collect();
+    c.model.hidden = vec![];
+    c.svp.layers_per_unit = 2;
+    c
+}
+
 /// One GEMM the training steps run: `(m, k) x (k, n)`, with a name saying where.
 #[derive(Clone, Copy, Debug)]
 pub struct GemmShape {

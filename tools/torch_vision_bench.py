@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """PyTorch's backprop training step on svp's vision architectures, timed.
 
-The networks are those of models/cnn-fmnist.toml and models/vit-fmnist.toml,
-built from PyTorch's own layers: the same shapes, layer kinds and arithmetic
-(conv 3x3 + BatchNorm + ReLU blocks with 2x2 max pooling and a linear head;
-a pre-norm ViT with patch 7, width 128, 6 blocks of 4 heads and a GELU MLP of
-256, LayerNorm of the class token, a linear head), trained with the configs'
-optimizers (Adam 1e-3; AdamW 1e-3, weight decay 0.05) on random 28x28 inputs
+The networks are those of models/cnn-fmnist.toml, models/vit-fmnist.toml and
+models/mobilenet-fmnist.toml, built from PyTorch's own layers: the same
+shapes, layer kinds and arithmetic (conv 3x3 + BatchNorm + ReLU blocks with
+2x2 max pooling and a linear head; a pre-norm ViT with patch 7, width 128, 6
+blocks of 4 heads and a GELU MLP of 256, LayerNorm of the class token, a
+linear head; a conv stem and MobileNetV2 inverted residual blocks with a
+linear head), trained with the configs' optimizers (Adam 1e-3; AdamW 1e-3,
+weight decay 0.05) on random 28x28 inputs
 at batch 128. Only the step is timed (forward, loss, backward, optimizer),
 after warm-up steps; the fastest of several rounds is reported, as svp's
 step_profile does, because the hosts are shared.
@@ -34,6 +36,43 @@ def cnn():
             layers += [nn.Conv2d(c, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU()]
             c = item
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 3 * 3, 10))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block as svp's MobileBlock: 1x1 expand + BN + ReLU6 (none
+    at expansion 1), depthwise 3x3 + BN + ReLU6, 1x1 project + BN, the input
+    added back at stride 1 with equal channels. Convolutions keep their bias,
+    as svp's do."""
+
+    def __init__(self, c_in, c_out, expansion, stride):
+        super().__init__()
+        hidden = c_in * expansion
+        layers = []
+        if expansion != 1:
+            layers += [nn.Conv2d(c_in, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden),
+                   nn.BatchNorm2d(hidden), nn.ReLU6(),
+                   nn.Conv2d(hidden, c_out, 1), nn.BatchNorm2d(c_out)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+# models/mobilenet-fmnist.toml: a conv [16] stem, then (channels, expansion, stride).
+MOBILE_STEM = 16
+MOBILE_BLOCKS = [(16, 1, 1), (24, 6, 2), (24, 6, 1), (32, 6, 2), (32, 6, 1), (64, 6, 1)]
+
+
+def mobilenet():
+    layers = [nn.Conv2d(1, MOBILE_STEM, 3, padding=1), nn.BatchNorm2d(MOBILE_STEM), nn.ReLU()]
+    c, side = MOBILE_STEM, 28
+    for channels, expansion, stride in MOBILE_BLOCKS:
+        layers.append(InvertedResidual(c, channels, expansion, stride))
+        c, side = channels, (side - 1) // stride + 1
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * side * side, 10))
 
 
 class Block(nn.Module):
@@ -74,7 +113,7 @@ class ViT(nn.Module):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("net", choices=["cnn", "vit"])
+    ap.add_argument("net", choices=["cnn", "vit", "mobilenet"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="steps per round")
@@ -82,8 +121,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    model = cnn() if args.net == "cnn" else ViT()
-    if args.net == "cnn":
+    model = {"cnn": cnn, "vit": ViT, "mobilenet": mobilenet}[args.net]()
+    if args.net != "vit":
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)

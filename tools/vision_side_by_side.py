@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""svp's SVP+ and BP training steps against PyTorch's BP, on the CNN and ViT
-of models/, in one sitting, alternating.
+"""svp's SVP+ and BP training steps against PyTorch's BP, on the CNN, ViT and
+MobileNet of models/, in one sitting, alternating.
 
     cargo build --release -p svp-benches --example step_profile
     python3 tools/vision_side_by_side.py --threads 2 1 --repeats 3
+    python3 tools/vision_side_by_side.py --nets mobilenet
 
 Each repeat runs, for each network and thread count, svp's SVP+ step, svp's
 BP step and PyTorch's BP step (tools/torch_vision_bench.py) one after the
@@ -57,7 +58,7 @@ def torch_ms(net, threads, steps, rounds):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
-    ap.add_argument("--nets", nargs="+", default=["cnn", "vit"], choices=["cnn", "vit"])
+    ap.add_argument("--nets", nargs="+", default=["cnn", "vit"], choices=["cnn", "vit", "mobilenet"])
     ap.add_argument("--repeats", type=int, default=3, help="alternations of the three runs")
     ap.add_argument("--steps", type=int, default=10, help="steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per run (the fastest counts)")

@@ -1,5 +1,5 @@
-//! Runs steps of the reference model (or, with `NET=cnn|vit`, of the CNN or
-//! ViT config) on the pool and prints the fastest of several rounds:
+//! Runs steps of the reference model (or, with `NET=cnn|vit|mobilenet`, of
+//! the CNN, ViT or MobileNet config) on the pool and prints the fastest of several rounds:
 //! `step_profile [svp|bp] [steps per round] [rounds]`, for a profiler or for
 //! before/after comparisons on a noisy host.
 fn main() {
@@ -13,6 +13,7 @@ fn main() {
     let config = match std::env::var("NET").as_deref() {
         Ok("cnn") => svp_benches::cnn_config(),
         Ok("vit") => svp_benches::vit_config(),
+        Ok("mobilenet") => svp_benches::mobilenet_config(),
         _ => svp_benches::reference_config(),
     };
     let mut bench = svp_benches::StepBench::with_config(method, config);

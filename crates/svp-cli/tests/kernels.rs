@@ -72,17 +72,22 @@ fn every_kernel_trains_the_reference_mlp_to_the_same_bits() {
     }
 }
 
-/// Small conv and ViT networks on every kernel (BatchNorm's and the other
-/// vision passes are compiled once per instruction set): two SVP+ steps at
-/// batch 128 give the same model file bytes.
+/// Small conv, MobileNet and ViT networks on every kernel (BatchNorm's,
+/// the depthwise convolution's and the other vision passes are compiled once
+/// per instruction set): two SVP+ steps at batch 128 give the same model file
+/// bytes.
 #[test]
-fn every_kernel_trains_a_cnn_and_a_vit_to_the_same_bits() {
+fn every_kernel_trains_a_cnn_a_mobilenet_and_a_vit_to_the_same_bits() {
     let kernels = kernels();
     let d = scratch("kernels-vision");
     let nets = [
         (
             "cnn",
             "[model]\nhidden = []\nconv = [8, 8, \"M\", 16, \"M\"]\n[svp]\nlayers_per_unit = 2\n[train]\n[optimizer]\nkind = \"adam\"\nlr = 1e-3\n",
+        ),
+        (
+            "mobilenet",
+            "[model]\nhidden = []\nconv = [8]\nmobile = [{ channels = 8, expansion = 1 }, { channels = 12, expansion = 2, stride = 2 }, { channels = 12, expansion = 2 }]\n[svp]\nlayers_per_unit = 2\n[train]\n[optimizer]\nkind = \"adam\"\nlr = 1e-3\n",
         ),
         (
             "vit",

@@ -45,6 +45,10 @@ fn cases() -> Vec<DepthwiseConv2d> {
         DepthwiseConv2d { input: Chw { c: 2, h: 9, w: 8 }, k: 5, stride: 1, padding: 2 },
         DepthwiseConv2d { input: Chw { c: 2, h: 3, w: 3 }, k: 7, stride: 1, padding: 3 },
         DepthwiseConv2d { input: Chw { c: 3, h: 8, w: 8 }, k: 3, stride: 2, padding: 1 },
+        // Rows longer than the kernels' 8 lanes, with and without a remainder.
+        DepthwiseConv2d { input: Chw { c: 2, h: 5, w: 21 }, k: 3, stride: 1, padding: 1 },
+        DepthwiseConv2d { input: Chw { c: 2, h: 4, w: 16 }, k: 3, stride: 1, padding: 1 },
+        DepthwiseConv2d { input: Chw { c: 2, h: 6, w: 37 }, k: 3, stride: 2, padding: 1 },
     ]
 }
 
