@@ -8,7 +8,7 @@
 //! "conv fwd - gemm" is what the convolution spends outside its GEMM
 //! (unfolding, the layout change, the bias).
 use std::time::Instant;
-use svp_nn::conv::{BatchNorm2d, Chw, Conv2d, Pool2d, PoolKind};
+use svp_nn::conv::{BatchNorm2d, BnActivation, Chw, Conv2d, Pool2d, PoolKind};
 use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockSpec, Mode};
 use svp_tensor::{gemm, view, view_mut};
 
@@ -102,7 +102,7 @@ fn main() {
                 }
             }) * (ROWS * hw) as f64
                 / (groups * cols) as f64;
-            let bn = BatchNorm2d { shape: conv.output(), momentum: 0.1, relu: true };
+            let bn = BatchNorm2d { shape: conv.output(), momentum: 0.1, activation: BnActivation::Relu };
             let (mut bn_p, mut running) = (vec![1.0; 2 * c_out], vec![0.0; 2 * c_out]);
             bn_p[c_out..].fill(0.0);
             bn.init_running(&mut running);

@@ -8,6 +8,7 @@
 //! parallel) and the backward recomputes it from the input, so nothing
 //! per-sample is kept between forward and backward.
 
+use crate::depthwise::relu6;
 use rayon::prelude::*;
 use svp_tensor::{for_each_row_mut, gemm, view, view_mut};
 
@@ -474,7 +475,8 @@ svp_tensor::multiversion! {
 
 /// BatchNorm over the channels of NCHW batches: batch statistics in training
 /// (and an exponential running average of them), running statistics in
-/// inference; with `relu`, a ReLU after it, fused into the same passes.
+/// inference; the activation after it (none, ReLU or ReLU6) fused into the
+/// same passes.
 /// Parameters: `[gamma (c) | beta (c)]`; running statistics:
 /// `[mean (c) | var (c)]`, owned by the caller beside the parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -483,9 +485,48 @@ pub struct BatchNorm2d {
     pub shape: Chw,
     /// Weight of the newest batch in the running statistics (PyTorch: 0.1).
     pub momentum: f32,
-    /// A ReLU follows: the output is `max(gamma * xhat + beta, 0)`, and the
-    /// backward lets the gradient through only where that was positive.
-    pub relu: bool,
+    /// The activation after it: the output is `act(gamma * xhat + beta)`,
+    /// and the backward recomputes the activation's mask from `xhat`.
+    pub activation: BnActivation,
+}
+
+/// The activation fused into a [`BatchNorm2d`]'s passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BnActivation {
+    /// None: the output is BatchNorm's.
+    Identity,
+    /// `max(y, 0)`.
+    Relu,
+    /// `min(max(y, 0), 6)` (MobileNet's).
+    Relu6,
+}
+
+impl BnActivation {
+    /// The activation of BatchNorm's output `y`.
+    #[inline(always)]
+    fn apply(self, y: f32) -> f32 {
+        match self {
+            Self::Identity => y,
+            Self::Relu => y.max(0.0),
+            Self::Relu6 => relu6(y),
+        }
+    }
+
+    /// `d` where the activation let BatchNorm's output `gamma * h + beta`
+    /// through, else +0.0 (a mask of the bits, not a branch: the entries
+    /// go both ways about equally).
+    #[inline(always)]
+    fn mask(self, d: f32, h: f32, gamma: f32, beta: f32) -> f32 {
+        let keep = match self {
+            Self::Identity => return d,
+            Self::Relu => gamma * h + beta > 0.0,
+            Self::Relu6 => {
+                let y = gamma * h + beta;
+                y > 0.0 && y < 6.0
+            }
+        };
+        f32::from_bits(d.to_bits() & u32::from(keep).wrapping_neg())
+    }
 }
 
 /// BatchNorm's variance epsilon (PyTorch's default).
@@ -515,37 +556,27 @@ fn add_moments(values: &[f32], acc: &mut [[f64; SUM_LANES]; 2]) {
     *acc = [s, sq];
 }
 
-/// BatchNorm's output `y`, through the ReLU after it if `relu`.
-#[inline(always)]
-fn relu_if(relu: bool, y: f32) -> f32 {
-    if relu { y.max(0.0) } else { y }
-}
-
-/// `d` where BatchNorm's output `gamma * h + beta` was positive, else +0.0:
-/// the gradient through the ReLU after it (a mask of the bits, not a
-/// branch: about half the entries go each way).
-#[inline(always)]
-fn relu_masked(d: f32, h: f32, gamma: f32, beta: f32) -> f32 {
-    let keep = u32::from(gamma * h + beta > 0.0).wrapping_neg();
-    f32::from_bits(d.to_bits() & keep)
-}
-
 /// Adds `d'` and `d' * h` over a plane into the lanes of `acc`, where `d'`
-/// is the gradient `d`, through the ReLU's mask if `relu`, in f64.
+/// is the gradient `d` through the activation's mask, in f64.
 #[inline(always)]
-fn add_gradient_sums(d: &[f32], h: &[f32], (gamma, beta, relu): (f32, f32, bool), acc: &mut [[f64; SUM_LANES]; 2]) {
+fn add_gradient_sums(
+    d: &[f32],
+    h: &[f32],
+    (gamma, beta, act): (f32, f32, BnActivation),
+    acc: &mut [[f64; SUM_LANES]; 2],
+) {
     let (mut s, mut sh) = (acc[0], acc[1]);
     let (dw, d_rest) = d.as_chunks::<SUM_LANES>();
     let (hw, h_rest) = h[..d.len()].as_chunks::<SUM_LANES>();
     for (dc, hc) in dw.iter().zip(hw) {
         for i in 0..SUM_LANES {
-            let g = if relu { relu_masked(dc[i], hc[i], gamma, beta) } else { dc[i] };
+            let g = act.mask(dc[i], hc[i], gamma, beta);
             s[i] += g as f64;
             sh[i] += (g * hc[i]) as f64;
         }
     }
     for (i, (&dv, &hv)) in d_rest.iter().zip(h_rest).enumerate() {
-        let g = if relu { relu_masked(dv, hv, gamma, beta) } else { dv };
+        let g = act.mask(dv, hv, gamma, beta);
         s[i] += g as f64;
         sh[i] += (g * hv) as f64;
     }
@@ -570,7 +601,7 @@ svp_tensor::multiversion! {
 
 svp_tensor::multiversion! {
     /// One sample: `xhat = (x - mean) * rstd` and `out = gamma * xhat +
-    /// beta` per channel plane of `hw`, through a ReLU if `relu`.
+    /// beta` per channel plane of `hw`, through the activation.
     fn normalize_sample(
         xs: &[f32],
         out: &mut [f32],
@@ -578,7 +609,7 @@ svp_tensor::multiversion! {
         hw: usize,
         stats: (&[f32], &[f32]),
         affine: (&[f32], &[f32]),
-        relu: bool,
+        act: BnActivation,
     ) {
         let ((mean, rstd), (gamma, beta)) = (stats, affine);
         let planes = xs.chunks_exact(hw).zip(out.chunks_exact_mut(hw)).zip(xhat.chunks_exact_mut(hw));
@@ -586,7 +617,29 @@ svp_tensor::multiversion! {
             let (m, r, g, b) = (mean[ch], rstd[ch], gamma[ch], beta[ch]);
             for ((&v, o), h) in xs.iter().zip(os.iter_mut()).zip(hs.iter_mut()) {
                 *h = (v - m) * r;
-                *o = relu_if(relu, g * *h + b);
+                *o = act.apply(g * *h + b);
+            }
+        }
+    }
+}
+
+svp_tensor::multiversion! {
+    /// [`normalize_sample`] with `x` read from, and `xhat` written over,
+    /// the same buffer (the same arithmetic, so the same bits).
+    fn normalize_sample_in_place(
+        x_then_xhat: &mut [f32],
+        out: &mut [f32],
+        hw: usize,
+        stats: (&[f32], &[f32]),
+        affine: (&[f32], &[f32]),
+        act: BnActivation,
+    ) {
+        let ((mean, rstd), (gamma, beta)) = (stats, affine);
+        for (ch, (hs, os)) in x_then_xhat.chunks_exact_mut(hw).zip(out.chunks_exact_mut(hw)).enumerate() {
+            let (m, r, g, b) = (mean[ch], rstd[ch], gamma[ch], beta[ch]);
+            for (h, o) in hs.iter_mut().zip(os.iter_mut()) {
+                *h = (*h - m) * r;
+                *o = act.apply(g * *h + b);
             }
         }
     }
@@ -594,12 +647,12 @@ svp_tensor::multiversion! {
 
 svp_tensor::multiversion! {
     /// `(sum d', sum d' * xhat)` of channel `ch` over the batch, `d'` the
-    /// gradient `dout` through the ReLU's mask if `relu`, in f64.
+    /// gradient `dout` through the activation's mask, in f64.
     fn channel_gradient_sums(
         dout: &[f32],
         xhat: &[f32],
         layout: (usize, usize, usize),
-        affine: (f32, f32, bool),
+        affine: (f32, f32, BnActivation),
     ) -> (f64, f64) {
         let (len, ch, hw) = layout;
         let mut acc = [[0.0f64; SUM_LANES]; 2];
@@ -620,14 +673,14 @@ svp_tensor::multiversion! {
         shape: (usize, f32),
         params: (&[f32], &[f32], &[f32]),
         sums: (&[f32], &[f32]),
-        relu: bool,
+        act: BnActivation,
     ) {
         let ((hw, n), (gamma, beta, rstd), (dgamma, dbeta)) = (shape, params, sums);
         let planes = hs.chunks_exact(hw).zip(ds.chunks_exact(hw)).zip(dxs.chunks_exact_mut(hw));
         for (ch, ((hs, ds), dxs)) in planes.enumerate() {
             let (k, g, b, sum_d, sum_dh) = (gamma[ch] * rstd[ch] / n, gamma[ch], beta[ch], dbeta[ch], dgamma[ch]);
             for ((&h, &d), dx) in hs.iter().zip(ds).zip(dxs.iter_mut()) {
-                let d = if relu { relu_masked(d, h, g, b) } else { d };
+                let d = act.mask(d, h, g, b);
                 *dx = k * (n * d - sum_d - h * sum_dh);
             }
         }
@@ -668,10 +721,44 @@ impl BatchNorm2d {
         stats: &mut [f32],
     ) {
         let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
-        let n = (rows * hw) as f64;
-        let (gamma, beta) = params.split_at(c);
-        let (rstd, mean) = stats[..2 * c].split_at_mut(c);
         let x = &x[..rows * len];
+        self.batch_statistics(running, x, rows, stats);
+        let (gamma, beta) = params.split_at(c);
+        let (rstd, mean) = stats[..2 * c].split_at(c);
+        let samples =
+            x.par_chunks(len).zip(out[..rows * len].par_chunks_mut(len)).zip(xhat[..rows * len].par_chunks_mut(len));
+        samples
+            .for_each(|((xs, os), hs)| normalize_sample(xs, os, hs, hw, (mean, rstd), (gamma, beta), self.activation));
+    }
+
+    /// [`BatchNorm2d::forward_train`] with the input read from, and `xhat`
+    /// written over, the same buffer: one activation-sized buffer fewer for
+    /// a layer that keeps only `xhat`. The same bits.
+    pub fn forward_train_in_place(
+        &self,
+        params: &[f32],
+        running: &mut [f32],
+        x_then_xhat: &mut [f32],
+        rows: usize,
+        out: &mut [f32],
+        stats: &mut [f32],
+    ) {
+        let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
+        let x = &mut x_then_xhat[..rows * len];
+        self.batch_statistics(running, x, rows, stats);
+        let (gamma, beta) = params.split_at(c);
+        let (rstd, mean) = stats[..2 * c].split_at(c);
+        x.par_chunks_mut(len)
+            .zip(out[..rows * len].par_chunks_mut(len))
+            .for_each(|(hs, os)| normalize_sample_in_place(hs, os, hw, (mean, rstd), (gamma, beta), self.activation));
+    }
+
+    /// The batch's `1/std` and mean per channel into `stats`, and the
+    /// running statistics moved toward them.
+    fn batch_statistics(&self, running: &mut [f32], x: &[f32], rows: usize, stats: &mut [f32]) {
+        let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
+        let n = (rows * hw) as f64;
+        let (rstd, mean) = stats[..2 * c].split_at_mut(c);
         let (run_mean, run_var) = running[..2 * c].split_at_mut(c);
         let per_channel = rstd.par_iter_mut().zip(mean.par_iter_mut()).zip(run_mean.par_iter_mut().zip(run_var));
         per_channel.enumerate().for_each(|(ch, ((r, m), (run_mean, run_var)))| {
@@ -688,10 +775,6 @@ impl BatchNorm2d {
             let unbiased = if n > 1.0 { var * n / (n - 1.0) } else { var };
             *run_var = (1.0 - k) * *run_var + k * unbiased as f32;
         });
-        let stats = (&*mean, &*rstd);
-        let samples =
-            x.par_chunks(len).zip(out[..rows * len].par_chunks_mut(len)).zip(xhat[..rows * len].par_chunks_mut(len));
-        samples.for_each(|((xs, os), hs)| normalize_sample(xs, os, hs, hw, stats, (gamma, beta), self.relu));
     }
 
     /// Inference forward with the running statistics.
@@ -703,7 +786,7 @@ impl BatchNorm2d {
             for row in 0..rows {
                 let at = row * len + ch * hw;
                 for i in at..at + hw {
-                    out[i] = relu_if(self.relu, gamma[ch] * (x[i] - running[ch]) * r + beta[ch]);
+                    out[i] = self.activation.apply(gamma[ch] * (x[i] - running[ch]) * r + beta[ch]);
                 }
             }
         }
@@ -711,7 +794,7 @@ impl BatchNorm2d {
 
     /// Backward of [`BatchNorm2d::forward_train`]: parameter gradient into
     /// `grad` (overwriting) and the input gradient into `dx` (overwriting),
-    /// from `dout`, the gradient wrt the output (after the ReLU, if any,
+    /// from `dout`, the gradient wrt the output (after the activation,
     /// whose mask is recomputed bit for bit from `xhat`). `rstd` is the
     /// first half of the forward's `stats`.
     #[allow(clippy::too_many_arguments)]
@@ -731,14 +814,15 @@ impl BatchNorm2d {
         let (dgamma, dbeta) = grad[..2 * c].split_at_mut(c);
         let (xhat, dout) = (&xhat[..rows * len], &dout[..rows * len]);
         dgamma.par_iter_mut().zip(dbeta.par_iter_mut()).enumerate().for_each(|(ch, (dg, db))| {
-            let (sum_d, sum_dh) = channel_gradient_sums(dout, xhat, (len, ch, hw), (gamma[ch], beta[ch], self.relu));
+            let (sum_d, sum_dh) =
+                channel_gradient_sums(dout, xhat, (len, ch, hw), (gamma[ch], beta[ch], self.activation));
             *dg = sum_dh as f32;
             *db = sum_d as f32;
         });
         let sums = (&*dgamma, &*dbeta);
         let samples = xhat.par_chunks(len).zip(dout.par_chunks(len)).zip(dx[..rows * len].par_chunks_mut(len));
         samples.for_each(|((hs, ds), dxs)| {
-            input_gradient_sample(hs, ds, dxs, (hw, n), (gamma, beta, &rstd[..c]), sums, self.relu)
+            input_gradient_sample(hs, ds, dxs, (hw, n), (gamma, beta, &rstd[..c]), sums, self.activation)
         });
     }
 }

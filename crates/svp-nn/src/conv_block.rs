@@ -2,7 +2,7 @@
 //! `out = [maxpool2x2](relu(batchnorm(conv3x3(x))))`.
 
 use crate::Mode;
-use crate::conv::{BatchNorm2d, Chw, Conv2d, Pool2d, PoolKind};
+use crate::conv::{BatchNorm2d, BnActivation, Chw, Conv2d, Pool2d, PoolKind};
 use serde::{Deserialize, Serialize};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_rng::{Purpose, Stream, StreamKey};
@@ -113,7 +113,7 @@ impl ConvBlock {
     /// Block `layer` (its index keys its weight initialization).
     pub fn new(spec: ConvBlockSpec, layer: u64) -> Self {
         let conv = Conv2d { input: spec.input(), c_out: spec.out_channels, k: 3, stride: 1, padding: 1 };
-        let bn = BatchNorm2d { shape: conv.output(), momentum: 0.1, relu: true };
+        let bn = BatchNorm2d { shape: conv.output(), momentum: 0.1, activation: BnActivation::Relu };
         let pool = spec.pool.then(|| Pool2d::fixed(conv.output(), PoolKind::Max, 2, 2));
         Self { spec, layer, conv, bn, pool }
     }

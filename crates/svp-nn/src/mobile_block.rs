@@ -7,13 +7,14 @@
 //! Its API is a [`ConvBlock`](crate::ConvBlock)'s: one parameter slice with
 //! the running statistics last, training and inference forwards, a backward
 //! with an optional input gradient, and the readout a projection head reads.
-//! BatchNorm's fused ReLU is not used here, so each ReLU6 reads a stored
-//! pre-activation; fusing ReLU6 into BatchNorm is left for when the block's
-//! speed is measured.
+//! Each ReLU6 is fused into the BatchNorm before it (its mask recomputed
+//! from BatchNorm's normalized values), and each BatchNorm normalizes its
+//! conv's output in place, so a stage keeps two activation-sized buffers
+//! (normalized values and activation) rather than four.
 
 use crate::Mode;
-use crate::conv::{BatchNorm2d, Chw, Conv2d, Pool2d};
-use crate::depthwise::{DepthwiseConv2d, relu6, relu6_grad};
+use crate::conv::{BatchNorm2d, BnActivation, Chw, Conv2d, Pool2d};
+use crate::depthwise::DepthwiseConv2d;
 use rayon::prelude::*;
 use std::ops::Range;
 use svp_alloc::{OutOfMemory, try_zeros};
@@ -60,14 +61,17 @@ fn ranges<const N: usize>(start: usize, lens: [usize; N]) -> [Range<usize>; N] {
 impl MobileBlock {
     /// Block `layer` (its index keys its weight initialization).
     pub fn new(spec: MobileBlockSpec, layer: u64) -> Self {
-        let bn = |shape| BatchNorm2d { shape, momentum: 0.1, relu: false };
+        let bn = |shape, activation| BatchNorm2d { shape, momentum: 0.1, activation };
         let hidden = Chw { c: spec.input.c * spec.expansion, ..spec.input };
-        let expand = (spec.expansion != 1)
-            .then(|| (Conv2d { input: spec.input, c_out: hidden.c, k: 1, stride: 1, padding: 0 }, bn(hidden)));
+        let expand = (spec.expansion != 1).then(|| {
+            let conv = Conv2d { input: spec.input, c_out: hidden.c, k: 1, stride: 1, padding: 0 };
+            (conv, bn(hidden, BnActivation::Relu6))
+        });
         let dw = DepthwiseConv2d { input: hidden, k: 3, stride: spec.stride, padding: 1 };
         let dw_out = dw.output();
         let project = Conv2d { input: dw_out, c_out: spec.out_channels, k: 1, stride: 1, padding: 0 };
-        Self { spec, layer, expand, depthwise: (dw, bn(dw_out)), project: (project, bn(project.output())) }
+        let project = (project, bn(project.output(), BnActivation::Identity));
+        Self { spec, layer, expand, depthwise: (dw, bn(dw_out, BnActivation::Relu6)), project }
     }
 
     /// Shape and kind.
@@ -150,13 +154,12 @@ impl MobileBlock {
 #[derive(Debug, Default)]
 pub struct MobileBlockCache {
     max_rows: usize,
-    /// Per stage (expand, depthwise, project): the conv output, BatchNorm's
-    /// normalized values, its output (the ReLU6 input) and its statistics.
-    conv: [Vec<f32>; 3],
+    /// Per stage (expand, depthwise, project): the conv output, normalized
+    /// in place into BatchNorm's `xhat`, and BatchNorm's statistics.
     xhat: [Vec<f32>; 3],
-    pre: [Vec<f32>; 3],
     stats: [Vec<f32>; 3],
-    /// The ReLU6 outputs of expand and depthwise (the next stage's input).
+    /// The ReLU6 outputs of expand and depthwise (the next stage's input),
+    /// written by their BatchNorm with ReLU6 fused in.
     act: [Vec<f32>; 2],
     /// Backward scratch, each the size of the largest stage.
     d_a: Vec<f32>,
@@ -201,9 +204,7 @@ impl MobileBlockCache {
         let stats = "a mobile block's BatchNorm statistics";
         Ok(Self {
             max_rows,
-            conv: per_stage("a mobile block's convolution outputs")?,
             xhat: per_stage("a mobile block's normalized values")?,
-            pre: per_stage("a mobile block's activations")?,
             stats: [
                 try_zeros(2 * channels[0], stats)?,
                 try_zeros(2 * channels[1], stats)?,
@@ -222,8 +223,7 @@ impl MobileBlockCache {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        let stages: usize =
-            [&self.conv, &self.xhat, &self.pre, &self.stats].iter().flat_map(|s| s.iter()).map(Vec::len).sum();
+        let stages: usize = [&self.xhat, &self.stats].iter().flat_map(|s| s.iter()).map(Vec::len).sum();
         let rest = [&self.act[0], &self.act[1], &self.d_a, &self.d_b, &self.col, &self.dcol].map(|v| v.len());
         4 * (stages + rest.iter().sum::<usize>())
     }
@@ -280,36 +280,29 @@ impl MobileBlock {
         let r = self.trained();
         let c = cache;
         let [n0, n1, n2] = norming;
-        let norm = |bn: BatchNorm2d,
-                    how: Norming,
-                    gb: &[f32],
-                    z: &[f32],
-                    y: &mut [f32],
-                    xhat: &mut [f32],
-                    stats: &mut [f32]| {
-            match how {
-                Norming::Train(running) => bn.forward_train(gb, running, z, rows, y, xhat, stats),
+        // `z` holds the stage's conv output and, after a training forward,
+        // BatchNorm's normalized values.
+        let norm =
+            |bn: BatchNorm2d, how: Norming, gb: &[f32], z: &mut [f32], y: &mut [f32], stats: &mut [f32]| match how {
+                Norming::Train(running) => bn.forward_train_in_place(gb, running, z, rows, y, stats),
                 Norming::Infer(running) => bn.forward_infer(gb, running, z, rows, y),
-            }
-        };
+            };
         let [act_e, act_d] = &mut c.act;
         let hidden_in: &[f32] = match self.expand {
             Some((conv, bn)) => {
-                conv.forward(&p[r[0].clone()], x, rows, &mut c.conv[0], &mut c.col);
-                norm(bn, n0, &p[r[1].clone()], &c.conv[0], &mut c.pre[0], &mut c.xhat[0], &mut c.stats[0]);
-                relu6_into(&c.pre[0], act_e, rows * bn.shape.len());
+                conv.forward(&p[r[0].clone()], x, rows, &mut c.xhat[0], &mut c.col);
+                norm(bn, n0, &p[r[1].clone()], &mut c.xhat[0], act_e, &mut c.stats[0]);
                 act_e
             }
             None => x,
         };
         let (dw, bn) = self.depthwise;
-        dw.forward(&p[r[2].clone()], hidden_in, rows, &mut c.conv[1]);
-        norm(bn, n1, &p[r[3].clone()], &c.conv[1], &mut c.pre[1], &mut c.xhat[1], &mut c.stats[1]);
-        relu6_into(&c.pre[1], act_d, rows * bn.shape.len());
+        dw.forward(&p[r[2].clone()], hidden_in, rows, &mut c.xhat[1]);
+        norm(bn, n1, &p[r[3].clone()], &mut c.xhat[1], act_d, &mut c.stats[1]);
         let (conv, bn) = self.project;
-        conv.forward(&p[r[4].clone()], act_d, rows, &mut c.conv[2], &mut c.col);
+        conv.forward(&p[r[4].clone()], act_d, rows, &mut c.xhat[2], &mut c.col);
         let n = rows * bn.shape.len();
-        norm(bn, n2, &p[r[5].clone()], &c.conv[2], &mut out[..n], &mut c.xhat[2], &mut c.stats[2]);
+        norm(bn, n2, &p[r[5].clone()], &mut c.xhat[2], &mut out[..n], &mut c.stats[2]);
         if self.residual() {
             out[..n].par_iter_mut().zip(&x[..n]).for_each(|(o, &v)| *o += v);
         }
@@ -341,9 +334,8 @@ impl MobileBlock {
         let (g_conv, p_conv) = (&mut grad[r[4].clone()], &params[r[4].clone()]);
         let d_act = Some(&mut c.d_b[..n_dw]);
         conv.backward(p_conv, &c.act[1], rows, &c.d_a[..n_out], g_conv, d_act, &mut c.col, &mut c.dcol);
-        // Depthwise: ReLU6, BatchNorm, the convolution.
+        // Depthwise: BatchNorm with its ReLU6, the convolution.
         let (dw, bn) = self.depthwise;
-        mask_relu6(&mut c.d_b[..n_dw], &c.pre[1]);
         let rstd = &c.stats[1][..bn.shape.c];
         bn.backward(
             &params[r[3].clone()],
@@ -359,7 +351,6 @@ impl MobileBlock {
             Some((conv, bn)) => {
                 let d_hidden = Some(&mut c.d_b[..n_in]);
                 dw.backward(&params[r[2].clone()], &c.act[0], rows, &c.d_a[..n_dw], &mut grad[r[2].clone()], d_hidden);
-                mask_relu6(&mut c.d_b[..n_in], &c.pre[0]);
                 let rstd = &c.stats[0][..bn.shape.c];
                 bn.backward(
                     &params[r[1].clone()],
@@ -383,13 +374,4 @@ impl MobileBlock {
             dx[..n_out].par_iter_mut().zip(&dout[..n_out]).for_each(|(d, &g)| *d += g);
         }
     }
-}
-
-fn relu6_into(pre: &[f32], act: &mut [f32], n: usize) {
-    act[..n].par_iter_mut().zip(&pre[..n]).for_each(|(a, &v)| *a = relu6(v));
-}
-
-/// The gradient through ReLU6, whose input was `pre`.
-fn mask_relu6(grad: &mut [f32], pre: &[f32]) {
-    grad.par_iter_mut().zip(pre).for_each(|(g, &v)| *g = relu6_grad(*g, v));
 }

@@ -1,7 +1,7 @@
 //! Convolution and pooling: forward against a direct reference, backward
 //! against central finite differences, over several shapes.
 
-use svp_nn::conv::{Chw, Conv2d, Pool2d, PoolKind};
+use svp_nn::conv::{BnActivation, Chw, Conv2d, Pool2d, PoolKind};
 use svp_rng::{Purpose, Stream, StreamKey};
 
 fn random(len: usize, salt: u64) -> Vec<f32> {
@@ -167,29 +167,52 @@ fn pooling_forward_and_backward() {
 
 #[test]
 fn batch_norm_2d_training_inference_and_gradients() {
-    batch_norm_case(false);
+    batch_norm_case(BnActivation::Identity);
 }
 
 /// With the fused ReLU: the output clipped at zero, the gradient only where
 /// it was positive.
 #[test]
 fn batch_norm_2d_with_relu() {
-    batch_norm_case(true);
+    batch_norm_case(BnActivation::Relu);
 }
 
-fn batch_norm_case(relu: bool) {
+/// With the fused ReLU6: the output clipped to [0, 6], the gradient only
+/// strictly inside.
+#[test]
+fn batch_norm_2d_with_relu6() {
+    batch_norm_case(BnActivation::Relu6);
+}
+
+fn batch_norm_case(activation: BnActivation) {
     use svp_nn::conv::BatchNorm2d;
-    let bn = BatchNorm2d { shape: Chw { c: 3, h: 2, w: 3 }, momentum: 0.1, relu };
+    let bn = BatchNorm2d { shape: Chw { c: 3, h: 2, w: 3 }, momentum: 0.1, activation };
     let rows = 4;
     let len = bn.shape.len();
     let mut params = random(bn.param_len(), 50);
-    params[..3].iter_mut().for_each(|g| *g += 1.5); // gamma away from zero
+    // gamma away from zero; for ReLU6 large enough that some outputs pass 6.
+    let lift = if activation == BnActivation::Relu6 { 4.0 } else { 1.5 };
+    params[..3].iter_mut().for_each(|g| *g += lift);
     let x: Vec<f32> = random(rows * len, 51).iter().map(|v| 2.0 * v + 0.7).collect();
     let probe = random(rows * len, 52);
     let mut running = vec![0.0; 6];
     bn.init_running(&mut running);
     let (mut out, mut xhat, mut rstd) = (vec![0.0; rows * len], vec![0.0; rows * len], vec![0.0; 6]);
+    let running_before = running.clone();
     bn.forward_train(&params, &mut running, &x, rows, &mut out, &mut xhat, &mut rstd);
+    // In place (the input buffer becomes xhat): the same bits.
+    let (mut run2, mut buf, mut out2, mut rstd2) = (running_before, x.clone(), vec![0.0; rows * len], vec![0.0; 6]);
+    bn.forward_train_in_place(&params, &mut run2, &mut buf, rows, &mut out2, &mut rstd2);
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&buf), bits(&xhat));
+    assert_eq!(bits(&out2), bits(&out));
+    assert_eq!(bits(&rstd2), bits(&rstd));
+    assert_eq!(bits(&run2), bits(&running));
+    match activation {
+        BnActivation::Identity => assert!(out.iter().any(|&v| v < 0.0)),
+        BnActivation::Relu => assert!(out.iter().all(|&v| v >= 0.0) && out.contains(&0.0)),
+        BnActivation::Relu6 => assert!(out.iter().all(|&v| (0.0..=6.0).contains(&v)) && out.contains(&6.0)),
+    }
     // Each channel of xhat has mean 0 and (biased) variance 1 over the batch.
     for ch in 0..3 {
         let vals: Vec<f64> =
@@ -238,11 +261,11 @@ fn batch_norm_case(relu: bool) {
         d[i] -= eps;
         (loss(&params, &u) - loss(&params, &d)) / (2.0 * eps as f64)
     };
-    if relu {
+    if activation != BnActivation::Identity {
         // Moving one input moves the channel's statistics, and with them
-        // every output of the channel: some cross the ReLU's kink.
-        check_kinked("batchnorm+relu params", &grad, by_params);
-        check_kinked("batchnorm+relu input", &dx, by_input);
+        // every output of the channel: some cross the activation's kinks.
+        check_kinked(&format!("batchnorm+{activation:?} params"), &grad, by_params);
+        check_kinked(&format!("batchnorm+{activation:?} input"), &dx, by_input);
     } else {
         check("batchnorm params", &grad, |i| by_params(i, 1e-3));
         check("batchnorm input", &dx, |i| by_input(i, 1e-3));

@@ -4,7 +4,7 @@
 //! batch statistics), with and without the expansion, at stride 1 and 2.
 
 use svp_nn::Mode;
-use svp_nn::conv::{BatchNorm2d, Chw, Conv2d};
+use svp_nn::conv::{BatchNorm2d, BnActivation, Chw, Conv2d};
 use svp_nn::depthwise::{DepthwiseConv2d, relu6};
 use svp_nn::mobile_block::{MobileBlock, MobileBlockCache, MobileBlockSpec};
 use svp_rng::{Purpose, Stream, StreamKey};
@@ -189,7 +189,7 @@ fn inference_is_the_layers_composed_in_the_documented_layout() {
         let run_e = expand.as_ref().map(|_| take(2 * hidden.c));
         let (run_d, run_p) = (take(2 * hidden.c), take(2 * out_c));
         assert!(rest.is_empty(), "{} values left over", rest.len());
-        let bn = |shape| BatchNorm2d { shape, momentum: 0.1, relu: false };
+        let bn = |shape| BatchNorm2d { shape, momentum: 0.1, activation: BnActivation::Identity };
         let mut col = vec![0.0; project.col_len().max(expand.as_ref().map_or(0, |e| e.0.col_len()))];
         let h: Vec<f32> = match &expand {
             Some((conv, p, gb)) => {
