@@ -687,6 +687,28 @@ svp_tensor::multiversion! {
     }
 }
 
+svp_tensor::multiversion! {
+    /// [`input_gradient_sample`] with the gradient read from, and the input
+    /// gradient written over, the same buffer (the same arithmetic).
+    fn input_gradient_sample_in_place(
+        hs: &[f32],
+        d_then_dx: &mut [f32],
+        shape: (usize, f32),
+        params: (&[f32], &[f32], &[f32]),
+        sums: (&[f32], &[f32]),
+        act: BnActivation,
+    ) {
+        let ((hw, n), (gamma, beta, rstd), (dgamma, dbeta)) = (shape, params, sums);
+        for (ch, (hs, ds)) in hs.chunks_exact(hw).zip(d_then_dx.chunks_exact_mut(hw)).enumerate() {
+            let (k, g, b, sum_d, sum_dh) = (gamma[ch] * rstd[ch] / n, gamma[ch], beta[ch], dbeta[ch], dgamma[ch]);
+            for (&h, d) in hs.iter().zip(ds.iter_mut()) {
+                let masked = act.mask(*d, h, g, b);
+                *d = k * (n * masked - sum_d - h * sum_dh);
+            }
+        }
+    }
+}
+
 impl BatchNorm2d {
     /// Number of parameters.
     pub fn param_len(&self) -> usize {
@@ -809,7 +831,40 @@ impl BatchNorm2d {
         dx: &mut [f32],
     ) {
         let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
-        let n = (rows * hw) as f32;
+        let (xhat, dout) = (&xhat[..rows * len], &dout[..rows * len]);
+        self.parameter_gradient(params, xhat, rows, dout, grad);
+        let (n, (gamma, beta), sums) = ((rows * hw) as f32, params[..2 * c].split_at(c), grad[..2 * c].split_at(c));
+        let samples = xhat.par_chunks(len).zip(dout.par_chunks(len)).zip(dx[..rows * len].par_chunks_mut(len));
+        samples.for_each(|((hs, ds), dxs)| {
+            input_gradient_sample(hs, ds, dxs, (hw, n), (gamma, beta, &rstd[..c]), sums, self.activation)
+        });
+    }
+
+    /// [`BatchNorm2d::backward`] with the input gradient written over
+    /// `dout`: one activation-sized buffer fewer. The same bits.
+    pub fn backward_in_place(
+        &self,
+        params: &[f32],
+        xhat: &[f32],
+        rstd: &[f32],
+        rows: usize,
+        dout_then_dx: &mut [f32],
+        grad: &mut [f32],
+    ) {
+        let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
+        let (xhat, d) = (&xhat[..rows * len], &mut dout_then_dx[..rows * len]);
+        self.parameter_gradient(params, xhat, rows, d, grad);
+        let (n, (gamma, beta), sums) = ((rows * hw) as f32, params[..2 * c].split_at(c), grad[..2 * c].split_at(c));
+        xhat.par_chunks(len).zip(d.par_chunks_mut(len)).for_each(|(hs, ds)| {
+            input_gradient_sample_in_place(hs, ds, (hw, n), (gamma, beta, &rstd[..c]), sums, self.activation)
+        });
+    }
+
+    /// `[d gamma | d beta]` into `grad`: per channel, the sums of `d' *
+    /// xhat` and of `d'` over the batch (`d'` is `dout` through the
+    /// activation's mask).
+    fn parameter_gradient(&self, params: &[f32], xhat: &[f32], rows: usize, dout: &[f32], grad: &mut [f32]) {
+        let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
         let (gamma, beta) = params[..2 * c].split_at(c);
         let (dgamma, dbeta) = grad[..2 * c].split_at_mut(c);
         let (xhat, dout) = (&xhat[..rows * len], &dout[..rows * len]);
@@ -818,11 +873,6 @@ impl BatchNorm2d {
                 channel_gradient_sums(dout, xhat, (len, ch, hw), (gamma[ch], beta[ch], self.activation));
             *dg = sum_dh as f32;
             *db = sum_d as f32;
-        });
-        let sums = (&*dgamma, &*dbeta);
-        let samples = xhat.par_chunks(len).zip(dout.par_chunks(len)).zip(dx[..rows * len].par_chunks_mut(len));
-        samples.for_each(|((hs, ds), dxs)| {
-            input_gradient_sample(hs, ds, dxs, (hw, n), (gamma, beta, &rstd[..c]), sums, self.activation)
         });
     }
 }

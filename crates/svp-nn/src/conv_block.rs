@@ -41,7 +41,9 @@ pub struct ConvBlockCache {
     act: Vec<f32>,
     /// BatchNorm's `1/std` and mean per channel.
     bn_stats: Vec<f32>,
-    /// Backward scratch: before BatchNorm (blocks with pooling only), and after it.
+    /// Backward scratch: the gradient before pooling, turned in place into
+    /// the conv output's (blocks with pooling), or the conv output's (blocks
+    /// without).
     d_act: Vec<f32>,
     d_conv: Vec<f32>,
     /// One group of samples' im2col columns and their gradient.
@@ -61,11 +63,13 @@ impl ConvBlockCache {
         blocks: impl IntoIterator<Item = &'a ConvBlock>,
         max_rows: usize,
     ) -> Result<Self, OutOfMemory> {
-        let (mut plane, mut pooled, mut col, mut channels) = (0, 0, 0, 0);
+        let (mut plane, mut pooled, mut unpooled, mut col, mut channels) = (0, 0, 0, 0, 0);
         for b in blocks {
             plane = plane.max(b.conv.output().len());
             if b.pool.is_some() {
                 pooled = pooled.max(b.conv.output().len());
+            } else {
+                unpooled = unpooled.max(b.conv.output().len());
             }
             col = col.max(b.conv.col_len());
             channels = channels.max(b.conv.c_out);
@@ -74,10 +78,12 @@ impl ConvBlockCache {
             xhat: try_zeros(max_rows * plane, "a conv block's normalized values")?,
             act: try_zeros(max_rows * pooled, "a conv block's activations before pooling")?,
             bn_stats: try_zeros(2 * channels, "a conv block's BatchNorm statistics")?,
-            // The gradient wrt the activation before pooling; without
-            // pooling BatchNorm's backward reads the block's output gradient.
+            // With pooling, the gradient wrt the activation before pooling,
+            // which BatchNorm's backward turns in place into the conv
+            // output's; without, BatchNorm's backward reads the block's
+            // output gradient (the caller's) and writes `d_conv`.
             d_act: try_zeros(max_rows * pooled, "a conv block's backward scratch")?,
-            d_conv: try_zeros(max_rows * plane, "a conv block's backward scratch")?,
+            d_conv: try_zeros(max_rows * unpooled, "a conv block's backward scratch")?,
             col: try_zeros(col, "im2col columns")?,
             dcol: try_zeros(col, "im2col column gradients")?,
         })
@@ -180,8 +186,8 @@ impl ConvBlock {
         }
         let (conv_p, rest) = params.split_at_mut(self.conv.param_len());
         let (bn_p, running) = rest.split_at_mut(self.bn.param_len());
-        self.run(conv_p, x, rows, cache, out, |z, act, xhat, stats| {
-            self.bn.forward_train(bn_p, running, z, rows, act, xhat, stats);
+        self.run(conv_p, x, rows, cache, out, |z_then_xhat, act, stats| {
+            self.bn.forward_train_in_place(bn_p, running, z_then_xhat, rows, act, stats);
         });
     }
 
@@ -189,13 +195,13 @@ impl ConvBlock {
     pub fn infer(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut ConvBlockCache, out: &mut [f32]) {
         let (conv_p, rest) = params.split_at(self.conv.param_len());
         let (bn_p, running) = rest.split_at(self.bn.param_len());
-        self.run(conv_p, x, rows, cache, out, |z, act, _, _| self.bn.forward_infer(bn_p, running, z, rows, act));
+        self.run(conv_p, x, rows, cache, out, |z, act, _| self.bn.forward_infer(bn_p, running, z, rows, act));
     }
 
-    /// The convolution into the cache's scratch, `normalize(z, activation,
-    /// xhat, statistics)`, ReLU, then pooling into `out`. The activation is
-    /// `out` itself when no pooling follows, else the cache's (the pooling's
-    /// backward reads it).
+    /// The convolution into the cache's `xhat`, `normalize(conv output then
+    /// xhat, activation, statistics)` (BatchNorm and ReLU), then pooling
+    /// into `out`. The activation is `out` itself when no pooling follows,
+    /// else the cache's (the pooling's backward reads it).
     fn run(
         &self,
         conv_p: &[f32],
@@ -203,14 +209,13 @@ impl ConvBlock {
         rows: usize,
         cache: &mut ConvBlockCache,
         out: &mut [f32],
-        normalize: impl FnOnce(&[f32], &mut [f32], &mut [f32], &mut [f32]),
+        normalize: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]),
     ) {
         let plane = rows * self.conv.output().len();
         let c = cache;
-        // The convolution writes into d_conv, free until the backward.
-        self.conv.forward(conv_p, x, rows, &mut c.d_conv[..plane], &mut c.col);
+        self.conv.forward(conv_p, x, rows, &mut c.xhat[..plane], &mut c.col);
         let act = if self.pool.is_some() { &mut c.act[..plane] } else { &mut out[..plane] };
-        normalize(&c.d_conv[..plane], act, &mut c.xhat[..plane], &mut c.bn_stats);
+        normalize(&mut c.xhat[..plane], act, &mut c.bn_stats);
         if let Some(pool) = &self.pool {
             pool.forward(&c.act[..plane], rows, out);
         }
@@ -236,15 +241,20 @@ impl ConvBlock {
         let c = &mut *cache;
         let bn_p = &params[conv_len..conv_len + self.bn.param_len()];
         // BatchNorm's backward applies the ReLU's mask itself.
-        let d_act = match &self.pool {
-            Some(pool) => {
-                pool.backward(&c.act[..plane], rows, dout, &mut c.d_act[..plane]);
-                &c.d_act[..plane]
-            }
-            None => &dout[..plane],
-        };
         let (g_conv, g_bn) = grad[..self.trainable_len()].split_at_mut(conv_len);
-        self.bn.backward(bn_p, &c.xhat[..plane], &c.bn_stats, rows, d_act, g_bn, &mut c.d_conv[..plane]);
-        self.conv.backward(&params[..conv_len], x, rows, &c.d_conv[..plane], g_conv, dx, &mut c.col, &mut c.dcol);
+        let d_conv = match &self.pool {
+            Some(pool) => {
+                let d = &mut c.d_act[..plane];
+                pool.backward(&c.act[..plane], rows, dout, d);
+                self.bn.backward_in_place(bn_p, &c.xhat[..plane], &c.bn_stats, rows, d, g_bn);
+                d
+            }
+            None => {
+                let d = &mut c.d_conv[..plane];
+                self.bn.backward(bn_p, &c.xhat[..plane], &c.bn_stats, rows, &dout[..plane], g_bn, d);
+                d
+            }
+        };
+        self.conv.backward(&params[..conv_len], x, rows, d_conv, g_conv, dx, &mut c.col, &mut c.dcol);
     }
 }

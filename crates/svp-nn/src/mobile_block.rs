@@ -161,7 +161,9 @@ pub struct MobileBlockCache {
     /// The ReLU6 outputs of expand and depthwise (the next stage's input),
     /// written by their BatchNorm with ReLU6 fused in.
     act: [Vec<f32>; 2],
-    /// Backward scratch, each the size of the largest stage.
+    /// Backward scratch: `d_a` the project stage's output gradient, then the
+    /// expand stage's; `d_b` the depthwise stage's (BatchNorm's backward runs
+    /// in place in each).
     d_a: Vec<f32>,
     d_b: Vec<f32>,
     col: Vec<f32>,
@@ -181,27 +183,26 @@ impl MobileBlockCache {
         blocks: impl IntoIterator<Item = &'a MobileBlock>,
         max_rows: usize,
     ) -> Result<Self, OutOfMemory> {
-        let (mut sizes, mut channels, mut widest, mut col) = ([0usize; 3], [0usize; 3], 0, 0);
+        // Per stage, the largest activation and channel count; the expand
+        // stage's only over blocks that have one.
+        let (mut sizes, mut channels, mut col) = ([0usize; 3], [0usize; 3], 0);
         for b in blocks {
             let hidden = b.depthwise.0.input;
-            let these = [hidden.len(), b.depthwise.0.output().len(), b.output().len()];
-            let chans = [hidden.c, hidden.c, b.spec.out_channels];
+            let expanded = if b.expand.is_some() { hidden } else { Chw { c: 0, h: 0, w: 0 } };
+            let these = [expanded.len(), b.depthwise.0.output().len(), b.output().len()];
+            let chans = [expanded.c, hidden.c, b.spec.out_channels];
             for i in 0..3 {
                 sizes[i] = sizes[i].max(these[i]);
                 channels[i] = channels[i].max(chans[i]);
             }
-            widest = widest.max(b.spec.input.len()).max(these.into_iter().max().unwrap_or(0));
             col = col.max(b.expand.map_or(0, |(c, _)| c.col_len())).max(b.project.0.col_len());
         }
-        let hidden = sizes[0];
+        let floats = |stage: usize| sizes[stage] * max_rows;
         let per_stage = |what| -> Result<[Vec<f32>; 3], OutOfMemory> {
-            Ok([
-                try_zeros(sizes[0] * max_rows, what)?,
-                try_zeros(sizes[1] * max_rows, what)?,
-                try_zeros(sizes[2] * max_rows, what)?,
-            ])
+            Ok([try_zeros(floats(0), what)?, try_zeros(floats(1), what)?, try_zeros(floats(2), what)?])
         };
         let stats = "a mobile block's BatchNorm statistics";
+        let scratch = "a mobile block's backward scratch";
         Ok(Self {
             max_rows,
             xhat: per_stage("a mobile block's normalized values")?,
@@ -211,11 +212,11 @@ impl MobileBlockCache {
                 try_zeros(2 * channels[2], stats)?,
             ],
             act: [
-                try_zeros(hidden * max_rows, "a mobile block's activations")?,
-                try_zeros(sizes[1] * max_rows, "a mobile block's activations")?,
+                try_zeros(floats(0), "a mobile block's activations")?,
+                try_zeros(floats(1), "a mobile block's activations")?,
             ],
-            d_a: try_zeros(widest * max_rows, "a mobile block's backward scratch")?,
-            d_b: try_zeros(widest * max_rows, "a mobile block's backward scratch")?,
+            d_a: try_zeros(floats(0).max(floats(2)), scratch)?,
+            d_b: try_zeros(floats(1), scratch)?,
             col: try_zeros(col, "a mobile block's im2col columns")?,
             dcol: try_zeros(col, "a mobile block's im2col columns")?,
         })
@@ -334,38 +335,30 @@ impl MobileBlock {
         let (g_conv, p_conv) = (&mut grad[r[4].clone()], &params[r[4].clone()]);
         let d_act = Some(&mut c.d_b[..n_dw]);
         conv.backward(p_conv, &c.act[1], rows, &c.d_a[..n_out], g_conv, d_act, &mut c.col, &mut c.dcol);
-        // Depthwise: BatchNorm with its ReLU6, the convolution.
+        // Depthwise: BatchNorm with its ReLU6 (in place), the convolution.
         let (dw, bn) = self.depthwise;
         let rstd = &c.stats[1][..bn.shape.c];
-        bn.backward(
+        bn.backward_in_place(
             &params[r[3].clone()],
             &c.xhat[1],
             rstd,
             rows,
-            &c.d_b[..n_dw],
+            &mut c.d_b[..n_dw],
             &mut grad[r[3].clone()],
-            &mut c.d_a[..n_dw],
         );
         let n_in = rows * dw.input.len();
         match self.expand {
             Some((conv, bn)) => {
-                let d_hidden = Some(&mut c.d_b[..n_in]);
-                dw.backward(&params[r[2].clone()], &c.act[0], rows, &c.d_a[..n_dw], &mut grad[r[2].clone()], d_hidden);
+                let d_hidden = Some(&mut c.d_a[..n_in]);
+                dw.backward(&params[r[2].clone()], &c.act[0], rows, &c.d_b[..n_dw], &mut grad[r[2].clone()], d_hidden);
                 let rstd = &c.stats[0][..bn.shape.c];
-                bn.backward(
-                    &params[r[1].clone()],
-                    &c.xhat[0],
-                    rstd,
-                    rows,
-                    &c.d_b[..n_in],
-                    &mut grad[r[1].clone()],
-                    &mut c.d_a[..n_in],
-                );
+                let (g_bn, p_bn) = (&mut grad[r[1].clone()], &params[r[1].clone()]);
+                bn.backward_in_place(p_bn, &c.xhat[0], rstd, rows, &mut c.d_a[..n_in], g_bn);
                 let (g, p) = (&mut grad[r[0].clone()], &params[r[0].clone()]);
                 conv.backward(p, x, rows, &c.d_a[..n_in], g, dx.as_deref_mut(), &mut c.col, &mut c.dcol);
             }
             None => {
-                dw.backward(&params[r[2].clone()], x, rows, &c.d_a[..n_dw], &mut grad[r[2].clone()], dx.as_deref_mut())
+                dw.backward(&params[r[2].clone()], x, rows, &c.d_b[..n_dw], &mut grad[r[2].clone()], dx.as_deref_mut())
             }
         }
         if let Some(dx) = dx

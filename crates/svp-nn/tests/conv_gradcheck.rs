@@ -242,6 +242,11 @@ fn batch_norm_case(activation: BnActivation) {
     // Gradients against finite differences of the training forward.
     let (mut grad, mut dx) = (vec![0.0; 6], vec![0.0; rows * len]);
     bn.backward(&params, &xhat, &rstd, rows, &probe, &mut grad, &mut dx);
+    // In place (the output gradient becomes the input gradient): the same bits.
+    let (mut grad2, mut d2) = (vec![0.0; 6], probe.clone());
+    bn.backward_in_place(&params, &xhat, &rstd, rows, &mut d2, &mut grad2);
+    assert_eq!(bits(&d2), bits(&dx));
+    assert_eq!(bits(&grad2), bits(&grad));
     let loss = |p: &[f32], x: &[f32]| {
         let mut run = vec![0.0; 6];
         bn.init_running(&mut run);
