@@ -90,11 +90,13 @@ fn one_epoch_on_full_fashion_mnist() {
 }
 
 /// Two epochs on the 6k embedded subset: a small CNN (conv 8 -> M -> conv 16
-/// -> M -> head) and a small ViT (patch 7, width 32, 4 blocks; SVP+ in units
-/// of two blocks, the head in the last unit), under SVP and BP.
+/// -> M -> head), a small ViT (patch 7, width 32, 4 blocks; SVP+ in units of
+/// two blocks, the head in the last unit) and a small MobileNet (a conv stem
+/// of 8, inverted residual blocks 8x1, 16x4 at stride 2, 16x4; SVP+ in units
+/// of two), under SVP and BP.
 #[test]
-fn cnn_and_vit_learn_fashion_mnist() {
-    use svp_train::config::{ConvItem, PoolMarker, VitConfig};
+fn cnn_vit_and_mobilenet_learn_fashion_mnist() {
+    use svp_train::config::{ConvItem, MobileItem, PoolMarker, VitConfig};
     let data = embedded_subset(6000);
     let cnn = |method| {
         let mut c = small_config(method, 2);
@@ -112,6 +114,16 @@ fn cnn_and_vit_learn_fashion_mnist() {
         c.svp.head_joins_last_unit = true;
         c
     };
+    let mobilenet = |method| {
+        let mut c = small_config(method, 2);
+        c.model.conv = vec![ConvItem::Channels(8)];
+        c.model.mobile = [(8, 1, 1), (16, 4, 2), (16, 4, 1)]
+            .map(|(channels, expansion, stride)| MobileItem { channels, expansion, stride })
+            .to_vec();
+        c.model.hidden = vec![];
+        c.svp.layers_per_unit = 2;
+        c
+    };
     let acc = |c: svp_train::Config| fit(&c, &data, &mut ()).epochs.last().unwrap().test_acc;
     // (what, accuracy, floor, measured: bit-exact, as above)
     let results = [
@@ -119,6 +131,8 @@ fn cnn_and_vit_learn_fashion_mnist() {
         ("CNN BP", acc(cnn(Method::Bp)), 0.801, 0.811),
         ("ViT SVP+", acc(vit(Method::Svp)), 0.624, 0.634),
         ("ViT BP", acc(vit(Method::Bp)), 0.700, 0.710),
+        ("MobileNet SVP+", acc(mobilenet(Method::Svp)), 0.815, 0.825),
+        ("MobileNet BP", acc(mobilenet(Method::Bp)), 0.840, 0.850),
     ];
     for (what, got, floor, measured) in results {
         eprintln!("{what}: {:.2}% (floor {:.1}%, measured {:.1}%)", 100.0 * got, 100.0 * floor, 100.0 * measured);

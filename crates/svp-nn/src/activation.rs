@@ -25,8 +25,8 @@ impl Activation {
     /// `out[i] = act(x[i])`.
     pub fn forward(self, x: &[f32], out: &mut [f32]) {
         match self {
-            Activation::Relu => in_chunks(x, out, |x, out| out.iter_mut().zip(x).for_each(|(o, &v)| *o = relu(v))),
-            Activation::Gelu => in_chunks(x, out, |x, out| out.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu(v))),
+            Activation::Relu => in_chunks(x, out, relu_forward),
+            Activation::Gelu => in_chunks(x, out, gelu_forward),
             Activation::Identity => out.copy_from_slice(x),
         }
     }
@@ -34,12 +34,8 @@ impl Activation {
     /// `grad[i] *= act'(x[i])`, with `x` the activation's input.
     pub fn backward(self, x: &[f32], grad: &mut [f32]) {
         match self {
-            Activation::Relu => {
-                in_chunks(x, grad, |x, grad| grad.iter_mut().zip(x).for_each(|(g, &v)| *g = relu_grad(*g, v)))
-            }
-            Activation::Gelu => {
-                in_chunks(x, grad, |x, grad| grad.iter_mut().zip(x).for_each(|(g, &v)| *g = gelu_grad(*g, v)))
-            }
+            Activation::Relu => in_chunks(x, grad, relu_backward),
+            Activation::Gelu => in_chunks(x, grad, gelu_backward),
             Activation::Identity => {}
         }
     }
@@ -70,12 +66,41 @@ pub(crate) fn gelu_grad(g: f32, v: f32) -> f32 {
     g * (0.5 * (1.0 + erf) + v * INV_SQRT_2PI * gaussian)
 }
 
+// The loops, compiled once per instruction set: the portable build targets
+// baseline x86-64, where `f32::round` in GELU's exponential is a call to
+// libm per element (SSE2 has no rounding instruction) and nothing vectorizes.
+// Every operation is exactly rounded and none is fused, so the bits are the
+// same on every kernel.
+svp_tensor::multiversion! {
+    fn relu_forward(x: &[f32], out: &mut [f32]) {
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = relu(v));
+    }
+}
+
+svp_tensor::multiversion! {
+    fn gelu_forward(x: &[f32], out: &mut [f32]) {
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu(v));
+    }
+}
+
+svp_tensor::multiversion! {
+    fn relu_backward(x: &[f32], grad: &mut [f32]) {
+        grad.iter_mut().zip(x).for_each(|(g, &v)| *g = relu_grad(*g, v));
+    }
+}
+
+svp_tensor::multiversion! {
+    fn gelu_backward(x: &[f32], grad: &mut [f32]) {
+        grad.iter_mut().zip(x).for_each(|(g, &v)| *g = gelu_grad(*g, v));
+    }
+}
+
 /// Elements per task of the parallel activation loops.
 const CHUNK: usize = 1 << 14;
 
 /// `f` over matching chunks of `x` and `out`, in parallel when they are long
 /// (each element is computed alone, so the split never changes a bit).
-fn in_chunks(x: &[f32], out: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {
+fn in_chunks(x: &[f32], out: &mut [f32], f: fn(&[f32], &mut [f32])) {
     let out = &mut out[..x.len()];
     if x.len() < 2 * CHUNK {
         f(x, out);
