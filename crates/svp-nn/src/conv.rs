@@ -600,33 +600,9 @@ svp_tensor::multiversion! {
 }
 
 svp_tensor::multiversion! {
-    /// One sample: `xhat = (x - mean) * rstd` and `out = gamma * xhat +
-    /// beta` per channel plane of `hw`, through the activation.
+    /// One sample: `xhat = (x - mean) * rstd`, written over `x`, and `out =
+    /// act(gamma * xhat + beta)` per channel plane of `hw`.
     fn normalize_sample(
-        xs: &[f32],
-        out: &mut [f32],
-        xhat: &mut [f32],
-        hw: usize,
-        stats: (&[f32], &[f32]),
-        affine: (&[f32], &[f32]),
-        act: BnActivation,
-    ) {
-        let ((mean, rstd), (gamma, beta)) = (stats, affine);
-        let planes = xs.chunks_exact(hw).zip(out.chunks_exact_mut(hw)).zip(xhat.chunks_exact_mut(hw));
-        for (ch, ((xs, os), hs)) in planes.enumerate() {
-            let (m, r, g, b) = (mean[ch], rstd[ch], gamma[ch], beta[ch]);
-            for ((&v, o), h) in xs.iter().zip(os.iter_mut()).zip(hs.iter_mut()) {
-                *h = (v - m) * r;
-                *o = act.apply(g * *h + b);
-            }
-        }
-    }
-}
-
-svp_tensor::multiversion! {
-    /// [`normalize_sample`] with `x` read from, and `xhat` written over,
-    /// the same buffer (the same arithmetic, so the same bits).
-    fn normalize_sample_in_place(
         x_then_xhat: &mut [f32],
         out: &mut [f32],
         hw: usize,
@@ -663,6 +639,41 @@ svp_tensor::multiversion! {
     }
 }
 
+/// One channel's constants in BatchNorm's input gradient.
+#[derive(Clone, Copy)]
+struct ChannelGradient {
+    /// `gamma * rstd / n`.
+    k: f32,
+    n: f32,
+    gamma: f32,
+    beta: f32,
+    sum_d: f32,
+    sum_dh: f32,
+    act: BnActivation,
+}
+
+impl ChannelGradient {
+    #[inline(always)]
+    fn new(
+        ch: usize,
+        n: f32,
+        (gamma, beta, rstd): (&[f32], &[f32], &[f32]),
+        (dgamma, dbeta): (&[f32], &[f32]),
+        act: BnActivation,
+    ) -> Self {
+        let k = gamma[ch] * rstd[ch] / n;
+        Self { k, n, gamma: gamma[ch], beta: beta[ch], sum_d: dbeta[ch], sum_dh: dgamma[ch], act }
+    }
+
+    /// `k (n d' - sum d' - xhat sum d' xhat)` at one value, `d'` the
+    /// output gradient `d` through the activation's mask.
+    #[inline(always)]
+    fn input_gradient(&self, d: f32, h: f32) -> f32 {
+        let d = self.act.mask(d, h, self.gamma, self.beta);
+        self.k * (self.n * d - self.sum_d - h * self.sum_dh)
+    }
+}
+
 svp_tensor::multiversion! {
     /// One sample's input gradient `dx = gamma * rstd / n * (n d' - sum d' -
     /// xhat sum d' xhat)` per channel plane of `hw`.
@@ -678,10 +689,9 @@ svp_tensor::multiversion! {
         let ((hw, n), (gamma, beta, rstd), (dgamma, dbeta)) = (shape, params, sums);
         let planes = hs.chunks_exact(hw).zip(ds.chunks_exact(hw)).zip(dxs.chunks_exact_mut(hw));
         for (ch, ((hs, ds), dxs)) in planes.enumerate() {
-            let (k, g, b, sum_d, sum_dh) = (gamma[ch] * rstd[ch] / n, gamma[ch], beta[ch], dbeta[ch], dgamma[ch]);
+            let channel = ChannelGradient::new(ch, n, (gamma, beta, rstd), (dgamma, dbeta), act);
             for ((&h, &d), dx) in hs.iter().zip(ds).zip(dxs.iter_mut()) {
-                let d = act.mask(d, h, g, b);
-                *dx = k * (n * d - sum_d - h * sum_dh);
+                *dx = channel.input_gradient(d, h);
             }
         }
     }
@@ -700,10 +710,9 @@ svp_tensor::multiversion! {
     ) {
         let ((hw, n), (gamma, beta, rstd), (dgamma, dbeta)) = (shape, params, sums);
         for (ch, (hs, ds)) in hs.chunks_exact(hw).zip(d_then_dx.chunks_exact_mut(hw)).enumerate() {
-            let (k, g, b, sum_d, sum_dh) = (gamma[ch] * rstd[ch] / n, gamma[ch], beta[ch], dbeta[ch], dgamma[ch]);
+            let channel = ChannelGradient::new(ch, n, (gamma, beta, rstd), (dgamma, dbeta), act);
             for (&h, d) in hs.iter().zip(ds.iter_mut()) {
-                let masked = act.mask(*d, h, g, b);
-                *d = k * (n * masked - sum_d - h * sum_dh);
+                *d = channel.input_gradient(*d, h);
             }
         }
     }
@@ -727,36 +736,13 @@ impl BatchNorm2d {
     }
 
     /// Training forward: normalizes with the batch's statistics, writes
-    /// `xhat` (the normalized input, kept for the backward) and, in `stats`
-    /// (`2 * channels` floats), `1/std` per channel then the batch mean, and
-    /// updates `running`. Channels' statistics and samples' values are each
-    /// computed by one task, so the result does not depend on the thread count.
-    #[allow(clippy::too_many_arguments)]
+    /// `xhat` (the normalized input, kept for the backward) over the input
+    /// `x_then_xhat` (a layer keeps no other copy of it), the output into
+    /// `out`, in `stats` (`2 * channels` floats) `1/std` per channel then
+    /// the batch mean, and updates `running`. Channels' statistics and
+    /// samples' values are each computed by one task, so the result does not
+    /// depend on the thread count.
     pub fn forward_train(
-        &self,
-        params: &[f32],
-        running: &mut [f32],
-        x: &[f32],
-        rows: usize,
-        out: &mut [f32],
-        xhat: &mut [f32],
-        stats: &mut [f32],
-    ) {
-        let (c, hw, len) = (self.shape.c, self.plane(), self.shape.len());
-        let x = &x[..rows * len];
-        self.batch_statistics(running, x, rows, stats);
-        let (gamma, beta) = params.split_at(c);
-        let (rstd, mean) = stats[..2 * c].split_at(c);
-        let samples =
-            x.par_chunks(len).zip(out[..rows * len].par_chunks_mut(len)).zip(xhat[..rows * len].par_chunks_mut(len));
-        samples
-            .for_each(|((xs, os), hs)| normalize_sample(xs, os, hs, hw, (mean, rstd), (gamma, beta), self.activation));
-    }
-
-    /// [`BatchNorm2d::forward_train`] with the input read from, and `xhat`
-    /// written over, the same buffer: one activation-sized buffer fewer for
-    /// a layer that keeps only `xhat`. The same bits.
-    pub fn forward_train_in_place(
         &self,
         params: &[f32],
         running: &mut [f32],
@@ -772,7 +758,7 @@ impl BatchNorm2d {
         let (rstd, mean) = stats[..2 * c].split_at(c);
         x.par_chunks_mut(len)
             .zip(out[..rows * len].par_chunks_mut(len))
-            .for_each(|(hs, os)| normalize_sample_in_place(hs, os, hw, (mean, rstd), (gamma, beta), self.activation));
+            .for_each(|(hs, os)| normalize_sample(hs, os, hw, (mean, rstd), (gamma, beta), self.activation));
     }
 
     /// The batch's `1/std` and mean per channel into `stats`, and the

@@ -187,7 +187,7 @@ impl ConvBlock {
         let (conv_p, rest) = params.split_at_mut(self.conv.param_len());
         let (bn_p, running) = rest.split_at_mut(self.bn.param_len());
         self.run(conv_p, x, rows, cache, out, |z_then_xhat, act, stats| {
-            self.bn.forward_train_in_place(bn_p, running, z_then_xhat, rows, act, stats);
+            self.bn.forward_train(bn_p, running, z_then_xhat, rows, act, stats);
         });
     }
 

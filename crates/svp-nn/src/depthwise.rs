@@ -276,9 +276,5 @@ pub fn relu6(v: f32) -> f32 {
     v.max(0.0).min(6.0)
 }
 
-/// ReLU6's gradient: `g` where `0 < v < 6` (of the activation's input or
-/// output alike), else 0.
-#[inline(always)]
-pub fn relu6_grad(g: f32, v: f32) -> f32 {
-    if v > 0.0 && v < 6.0 { g } else { 0.0 }
-}
+// Its gradient is BatchNorm's fused mask (`BnActivation::Relu6`), the one
+// place a ReLU6 runs.

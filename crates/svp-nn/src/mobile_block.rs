@@ -285,7 +285,7 @@ impl MobileBlock {
         // BatchNorm's normalized values.
         let norm =
             |bn: BatchNorm2d, how: Norming, gb: &[f32], z: &mut [f32], y: &mut [f32], stats: &mut [f32]| match how {
-                Norming::Train(running) => bn.forward_train_in_place(gb, running, z, rows, y, stats),
+                Norming::Train(running) => bn.forward_train(gb, running, z, rows, y, stats),
                 Norming::Infer(running) => bn.forward_infer(gb, running, z, rows, y),
             };
         let [act_e, act_d] = &mut c.act;

@@ -197,17 +197,10 @@ fn batch_norm_case(activation: BnActivation) {
     let probe = random(rows * len, 52);
     let mut running = vec![0.0; 6];
     bn.init_running(&mut running);
-    let (mut out, mut xhat, mut rstd) = (vec![0.0; rows * len], vec![0.0; rows * len], vec![0.0; 6]);
-    let running_before = running.clone();
-    bn.forward_train(&params, &mut running, &x, rows, &mut out, &mut xhat, &mut rstd);
-    // In place (the input buffer becomes xhat): the same bits.
-    let (mut run2, mut buf, mut out2, mut rstd2) = (running_before, x.clone(), vec![0.0; rows * len], vec![0.0; 6]);
-    bn.forward_train_in_place(&params, &mut run2, &mut buf, rows, &mut out2, &mut rstd2);
+    // The input buffer becomes xhat.
+    let (mut out, mut xhat, mut rstd) = (vec![0.0; rows * len], x.clone(), vec![0.0; 6]);
+    bn.forward_train(&params, &mut running, &mut xhat, rows, &mut out, &mut rstd);
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&buf), bits(&xhat));
-    assert_eq!(bits(&out2), bits(&out));
-    assert_eq!(bits(&rstd2), bits(&rstd));
-    assert_eq!(bits(&run2), bits(&running));
     match activation {
         BnActivation::Identity => assert!(out.iter().any(|&v| v < 0.0)),
         BnActivation::Relu => assert!(out.iter().all(|&v| v >= 0.0) && out.contains(&0.0)),
@@ -250,8 +243,8 @@ fn batch_norm_case(activation: BnActivation) {
     let loss = |p: &[f32], x: &[f32]| {
         let mut run = vec![0.0; 6];
         bn.init_running(&mut run);
-        let (mut o, mut h, mut r) = (vec![0.0; rows * len], vec![0.0; rows * len], vec![0.0; 6]);
-        bn.forward_train(p, &mut run, x, rows, &mut o, &mut h, &mut r);
+        let (mut o, mut h, mut r) = (vec![0.0; rows * len], x.to_vec(), vec![0.0; 6]);
+        bn.forward_train(p, &mut run, &mut h, rows, &mut o, &mut r);
         weighted(&o, &probe)
     };
     let by_params = |i: usize, eps: f32| {
