@@ -161,3 +161,17 @@ fn bad_small_data_flags_are_one_line() {
         assert!(!std::path::Path::new(&out).exists(), "{extra:?} wrote a model");
     }
 }
+
+/// `models/mlp-small-data.toml` on the embedded 6,000 images: SVP with
+/// shifts and flips reaches 87.5 % (issue 20's small-data target), within
+/// the reference config's time (docs/RESULTS.md). Runs are bit-exact; the
+/// floor is the target, half a point under the measured 88.0 %.
+#[test]
+fn the_small_data_config_reaches_its_target() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/mlp-small-data.toml");
+    let out = svp(&["train", "--config", config, "--data", "embedded", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out.stdout);
+    let acc = lines.iter().rev().find_map(|l| l.get("test_acc")).and_then(Value::as_f64).expect("a test accuracy");
+    assert!(acc >= 0.875, "test accuracy {acc} (measured 0.880)");
+}

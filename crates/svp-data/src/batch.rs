@@ -119,13 +119,25 @@ impl Batcher {
         let dx = s.below(span) as isize - self.augment.shift as isize;
         let flip = self.augment.flip && s.below(2) == 1;
         let image = data.image(i);
+        let background = self.table[0];
+        // Columns `c` of a row that read source column `c - dx`.
+        let (c0, c1) = (dx.max(0) as usize, (w as isize + dx).min(w as isize).max(0) as usize);
         for (r, out_row) in row.chunks_exact_mut(w).enumerate() {
             let src_r = r as isize - dy;
-            for (c, o) in out_row.iter_mut().enumerate() {
-                let c = if flip { w - 1 - c } else { c };
-                let src_c = c as isize - dx;
-                let inside = (0..h as isize).contains(&src_r) && (0..w as isize).contains(&src_c);
-                *o = self.table[if inside { image[src_r as usize * w + src_c as usize] as usize } else { 0 }];
+            if !(0..h as isize).contains(&src_r) || c0 >= c1 {
+                out_row.fill(background);
+                continue;
+            }
+            let src = &image[src_r as usize * w..][..w];
+            out_row[..c0].fill(background);
+            let from = (c0 as isize - dx) as usize;
+            for (o, &p) in out_row[c0..c1].iter_mut().zip(&src[from..]) {
+                *o = self.table[p as usize];
+            }
+            out_row[c1..].fill(background);
+            // A mirrored image is the shifted one read right to left.
+            if flip {
+                out_row.reverse();
             }
         }
     }
