@@ -9,6 +9,7 @@
 //! per-sample is kept between forward and backward.
 
 use crate::depthwise::relu6;
+use crate::winograd::{FilterUse, Winograd, transform_filters};
 use rayon::prelude::*;
 use svp_tensor::{for_each_row_mut, gemm, view, view_mut};
 
@@ -83,9 +84,20 @@ impl Conv2d {
     }
 
     /// Floats of the scratch buffers `forward` and `backward` take: the
-    /// columns of one group of samples and its GEMM output.
+    /// columns of one group of samples and its GEMM output, or what the
+    /// Winograd path needs where it is larger.
     pub fn col_len(&self) -> usize {
-        (self.patch() + self.c_out) * self.hw() * self.group_size()
+        let im2col = (self.patch() + self.c_out) * self.hw() * self.group_size();
+        self.winograd().map_or(im2col, |wg| im2col.max(wg.filter_len() + wg.scratch_len()))
+    }
+
+    /// The Winograd F(2x2, 3x3) form of this convolution, where it applies
+    /// and pays: 3x3, stride 1, padding 1, and enough input channels that
+    /// its 16 GEMMs are not too shallow to run well (below that im2col's one
+    /// GEMM of depth `9 c_in` wins).
+    pub fn winograd(&self) -> Option<Winograd> {
+        let applies = self.k == 3 && self.stride == 1 && self.padding == 1 && self.input.c >= WINOGRAD_MIN_CHANNELS;
+        applies.then_some(Winograd { c_in: self.input.c, c_out: self.c_out, h: self.input.h, w: self.input.w })
     }
 
     /// Patch row `row`'s tap, `(channel, ky, kx, oy range, ox range)`, if it
@@ -200,6 +212,20 @@ impl Conv2d {
 
     /// `out = conv(x) + b` for `rows` samples; `col` holds [`Conv2d::col_len`] floats.
     pub fn forward(&self, params: &[f32], x: &[f32], rows: usize, out: &mut [f32], col: &mut [f32]) {
+        if let Some(wg) = self.winograd() {
+            let (w, b) = params.split_at(self.c_out * self.patch());
+            let (u, scratch) = col[..self.col_len()].split_at_mut(wg.filter_len());
+            transform_filters(w, self.c_out, self.input.c, FilterUse::Forward, u);
+            wg.forward(u, Some(b), x, rows, out, scratch);
+        } else {
+            self.forward_im2col(params, x, rows, out, col);
+        }
+    }
+
+    /// [`Conv2d::forward`] through im2col and one GEMM whatever the shape
+    /// (`forward` takes [`Conv2d::winograd`] where it applies): for
+    /// benchmarks and tests that compare the two.
+    pub fn forward_im2col(&self, params: &[f32], x: &[f32], rows: usize, out: &mut [f32], col: &mut [f32]) {
         let (il, ol, hw, patch) = (self.input.len(), self.output().len(), self.hw(), self.patch());
         let group = self.group_size();
         let (w, b) = params.split_at(self.c_out * patch);
@@ -244,6 +270,7 @@ impl Conv2d {
         let (gw, gb) = grad[..self.param_len()].split_at_mut(self.c_out * patch);
         gw.fill(0.0);
         gb.fill(0.0);
+        let wino = self.winograd();
         let (cols, dy) = col[..self.col_len()].split_at_mut(patch * hw * group);
         for g0 in (0..rows).step_by(group) {
             let n = group.min(rows - g0);
@@ -262,11 +289,18 @@ impl Conv2d {
             self.unfold(&x[g0 * il..], n, cols);
             let dy = view(dy, self.c_out, ld);
             gemm(1.0, dy, view(cols, patch, ld).t(), 1.0, view_mut(gw, self.c_out, patch));
-            if let Some(dx) = dx.as_deref_mut() {
+            if let (Some(dx), None) = (dx.as_deref_mut(), wino) {
                 let dcols = &mut dcol[..patch * ld];
                 gemm(1.0, view(w, self.c_out, patch).t(), dy, 0.0, view_mut(dcols, patch, ld));
                 self.fold(dcols, n, &mut dx[g0 * il..]);
             }
+        }
+        // Winograd's input gradient: the output gradient convolved with the
+        // turned filters, all samples at once.
+        if let (Some(dx), Some(wg)) = (dx, wino) {
+            let (u, scratch) = dcol[..self.col_len()].split_at_mut(wg.filter_len());
+            transform_filters(w, self.c_out, self.input.c, FilterUse::Adjoint, u);
+            wg.adjoint().forward(u, None, dout, rows, dx, scratch);
         }
     }
 }
@@ -293,6 +327,9 @@ fn zero_gaps(plane: &mut [f32], off: usize, len: usize, width: usize, (ox0, ox1)
         plane[r * width + ox1..(r + 1) * width + ox0].fill(0.0);
     }
 }
+
+/// Fewest input channels for which [`Conv2d::winograd`] is taken.
+const WINOGRAD_MIN_CHANNELS: usize = 8;
 
 /// Columns a convolution's GEMM aims for when it unfolds several samples at once.
 const GROUP_COLUMNS: usize = 2048;

@@ -12,7 +12,7 @@
 //! * [`depthwise`]: depthwise convolution and ReLU6 (MobileNet blocks).
 //! * [`mobile_block`]: MobileNetV2's inverted residual block (expand, depthwise,
 //!   project, residual) over those layers.
-//! * [`conv`]: 2-D convolution (im2col + GEMM), BatchNorm2d, max, average and
+//! * [`conv`]: 2-D convolution (im2col + GEMM, or [`winograd`] for 3x3), BatchNorm2d, max, average and
 //!   adaptive average pooling over NCHW batches.
 //! * [`loss`]: softmax cross-entropy and the SVP feature-alignment loss.
 //! * [`vit`]: vision-transformer layers: patch embedding with class token and
@@ -45,6 +45,7 @@ pub mod loss;
 pub mod mobile_block;
 pub mod projection;
 pub mod vit;
+pub mod winograd;
 
 pub use activation::Activation;
 pub use conv_block::{ConvBlock, ConvBlockCache, ConvBlockSpec};

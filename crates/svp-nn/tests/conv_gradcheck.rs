@@ -78,7 +78,10 @@ fn conv2d_forward_and_backward() {
         Conv2d { input: Chw { c: 3, h: 4, w: 4 }, c_out: 2, k: 1, stride: 1, padding: 0 },
         // A real first layer: large enough for the GEMMs' parallel split.
         Conv2d { input: Chw { c: 1, h: 28, w: 28 }, c_out: 3, k: 3, stride: 1, padding: 1 },
+        // Enough input channels for Winograd's F(2x2, 3x3), odd sides (half tiles).
+        Conv2d { input: Chw { c: 8, h: 7, w: 5 }, c_out: 3, k: 3, stride: 1, padding: 1 },
     ];
+    assert!(cases[4].winograd().is_some() && cases[0].winograd().is_none());
     for (n, conv) in cases.iter().enumerate() {
         let rows = 2;
         let (il, ol) = (conv.input.len(), conv.output().len());
