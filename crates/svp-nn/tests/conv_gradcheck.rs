@@ -124,6 +124,27 @@ fn conv2d_forward_and_backward() {
     }
 }
 
+/// At the CNN's own shapes (32 -> 64 channels at 14x14, batch 20: several
+/// groups, the last short), `Conv2d::forward` through Winograd agrees with
+/// the im2col path it replaced.
+#[test]
+fn winograd_forward_agrees_with_im2col() {
+    let conv = Conv2d { input: Chw { c: 32, h: 14, w: 14 }, c_out: 64, k: 3, stride: 1, padding: 1 };
+    assert!(conv.winograd().is_some());
+    let rows = 20;
+    let params = random(conv.param_len(), 40);
+    let x = random(rows * conv.input.len(), 41);
+    let mut col = vec![f32::NAN; conv.col_len()];
+    let (mut fast, mut plain) =
+        (vec![f32::NAN; rows * conv.output().len()], vec![f32::NAN; rows * conv.output().len()]);
+    conv.forward(&params, &x, rows, &mut fast, &mut col);
+    conv.forward_im2col(&params, &x, rows, &mut plain, &mut col);
+    let worst = fast.iter().zip(&plain).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0f32, f32::max);
+    // Both round in f32 (measured: 1.7e-5 relative at worst); a wrong
+    // transform is off by the values' own size.
+    assert!(worst < 1e-4, "Winograd and im2col differ by {worst}");
+}
+
 #[test]
 fn pooling_forward_and_backward() {
     let input = Chw { c: 2, h: 6, w: 5 };
