@@ -233,7 +233,7 @@ fn assert_near(what: &str, got: &[f32], want: &[f32], tol: f32) {
 /// same output, parameter gradients and input gradient.
 #[test]
 fn transformer_block_matches_pytorch() {
-    use svp_nn::vit::{BlockCache, BlockSpec, TransformerBlock};
+    use svp_nn::vit::{BlockCache, BlockScratch, BlockSpec, TransformerBlock};
     let g = &vision_fixture()["transformer"];
     let n = |k: &str| g[k].as_u64().unwrap() as usize;
     let spec = BlockSpec { tokens: n("tokens"), dim: n("dim"), heads: n("heads"), mlp: n("mlp") };
@@ -243,12 +243,13 @@ fn transformer_block_matches_pytorch() {
     assert_eq!(params.len(), block.param_len());
     let x = floats(&g["x"]);
     let mut cache = BlockCache::try_new(&spec, rows).unwrap();
+    let mut scratch = BlockScratch::try_new(&spec, rows).unwrap();
     let mut out = vec![f32::NAN; x.len()];
-    block.forward(&params, &x, rows, &mut cache, &mut out);
+    block.forward(&params, &x, rows, &mut cache, &mut scratch, &mut out);
     assert_near("transformer output", &out, &floats(&g["out"]), 1e-5);
     let mut dout = floats(&g["probe"]);
     let (mut grad, mut dx) = (vec![f32::NAN; params.len()], vec![f32::NAN; x.len()]);
-    block.backward(&params, rows, &mut cache, &mut dout, &mut grad, Some(&mut dx));
+    block.backward(&params, rows, &cache, &mut scratch, &mut dout, &mut grad, Some(&mut dx));
     assert_near("transformer parameter gradient", &grad, &floats(&g["grad"]), 1e-4);
     assert_near("transformer input gradient", &dx, &floats(&g["dx"]), 1e-4);
 }
@@ -258,7 +259,7 @@ fn transformer_block_matches_pytorch() {
 /// (PyTorch keeps the unbiased variance, with momentum 0.1).
 #[test]
 fn conv_block_matches_pytorch_in_training() {
-    use svp_nn::conv_block::{ConvBlock, ConvBlockCache, ConvBlockSpec};
+    use svp_nn::conv_block::{ConvBlock, ConvBlockCache, ConvBlockScratch, ConvBlockSpec};
     let g = &vision_fixture()["conv_block"];
     let n = |k: &str| g[k].as_u64().unwrap() as usize;
     let spec = ConvBlockSpec {
@@ -275,14 +276,15 @@ fn conv_block_matches_pytorch_in_training() {
     assert_eq!(params.len(), block.param_len());
     let x = floats(&g["x"]);
     let mut cache = ConvBlockCache::try_new(&block, rows).unwrap();
+    let mut scratch = ConvBlockScratch::try_new(&block, rows).unwrap();
     let mut out = vec![f32::NAN; rows * block.output().len()];
-    block.forward(&mut params, &x, rows, &mut cache, &mut out, Mode::Train { seed: 1, step: 0 });
+    block.forward(&mut params, &x, rows, &mut cache, &mut scratch, &mut out, Mode::Train { seed: 1, step: 0 });
     assert_near("conv block output", &out, &floats(&g["out"]), 1e-5);
     let c = spec.out_channels;
     let running = &params[block.trainable_len()..];
     assert_near("running statistics", &running[..2 * c], &floats(&g["running_after"]), 1e-5);
     let (mut grad, mut dx) = (vec![f32::NAN; block.trainable_len()], vec![f32::NAN; x.len()]);
-    block.backward(&params, &x, rows, &mut cache, &floats(&g["probe"]), &mut grad, Some(&mut dx));
+    block.backward(&params, &x, rows, &cache, &mut scratch, &floats(&g["probe"]), &mut grad, Some(&mut dx));
     assert_near("conv block parameter gradient", &grad, &floats(&g["grad"]), 1e-4);
     assert_near("conv block input gradient", &dx, &floats(&g["dx"]), 1e-4);
 }

@@ -190,3 +190,32 @@ fn projection_is_never_materialized_whole() {
     eprintln!("workspace growth from d' = 16 to {d_prime}: {growth} B (8 row buffers: {row_buffers} B)");
     assert!(growth <= row_buffers, "the workspace grew by {growth} bytes with d'");
 }
+
+/// Backprop keeps per layer only what that layer's backward reads (its
+/// output and BatchNorm's normalized values and statistics): a conv block's
+/// backward scratch (gradients inside the block, im2col or Winograd
+/// columns) is one buffer shared by every block, so one more block adds
+/// exactly its kept state. With scratch per block it would add three
+/// planes, the columns and their gradient.
+#[test]
+fn backprop_adds_per_block_only_what_its_backward_reads() {
+    let data = svp_data::DataSplit::embedded();
+    let rows = 16;
+    let channels = 8;
+    let workspace = |blocks: usize| {
+        let mut config = small_config(Method::Bp, 1);
+        config.model.conv = vec![ConvItem::Channels(channels); blocks];
+        config.model.hidden = vec![];
+        config.train.batch_size = rows;
+        let model = Network::try_for_images(data.train.image_shape, data.classes, &config.model, 1)
+            .expect("memory for the model");
+        BpTrainer::new(&model, &config).workspace_bytes()
+    };
+    let plane = rows * channels * 28 * 28;
+    // The block's output and normalized values, and a mean and 1/std per channel.
+    let kept = 4 * (2 * plane + 2 * channels);
+    for blocks in [2, 3] {
+        let growth = workspace(blocks + 1) - workspace(blocks);
+        assert_eq!(growth, kept, "block {} added {growth} bytes; it keeps {kept}", blocks + 1);
+    }
+}

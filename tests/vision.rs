@@ -7,7 +7,7 @@ use svp_integration_tests::{embedded_subset, small_config};
 use svp_nn::{FaWorkspace, FeatureAlignment, Mode, softmax_cross_entropy};
 use svp_tensor::{view, view_mut};
 use svp_train::config::{ConvItem, MobileItem, PoolMarker, VitConfig};
-use svp_train::{BpTrainer, Config, LayerCache, Method, Network, SvpTrainer, Trainer};
+use svp_train::{BpTrainer, Config, LayerCache, LayerScratch, Method, Network, SvpTrainer, Trainer};
 
 /// conv 3 -> M -> conv 4, readout 2x2, then a linear head.
 fn cnn_config(method: Method) -> Config {
@@ -64,10 +64,11 @@ fn applied_gradient(config: &Config, x: &[f32], y: &[u32]) -> (Network, Network)
 fn forward_to(net: &mut Network, last: usize, x: &[f32], rows: usize) -> Vec<f32> {
     let mut h = x.to_vec();
     let mut cache = LayerCache::try_for(net.all_layers(), rows).unwrap();
+    let mut scratch = LayerScratch::try_for(net.all_layers(), rows).unwrap();
     for l in 0..=last {
         let mut out = vec![0.0; rows * net.out_len(l)];
         let (layer, params) = net.layer_mut(l);
-        layer.forward(params, &h, rows, &mut cache, &mut out, Mode::Train { seed: 7, step: 0 });
+        layer.forward(params, &h, rows, &mut cache, &mut scratch, &mut out, Mode::Train { seed: 7, step: 0 });
         h = out;
     }
     h

@@ -9,7 +9,7 @@
 //! (unfolding, the layout change, the bias).
 use std::time::Instant;
 use svp_nn::conv::{BatchNorm2d, BnActivation, Chw, Conv2d, Pool2d, PoolKind};
-use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockSpec, Mode};
+use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockScratch, ConvBlockSpec, Mode};
 use svp_tensor::{gemm, view, view_mut};
 
 const ROWS: usize = 128;
@@ -114,9 +114,11 @@ fn main() {
                 bn.forward_train(&bn_p, &mut running, &mut xhat, ROWS, &mut out, &mut stats)
             });
             let mut cache = ConvBlockCache::try_new(&block, ROWS).unwrap();
+            let mut scratch = ConvBlockScratch::try_new(&block, ROWS).unwrap();
             let mut y = vec![0.0; ROWS * block.output().len()];
             let mode = Mode::Train { seed: 1, step: 0 };
-            let block_fwd = best(rounds, || block.forward(&mut params, &x, ROWS, &mut cache, &mut y, mode));
+            let block_fwd =
+                best(rounds, || block.forward(&mut params, &x, ROWS, &mut cache, &mut scratch, &mut y, mode));
             let pool_ms = if pool {
                 let p = Pool2d::fixed(conv.output(), PoolKind::Max, 2, 2);
                 let mut dz = vec![0.0; plane];
@@ -130,10 +132,11 @@ fn main() {
             let dout = wave(y.len(), 9);
             let mut grad = vec![0.0; block.trainable_len()];
             let mut dx = vec![0.0; x.len()];
-            block.forward(&mut params, &x, ROWS, &mut cache, &mut y, mode);
-            let bwd = best(rounds, || block.backward(&params, &x, ROWS, &mut cache, &dout, &mut grad, None));
-            let bwd_dx =
-                best(rounds, || block.backward(&params, &x, ROWS, &mut cache, &dout, &mut grad, Some(&mut dx)));
+            block.forward(&mut params, &x, ROWS, &mut cache, &mut scratch, &mut y, mode);
+            let bwd = best(rounds, || block.backward(&params, &x, ROWS, &cache, &mut scratch, &dout, &mut grad, None));
+            let bwd_dx = best(rounds, || {
+                block.backward(&params, &x, ROWS, &cache, &mut scratch, &dout, &mut grad, Some(&mut dx))
+            });
             let (dz_in, mut g_bn, mut dz) = (wave(plane, 4), vec![0.0; 2 * c_out], vec![0.0; plane]);
             let bn_bwd = best(rounds, || bn.backward(&bn_p, &xhat, &stats, ROWS, &dz_in, &mut g_bn, &mut dz));
             let row =

@@ -3,7 +3,7 @@
 //! ([`predict_streamed`]: a model file's lean path).
 
 use crate::heads::ProjectionHeads;
-use crate::layer::{Layer, LayerCache};
+use crate::layer::{Layer, LayerCache, LayerScratch};
 use crate::network::Network;
 use svp_alloc::OutOfMemory;
 use svp_nn::Dense;
@@ -28,7 +28,7 @@ impl Network {
             let (src, dst) = if cur == 0 { (&a[0], &mut b[0]) } else { (&b[0], &mut a[0]) };
             let input = if l == 0 { x } else { &src[..] };
             let layer = self.layer(l);
-            layer.infer(self.layer_params(l), input, rows, &mut ws.cache, dst);
+            layer.infer(self.layer_params(l), input, rows, &mut ws.cache, &mut ws.scratch, dst);
             if let Some(heads) = exits
                 && l + 1 < self.n_layers()
             {
@@ -107,7 +107,7 @@ pub fn predict_streamed<'w>(
         let (a, b) = ws.act.split_at_mut(1);
         let (src, dst) = if cur == 0 { (&a[0], &mut b[0]) } else { (&b[0], &mut a[0]) };
         let input = if l == 0 { x } else { &src[..] };
-        Layer::Dense(layer).infer(params, input, rows, &mut ws.cache, dst);
+        Layer::Dense(layer).infer(params, input, rows, &mut ws.cache, &mut ws.scratch, dst);
         cur = 1 - cur;
     }
     let width = layers[last - 1].spec().out_dim;
@@ -139,6 +139,7 @@ pub fn predict_streamed<'w>(
 pub struct InferenceWorkspace {
     act: [Vec<f32>; 2],
     cache: LayerCache,
+    scratch: LayerScratch,
     readout: Vec<f32>,
     exits: Vec<f32>,
     tile: Vec<f32>,
@@ -171,6 +172,7 @@ impl InferenceWorkspace {
                 svp_alloc::try_zeros(need, "inference activations")?,
             ];
             self.cache = LayerCache::try_for(model.all_layers(), rows)?;
+            self.scratch = LayerScratch::try_for(model.all_layers(), rows)?;
             self.rows = rows;
         }
         if let Some(d) = exit_dim {

@@ -2,9 +2,9 @@
 //! update, and how a projection head reads its output.
 
 use svp_alloc::OutOfMemory;
-use svp_nn::mobile_block::{MobileBlock, MobileBlockCache};
-use svp_nn::vit::{BlockCache, PatchEmbed, TokenHead, TokenReadout, TransformerBlock};
-use svp_nn::{ConvBlock, ConvBlockCache, Dense, DenseCache, Mode};
+use svp_nn::mobile_block::{MobileBlock, MobileBlockCache, MobileBlockScratch};
+use svp_nn::vit::{BlockCache, BlockScratch, PatchEmbed, TokenHead, TokenReadout, TransformerBlock};
+use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockScratch, Dense, DenseCache, Mode};
 use svp_tensor::{GradientSink, view, view_mut};
 
 /// One layer of a [`Network`](crate::Network).
@@ -25,7 +25,9 @@ pub enum Layer<'a> {
 }
 
 /// What layers' backward passes need from their forward passes: one part per
-/// kind of layer, each sized for the largest of the layers it serves.
+/// kind of layer, each sized for the largest of the layers it serves. A
+/// training rule that keeps every layer's forward for its backward (backprop)
+/// holds one per layer; SVP holds one per layer of a unit.
 #[derive(Debug, Default)]
 pub struct LayerCache {
     dense: DenseCache,
@@ -35,28 +37,56 @@ pub struct LayerCache {
     patches: Vec<f32>,
 }
 
+/// The buffers layers use only while one of their passes runs (gradients
+/// inside a block, im2col columns): nothing in them outlives a call, so one
+/// serves every layer of a network under any training rule.
+#[derive(Debug, Default)]
+pub struct LayerScratch {
+    conv: ConvBlockScratch,
+    mobile: MobileBlockScratch,
+    block: BlockScratch,
+}
+
+/// The layers of each kind among `layers`.
+#[derive(Default)]
+struct ByKind<'a> {
+    convs: Vec<&'a ConvBlock>,
+    mobiles: Vec<&'a MobileBlock>,
+    block: Option<svp_nn::vit::BlockSpec>,
+    patches: usize,
+    readout_width: usize,
+    dense: Vec<&'a svp_nn::DenseSpec>,
+}
+
+impl<'a> ByKind<'a> {
+    fn of(layers: impl IntoIterator<Item = Layer<'a>>, rows: usize) -> Self {
+        let mut k = Self::default();
+        for layer in layers {
+            match layer {
+                Layer::Conv(c) => k.convs.push(c),
+                Layer::Mobile(m) => k.mobiles.push(m),
+                Layer::Patch(p) => k.patches = k.patches.max(p.scratch_len(rows)),
+                // A network's transformer blocks share one shape.
+                Layer::Block(b) => k.block = Some(b.spec),
+                Layer::Readout(r) => k.readout_width = k.readout_width.max(r.dim),
+                Layer::Dense(d) => k.dense.push(d.spec()),
+            }
+        }
+        k
+    }
+}
+
 impl LayerCache {
     /// A cache that serves any one of `layers` at a time, for batches of up to `rows`.
     pub fn try_for<'a>(layers: impl IntoIterator<Item = Layer<'a>>, rows: usize) -> Result<Self, OutOfMemory> {
-        let (mut convs, mut mobiles, mut block, mut patches, mut readout_width, mut dense) =
-            (Vec::new(), Vec::new(), None, 0, 0, Vec::new());
-        for layer in layers {
-            match layer {
-                Layer::Conv(c) => convs.push(c),
-                Layer::Mobile(m) => mobiles.push(m),
-                Layer::Patch(p) => patches = patches.max(p.scratch_len(rows)),
-                Layer::Block(b) => block = Some(b.spec),
-                Layer::Readout(r) => readout_width = readout_width.max(r.dim),
-                Layer::Dense(d) => dense.push(d.spec()),
-            }
-        }
-        let (norm_width, plain_width) = DenseCache::widths(dense);
+        let k = ByKind::of(layers, rows);
+        let (norm_width, plain_width) = DenseCache::widths(k.dense);
         Ok(Self {
-            dense: DenseCache::try_sized(rows, norm_width.max(readout_width), plain_width)?,
-            conv: ConvBlockCache::try_new_for(convs, rows)?,
-            mobile: MobileBlockCache::try_new_for(mobiles, rows)?,
-            block: block.map_or(Ok(BlockCache::default()), |spec| BlockCache::try_new(&spec, rows))?,
-            patches: svp_alloc::try_zeros(patches, "unfolded patches")?,
+            dense: DenseCache::try_sized(rows, norm_width.max(k.readout_width), plain_width)?,
+            conv: ConvBlockCache::try_new_for(k.convs, rows)?,
+            mobile: MobileBlockCache::try_new_for(k.mobiles, rows)?,
+            block: k.block.map_or(Ok(BlockCache::default()), |spec| BlockCache::try_new(&spec, rows))?,
+            patches: svp_alloc::try_zeros(k.patches, "unfolded patches")?,
         })
     }
 
@@ -66,35 +96,62 @@ impl LayerCache {
     }
 }
 
+impl LayerScratch {
+    /// Scratch that serves any of `layers`, for batches of up to `rows`.
+    pub fn try_for<'a>(layers: impl IntoIterator<Item = Layer<'a>>, rows: usize) -> Result<Self, OutOfMemory> {
+        let k = ByKind::of(layers, rows);
+        Ok(Self {
+            conv: ConvBlockScratch::try_new_for(k.convs, rows)?,
+            mobile: MobileBlockScratch::try_new_for(k.mobiles, rows)?,
+            block: k.block.map_or(Ok(BlockScratch::default()), |spec| BlockScratch::try_new(&spec, rows))?,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.conv.bytes() + self.mobile.bytes() + self.block.bytes()
+    }
+}
+
 impl Layer<'_> {
     /// Forward over `rows` samples of `x` into `out`, filling `cache` (conv
     /// blocks in training also update their running statistics in `params`).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         params: &mut [f32],
         x: &[f32],
         rows: usize,
         cache: &mut LayerCache,
+        scratch: &mut LayerScratch,
         out: &mut [f32],
         mode: Mode,
     ) {
         match self {
-            Layer::Conv(c) => c.forward(params, x, rows, &mut cache.conv, out, mode),
-            Layer::Mobile(m) => m.forward(params, x, rows, &mut cache.mobile, out, mode),
+            Layer::Conv(c) => c.forward(params, x, rows, &mut cache.conv, &mut scratch.conv, out, mode),
+            Layer::Mobile(m) => m.forward(params, x, rows, &mut cache.mobile, &mut scratch.mobile, out, mode),
             Layer::Patch(p) => p.forward(params, x, rows, &mut cache.patches, out),
-            Layer::Block(b) => b.forward(params, x, rows, &mut cache.block, out),
+            Layer::Block(b) => b.forward(params, x, rows, &mut cache.block, &mut scratch.block, out),
             Layer::Readout(r) => r.forward(params, x, rows, &mut cache.dense, out),
             Layer::Dense(d) => d.forward(params, view(x, rows, d.spec().in_dim), &mut cache.dense, out, mode),
         }
     }
 
     /// Inference forward (no dropout, BatchNorm with running statistics).
-    pub fn infer(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut LayerCache, out: &mut [f32]) {
+    pub fn infer(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        rows: usize,
+        cache: &mut LayerCache,
+        scratch: &mut LayerScratch,
+        out: &mut [f32],
+    ) {
         match self {
-            Layer::Conv(c) => c.infer(params, x, rows, &mut cache.conv, out),
-            Layer::Mobile(m) => m.infer(params, x, rows, &mut cache.mobile, out),
+            Layer::Conv(c) => c.infer(params, x, rows, &mut cache.conv, &mut scratch.conv, out),
+            Layer::Mobile(m) => m.infer(params, x, rows, &mut cache.mobile, &mut scratch.mobile, out),
             Layer::Patch(p) => p.forward(params, x, rows, &mut cache.patches, out),
-            Layer::Block(b) => b.forward(params, x, rows, &mut cache.block, out),
+            Layer::Block(b) => b.forward(params, x, rows, &mut cache.block, &mut scratch.block, out),
             Layer::Readout(r) => r.forward(params, x, rows, &mut cache.dense, out),
             Layer::Dense(d) => d.forward(params, view(x, rows, d.spec().in_dim), &mut cache.dense, out, Mode::Infer),
         }
@@ -110,19 +167,20 @@ impl Layer<'_> {
         x: &[f32],
         rows: usize,
         cache: &mut LayerCache,
+        scratch: &mut LayerScratch,
         dout: &mut [f32],
         grad: &mut [f32],
         dx: Option<&mut [f32]>,
         mode: Mode,
     ) {
         match self {
-            Layer::Conv(c) => c.backward(params, x, rows, &mut cache.conv, dout, grad, dx),
-            Layer::Mobile(m) => m.backward(params, x, rows, &mut cache.mobile, dout, grad, dx),
+            Layer::Conv(c) => c.backward(params, x, rows, &cache.conv, &mut scratch.conv, dout, grad, dx),
+            Layer::Mobile(m) => m.backward(params, x, rows, &cache.mobile, &mut scratch.mobile, dout, grad, dx),
             Layer::Patch(p) => {
                 assert!(dx.is_none(), "a patch embedding reads the input images: no input gradient");
                 p.backward(x, rows, &mut cache.patches, dout, grad);
             }
-            Layer::Block(b) => b.backward(params, rows, &mut cache.block, dout, grad, dx),
+            Layer::Block(b) => b.backward(params, rows, &cache.block, &mut scratch.block, dout, grad, dx),
             Layer::Readout(r) => r.backward(params, rows, &mut cache.dense, dout, grad, dx),
             Layer::Dense(d) => {
                 let d_in = d.spec().in_dim;
@@ -145,6 +203,7 @@ impl Layer<'_> {
         x: &[f32],
         rows: usize,
         cache: &mut LayerCache,
+        scratch: &mut LayerScratch,
         dout: &mut [f32],
         grad: &mut [f32],
         dx: Option<&mut [f32]>,
@@ -160,7 +219,7 @@ impl Layer<'_> {
             }
             _ => {
                 let grad = &mut grad[..trainable];
-                self.backward(params, x, rows, cache, dout, grad, dx, mode);
+                self.backward(params, x, rows, cache, scratch, dout, grad, dx, mode);
                 update.apply(0, &mut params[..trainable], grad);
             }
         }

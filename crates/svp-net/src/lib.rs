@@ -8,7 +8,9 @@
 //!   linear head).
 //! * [`Network`]: that architecture's layers in order, all parameters in one
 //!   contiguous buffer; [`Layer`] runs any one of them (forward, inference,
-//!   backward and update) over caller-owned buffers, with a [`LayerCache`].
+//!   backward and update) over caller-owned buffers: a [`LayerCache`] for
+//!   what a layer's backward reads from its forward, and a [`LayerScratch`]
+//!   for what it needs only while it runs, which one serves every layer.
 //! * [`ProjectionHeads`]: the seed and options that regenerate SVP's fixed
 //!   random projection `R_l` of every layer (local losses in training, early
 //!   exits in inference).
@@ -39,6 +41,6 @@ mod normalization;
 pub use arch::{ConvItem, MobileItem, ModelConfig, PoolMarker, VitConfig};
 pub use heads::ProjectionHeads;
 pub use inference::{InferenceWorkspace, predict_streamed};
-pub use layer::{Layer, LayerCache, Readout};
+pub use layer::{Layer, LayerCache, LayerScratch, Readout};
 pub use network::Network;
 pub use normalization::Normalization;

@@ -32,7 +32,8 @@ impl ConvBlockSpec {
     }
 }
 
-/// What a block's backward needs from its forward, for up to a given batch.
+/// What a block's backward needs from its forward, for up to a given batch:
+/// kept per block between the two passes (backprop holds one per block).
 #[derive(Debug, Default)]
 pub struct ConvBlockCache {
     /// BatchNorm's normalized input.
@@ -41,14 +42,48 @@ pub struct ConvBlockCache {
     act: Vec<f32>,
     /// BatchNorm's `1/std` and mean per channel.
     bn_stats: Vec<f32>,
-    /// Backward scratch: the gradient before pooling, turned in place into
-    /// the conv output's (blocks with pooling), or the conv output's (blocks
-    /// without).
+}
+
+/// Buffers a block uses only while one of its passes runs, for up to a given
+/// batch: nothing in them outlives the call, so one serves every block of a
+/// network, under any training rule.
+#[derive(Debug, Default)]
+pub struct ConvBlockScratch {
+    /// The gradient before pooling, turned in place into the conv output's
+    /// (blocks with pooling), or the conv output's (blocks without).
     d_act: Vec<f32>,
     d_conv: Vec<f32>,
-    /// One group of samples' im2col columns and their gradient.
+    /// One group of samples' im2col columns (or Winograd tiles) and their gradient.
     col: Vec<f32>,
     dcol: Vec<f32>,
+}
+
+/// The largest sizes, per sample or in all, that a set of blocks needs.
+#[derive(Default)]
+struct BlockSizes {
+    plane: usize,
+    pooled: usize,
+    unpooled: usize,
+    col: usize,
+    channels: usize,
+}
+
+impl BlockSizes {
+    fn of<'a>(blocks: impl IntoIterator<Item = &'a ConvBlock>) -> Self {
+        let mut s = Self::default();
+        for b in blocks {
+            let len = b.conv.output().len();
+            s.plane = s.plane.max(len);
+            if b.pool.is_some() {
+                s.pooled = s.pooled.max(len);
+            } else {
+                s.unpooled = s.unpooled.max(len);
+            }
+            s.col = s.col.max(b.conv.col_len());
+            s.channels = s.channels.max(b.conv.c_out);
+        }
+        s
+    }
 }
 
 impl ConvBlockCache {
@@ -63,41 +98,47 @@ impl ConvBlockCache {
         blocks: impl IntoIterator<Item = &'a ConvBlock>,
         max_rows: usize,
     ) -> Result<Self, OutOfMemory> {
-        let (mut plane, mut pooled, mut unpooled, mut col, mut channels) = (0, 0, 0, 0, 0);
-        for b in blocks {
-            plane = plane.max(b.conv.output().len());
-            if b.pool.is_some() {
-                pooled = pooled.max(b.conv.output().len());
-            } else {
-                unpooled = unpooled.max(b.conv.output().len());
-            }
-            col = col.max(b.conv.col_len());
-            channels = channels.max(b.conv.c_out);
-        }
+        let s = BlockSizes::of(blocks);
         Ok(Self {
-            xhat: try_zeros(max_rows * plane, "a conv block's normalized values")?,
-            act: try_zeros(max_rows * pooled, "a conv block's activations before pooling")?,
-            bn_stats: try_zeros(2 * channels, "a conv block's BatchNorm statistics")?,
-            // With pooling, the gradient wrt the activation before pooling,
-            // which BatchNorm's backward turns in place into the conv
-            // output's; without, BatchNorm's backward reads the block's
-            // output gradient (the caller's) and writes `d_conv`.
-            d_act: try_zeros(max_rows * pooled, "a conv block's backward scratch")?,
-            d_conv: try_zeros(max_rows * unpooled, "a conv block's backward scratch")?,
-            col: try_zeros(col, "im2col columns")?,
-            dcol: try_zeros(col, "im2col column gradients")?,
+            xhat: try_zeros(max_rows * s.plane, "a conv block's normalized values")?,
+            act: try_zeros(max_rows * s.pooled, "a conv block's activations before pooling")?,
+            bn_stats: try_zeros(2 * s.channels, "a conv block's BatchNorm statistics")?,
         })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * (self.xhat.len()
-            + self.act.len()
-            + self.bn_stats.len()
-            + self.d_act.len()
-            + self.d_conv.len()
-            + self.col.len()
-            + self.dcol.len())
+        4 * (self.xhat.len() + self.act.len() + self.bn_stats.len())
+    }
+}
+
+impl ConvBlockScratch {
+    /// Scratch for `block` and batches of up to `max_rows` samples.
+    pub fn try_new(block: &ConvBlock, max_rows: usize) -> Result<Self, OutOfMemory> {
+        Self::try_new_for([block], max_rows)
+    }
+
+    /// Scratch that serves each of `blocks`, for batches of up to `max_rows` samples.
+    pub fn try_new_for<'a>(
+        blocks: impl IntoIterator<Item = &'a ConvBlock>,
+        max_rows: usize,
+    ) -> Result<Self, OutOfMemory> {
+        let s = BlockSizes::of(blocks);
+        Ok(Self {
+            // With pooling, the gradient wrt the activation before pooling,
+            // which BatchNorm's backward turns in place into the conv
+            // output's; without, BatchNorm's backward reads the block's
+            // output gradient (the caller's) and writes `d_conv`.
+            d_act: try_zeros(max_rows * s.pooled, "a conv block's backward scratch")?,
+            d_conv: try_zeros(max_rows * s.unpooled, "a conv block's backward scratch")?,
+            col: try_zeros(s.col, "im2col columns")?,
+            dcol: try_zeros(s.col, "im2col column gradients")?,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.d_act.len() + self.d_conv.len() + self.col.len() + self.dcol.len())
     }
 }
 
@@ -172,48 +213,60 @@ impl ConvBlock {
     /// Forward over `rows` samples of `x` into `out`, filling `cache` for
     /// [`ConvBlock::backward`]. In training BatchNorm uses (and the running
     /// statistics in `params` follow) the batch statistics.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         params: &mut [f32],
         x: &[f32],
         rows: usize,
         cache: &mut ConvBlockCache,
+        scratch: &mut ConvBlockScratch,
         out: &mut [f32],
         mode: Mode,
     ) {
         if mode == Mode::Infer {
-            return self.infer(params, x, rows, cache, out);
+            return self.infer(params, x, rows, cache, scratch, out);
         }
         let (conv_p, rest) = params.split_at_mut(self.conv.param_len());
         let (bn_p, running) = rest.split_at_mut(self.bn.param_len());
-        self.run(conv_p, x, rows, cache, out, |z_then_xhat, act, stats| {
+        self.run(conv_p, x, rows, cache, scratch, out, |z_then_xhat, act, stats| {
             self.bn.forward_train(bn_p, running, z_then_xhat, rows, act, stats);
         });
     }
 
-    /// Inference forward (BatchNorm with the running statistics); `cache` is scratch.
-    pub fn infer(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut ConvBlockCache, out: &mut [f32]) {
+    /// Inference forward (BatchNorm with the running statistics); `cache` is scratch too.
+    pub fn infer(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        rows: usize,
+        cache: &mut ConvBlockCache,
+        scratch: &mut ConvBlockScratch,
+        out: &mut [f32],
+    ) {
         let (conv_p, rest) = params.split_at(self.conv.param_len());
         let (bn_p, running) = rest.split_at(self.bn.param_len());
-        self.run(conv_p, x, rows, cache, out, |z, act, _| self.bn.forward_infer(bn_p, running, z, rows, act));
+        self.run(conv_p, x, rows, cache, scratch, out, |z, act, _| self.bn.forward_infer(bn_p, running, z, rows, act));
     }
 
     /// The convolution into the cache's `xhat`, `normalize(conv output then
     /// xhat, activation, statistics)` (BatchNorm and ReLU), then pooling
     /// into `out`. The activation is `out` itself when no pooling follows,
     /// else the cache's (the pooling's backward reads it).
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         conv_p: &[f32],
         x: &[f32],
         rows: usize,
         cache: &mut ConvBlockCache,
+        scratch: &mut ConvBlockScratch,
         out: &mut [f32],
         normalize: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]),
     ) {
         let plane = rows * self.conv.output().len();
         let c = cache;
-        self.conv.forward(conv_p, x, rows, &mut c.xhat[..plane], &mut c.col);
+        self.conv.forward(conv_p, x, rows, &mut c.xhat[..plane], &mut scratch.col);
         let act = if self.pool.is_some() { &mut c.act[..plane] } else { &mut out[..plane] };
         normalize(&mut c.xhat[..plane], act, &mut c.bn_stats);
         if let Some(pool) = &self.pool {
@@ -231,30 +284,31 @@ impl ConvBlock {
         params: &[f32],
         x: &[f32],
         rows: usize,
-        cache: &mut ConvBlockCache,
+        cache: &ConvBlockCache,
+        scratch: &mut ConvBlockScratch,
         dout: &[f32],
         grad: &mut [f32],
         dx: Option<&mut [f32]>,
     ) {
         let conv_len = self.conv.param_len();
         let plane = rows * self.conv.output().len();
-        let c = &mut *cache;
+        let (c, s) = (cache, scratch);
         let bn_p = &params[conv_len..conv_len + self.bn.param_len()];
         // BatchNorm's backward applies the ReLU's mask itself.
         let (g_conv, g_bn) = grad[..self.trainable_len()].split_at_mut(conv_len);
         let d_conv = match &self.pool {
             Some(pool) => {
-                let d = &mut c.d_act[..plane];
+                let d = &mut s.d_act[..plane];
                 pool.backward(&c.act[..plane], rows, dout, d);
                 self.bn.backward_in_place(bn_p, &c.xhat[..plane], &c.bn_stats, rows, d, g_bn);
                 d
             }
             None => {
-                let d = &mut c.d_conv[..plane];
+                let d = &mut s.d_conv[..plane];
                 self.bn.backward(bn_p, &c.xhat[..plane], &c.bn_stats, rows, &dout[..plane], g_bn, d);
                 d
             }
         };
-        self.conv.backward(&params[..conv_len], x, rows, d_conv, g_conv, dx, &mut c.col, &mut c.dcol);
+        self.conv.backward(&params[..conv_len], x, rows, d_conv, g_conv, dx, &mut s.col, &mut s.dcol);
     }
 }

@@ -48,7 +48,7 @@ pub mod vit;
 pub mod winograd;
 
 pub use activation::Activation;
-pub use conv_block::{ConvBlock, ConvBlockCache, ConvBlockSpec};
+pub use conv_block::{ConvBlock, ConvBlockCache, ConvBlockScratch, ConvBlockSpec};
 pub use dense::{Dense, DenseCache, DenseSpec, Mode, Norm};
 pub use loss::{FaWorkspace, FeatureAlignment, softmax_cross_entropy};
 pub use projection::Projection;

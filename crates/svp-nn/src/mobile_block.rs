@@ -149,8 +149,9 @@ impl MobileBlock {
     }
 }
 
-/// What a block's backward needs from its training forward, and the
-/// scratch of both, for batches of up to `max_rows` samples.
+/// What a block's backward needs from its training forward, for batches
+/// of up to `max_rows` samples: kept per block between the two passes
+/// (backprop holds one per block).
 #[derive(Debug, Default)]
 pub struct MobileBlockCache {
     max_rows: usize,
@@ -161,13 +162,46 @@ pub struct MobileBlockCache {
     /// The ReLU6 outputs of expand and depthwise (the next stage's input),
     /// written by their BatchNorm with ReLU6 fused in.
     act: [Vec<f32>; 2],
-    /// Backward scratch: `d_a` the project stage's output gradient, then the
-    /// expand stage's; `d_b` the depthwise stage's (BatchNorm's backward runs
-    /// in place in each).
+}
+
+/// Buffers a block uses only while one of its passes runs: nothing in them
+/// outlives the call, so one serves every block of a network.
+#[derive(Debug, Default)]
+pub struct MobileBlockScratch {
+    /// `d_a` the project stage's output gradient, then the expand stage's;
+    /// `d_b` the depthwise stage's (BatchNorm's backward runs in place in each).
     d_a: Vec<f32>,
     d_b: Vec<f32>,
+    /// One group of samples' im2col columns and their gradient (1x1 convs).
     col: Vec<f32>,
     dcol: Vec<f32>,
+}
+
+/// The largest sizes that a set of blocks needs, per stage (expand,
+/// depthwise, project): values per sample and channels.
+struct StageSizes {
+    values: [usize; 3],
+    channels: [usize; 3],
+    col: usize,
+}
+
+impl StageSizes {
+    fn of<'a>(blocks: impl IntoIterator<Item = &'a MobileBlock>) -> Self {
+        // The expand stage's only over blocks that have one.
+        let (mut values, mut channels, mut col) = ([0usize; 3], [0usize; 3], 0);
+        for b in blocks {
+            let hidden = b.depthwise.0.input;
+            let expanded = if b.expand.is_some() { hidden } else { Chw { c: 0, h: 0, w: 0 } };
+            let these = [expanded.len(), b.depthwise.0.output().len(), b.output().len()];
+            let chans = [expanded.c, hidden.c, b.spec.out_channels];
+            for i in 0..3 {
+                values[i] = values[i].max(these[i]);
+                channels[i] = channels[i].max(chans[i]);
+            }
+            col = col.max(b.expand.map_or(0, |(c, _)| c.col_len())).max(b.project.0.col_len());
+        }
+        Self { values, channels, col }
+    }
 }
 
 impl MobileBlockCache {
@@ -183,50 +217,59 @@ impl MobileBlockCache {
         blocks: impl IntoIterator<Item = &'a MobileBlock>,
         max_rows: usize,
     ) -> Result<Self, OutOfMemory> {
-        // Per stage, the largest activation and channel count; the expand
-        // stage's only over blocks that have one.
-        let (mut sizes, mut channels, mut col) = ([0usize; 3], [0usize; 3], 0);
-        for b in blocks {
-            let hidden = b.depthwise.0.input;
-            let expanded = if b.expand.is_some() { hidden } else { Chw { c: 0, h: 0, w: 0 } };
-            let these = [expanded.len(), b.depthwise.0.output().len(), b.output().len()];
-            let chans = [expanded.c, hidden.c, b.spec.out_channels];
-            for i in 0..3 {
-                sizes[i] = sizes[i].max(these[i]);
-                channels[i] = channels[i].max(chans[i]);
-            }
-            col = col.max(b.expand.map_or(0, |(c, _)| c.col_len())).max(b.project.0.col_len());
-        }
-        let floats = |stage: usize| sizes[stage] * max_rows;
+        let s = StageSizes::of(blocks);
+        let floats = |stage: usize| s.values[stage] * max_rows;
         let per_stage = |what| -> Result<[Vec<f32>; 3], OutOfMemory> {
             Ok([try_zeros(floats(0), what)?, try_zeros(floats(1), what)?, try_zeros(floats(2), what)?])
         };
         let stats = "a mobile block's BatchNorm statistics";
-        let scratch = "a mobile block's backward scratch";
         Ok(Self {
             max_rows,
             xhat: per_stage("a mobile block's normalized values")?,
             stats: [
-                try_zeros(2 * channels[0], stats)?,
-                try_zeros(2 * channels[1], stats)?,
-                try_zeros(2 * channels[2], stats)?,
+                try_zeros(2 * s.channels[0], stats)?,
+                try_zeros(2 * s.channels[1], stats)?,
+                try_zeros(2 * s.channels[2], stats)?,
             ],
             act: [
                 try_zeros(floats(0), "a mobile block's activations")?,
                 try_zeros(floats(1), "a mobile block's activations")?,
             ],
-            d_a: try_zeros(floats(0).max(floats(2)), scratch)?,
-            d_b: try_zeros(floats(1), scratch)?,
-            col: try_zeros(col, "a mobile block's im2col columns")?,
-            dcol: try_zeros(col, "a mobile block's im2col columns")?,
         })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         let stages: usize = [&self.xhat, &self.stats].iter().flat_map(|s| s.iter()).map(Vec::len).sum();
-        let rest = [&self.act[0], &self.act[1], &self.d_a, &self.d_b, &self.col, &self.dcol].map(|v| v.len());
-        4 * (stages + rest.iter().sum::<usize>())
+        4 * (stages + self.act[0].len() + self.act[1].len())
+    }
+}
+
+impl MobileBlockScratch {
+    /// Scratch for `block` and up to `max_rows` samples.
+    pub fn try_new(block: &MobileBlock, max_rows: usize) -> Result<Self, OutOfMemory> {
+        Self::try_new_for([block], max_rows)
+    }
+
+    /// Scratch that serves each of `blocks`, for batches of up to `max_rows` samples.
+    pub fn try_new_for<'a>(
+        blocks: impl IntoIterator<Item = &'a MobileBlock>,
+        max_rows: usize,
+    ) -> Result<Self, OutOfMemory> {
+        let s = StageSizes::of(blocks);
+        let floats = |stage: usize| s.values[stage] * max_rows;
+        let scratch = "a mobile block's backward scratch";
+        Ok(Self {
+            d_a: try_zeros(floats(0).max(floats(2)), scratch)?,
+            d_b: try_zeros(floats(1), scratch)?,
+            col: try_zeros(s.col, "a mobile block's im2col columns")?,
+            dcol: try_zeros(s.col, "a mobile block's im2col columns")?,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.d_a.len() + self.d_b.len() + self.col.len() + self.dcol.len())
     }
 }
 
@@ -241,17 +284,19 @@ impl MobileBlock {
     /// Forward over `rows` samples of `x` into `out`, filling `cache` for
     /// [`MobileBlock::backward`]. In training the BatchNorms use (and the
     /// running statistics in `params` follow) the batch statistics.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         params: &mut [f32],
         x: &[f32],
         rows: usize,
         cache: &mut MobileBlockCache,
+        scratch: &mut MobileBlockScratch,
         out: &mut [f32],
         mode: Mode,
     ) {
         if mode == Mode::Infer {
-            return self.infer(params, x, rows, cache, out);
+            return self.infer(params, x, rows, cache, scratch, out);
         }
         let (trained, running) = params.split_at_mut(self.trainable_len());
         let [r0, r1, r2] = self.running().map(|r| r.start - self.trainable_len()..r.end - self.trainable_len());
@@ -259,15 +304,24 @@ impl MobileBlock {
         let (run0, run1) = run01.split_at_mut(r1.start);
         debug_assert_eq!(r0.end, r1.start);
         let norming = [Norming::Train(run0), Norming::Train(run1), Norming::Train(run2)];
-        self.run(trained, norming, x, rows, cache, out);
+        self.run(trained, norming, x, rows, cache, scratch, out);
     }
 
-    /// Inference forward (BatchNorm with the running statistics); `cache` is scratch.
-    pub fn infer(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut MobileBlockCache, out: &mut [f32]) {
+    /// Inference forward (BatchNorm with the running statistics); `cache` is scratch too.
+    pub fn infer(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        rows: usize,
+        cache: &mut MobileBlockCache,
+        scratch: &mut MobileBlockScratch,
+        out: &mut [f32],
+    ) {
         let running = self.running().map(|r| Norming::Infer(&params[r]));
-        self.run(&params[..self.trainable_len()], running, x, rows, cache, out);
+        self.run(&params[..self.trainable_len()], running, x, rows, cache, scratch, out);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         p: &[f32],
@@ -275,6 +329,7 @@ impl MobileBlock {
         x: &[f32],
         rows: usize,
         cache: &mut MobileBlockCache,
+        scratch: &mut MobileBlockScratch,
         out: &mut [f32],
     ) {
         assert!(rows <= cache.max_rows, "a batch of {rows} in a cache for {}", cache.max_rows);
@@ -291,7 +346,7 @@ impl MobileBlock {
         let [act_e, act_d] = &mut c.act;
         let hidden_in: &[f32] = match self.expand {
             Some((conv, bn)) => {
-                conv.forward(&p[r[0].clone()], x, rows, &mut c.xhat[0], &mut c.col);
+                conv.forward(&p[r[0].clone()], x, rows, &mut c.xhat[0], &mut scratch.col);
                 norm(bn, n0, &p[r[1].clone()], &mut c.xhat[0], act_e, &mut c.stats[0]);
                 act_e
             }
@@ -301,7 +356,7 @@ impl MobileBlock {
         dw.forward(&p[r[2].clone()], hidden_in, rows, &mut c.xhat[1]);
         norm(bn, n1, &p[r[3].clone()], &mut c.xhat[1], act_d, &mut c.stats[1]);
         let (conv, bn) = self.project;
-        conv.forward(&p[r[4].clone()], act_d, rows, &mut c.xhat[2], &mut c.col);
+        conv.forward(&p[r[4].clone()], act_d, rows, &mut c.xhat[2], &mut scratch.col);
         let n = rows * bn.shape.len();
         norm(bn, n2, &p[r[5].clone()], &mut c.xhat[2], &mut out[..n], &mut c.stats[2]);
         if self.residual() {
@@ -319,22 +374,23 @@ impl MobileBlock {
         params: &[f32],
         x: &[f32],
         rows: usize,
-        cache: &mut MobileBlockCache,
+        cache: &MobileBlockCache,
+        scratch: &mut MobileBlockScratch,
         dout: &[f32],
         grad: &mut [f32],
         mut dx: Option<&mut [f32]>,
     ) {
         let r = self.trained();
-        let c = cache;
+        let (c, s) = (cache, scratch);
         // Project: BatchNorm, then the 1x1 conv back to the depthwise's activation.
         let (conv, bn) = self.project;
         let n_out = rows * bn.shape.len();
         let rstd = &c.stats[2][..bn.shape.c];
-        bn.backward(&params[r[5].clone()], &c.xhat[2], rstd, rows, dout, &mut grad[r[5].clone()], &mut c.d_a[..n_out]);
+        bn.backward(&params[r[5].clone()], &c.xhat[2], rstd, rows, dout, &mut grad[r[5].clone()], &mut s.d_a[..n_out]);
         let n_dw = rows * self.depthwise.1.shape.len();
         let (g_conv, p_conv) = (&mut grad[r[4].clone()], &params[r[4].clone()]);
-        let d_act = Some(&mut c.d_b[..n_dw]);
-        conv.backward(p_conv, &c.act[1], rows, &c.d_a[..n_out], g_conv, d_act, &mut c.col, &mut c.dcol);
+        let d_act = Some(&mut s.d_b[..n_dw]);
+        conv.backward(p_conv, &c.act[1], rows, &s.d_a[..n_out], g_conv, d_act, &mut s.col, &mut s.dcol);
         // Depthwise: BatchNorm with its ReLU6 (in place), the convolution.
         let (dw, bn) = self.depthwise;
         let rstd = &c.stats[1][..bn.shape.c];
@@ -343,22 +399,22 @@ impl MobileBlock {
             &c.xhat[1],
             rstd,
             rows,
-            &mut c.d_b[..n_dw],
+            &mut s.d_b[..n_dw],
             &mut grad[r[3].clone()],
         );
         let n_in = rows * dw.input.len();
         match self.expand {
             Some((conv, bn)) => {
-                let d_hidden = Some(&mut c.d_a[..n_in]);
-                dw.backward(&params[r[2].clone()], &c.act[0], rows, &c.d_b[..n_dw], &mut grad[r[2].clone()], d_hidden);
+                let d_hidden = Some(&mut s.d_a[..n_in]);
+                dw.backward(&params[r[2].clone()], &c.act[0], rows, &s.d_b[..n_dw], &mut grad[r[2].clone()], d_hidden);
                 let rstd = &c.stats[0][..bn.shape.c];
                 let (g_bn, p_bn) = (&mut grad[r[1].clone()], &params[r[1].clone()]);
-                bn.backward_in_place(p_bn, &c.xhat[0], rstd, rows, &mut c.d_a[..n_in], g_bn);
+                bn.backward_in_place(p_bn, &c.xhat[0], rstd, rows, &mut s.d_a[..n_in], g_bn);
                 let (g, p) = (&mut grad[r[0].clone()], &params[r[0].clone()]);
-                conv.backward(p, x, rows, &c.d_a[..n_in], g, dx.as_deref_mut(), &mut c.col, &mut c.dcol);
+                conv.backward(p, x, rows, &s.d_a[..n_in], g, dx.as_deref_mut(), &mut s.col, &mut s.dcol);
             }
             None => {
-                dw.backward(&params[r[2].clone()], x, rows, &c.d_b[..n_dw], &mut grad[r[2].clone()], dx.as_deref_mut())
+                dw.backward(&params[r[2].clone()], x, rows, &s.d_b[..n_dw], &mut grad[r[2].clone()], dx.as_deref_mut())
             }
         }
         if let Some(dx) = dx

@@ -211,8 +211,9 @@ macro_rules! split_block {
     }};
 }
 
-/// What a block's backward needs from its forward (and its backward scratch),
-/// for batches of up to a given size.
+/// What a block's backward needs from its forward, for batches of up to a
+/// given size: kept per block between the two passes (backprop holds one
+/// per block).
 #[derive(Debug, Default)]
 pub struct BlockCache {
     xhat1: Vec<f32>,
@@ -220,15 +221,21 @@ pub struct BlockCache {
     ln1: Vec<f32>,
     qkv: Vec<f32>,
     probs: Vec<f32>,
-    /// Backward scratch shaped like `probs`: the gradient wrt the probabilities.
-    d_probs: Vec<f32>,
     attn: Vec<f32>,
     xhat2: Vec<f32>,
     rstd2: Vec<f32>,
     ln2: Vec<f32>,
     pre: Vec<f32>,
     act: Vec<f32>,
-    /// Backward scratch: one token-width and one MLP-width buffer, and one for qkv.
+}
+
+/// Buffers a block uses only while one of its passes runs: nothing in them
+/// outlives the call, so one serves every block of a network.
+#[derive(Debug, Default)]
+pub struct BlockScratch {
+    /// Shaped like the cache's attention probabilities: their gradient.
+    d_probs: Vec<f32>,
+    /// One token-width and one MLP-width buffer, and one for qkv.
     d_tok: Vec<f32>,
     d_mlp: Vec<f32>,
     d_qkv: Vec<f32>,
@@ -248,13 +255,42 @@ impl BlockCache {
             ln1: z(n * d)?,
             qkv: z(n * 3 * d)?,
             probs: z(max_rows * spec.heads * spec.tokens * spec.tokens)?,
-            d_probs: z(max_rows * spec.heads * spec.tokens * spec.tokens)?,
             attn: z(n * d)?,
             xhat2: z(n * d)?,
             rstd2: z(n)?,
             ln2: z(n * d)?,
             pre: z(n * m)?,
             act: z(n * m)?,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let parts = [
+            &self.xhat1,
+            &self.rstd1,
+            &self.ln1,
+            &self.qkv,
+            &self.probs,
+            &self.attn,
+            &self.xhat2,
+            &self.rstd2,
+            &self.ln2,
+            &self.pre,
+            &self.act,
+        ];
+        4 * parts.iter().map(|v| v.len()).sum::<usize>()
+    }
+}
+
+impl BlockScratch {
+    /// Scratch for blocks of `spec`'s shape and batches of up to `max_rows` samples.
+    pub fn try_new(spec: &BlockSpec, max_rows: usize) -> Result<Self, OutOfMemory> {
+        let n = max_rows * spec.tokens;
+        let (d, m) = (spec.dim, spec.mlp);
+        let z = |len: usize| try_zeros(len, "a transformer block's scratch");
+        Ok(Self {
+            d_probs: z(max_rows * spec.heads * spec.tokens * spec.tokens)?,
             d_tok: z(n * d)?,
             d_mlp: z(n * m)?,
             d_qkv: z(n * 3 * d)?,
@@ -264,27 +300,8 @@ impl BlockCache {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * [
-            &self.xhat1,
-            &self.rstd1,
-            &self.ln1,
-            &self.qkv,
-            &self.probs,
-            &self.d_probs,
-            &self.attn,
-            &self.xhat2,
-            &self.rstd2,
-            &self.ln2,
-            &self.pre,
-            &self.act,
-            &self.d_tok,
-            &self.d_mlp,
-            &self.d_qkv,
-            &self.norm_scratch,
-        ]
-        .iter()
-        .map(|v| v.len())
-        .sum::<usize>()
+        let parts = [&self.d_probs, &self.d_tok, &self.d_mlp, &self.d_qkv, &self.norm_scratch];
+        4 * parts.iter().map(|v| v.len()).sum::<usize>()
     }
 }
 
@@ -348,7 +365,15 @@ impl TransformerBlock {
     }
 
     /// Forward over `rows` samples of `x` into `out`, filling `cache`.
-    pub fn forward(&self, params: &[f32], x: &[f32], rows: usize, cache: &mut BlockCache, out: &mut [f32]) {
+    pub fn forward(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        rows: usize,
+        cache: &mut BlockCache,
+        scratch: &mut BlockScratch,
+        out: &mut [f32],
+    ) {
         let BlockSpec { tokens: t, dim: d, mlp: m, .. } = self.spec;
         let n = rows * t;
         let p = split_block!(params, d, m, split_at);
@@ -369,8 +394,8 @@ impl TransformerBlock {
         linear(&c.ln2, n, d, p.w1, p.b1, &mut c.pre);
         Activation::Gelu.forward(&c.pre[..n * m], &mut c.act[..n * m]);
         // out = x1 + act W2^T + b2, through d_tok as scratch.
-        linear(&c.act, n, m, p.w2, p.b2, &mut c.d_tok);
-        out[..n * d].iter_mut().zip(&c.d_tok[..n * d]).for_each(|(o, &v)| *o += v);
+        linear(&c.act, n, m, p.w2, p.b2, &mut scratch.d_tok);
+        out[..n * d].iter_mut().zip(&scratch.d_tok[..n * d]).for_each(|(o, &v)| *o += v);
     }
 
     /// Softmax attention per sample and head: `probs` (`rows x heads x t x t`)
@@ -459,7 +484,8 @@ impl TransformerBlock {
         &self,
         params: &[f32],
         rows: usize,
-        cache: &mut BlockCache,
+        cache: &BlockCache,
+        scratch: &mut BlockScratch,
         dout: &mut [f32],
         grad: &mut [f32],
         dx: Option<&mut [f32]>,
@@ -468,25 +494,25 @@ impl TransformerBlock {
         let n = rows * t;
         let p = split_block!(params, d, m, split_at);
         let g = split_block!(&mut grad[..self.param_len()], d, m, split_at_mut);
-        let c = cache;
+        let (c, s) = (cache, scratch);
         let dout = &mut dout[..n * d];
         // MLP half: dout is the gradient wrt out = x1 + mlp(x1).
-        linear_backward(&c.act, n, m, p.w2, dout, g.w2, g.b2, Some(&mut c.d_mlp));
-        Activation::Gelu.backward(&c.pre[..n * m], &mut c.d_mlp[..n * m]);
-        linear_backward(&c.ln2, n, d, p.w1, &c.d_mlp, g.w1, g.b1, Some(&mut c.d_tok));
-        let (xhat, rstd, d_tok) = (&c.xhat2[..n * d], &c.rstd2[..n], &mut c.d_tok[..n * d]);
+        linear_backward(&c.act, n, m, p.w2, dout, g.w2, g.b2, Some(&mut s.d_mlp));
+        Activation::Gelu.backward(&c.pre[..n * m], &mut s.d_mlp[..n * m]);
+        linear_backward(&c.ln2, n, d, p.w1, &s.d_mlp, g.w1, g.b1, Some(&mut s.d_tok));
+        let (xhat, rstd, d_tok) = (&c.xhat2[..n * d], &c.rstd2[..n], &mut s.d_tok[..n * d]);
         let id = Activation::Identity;
-        layer_norm::backward(xhat, rstd, p.ln2_g, p.ln2_b, id, d_tok, g.ln2_g, g.ln2_b, None, &mut c.norm_scratch);
+        layer_norm::backward(xhat, rstd, p.ln2_g, p.ln2_b, id, d_tok, g.ln2_g, g.ln2_b, None, &mut s.norm_scratch);
         // dx1 = dout + the LN2 path, kept in dout.
-        dout.iter_mut().zip(&c.d_tok[..n * d]).for_each(|(a, &b)| *a += b);
+        dout.iter_mut().zip(&s.d_tok[..n * d]).for_each(|(a, &b)| *a += b);
         // Attention half: dout is now the gradient wrt x1 = x + attn(x).
-        linear_backward(&c.attn, n, d, p.wo, dout, g.wo, g.bo, Some(&mut c.d_tok));
-        self.attention_backward(rows, &c.qkv, &c.probs, &c.d_tok, &mut c.d_probs, &mut c.d_qkv);
-        linear_backward(&c.ln1, n, d, p.wqkv, &c.d_qkv, g.wqkv, g.bqkv, Some(&mut c.d_tok));
-        let (xhat, rstd, d_tok) = (&c.xhat1[..n * d], &c.rstd1[..n], &mut c.d_tok[..n * d]);
-        layer_norm::backward(xhat, rstd, p.ln1_g, p.ln1_b, id, d_tok, g.ln1_g, g.ln1_b, None, &mut c.norm_scratch);
+        linear_backward(&c.attn, n, d, p.wo, dout, g.wo, g.bo, Some(&mut s.d_tok));
+        self.attention_backward(rows, &c.qkv, &c.probs, &s.d_tok, &mut s.d_probs, &mut s.d_qkv);
+        linear_backward(&c.ln1, n, d, p.wqkv, &s.d_qkv, g.wqkv, g.bqkv, Some(&mut s.d_tok));
+        let (xhat, rstd, d_tok) = (&c.xhat1[..n * d], &c.rstd1[..n], &mut s.d_tok[..n * d]);
+        layer_norm::backward(xhat, rstd, p.ln1_g, p.ln1_b, id, d_tok, g.ln1_g, g.ln1_b, None, &mut s.norm_scratch);
         if let Some(dx) = dx {
-            dx[..n * d].iter_mut().zip(dout.iter().zip(&c.d_tok[..n * d])).for_each(|(o, (&a, &b))| *o = a + b);
+            dx[..n * d].iter_mut().zip(dout.iter().zip(&s.d_tok[..n * d])).for_each(|(o, (&a, &b))| *o = a + b);
         }
     }
 }

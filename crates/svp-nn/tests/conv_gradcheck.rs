@@ -296,7 +296,7 @@ fn batch_norm_case(activation: BnActivation) {
 
 #[test]
 fn conv_block_forward_and_backward() {
-    use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockSpec, Mode};
+    use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockScratch, ConvBlockSpec, Mode};
     for (n, pool) in [false, true].into_iter().enumerate() {
         let spec = ConvBlockSpec { in_channels: 2, in_h: 4, in_w: 6, out_channels: 3, pool, readout: 2 };
         let block = ConvBlock::new(spec, 1);
@@ -313,21 +313,23 @@ fn conv_block_forward_and_backward() {
         let out_len = rows * block.output().len();
         let probe = random(out_len, 62 + n as u64);
         let mut cache = ConvBlockCache::try_new(&block, rows).unwrap();
+        let mut scratch = ConvBlockScratch::try_new(&block, rows).unwrap();
         let mode = Mode::Train { seed: 1, step: 0 };
         let mut out = vec![0.0; out_len];
         let mut p = params.clone();
-        block.forward(&mut p, &x, rows, &mut cache, &mut out, mode);
+        block.forward(&mut p, &x, rows, &mut cache, &mut scratch, &mut out, mode);
         // The running statistics moved; the trained parameters did not.
         assert_eq!(p[..t], params[..t]);
         assert_ne!(p[t..], params[t..], "running statistics follow the batch");
         assert!(out.iter().all(|&v| v >= 0.0) && out.iter().any(|&v| v > 0.0));
         let (mut grad, mut dx) = (vec![0.0; t], vec![0.0; x.len()]);
-        block.backward(&p, &x, rows, &mut cache, &probe, &mut grad, Some(&mut dx));
+        block.backward(&p, &x, rows, &cache, &mut scratch, &probe, &mut grad, Some(&mut dx));
         let loss = |params: &[f32], x: &[f32]| {
             let mut p = params.to_vec();
             let mut c = ConvBlockCache::try_new(&block, rows).unwrap();
+            let mut s = ConvBlockScratch::try_new(&block, rows).unwrap();
             let mut o = vec![0.0; out_len];
-            block.forward(&mut p, x, rows, &mut c, &mut o, mode);
+            block.forward(&mut p, x, rows, &mut c, &mut s, &mut o, mode);
             weighted(&o, &probe)
         };
         check_kinked(&format!("conv block {n} params"), &grad, |i, eps| {
@@ -345,7 +347,7 @@ fn conv_block_forward_and_backward() {
         // Inference uses the running statistics: after the one training step
         // they are not the batch's, so the output differs.
         let mut inf = vec![0.0; out_len];
-        block.forward(&mut p, &x, rows, &mut cache, &mut inf, Mode::Infer);
+        block.forward(&mut p, &x, rows, &mut cache, &mut scratch, &mut inf, Mode::Infer);
         assert_ne!(inf, out);
     }
 }

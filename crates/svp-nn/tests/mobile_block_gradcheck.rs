@@ -6,7 +6,7 @@
 use svp_nn::Mode;
 use svp_nn::conv::{BatchNorm2d, BnActivation, Chw, Conv2d};
 use svp_nn::depthwise::{DepthwiseConv2d, relu6};
-use svp_nn::mobile_block::{MobileBlock, MobileBlockCache, MobileBlockSpec};
+use svp_nn::mobile_block::{MobileBlock, MobileBlockCache, MobileBlockScratch, MobileBlockSpec};
 use svp_rng::{Purpose, Stream, StreamKey};
 
 fn random(len: usize, salt: u64) -> Vec<f32> {
@@ -104,26 +104,26 @@ where
     let probe = random(rows * ol, 4);
 
     let mut cache = MobileBlockCache::try_new(&block, rows).unwrap();
-    let forward = |p: &[f32], x: &[f32], cache: &mut MobileBlockCache| {
+    let mut scratch = MobileBlockScratch::try_new(&block, rows).unwrap();
+    let forward = |p: &[f32], x: &[f32], cache: &mut MobileBlockCache, scratch: &mut MobileBlockScratch| {
         let mut p = p.to_vec();
         let mut y = vec![0.0; rows * ol];
-        block.forward(&mut p, x, rows, cache, &mut y, TRAIN);
+        block.forward(&mut p, x, rows, cache, scratch, &mut y, TRAIN);
         y
     };
-    let y = forward(&params, &x, &mut cache);
+    let y = forward(&params, &x, &mut cache, &mut scratch);
     assert!(y.iter().all(|v| v.is_finite()));
     let mut grad = vec![f32::NAN; t];
     let mut dx = vec![f32::NAN; rows * il];
-    block.backward(&params, &x, rows, &mut cache, &probe, &mut grad, Some(&mut dx));
+    block.backward(&params, &x, rows, &cache, &mut scratch, &probe, &mut grad, Some(&mut dx));
     // Without dx, the same parameter gradient.
     let mut again = vec![f32::NAN; t];
-    forward(&params, &x, &mut cache);
-    block.backward(&params, &x, rows, &mut cache, &probe, &mut again, None);
+    forward(&params, &x, &mut cache, &mut scratch);
+    block.backward(&params, &x, rows, &cache, &mut scratch, &probe, &mut again, None);
     assert_eq!(grad, again);
 
-    let mut scratch = MobileBlockCache::try_new(&block, rows).unwrap();
     let mut loss = |p: &[f32], x: &[f32]| {
-        forward(p, x, &mut scratch).iter().zip(&probe).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+        forward(p, x, &mut cache, &mut scratch).iter().zip(&probe).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
     };
     check(&format!("{spec:?} params"), &grad, &mut |i, eps| {
         let (mut u, mut d) = (params.clone(), params.clone());
@@ -172,8 +172,9 @@ fn inference_is_the_layers_composed_in_the_documented_layout() {
         let rows = 2;
         let x = random(rows * input.len(), 9);
         let mut cache = MobileBlockCache::try_new(&block, rows).unwrap();
+        let mut scratch = MobileBlockScratch::try_new(&block, rows).unwrap();
         let mut got = vec![0.0; rows * block.output().len()];
-        block.infer(&params, &x, rows, &mut cache, &mut got);
+        block.infer(&params, &x, rows, &mut cache, &mut scratch, &mut got);
         // By hand.
         let hidden = Chw { c: input.c * expansion, ..input };
         let mut rest: &[f32] = &params;
@@ -217,7 +218,7 @@ fn inference_is_the_layers_composed_in_the_documented_layout() {
         // Mode::Infer through forward is the same, and leaves the parameters alone.
         let mut p = params.clone();
         let mut via_forward = vec![0.0; got.len()];
-        block.forward(&mut p, &x, rows, &mut cache, &mut via_forward, Mode::Infer);
+        block.forward(&mut p, &x, rows, &mut cache, &mut scratch, &mut via_forward, Mode::Infer);
         assert_eq!((via_forward, p), (got, params));
     }
 }
@@ -242,8 +243,9 @@ fn training_updates_only_the_running_statistics() {
     let rows = 4;
     let x = random(rows * spec.input.len(), 11);
     let mut cache = MobileBlockCache::try_new(&block, rows).unwrap();
+    let mut scratch = MobileBlockScratch::try_new(&block, rows).unwrap();
     let mut out = vec![0.0; rows * block.output().len()];
-    block.forward(&mut params, &x, rows, &mut cache, &mut out, TRAIN);
+    block.forward(&mut params, &x, rows, &mut cache, &mut scratch, &mut out, TRAIN);
     let t = block.trainable_len();
     assert_eq!(params[..t], before[..t]);
     assert_ne!(params[t..], before[t..]);

@@ -1,7 +1,7 @@
 //! Vision-transformer layers: backward against central finite differences,
 //! and the attention against a direct reference.
 
-use svp_nn::vit::{BlockCache, BlockSpec, PatchEmbed, TokenReadout, TransformerBlock};
+use svp_nn::vit::{BlockCache, BlockScratch, BlockSpec, PatchEmbed, TokenReadout, TransformerBlock};
 use svp_rng::{Purpose, Stream, StreamKey};
 
 fn random(len: usize, salt: u64) -> Vec<f32> {
@@ -42,15 +42,17 @@ fn transformer_block_gradients() {
         let x = random(len, 91 + case as u64);
         let probe = random(len, 92 + case as u64);
         let mut cache = BlockCache::try_new(&spec, rows).unwrap();
+        let mut scratch = BlockScratch::try_new(&spec, rows).unwrap();
         let mut out = vec![0.0; len];
-        block.forward(&params, &x, rows, &mut cache, &mut out);
+        block.forward(&params, &x, rows, &mut cache, &mut scratch, &mut out);
         let mut dout = probe.clone();
         let (mut grad, mut dx) = (vec![0.0; params.len()], vec![0.0; len]);
-        block.backward(&params, rows, &mut cache, &mut dout, &mut grad, Some(&mut dx));
+        block.backward(&params, rows, &cache, &mut scratch, &mut dout, &mut grad, Some(&mut dx));
         let loss = |p: &[f32], x: &[f32]| {
             let mut c = BlockCache::try_new(&spec, rows).unwrap();
+            let mut s = BlockScratch::try_new(&spec, rows).unwrap();
             let mut o = vec![0.0; len];
-            block.forward(p, x, rows, &mut c, &mut o);
+            block.forward(p, x, rows, &mut c, &mut s, &mut o);
             weighted(&o, &probe)
         };
         check(&format!("block {case} params"), &grad, 1e-2, |i, e| {
@@ -67,9 +69,9 @@ fn transformer_block_gradients() {
         let mut again = vec![0.0; params.len()];
         let mut c = BlockCache::try_new(&spec, rows).unwrap();
         let mut o = vec![0.0; len];
-        block.forward(&params, &x, rows, &mut c, &mut o);
+        block.forward(&params, &x, rows, &mut c, &mut scratch, &mut o);
         let mut dout = probe.clone();
-        block.backward(&params, rows, &mut c, &mut dout, &mut again, None);
+        block.backward(&params, rows, &c, &mut scratch, &mut dout, &mut again, None);
         assert_eq!(again, grad);
     }
 }
@@ -153,8 +155,9 @@ fn block_forward_matches_a_naive_reference() {
         let params: Vec<f32> = random(block.param_len(), 40 + case as u64).iter().map(|v| 0.5 * v).collect();
         let x = random(rows * block.sample_len(), 50 + case as u64);
         let mut cache = BlockCache::try_new(&spec, rows).unwrap();
+        let mut scratch = BlockScratch::try_new(&spec, rows).unwrap();
         let mut out = vec![f32::NAN; x.len()];
-        block.forward(&params, &x, rows, &mut cache, &mut out);
+        block.forward(&params, &x, rows, &mut cache, &mut scratch, &mut out);
         let want = reference_block(spec, &params, &x, rows);
         let mut worst = 0.0f64;
         for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {

@@ -4,7 +4,7 @@ use crate::config::Config;
 use crate::frozen::FrozenLayers;
 use crate::{TrainError, Trainer, Updater};
 use svp_alloc::{OutOfMemory, try_zeros};
-use svp_net::{LayerCache, Network};
+use svp_net::{LayerCache, LayerScratch, Network};
 use svp_nn::{Mode, softmax_cross_entropy};
 use svp_tensor::view;
 
@@ -24,6 +24,9 @@ pub struct BpTrainer {
     acts: Vec<Vec<f32>>,
     /// Each trained layer's backward cache.
     caches: Vec<LayerCache>,
+    /// The buffers a layer uses only while its forward or backward runs,
+    /// shared by all layers (frozen ones included).
+    scratch: LayerScratch,
     /// Ping-pong gradients wrt layer outputs.
     grads_out: [Vec<f32>; 2],
 }
@@ -61,6 +64,7 @@ impl BpTrainer {
             frozen,
             acts,
             caches,
+            scratch: LayerScratch::try_for(model.all_layers(), rows)?,
             grads_out: [try_zeros(rows * width, "output gradients")?, try_zeros(rows * width, "input gradients")?],
         })
     }
@@ -75,7 +79,7 @@ impl Trainer for BpTrainer {
         let n = model.n_layers();
         let first = self.frozen.len();
         let [a, b] = &mut self.frozen_acts;
-        let h0 = match self.frozen.forward(model, x, rows, [a, b]) {
+        let h0 = match self.frozen.forward(model, x, rows, &mut self.scratch, [a, b]) {
             Some(i) => &self.frozen_acts[i][..rows * model.out_len(first - 1)],
             None => x,
         };
@@ -84,7 +88,7 @@ impl Trainer for BpTrainer {
             let (layer, params) = model.layer_mut(l);
             let (before, after) = self.acts.split_at_mut(l);
             let input = if l == first { h0 } else { &before[l - 1][..] };
-            layer.forward(params, input, rows, &mut self.caches[l], &mut after[0], mode);
+            layer.forward(params, input, rows, &mut self.caches[l], &mut self.scratch, &mut after[0], mode);
         }
         let classes = model.classes();
         let (loss, _) = softmax_cross_entropy(view(&self.acts[n - 1], rows, classes), y, &mut self.grads_out[0]);
@@ -101,8 +105,8 @@ impl Trainer for BpTrainer {
             let (dout, dx) = if cur == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
             let dx = (l > first).then_some(&mut dx[..]);
             let (mut update, grad) = self.updater.begin(l, lr_scale);
-            let cache = &mut self.caches[l];
-            layer.backward_update(params, trainable, input, rows, cache, dout, grad, dx, mode, &mut update);
+            let (cache, scratch) = (&mut self.caches[l], &mut self.scratch);
+            layer.backward_update(params, trainable, input, rows, cache, scratch, dout, grad, dx, mode, &mut update);
             cur = 1 - cur;
         }
         self.updater.finish_step();
@@ -120,6 +124,7 @@ impl Trainer for BpTrainer {
     fn workspace_bytes(&self) -> usize {
         4 * (self.acts.iter().map(Vec::len).sum::<usize>() + self.grads_out[0].len() + self.grads_out[1].len())
             + self.caches.iter().map(LayerCache::bytes).sum::<usize>()
+            + self.scratch.bytes()
             + self.frozen.bytes()
             + 4 * (self.frozen_acts[0].len() + self.frozen_acts[1].len())
             + self.updater.gradient_bytes()

@@ -2,13 +2,14 @@
 //! layers of the network, run forward as at inference and never updated.
 
 use svp_alloc::OutOfMemory;
-use svp_net::{LayerCache, Network};
+use svp_net::{LayerCache, LayerScratch, Network};
 
 /// The forward pass through the frozen layers, which both trainers start a
 /// step with: what the frozen layers compute is the trained layers' input, as
 /// the images are when nothing is frozen. The frozen layers keep no backward
 /// cache, gradient or optimizer state; their forward needs one inference cache
-/// (held here) and two activation buffers (the caller's).
+/// (held here), the trainer's layer scratch and two activation buffers (the
+/// caller's).
 #[derive(Debug, Default)]
 pub(crate) struct FrozenLayers {
     layers: usize,
@@ -40,11 +41,18 @@ impl FrozenLayers {
     /// by layer from one of `bufs` into the other, and says which one holds
     /// their output (`None`, with nothing written, when no layer is frozen:
     /// the trained layers read `x`).
-    pub(crate) fn forward(&mut self, model: &Network, x: &[f32], rows: usize, bufs: [&mut [f32]; 2]) -> Option<usize> {
+    pub(crate) fn forward(
+        &mut self,
+        model: &Network,
+        x: &[f32],
+        rows: usize,
+        scratch: &mut LayerScratch,
+        bufs: [&mut [f32]; 2],
+    ) -> Option<usize> {
         let [mut src, mut dst] = bufs;
         for l in 0..self.layers {
             let input = if l == 0 { x } else { &src[..rows * model.out_len(l - 1)] };
-            model.layer(l).infer(model.layer_params(l), input, rows, &mut self.cache, dst);
+            model.layer(l).infer(model.layer_params(l), input, rows, &mut self.cache, scratch, dst);
             std::mem::swap(&mut src, &mut dst);
         }
         // After an odd number of layers the output is in the second buffer.

@@ -61,7 +61,9 @@ pub use fit::{
 };
 pub use schedule::Schedule;
 pub use svp::{LayerMetrics, SvpTrainer, units};
-pub use svp_net::{InferenceWorkspace, Layer, LayerCache, Network, Normalization, ProjectionHeads, Readout};
+pub use svp_net::{
+    InferenceWorkspace, Layer, LayerCache, LayerScratch, Network, Normalization, ProjectionHeads, Readout,
+};
 pub use updater::Updater;
 
 /// Why a training step stopped.

@@ -5,7 +5,7 @@ use crate::frozen::FrozenLayers;
 use crate::{TrainError, Trainer, Updater};
 use std::ops::Range;
 use svp_alloc::{OutOfMemory, try_zeros};
-use svp_net::{Layer, LayerCache, Network, ProjectionHeads, Readout};
+use svp_net::{Layer, LayerCache, LayerScratch, Network, ProjectionHeads, Readout};
 use svp_nn::{FaWorkspace, FeatureAlignment, Mode, softmax_cross_entropy};
 use svp_tensor::{view, view_mut};
 
@@ -79,6 +79,9 @@ struct Workspace {
     ring: ActivationRing,
     /// One backward cache per position in a unit, serving that position of every unit.
     caches: Vec<LayerCache>,
+    /// The buffers a layer uses only while its forward or backward runs,
+    /// shared by all layers (frozen ones included).
+    scratch: LayerScratch,
     /// What a projection reads from a unit's output (a conv block's pooling,
     /// a transformer block's readout token), and its gradient.
     readout: Vec<f32>,
@@ -105,6 +108,7 @@ impl Workspace {
                 + self.readout.len()
                 + self.d_readout.len())
             + self.caches.iter().map(LayerCache::bytes).sum::<usize>()
+            + self.scratch.bytes()
             + self.fa.bytes()
     }
 }
@@ -296,6 +300,7 @@ impl SvpTrainer {
         let ws = Workspace {
             ring: ActivationRing::try_new(unit_len + 1, rows * width)?,
             caches,
+            scratch: LayerScratch::try_for(model.all_layers(), rows)?,
             readout: try_zeros(readout_len, "projection readouts")?,
             d_readout: try_zeros(readout_len, "projection readout gradients")?,
             dh: try_zeros(rows * width, "the activation gradient")?,
@@ -388,7 +393,7 @@ impl SvpTrainer {
     /// Runs the batch through the frozen layers, if any, into the first
     /// unit's input.
     fn forward_frozen_layers(&mut self, model: &Network, b: &Batch) {
-        let input = self.frozen.forward(model, b.x, b.rows, self.ws.ring.first_two());
+        let input = self.frozen.forward(model, b.x, b.rows, &mut self.ws.scratch, self.ws.ring.first_two());
         self.ws.ring.start(input);
     }
 
@@ -425,7 +430,7 @@ impl SvpTrainer {
         for (j, l) in unit.clone().enumerate() {
             let (layer, params) = model.layer_mut(l);
             let (input, out) = ws.ring.layer_io(b.x, j);
-            layer.forward(params, input, b.rows, &mut ws.caches[self.cache_slots[l]], out, b.mode);
+            layer.forward(params, input, b.rows, &mut ws.caches[self.cache_slots[l]], &mut ws.scratch, out, b.mode);
         }
     }
 
@@ -512,8 +517,21 @@ impl SvpTrainer {
             let dinput = (j > 0).then_some(&mut dx[..]);
             let lr = if l == head { b.lr_scale * self.head_lr_scale } else { b.lr_scale };
             let (mut update, grad) = self.updater.begin(l, lr);
-            let cache = &mut ws.caches[self.cache_slots[l]];
-            layer.backward_update(params, trainable, input, b.rows, cache, dout, grad, dinput, b.mode, &mut update);
+            let (cache, scratch) = (&mut ws.caches[self.cache_slots[l]], &mut ws.scratch);
+            let rows = b.rows;
+            layer.backward_update(
+                params,
+                trainable,
+                input,
+                rows,
+                cache,
+                scratch,
+                dout,
+                grad,
+                dinput,
+                b.mode,
+                &mut update,
+            );
             if j > 0 {
                 std::mem::swap(&mut dout, &mut dx);
             }
