@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use svp_alloc::CountingAlloc;
 use svp_integration_tests::small_config;
 use svp_train::config::{ConvItem, PoolMarker, VitConfig};
-use svp_train::{BpTrainer, Config, InferenceWorkspace, Method, Network, SvpTrainer, Trainer};
+use svp_train::{BpTrainer, Config, InferenceWorkspace, LayerScratch, Method, Network, SvpTrainer, Trainer};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc::new();
@@ -218,4 +218,23 @@ fn backprop_adds_per_block_only_what_its_backward_reads() {
         let growth = workspace(blocks + 1) - workspace(blocks);
         assert_eq!(growth, kept, "block {} added {growth} bytes; it keeps {kept}", blocks + 1);
     }
+}
+
+/// Inference's layer scratch holds the forward's buffers alone: for conv
+/// blocks without pooling, training's adds the conv output's gradient (one
+/// plane per sample) and the columns' gradient (as large as the columns,
+/// which are all that inference holds).
+#[test]
+fn inference_holds_no_backward_scratch() {
+    let data = svp_data::DataSplit::embedded();
+    let (rows, channels) = (16, 8);
+    let mut config = small_config(Method::Bp, 1);
+    config.model.conv = vec![ConvItem::Channels(channels); 3];
+    config.model.hidden = vec![];
+    let model = Network::try_for_images(data.train.image_shape, data.classes, &config.model, 1).unwrap();
+    let training = LayerScratch::try_for(model.all_layers(), rows).unwrap().bytes();
+    let inference = LayerScratch::try_for_inference(model.all_layers(), rows).unwrap().bytes();
+    let plane = rows * channels * 28 * 28;
+    assert!(inference > 0, "the forward needs its columns");
+    assert_eq!(training, 2 * inference + 4 * plane, "training {training} B, inference {inference} B");
 }

@@ -172,7 +172,7 @@ impl InferenceWorkspace {
                 svp_alloc::try_zeros(need, "inference activations")?,
             ];
             self.cache = LayerCache::try_for(model.all_layers(), rows)?;
-            self.scratch = LayerScratch::try_for(model.all_layers(), rows)?;
+            self.scratch = LayerScratch::try_for_inference(model.all_layers(), rows)?;
             self.rows = rows;
         }
         if let Some(d) = exit_dim {

@@ -4,7 +4,7 @@
 use svp_alloc::OutOfMemory;
 use svp_nn::mobile_block::{MobileBlock, MobileBlockCache, MobileBlockScratch};
 use svp_nn::vit::{BlockCache, BlockScratch, PatchEmbed, TokenHead, TokenReadout, TransformerBlock};
-use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockScratch, Dense, DenseCache, Mode};
+use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockScratch, Dense, DenseCache, Mode, Passes};
 use svp_tensor::{GradientSink, view, view_mut};
 
 /// One layer of a [`Network`](crate::Network).
@@ -97,13 +97,31 @@ impl LayerCache {
 }
 
 impl LayerScratch {
-    /// Scratch that serves any of `layers`, for batches of up to `rows`.
+    /// Training scratch that serves any of `layers`, for batches of up to `rows`.
     pub fn try_for<'a>(layers: impl IntoIterator<Item = Layer<'a>>, rows: usize) -> Result<Self, OutOfMemory> {
+        Self::try_for_passes(layers, rows, Passes::Both)
+    }
+
+    /// Scratch for inference ([`Layer::infer`] only) through any of
+    /// `layers`: the forward's buffers without the backward's.
+    pub fn try_for_inference<'a>(
+        layers: impl IntoIterator<Item = Layer<'a>>,
+        rows: usize,
+    ) -> Result<Self, OutOfMemory> {
+        Self::try_for_passes(layers, rows, Passes::Forward)
+    }
+
+    fn try_for_passes<'a>(
+        layers: impl IntoIterator<Item = Layer<'a>>,
+        rows: usize,
+        passes: Passes,
+    ) -> Result<Self, OutOfMemory> {
         let k = ByKind::of(layers, rows);
+        let block = |spec| BlockScratch::try_new_for(&spec, rows, passes);
         Ok(Self {
-            conv: ConvBlockScratch::try_new_for(k.convs, rows)?,
-            mobile: MobileBlockScratch::try_new_for(k.mobiles, rows)?,
-            block: k.block.map_or(Ok(BlockScratch::default()), |spec| BlockScratch::try_new(&spec, rows))?,
+            conv: ConvBlockScratch::try_new_for(k.convs, rows, passes)?,
+            mobile: MobileBlockScratch::try_new_for(k.mobiles, rows, passes)?,
+            block: k.block.map_or(Ok(BlockScratch::default()), block)?,
         })
     }
 

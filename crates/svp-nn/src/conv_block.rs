@@ -1,8 +1,8 @@
 //! The convolutional block of a VGG-style network:
 //! `out = [maxpool2x2](relu(batchnorm(conv3x3(x))))`.
 
-use crate::Mode;
 use crate::conv::{BatchNorm2d, BnActivation, Chw, Conv2d, Pool2d, PoolKind};
+use crate::{Mode, Passes};
 use serde::{Deserialize, Serialize};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_rng::{Purpose, Stream, StreamKey};
@@ -113,17 +113,22 @@ impl ConvBlockCache {
 }
 
 impl ConvBlockScratch {
-    /// Scratch for `block` and batches of up to `max_rows` samples.
+    /// Training scratch for `block` and batches of up to `max_rows` samples.
     pub fn try_new(block: &ConvBlock, max_rows: usize) -> Result<Self, OutOfMemory> {
-        Self::try_new_for([block], max_rows)
+        Self::try_new_for([block], max_rows, Passes::Both)
     }
 
-    /// Scratch that serves each of `blocks`, for batches of up to `max_rows` samples.
+    /// Scratch that serves each of `blocks` in `passes`, for batches of up
+    /// to `max_rows` samples (the forward needs the columns only).
     pub fn try_new_for<'a>(
         blocks: impl IntoIterator<Item = &'a ConvBlock>,
         max_rows: usize,
+        passes: Passes,
     ) -> Result<Self, OutOfMemory> {
         let s = BlockSizes::of(blocks);
+        if passes == Passes::Forward {
+            return Ok(Self { col: try_zeros(s.col, "im2col columns")?, ..Self::default() });
+        }
         Ok(Self {
             // With pooling, the gradient wrt the activation before pooling,
             // which BatchNorm's backward turns in place into the conv

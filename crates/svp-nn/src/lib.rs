@@ -48,6 +48,16 @@ pub mod vit;
 pub mod winograd;
 
 pub use activation::Activation;
+
+/// Which passes a layer's scratch (`ConvBlockScratch` and its kin) serves:
+/// inference needs the forward's buffers only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passes {
+    /// The forward alone (inference).
+    Forward,
+    /// The forward and the backward (training).
+    Both,
+}
 pub use conv_block::{ConvBlock, ConvBlockCache, ConvBlockScratch, ConvBlockSpec};
 pub use dense::{Dense, DenseCache, DenseSpec, Mode, Norm};
 pub use loss::{FaWorkspace, FeatureAlignment, softmax_cross_entropy};

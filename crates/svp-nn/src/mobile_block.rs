@@ -12,9 +12,9 @@
 //! conv's output in place, so a stage keeps two activation-sized buffers
 //! (normalized values and activation) rather than four.
 
-use crate::Mode;
 use crate::conv::{BatchNorm2d, BnActivation, Chw, Conv2d, Pool2d};
 use crate::depthwise::DepthwiseConv2d;
+use crate::{Mode, Passes};
 use rayon::prelude::*;
 use std::ops::Range;
 use svp_alloc::{OutOfMemory, try_zeros};
@@ -246,17 +246,22 @@ impl MobileBlockCache {
 }
 
 impl MobileBlockScratch {
-    /// Scratch for `block` and up to `max_rows` samples.
+    /// Training scratch for `block` and up to `max_rows` samples.
     pub fn try_new(block: &MobileBlock, max_rows: usize) -> Result<Self, OutOfMemory> {
-        Self::try_new_for([block], max_rows)
+        Self::try_new_for([block], max_rows, Passes::Both)
     }
 
-    /// Scratch that serves each of `blocks`, for batches of up to `max_rows` samples.
+    /// Scratch that serves each of `blocks` in `passes`, for batches of up
+    /// to `max_rows` samples (the forward needs the columns only).
     pub fn try_new_for<'a>(
         blocks: impl IntoIterator<Item = &'a MobileBlock>,
         max_rows: usize,
+        passes: Passes,
     ) -> Result<Self, OutOfMemory> {
         let s = StageSizes::of(blocks);
+        if passes == Passes::Forward {
+            return Ok(Self { col: try_zeros(s.col, "a mobile block's im2col columns")?, ..Self::default() });
+        }
         let floats = |stage: usize| s.values[stage] * max_rows;
         let scratch = "a mobile block's backward scratch";
         Ok(Self {

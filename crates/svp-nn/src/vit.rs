@@ -6,9 +6,9 @@
 //! A batch is `rows` samples of `tokens x dim` values each, row-major, so the
 //! whole batch is one `(rows * tokens) x dim` matrix for the GEMMs.
 
-use crate::Activation;
 use crate::conv::Chw;
 use crate::layer_norm;
+use crate::{Activation, Passes};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use svp_alloc::{OutOfMemory, try_zeros};
@@ -284,11 +284,20 @@ impl BlockCache {
 }
 
 impl BlockScratch {
-    /// Scratch for blocks of `spec`'s shape and batches of up to `max_rows` samples.
+    /// Training scratch for blocks of `spec`'s shape and batches of up to `max_rows` samples.
     pub fn try_new(spec: &BlockSpec, max_rows: usize) -> Result<Self, OutOfMemory> {
+        Self::try_new_for(spec, max_rows, Passes::Both)
+    }
+
+    /// Scratch for blocks of `spec`'s shape in `passes`, for batches of up
+    /// to `max_rows` samples (the forward needs one token-width buffer).
+    pub fn try_new_for(spec: &BlockSpec, max_rows: usize, passes: Passes) -> Result<Self, OutOfMemory> {
         let n = max_rows * spec.tokens;
         let (d, m) = (spec.dim, spec.mlp);
         let z = |len: usize| try_zeros(len, "a transformer block's scratch");
+        if passes == Passes::Forward {
+            return Ok(Self { d_tok: z(n * d)?, ..Self::default() });
+        }
         Ok(Self {
             d_probs: z(max_rows * spec.heads * spec.tokens * spec.tokens)?,
             d_tok: z(n * d)?,
