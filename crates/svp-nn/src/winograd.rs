@@ -159,8 +159,20 @@ svp_tensor::multiversion! {
                     let tiles = STRIP.min(tw - k0);
                     input_strip(&rows, 2 * k0, tiles, &mut strip);
                     let col = s * t + ty * tw + k0;
-                    for (xi, values) in strip.iter().enumerate() {
-                        block[xi * cols + col..][..tiles].copy_from_slice(&values[..tiles]);
+                    // A whole strip's store is one vector move where a short
+                    // one is a `memmove` call. Its values past `tiles` land
+                    // on tiles of this ξ row that come later in this loop
+                    // and are overwritten then; only a row's last strip
+                    // would spill into the next row, and takes the short copy.
+                    if col + STRIP <= cols {
+                        for (xi, values) in strip.iter().enumerate() {
+                            let dst: &mut [f32; STRIP] = (&mut block[xi * cols + col..][..STRIP]).try_into().unwrap();
+                            *dst = *values;
+                        }
+                    } else {
+                        for (xi, values) in strip.iter().enumerate() {
+                            block[xi * cols + col..][..tiles].copy_from_slice(&values[..tiles]);
+                        }
                     }
                 }
             }
@@ -234,8 +246,16 @@ svp_tensor::multiversion! {
 #[inline(always)]
 fn output_strip(m: &[f32], stride: usize, col: usize, tiles: usize, bias: f32, y: &mut [[f32; 2 * STRIP]; 2]) {
     let mut p = [[0.0f32; STRIP]; XI];
-    for (xi, dst) in p.iter_mut().enumerate() {
-        dst[..tiles].copy_from_slice(&m[xi * stride + col..][..tiles]);
+    // Whole-strip loads (vector moves) where they stay inside `m`: the
+    // values past `tiles` only fill lanes whose results are dropped.
+    if (XI - 1) * stride + col + STRIP <= m.len() {
+        for (xi, dst) in p.iter_mut().enumerate() {
+            *dst = m[xi * stride + col..][..STRIP].try_into().unwrap();
+        }
+    } else {
+        for (xi, dst) in p.iter_mut().enumerate() {
+            dst[..tiles].copy_from_slice(&m[xi * stride + col..][..tiles]);
+        }
     }
     // Aᵀ down the columns, then along the rows.
     for (i, yi) in y.iter_mut().enumerate() {
