@@ -199,6 +199,8 @@ fn projection_is_never_materialized_whole() {
 /// planes, the columns and their gradient.
 #[test]
 fn backprop_adds_per_block_only_what_its_backward_reads() {
+    // Allocates: not while another test counts.
+    let _turn = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
     let data = svp_data::DataSplit::embedded();
     let rows = 16;
     let channels = 8;
@@ -226,6 +228,8 @@ fn backprop_adds_per_block_only_what_its_backward_reads() {
 /// which are all that inference holds).
 #[test]
 fn inference_holds_no_backward_scratch() {
+    // Allocates: not while another test counts.
+    let _turn = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
     let data = svp_data::DataSplit::embedded();
     let (rows, channels) = (16, 8);
     let mut config = small_config(Method::Bp, 1);
