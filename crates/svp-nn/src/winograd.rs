@@ -150,11 +150,13 @@ svp_tensor::multiversion! {
         for s in 0..n {
             let xs = &x[(s * wg.c_in + c) * plane..][..plane];
             for ty in 0..th {
-                // Input rows 2ty-1 ..= 2ty+2; None over the padding.
-                let rows: [Option<&[f32]>; 4] = std::array::from_fn(|i| {
-                    let y = (2 * ty + i).checked_sub(1).filter(|&y| y < h)?;
-                    Some(&xs[y * w..][..w])
-                });
+                // Input rows 2ty-1 ..= 2ty+2; None over the padding. (Loops
+                // rather than `array::from_fn`, whose closure calls stay out
+                // of line, compiled for the baseline instruction set.)
+                let mut rows: [Option<&[f32]>; 4] = [None; 4];
+                for (i, row) in rows.iter_mut().enumerate() {
+                    *row = (2 * ty + i).checked_sub(1).filter(|&y| y < h).map(|y| &xs[y * w..][..w]);
+                }
                 for k0 in (0..tw).step_by(STRIP) {
                     let tiles = STRIP.min(tw - k0);
                     input_strip(&rows, 2 * k0, tiles, &mut strip);
@@ -198,12 +200,15 @@ fn input_strip(rows: &[Option<&[f32]>; 4], x0: usize, tiles: usize, out: &mut [[
     }
     // Bᵀ down the columns, then along the rows (tile k at columns 2k ..= 2k+3).
     for (i, rows_i) in out.chunks_exact_mut(4).enumerate() {
-        let vi: [f32; SPAN] = std::array::from_fn(|q| match i {
-            0 => d[0][q] - d[2][q],
-            1 => d[1][q] + d[2][q],
-            2 => d[2][q] - d[1][q],
-            _ => d[1][q] - d[3][q],
-        });
+        let mut vi = [0.0f32; SPAN];
+        for (q, v) in vi.iter_mut().enumerate() {
+            *v = match i {
+                0 => d[0][q] - d[2][q],
+                1 => d[1][q] + d[2][q],
+                2 => d[2][q] - d[1][q],
+                _ => d[1][q] - d[3][q],
+            };
+        }
         for k in 0..STRIP {
             let a = [vi[2 * k], vi[2 * k + 1], vi[2 * k + 2], vi[2 * k + 3]];
             rows_i[0][k] = a[0] - a[2];
@@ -259,11 +264,13 @@ fn output_strip(m: &[f32], stride: usize, col: usize, tiles: usize, bias: f32, y
     }
     // Aᵀ down the columns, then along the rows.
     for (i, yi) in y.iter_mut().enumerate() {
-        let r: [[f32; STRIP]; 4] = std::array::from_fn(|j| {
-            std::array::from_fn(|k| {
-                if i == 0 { p[j][k] + p[4 + j][k] + p[8 + j][k] } else { p[4 + j][k] - p[8 + j][k] - p[12 + j][k] }
-            })
-        });
+        let mut r = [[0.0f32; STRIP]; 4];
+        for (j, rj) in r.iter_mut().enumerate() {
+            for (k, v) in rj.iter_mut().enumerate() {
+                *v =
+                    if i == 0 { p[j][k] + p[4 + j][k] + p[8 + j][k] } else { p[4 + j][k] - p[8 + j][k] - p[12 + j][k] };
+            }
+        }
         for k in 0..STRIP {
             yi[2 * k] = r[0][k] + r[1][k] + r[2][k] + bias;
             yi[2 * k + 1] = r[1][k] - r[2][k] - r[3][k] + bias;
