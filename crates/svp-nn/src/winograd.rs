@@ -135,46 +135,62 @@ impl Winograd {
 }
 
 /// Tiles transformed together along a tile row, in stack arrays the
-/// compiler keeps in registers and L1 and vectorizes.
+/// compiler keeps in registers and L1 and vectorizes: 8, or 4 where a tile
+/// row has no more (7-wide planes), so that half of each strip is not
+/// padding. The strip's width changes no arithmetic, only how many tiles
+/// share the vector lanes.
 const STRIP: usize = 8;
+const NARROW_STRIP: usize = 4;
 
 svp_tensor::multiversion! {
     /// [`Winograd::transform_input`] for channel `c` of the `n` samples `x`
     /// into its block of `v`.
     fn input_channel(wg: Winograd, x: &[f32], n: usize, c: usize, block: &mut [f32]) {
-        let (h, w) = (wg.h, wg.w);
-        let (th, tw) = wg.tiles();
-        let (plane, t) = (h * w, th * tw);
-        let cols = n * t;
-        let mut strip = [[0.0f32; STRIP]; XI];
-        for s in 0..n {
-            let xs = &x[(s * wg.c_in + c) * plane..][..plane];
-            for ty in 0..th {
-                // Input rows 2ty-1 ..= 2ty+2; None over the padding. (Loops
-                // rather than `array::from_fn`, whose closure calls stay out
-                // of line, compiled for the baseline instruction set.)
-                let mut rows: [Option<&[f32]>; 4] = [None; 4];
-                for (i, row) in rows.iter_mut().enumerate() {
-                    *row = (2 * ty + i).checked_sub(1).filter(|&y| y < h).map(|y| &xs[y * w..][..w]);
-                }
-                for k0 in (0..tw).step_by(STRIP) {
-                    let tiles = STRIP.min(tw - k0);
-                    input_strip(&rows, 2 * k0, tiles, &mut strip);
-                    let col = s * t + ty * tw + k0;
-                    // A whole strip's store is one vector move where a short
-                    // one is a `memmove` call. Its values past `tiles` land
-                    // on tiles of this ξ row that come later in this loop
-                    // and are overwritten then; only a row's last strip
-                    // would spill into the next row, and takes the short copy.
-                    if col + STRIP <= cols {
-                        for (xi, values) in strip.iter().enumerate() {
-                            let dst: &mut [f32; STRIP] = (&mut block[xi * cols + col..][..STRIP]).try_into().unwrap();
-                            *dst = *values;
-                        }
-                    } else {
-                        for (xi, values) in strip.iter().enumerate() {
-                            block[xi * cols + col..][..tiles].copy_from_slice(&values[..tiles]);
-                        }
+        if wg.tiles().1 <= NARROW_STRIP {
+            input_channel_in::<NARROW_STRIP, { 2 * NARROW_STRIP + 2 }>(wg, x, n, c, block)
+        } else {
+            input_channel_in::<STRIP, { 2 * STRIP + 2 }>(wg, x, n, c, block)
+        }
+    }
+}
+
+/// [`input_channel`] in strips of `S` tiles, each reading `SPAN = 2S + 2`
+/// input columns (stable Rust cannot compute one from the other).
+#[inline(always)]
+fn input_channel_in<const S: usize, const SPAN: usize>(wg: Winograd, x: &[f32], n: usize, c: usize, block: &mut [f32]) {
+    debug_assert_eq!(SPAN, 2 * S + 2);
+    let (h, w) = (wg.h, wg.w);
+    let (th, tw) = wg.tiles();
+    let (plane, t) = (h * w, th * tw);
+    let cols = n * t;
+    let mut strip = [[0.0f32; S]; XI];
+    for s in 0..n {
+        let xs = &x[(s * wg.c_in + c) * plane..][..plane];
+        for ty in 0..th {
+            // Input rows 2ty-1 ..= 2ty+2; None over the padding. (Loops
+            // rather than `array::from_fn`, whose closure calls stay out
+            // of line, compiled for the baseline instruction set.)
+            let mut rows: [Option<&[f32]>; 4] = [None; 4];
+            for (i, row) in rows.iter_mut().enumerate() {
+                *row = (2 * ty + i).checked_sub(1).filter(|&y| y < h).map(|y| &xs[y * w..][..w]);
+            }
+            for k0 in (0..tw).step_by(S) {
+                let tiles = S.min(tw - k0);
+                input_strip::<S, SPAN>(&rows, 2 * k0, tiles, &mut strip);
+                let col = s * t + ty * tw + k0;
+                // A whole strip's store is one vector move where a short
+                // one is a `memmove` call. Its values past `tiles` land
+                // on tiles of this ξ row that come later in this loop
+                // and are overwritten then; only a row's last strip
+                // would spill into the next row, and takes the short copy.
+                if col + S <= cols {
+                    for (xi, values) in strip.iter().enumerate() {
+                        let dst: &mut [f32; S] = (&mut block[xi * cols + col..][..S]).try_into().unwrap();
+                        *dst = *values;
+                    }
+                } else {
+                    for (xi, values) in strip.iter().enumerate() {
+                        block[xi * cols + col..][..tiles].copy_from_slice(&values[..tiles]);
                     }
                 }
             }
@@ -182,13 +198,17 @@ svp_tensor::multiversion! {
     }
 }
 
-/// `Bᵀ d B` for `tiles` (at most [`STRIP`]) consecutive tiles of one tile
+/// `Bᵀ d B` for `tiles` (at most `S`) consecutive tiles of one tile
 /// row: `rows` are its four input rows (None: padding), `x0` the first
 /// tile's first output column. `out[ξ][k]` is position ξ of tile k.
 #[inline(always)]
-fn input_strip(rows: &[Option<&[f32]>; 4], x0: usize, tiles: usize, out: &mut [[f32; STRIP]; XI]) {
+fn input_strip<const S: usize, const SPAN: usize>(
+    rows: &[Option<&[f32]>; 4],
+    x0: usize,
+    tiles: usize,
+    out: &mut [[f32; S]; XI],
+) {
     // Columns x0-1 ..= x0+2*tiles of each row, zero outside the plane.
-    const SPAN: usize = 2 * STRIP + 2;
     let mut d = [[0.0f32; SPAN]; 4];
     for (row, dr) in rows.iter().zip(d.iter_mut()) {
         if let Some(row) = row {
@@ -209,7 +229,7 @@ fn input_strip(rows: &[Option<&[f32]>; 4], x0: usize, tiles: usize, out: &mut [[
                 _ => d[1][q] - d[3][q],
             };
         }
-        for k in 0..STRIP {
+        for k in 0..S {
             let a = [vi[2 * k], vi[2 * k + 1], vi[2 * k + 2], vi[2 * k + 3]];
             rows_i[0][k] = a[0] - a[2];
             rows_i[1][k] = a[1] + a[2];
@@ -222,23 +242,41 @@ fn input_strip(rows: &[Option<&[f32]>; 4], x0: usize, tiles: usize, out: &mut [[
 svp_tensor::multiversion! {
     /// [`Winograd::transform_output`] for sample `s` into its row of the output.
     fn output_sample(wg: Winograd, m: &[f32], n: usize, s: usize, bias: Option<&[f32]>, sample: &mut [f32]) {
-        let (h, w, c_out) = (wg.h, wg.w, wg.c_out);
-        let (th, tw) = wg.tiles();
-        let t = th * tw;
-        let cols = n * t;
-        let plane = h * w;
-        let mut y = [[0.0f32; 2 * STRIP]; 2];
-        for (k, ys) in sample.chunks_exact_mut(plane).enumerate() {
-            let b = bias.map_or(0.0, |b| b[k]);
-            for ty in 0..th {
-                for k0 in (0..tw).step_by(STRIP) {
-                    let tiles = STRIP.min(tw - k0);
-                    let col = k * cols + s * t + ty * tw + k0;
-                    output_strip(m, c_out * cols, col, tiles, b, &mut y);
-                    let (x0, len) = (2 * k0, (2 * tiles).min(w - 2 * k0));
-                    for (i, yi) in y.iter().enumerate().take(h - 2 * ty) {
-                        ys[(2 * ty + i) * w + x0..][..len].copy_from_slice(&yi[..len]);
-                    }
+        if wg.tiles().1 <= NARROW_STRIP {
+            output_sample_in::<NARROW_STRIP, { 2 * NARROW_STRIP }>(wg, m, n, s, bias, sample)
+        } else {
+            output_sample_in::<STRIP, { 2 * STRIP }>(wg, m, n, s, bias, sample)
+        }
+    }
+}
+
+/// [`output_sample`] in strips of `S` tiles, `W2 = 2S` output columns each.
+#[inline(always)]
+fn output_sample_in<const S: usize, const W2: usize>(
+    wg: Winograd,
+    m: &[f32],
+    n: usize,
+    s: usize,
+    bias: Option<&[f32]>,
+    sample: &mut [f32],
+) {
+    debug_assert_eq!(W2, 2 * S);
+    let (h, w, c_out) = (wg.h, wg.w, wg.c_out);
+    let (th, tw) = wg.tiles();
+    let t = th * tw;
+    let cols = n * t;
+    let plane = h * w;
+    let mut y = [[0.0f32; W2]; 2];
+    for (k, ys) in sample.chunks_exact_mut(plane).enumerate() {
+        let b = bias.map_or(0.0, |b| b[k]);
+        for ty in 0..th {
+            for k0 in (0..tw).step_by(S) {
+                let tiles = S.min(tw - k0);
+                let col = k * cols + s * t + ty * tw + k0;
+                output_strip::<S, W2>(m, c_out * cols, col, tiles, b, &mut y);
+                let (x0, len) = (2 * k0, (2 * tiles).min(w - 2 * k0));
+                for (i, yi) in y.iter().enumerate().take(h - 2 * ty) {
+                    ys[(2 * ty + i) * w + x0..][..len].copy_from_slice(&yi[..len]);
                 }
             }
         }
@@ -249,13 +287,20 @@ svp_tensor::multiversion! {
 /// of tile k at `m[ξ * stride + col + k]`: the tile row's two output rows,
 /// two columns a tile, into `y`.
 #[inline(always)]
-fn output_strip(m: &[f32], stride: usize, col: usize, tiles: usize, bias: f32, y: &mut [[f32; 2 * STRIP]; 2]) {
-    let mut p = [[0.0f32; STRIP]; XI];
+fn output_strip<const S: usize, const W2: usize>(
+    m: &[f32],
+    stride: usize,
+    col: usize,
+    tiles: usize,
+    bias: f32,
+    y: &mut [[f32; W2]; 2],
+) {
+    let mut p = [[0.0f32; S]; XI];
     // Whole-strip loads (vector moves) where they stay inside `m`: the
     // values past `tiles` only fill lanes whose results are dropped.
-    if (XI - 1) * stride + col + STRIP <= m.len() {
+    if (XI - 1) * stride + col + S <= m.len() {
         for (xi, dst) in p.iter_mut().enumerate() {
-            *dst = m[xi * stride + col..][..STRIP].try_into().unwrap();
+            *dst = m[xi * stride + col..][..S].try_into().unwrap();
         }
     } else {
         for (xi, dst) in p.iter_mut().enumerate() {
@@ -264,14 +309,14 @@ fn output_strip(m: &[f32], stride: usize, col: usize, tiles: usize, bias: f32, y
     }
     // Aᵀ down the columns, then along the rows.
     for (i, yi) in y.iter_mut().enumerate() {
-        let mut r = [[0.0f32; STRIP]; 4];
+        let mut r = [[0.0f32; S]; 4];
         for (j, rj) in r.iter_mut().enumerate() {
             for (k, v) in rj.iter_mut().enumerate() {
                 *v =
                     if i == 0 { p[j][k] + p[4 + j][k] + p[8 + j][k] } else { p[4 + j][k] - p[8 + j][k] - p[12 + j][k] };
             }
         }
-        for k in 0..STRIP {
+        for k in 0..S {
             yi[2 * k] = r[0][k] + r[1][k] + r[2][k] + bias;
             yi[2 * k + 1] = r[1][k] - r[2][k] - r[3][k] + bias;
         }
