@@ -20,12 +20,12 @@ pub use device::Device;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub use cuda::{Gpu, GpuBuffer, devices};
+pub use cuda::{Gpu, GpuBuffer, compile_kernels, devices};
 
 #[cfg(not(feature = "cuda"))]
 mod stand_in;
 #[cfg(not(feature = "cuda"))]
-pub use stand_in::{Gpu, GpuBuffer, devices};
+pub use stand_in::{Gpu, GpuBuffer, compile_kernels, devices};
 
 /// Whether this build has the GPU backend (the `cuda` feature).
 pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
@@ -54,6 +54,28 @@ impl std::fmt::Display for DeviceInfo {
             self.total_memory as f64 / (1u64 << 30) as f64
         )
     }
+}
+
+/// The scalars of one Adam (or AdamW) update, as the CPU's optimizer fixes
+/// them for a layer and step (`svp_optim::AdamStep`): each weight becomes
+/// `p * decay - step * m / (sqrt(v) * inv_bc2_sqrt + eps)` after the moments
+/// take the gradient plus `l2 * p`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamScalars {
+    /// First-moment decay rate.
+    pub beta1: f32,
+    /// Second-moment decay rate.
+    pub beta2: f32,
+    /// Denominator guard.
+    pub eps: f32,
+    /// L2 coefficient added to the gradient (Adam).
+    pub l2: f32,
+    /// Decoupled decay factor (AdamW): `1 - lr * wd`.
+    pub decay: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step: f32,
+    /// `1 / sqrt(1 - beta2^t)`.
+    pub inv_bc2_sqrt: f32,
 }
 
 /// Why the GPU backend cannot do what was asked. Each prints as one line.

@@ -11,6 +11,11 @@ pub fn devices() -> Result<Vec<DeviceInfo>, CudaError> {
     Err(CudaError::NotCompiled)
 }
 
+/// svp's kernels as PTX: never in this build.
+pub fn compile_kernels(_compute_capability: (i32, i32)) -> Result<String, CudaError> {
+    Err(CudaError::NotCompiled)
+}
+
 /// An opened GPU (uninhabited without the `cuda` feature).
 pub struct Gpu {
     never: Infallible,
@@ -89,8 +94,8 @@ impl Gpu {
         match self.never {}
     }
 
-    /// Zeroes `grad` where `output` (a ReLU's output) is not positive.
-    pub fn relu_backward(&self, _grad: &mut GpuBuffer, _output: &GpuBuffer) -> Result<(), CudaError> {
+    /// Zeroes the first `n` values of `grad` where `output` (a ReLU's output) is not positive.
+    pub fn relu_backward(&self, _grad: &mut GpuBuffer, _output: &GpuBuffer, _n: usize) -> Result<(), CudaError> {
         match self.never {}
     }
 

@@ -119,7 +119,7 @@ fn bias_relu_and_their_gradients_match_the_cpu_exactly() {
         let grad = values(rows * cols, 6);
         let want: Vec<f32> = grad.iter().zip(&output).map(|(g, o)| if *o > 0.0 { *g } else { 0.0 }).collect();
         let mut grad_gpu = gpu.upload(&grad).unwrap();
-        gpu.relu_backward(&mut grad_gpu, &gpu.upload(&output).unwrap()).unwrap();
+        gpu.relu_backward(&mut grad_gpu, &gpu.upload(&output).unwrap(), rows * cols).unwrap();
         assert_eq!(download(&gpu, &grad_gpu), want, "relu_backward {rows}x{cols}");
 
         let want: Vec<f32> =
@@ -148,6 +148,30 @@ fn devices_are_listed_or_the_reason_given() {
         Err(e) => {
             assert!(matches!(e, CudaError::NotCompiled | CudaError::LibraryMissing { .. }), "{e}");
             eprintln!("skipped: no CUDA device ({e})");
+        }
+    }
+}
+
+/// The kernels compile with NVRTC alone, for Jetson Orin (8.7), Ampere
+/// (8.0) and Hopper (9.0): a machine with NVRTC but no GPU (CI installs it
+/// from PyPI) catches a kernel that does not compile.
+#[test]
+fn kernels_compile_with_nvrtc_for_jetson_and_desktop_gpus() {
+    for arch in [(8, 7), (8, 0), (9, 0)] {
+        match svp_cuda::compile_kernels(arch) {
+            Ok(ptx) => {
+                for kernel in ["layer_norm_forward", "layer_norm_backward_rows", "softmax_xent", "fa_gradient", "adam"]
+                {
+                    assert!(ptx.contains(&format!(".entry {kernel}")), "{kernel} missing from the PTX for {arch:?}");
+                }
+                let target = format!(".target sm_{}{}", arch.0, arch.1);
+                assert!(ptx.contains(&target), "PTX for {arch:?} lacks {target}");
+            }
+            Err(e @ (CudaError::NotCompiled | CudaError::LibraryMissing { .. })) => {
+                eprintln!("skipped: no NVRTC ({e})");
+                return;
+            }
+            Err(e) => panic!("the kernels do not compile for {arch:?}: {e}"),
         }
     }
 }

@@ -61,5 +61,6 @@ mod tests;
 mod update;
 
 pub use optimizer::{MomentDtype, Optimizer};
+pub use rule::AdamStep;
 pub use state::{LayerState, Moments};
 pub use update::{LayerUpdate, WeightRows};

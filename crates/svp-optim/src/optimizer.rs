@@ -1,7 +1,7 @@
 //! The optimizers and their hyperparameters, as a run config's
 //! `[optimizer]` table writes them, and the start of a layer's update.
 
-use crate::rule::StepRule;
+use crate::rule::{AdamStep, StepRule};
 use crate::{LayerState, LayerUpdate, Moments};
 use serde::{Deserialize, Serialize};
 use svp_tensor::GradientSink;
@@ -156,6 +156,18 @@ impl Optimizer {
         let rule = self.begin(lr_scale, state);
         let noise_seed = (state.steps as u32).wrapping_mul(0x9e37_79b9);
         LayerUpdate::new(rule, &mut state.moments, noise_seed)
+    }
+
+    /// Adam's (or AdamW's) scalars for a layer's `t`-th update (1-based) with
+    /// the learning rate multiplied by `lr_scale`, as [`Optimizer::update`]
+    /// would fix them; `None` for SGD. For backends that update weights
+    /// elsewhere (a GPU) with the same arithmetic.
+    pub fn adam_step(&self, lr_scale: f32, t: u64) -> Option<AdamStep> {
+        let mut state = LayerState { steps: t.saturating_sub(1), moments: Moments::None };
+        match self.begin(lr_scale, &mut state) {
+            StepRule::Adam(step) => Some(step),
+            StepRule::Sgd { .. } | StepRule::Momentum { .. } => None,
+        }
     }
 
     /// Starts one update of a layer: counts the step in `state` and fixes the

@@ -35,23 +35,25 @@ pub(crate) enum StepRule {
     Adam(AdamStep),
 }
 
-/// Adam's (or AdamW's) scalars at one step.
+/// Adam's (or AdamW's) scalars at one step: what an update of one weight
+/// reads besides the weight, its gradient and its moments. Public so that a
+/// device backend runs the same arithmetic ([`AdamStep::element`]'s).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct AdamStep {
+pub struct AdamStep {
     /// First-moment decay rate.
-    beta1: f32,
+    pub beta1: f32,
     /// Second-moment decay rate.
-    beta2: f32,
+    pub beta2: f32,
     /// Denominator guard.
-    eps: f32,
+    pub eps: f32,
     /// L2 coefficient added to the gradient (Adam).
-    l2: f32,
+    pub l2: f32,
     /// Decoupled decay factor applied to the weights (AdamW): `1 - lr * wd`.
-    decay: f32,
+    pub decay: f32,
     /// `lr / (1 - beta1^t)`.
-    step: f32,
+    pub step: f32,
     /// `1 / sqrt(1 - beta2^t)`.
-    inv_bc2_sqrt: f32,
+    pub inv_bc2_sqrt: f32,
 }
 
 impl AdamStep {
@@ -59,7 +61,7 @@ impl AdamStep {
     /// and returns the new moments (as computed, before any rounding of
     /// their storage).
     #[inline(always)]
-    fn element(&self, p: &mut f32, g: f32, m: f32, v: f32) -> (f32, f32) {
+    pub fn element(&self, p: &mut f32, g: f32, m: f32, v: f32) -> (f32, f32) {
         let g = g + self.l2 * *p;
         let m = flush(self.beta1 * m + (1.0 - self.beta1) * g);
         let v = flush(self.beta2 * v + (1.0 - self.beta2) * g * g);
