@@ -1,6 +1,7 @@
 //! The epoch loop shared by the CLI, tests and the device simulator.
 
 use crate::config::{Config, Method};
+use crate::device::{DeviceTrainer, HostBackend, TrainOn, Unsupported};
 use crate::eval::{EvalReport, evaluate_with};
 use crate::{BpTrainer, SvpTrainer, TrainError, Trainer, TrainerState, TrainerStateRef};
 use std::time::Instant;
@@ -231,15 +232,68 @@ pub fn try_fit_with(
     observer: &mut (impl FitObserver + Send),
     options: FitOptions,
 ) -> Result<FitOutcome, OutOfMemory> {
-    rayon::scope(|_| fit_on_this_thread(config, data, observer, options))
+    match try_fit_on(TrainOn::Cpu, config, data, observer, options) {
+        Ok(outcome) => Ok(outcome),
+        Err(FitError::Memory(e)) => Err(e),
+        Err(FitError::Device(e)) => unreachable!("the CPU engine opens no device: {e}"),
+    }
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    /// The host's memory is not there for the run (nothing was trained).
+    #[error(transparent)]
+    Memory(#[from] OutOfMemory),
+    /// The device cannot run it: not built in, not there, out of its
+    /// memory, or a config the device trainer does not do yet.
+    #[error(transparent)]
+    Device(#[from] Unsupported),
+}
+
+/// [`try_fit_with`] on the engine `train_on` names: the CPU's, or the
+/// device trainer ([`crate::device`]) on a GPU or on the host reference
+/// backend.
+pub fn try_fit_on(
+    train_on: TrainOn,
+    config: &Config,
+    data: &DataSplit,
+    observer: &mut (impl FitObserver + Send),
+    options: FitOptions,
+) -> Result<FitOutcome, FitError> {
+    rayon::scope(|_| fit_on_this_thread(train_on, config, data, observer, options))
+}
+
+/// The trainer `train_on` names for `model` under `config`.
+fn trainer_for(train_on: TrainOn, model: &Network, config: &Config) -> Result<Box<dyn Trainer>, FitError> {
+    Ok(match (train_on, config.train.method) {
+        (TrainOn::Cpu, Method::Svp) => Box::new(SvpTrainer::try_new(model, config)?),
+        (TrainOn::Cpu, Method::Bp) => Box::new(BpTrainer::try_new(model, config)?),
+        (TrainOn::HostBackend, _) => Box::new(DeviceTrainer::try_new(HostBackend::new(), model, config)?),
+        (TrainOn::Cuda(ordinal), _) => cuda_trainer(ordinal, model, config)?,
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_trainer(ordinal: usize, model: &Network, config: &Config) -> Result<Box<dyn Trainer>, Unsupported> {
+    let gpu = svp_cuda::Gpu::open(ordinal)?;
+    Ok(Box::new(DeviceTrainer::try_new(gpu, model, config)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_trainer(ordinal: usize, _model: &Network, _config: &Config) -> Result<Box<dyn Trainer>, Unsupported> {
+    // This build has no CUDA: the stand-in's `open` says so, and opens nothing.
+    svp_cuda::Gpu::open(ordinal)?;
+    Err(svp_cuda::CudaError::NotCompiled.into())
 }
 
 fn fit_on_this_thread(
+    train_on: TrainOn,
     config: &Config,
     data: &DataSplit,
     observer: &mut impl FitObserver,
     options: FitOptions,
-) -> Result<FitOutcome, OutOfMemory> {
+) -> Result<FitOutcome, FitError> {
     // A batch never holds more than the training set, so buffers sized for
     // the batch are sized for what a batch can hold (one batch of all of it
     // either way: the same run, without, for a large batch, similarity
@@ -272,10 +326,7 @@ fn fit_on_this_thread(
     };
     let norm = options.norm.unwrap_or_else(|| Normalization::of_pixels(&data.train.images));
     let rows = config.train.batch_size;
-    let mut trainer: Box<dyn Trainer> = match config.train.method {
-        Method::Svp => Box::new(SvpTrainer::try_new(&model, config)?),
-        Method::Bp => Box::new(BpTrainer::try_new(&model, config)?),
-    };
+    let mut trainer = trainer_for(train_on, &model, config)?;
     let heads = match config.train.method {
         Method::Svp => Some(config.projection_heads(data.classes)),
         Method::Bp => None,
@@ -351,6 +402,10 @@ fn fit_on_this_thread(
                 && trainer.steps().is_multiple_of(every)
                 && b + 1 < batches
             {
+                if let Err(e) = trainer.sync_to_host(&mut model) {
+                    diverged = Some(e);
+                    break 'epochs;
+                }
                 // A checkpoint takes only finite weights (its loader refuses others).
                 if let Some(l) = model.first_non_finite_layer() {
                     diverged = Some(TrainError::NonFiniteWeights { layer: l + 1, step: trainer.steps() });
@@ -372,6 +427,10 @@ fn fit_on_this_thread(
             });
         }
         let seconds = start.elapsed().as_secs_f64();
+        if let Err(e) = trainer.sync_to_host(&mut model) {
+            diverged = Some(e);
+            break;
+        }
         if let Some(l) = model.first_non_finite_layer() {
             diverged = Some(TrainError::NonFiniteWeights { layer: l + 1, step: trainer.steps() });
             break;

@@ -43,6 +43,7 @@
 mod bp;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 mod eval;
 pub mod finetune;
 mod fit;
@@ -56,8 +57,8 @@ pub use checkpoint::{Checkpoint, CheckpointRef};
 pub use config::{Config, ConfigError, Method};
 pub use eval::{EvalReport, argmax, evaluate, evaluate_with};
 pub use fit::{
-    EpochModel, EpochReport, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch, MemoryBreakdown,
-    Progress, fit, fit_with, try_fit_with,
+    EpochModel, EpochReport, FitError, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch,
+    MemoryBreakdown, Progress, fit, fit_with, try_fit_on, try_fit_with,
 };
 pub use schedule::Schedule;
 pub use svp::{LayerMetrics, SvpTrainer, units};
@@ -90,6 +91,10 @@ pub enum TrainError {
         /// Steps taken.
         step: u64,
     },
+    /// The device a [`device::DeviceTrainer`] runs on failed (out of its
+    /// memory, a kernel launch, the driver).
+    #[error("the GPU failed: {0}")]
+    Device(String),
 }
 
 /// One training rule, driven by the epoch loop.
@@ -142,6 +147,14 @@ pub trait Trainer {
     /// Restores a checkpoint's step counter and optimizer state (for the same model shape).
     fn restore(&mut self, state: TrainerState) -> Result<(), String> {
         self.updater_mut().restore(state)
+    }
+
+    /// Brings weights and optimizer state kept elsewhere (a device's
+    /// memory) into `model` and [`Trainer::updater`], before anything reads
+    /// them: an evaluation, a checkpoint, the model file. The CPU trainers
+    /// update `model` in place and have nothing to bring.
+    fn sync_to_host(&mut self, _model: &mut Network) -> Result<(), TrainError> {
+        Ok(())
     }
 }
 

@@ -26,24 +26,24 @@ pub struct LayerMetrics {
 }
 
 impl LayerMetrics {
-    fn new(layers: usize) -> Self {
+    pub(crate) fn new(layers: usize) -> Self {
         Self { ce_sum: vec![0.0; layers], fa_sum: vec![0.0; layers], correct: vec![0; layers], steps: 0, samples: 0 }
     }
 
     /// Adds a step's local loss and head accuracy at layer `l` (0-based).
-    fn record(&mut self, l: usize, ce: f32, fa: f32, correct: usize) {
+    pub(crate) fn record(&mut self, l: usize, ce: f32, fa: f32, correct: usize) {
         self.ce_sum[l] += ce as f64;
         self.fa_sum[l] += fa as f64;
         self.correct[l] += correct as u64;
     }
 
     /// Counts a step of `rows` samples.
-    fn count_step(&mut self, rows: usize) {
+    pub(crate) fn count_step(&mut self, rows: usize) {
         self.steps += 1;
         self.samples += rows as u64;
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.ce_sum.fill(0.0);
         self.fa_sum.fill(0.0);
         self.correct.fill(0);

@@ -83,6 +83,12 @@ impl Updater {
         &self.states
     }
 
+    /// Each layer's optimizer state, for a trainer that keeps the moments
+    /// elsewhere (a device) and counts and mirrors them here.
+    pub(crate) fn states_mut(&mut self) -> &mut [LayerState] {
+        &mut self.states
+    }
+
     /// Bytes of optimizer state.
     pub fn bytes(&self) -> usize {
         self.states.iter().map(LayerState::bytes).sum()
