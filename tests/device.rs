@@ -8,7 +8,7 @@
 //! device".
 
 use svp_integration_tests::{embedded_subset, small_config};
-use svp_train::device::{DeviceTrainer, HostBackend, TrainOn};
+use svp_train::device::{Backend, DeviceTrainer, HostBackend, TrainOn};
 use svp_train::{BpTrainer, FitError, Method, Network, SvpTrainer, Trainer, try_fit_on};
 
 /// `steps` steps of `trainer` on the first batches of the embedded subset;
@@ -171,5 +171,325 @@ fn what_a_device_cannot_do_is_one_line() {
     }
     for line in [sgd, units, cnn] {
         assert!(!line.contains('\n'), "{line:?}");
+    }
+}
+
+/// Reproducible values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Runs `op` on `backend` and on the host reference with the same inputs
+/// (uploaded), and compares the buffers it writes: largest difference
+/// relative to the reference's largest value, at most `tolerance`.
+struct OpCheck<'a, B: Backend> {
+    backend: &'a B,
+    host: HostBackend,
+    tolerance: f32,
+}
+
+impl<B: Backend> OpCheck<'_, B> {
+    /// `inputs` uploaded to both; `op` gets each side's buffers; the first
+    /// `outputs` of them are compared afterwards.
+    fn check(
+        &self,
+        what: &str,
+        inputs: &[Vec<f32>],
+        outputs: &[usize],
+        on_device: impl Fn(&B, &mut [B::Buffer]),
+        on_host: impl Fn(&HostBackend, &mut [Vec<f32>]),
+    ) {
+        let mut device: Vec<B::Buffer> = inputs
+            .iter()
+            .map(|v| {
+                let mut b = self.backend.zeros(v.len()).unwrap();
+                self.backend.write(&mut b, v).unwrap();
+                b
+            })
+            .collect();
+        let mut host = inputs.to_vec();
+        on_device(self.backend, &mut device);
+        on_host(&self.host, &mut host);
+        for &i in outputs {
+            let mut got = vec![0.0; inputs[i].len()];
+            self.backend.read(&device[i], &mut got).unwrap();
+            let want = &host[i];
+            let scale = want.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+            for (j, (g, w)) in got.iter().zip(want).enumerate() {
+                let ok = (g - w).abs() <= self.tolerance * scale || (g.is_nan() && w.is_nan());
+                assert!(ok, "{what}: buffer {i}, element {j}: {g} against the host's {w} (scale {scale})");
+            }
+        }
+    }
+}
+
+/// Every operation of `backend` against the host reference over shapes
+/// around a block's and a warp's size and the reference MLP's.
+fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
+    let c = OpCheck { backend, host: HostBackend::new(), tolerance };
+    for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (64, 10, 257), (128, 1024, 784), (128, 10, 1024), (300, 33, 65)] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let ins = [values(m * k, 1), values(k * n, 2), values(m * n, 3)];
+            let what = format!("gemm {m}x{n}x{k} {ta} {tb}");
+            c.check(
+                &what,
+                &ins,
+                &[2],
+                |b, x| {
+                    let [a, bb, cc] = x else { unreachable!() };
+                    b.gemm(ta, tb, m, n, k, 0.75, a, bb, 0.5, cc).unwrap()
+                },
+                |h, x| {
+                    let [a, bb, cc] = x else { unreachable!() };
+                    h.gemm(ta, tb, m, n, k, 0.75, a, bb, 0.5, cc).unwrap()
+                },
+            );
+        }
+    }
+    for &(rows, d) in &[(1, 1), (2, 7), (64, 255), (128, 1024), (5, 1030), (300, 10)] {
+        for relu in [false, true] {
+            let what = format!("{rows}x{d} relu {relu}");
+            let (i, o) = (d, (d / 3).max(1));
+            let ins = [values(rows * i, 4), values(o * i, 5), values(o, 6), values(rows * o, 7)];
+            c.check(
+                &format!("linear {what}"),
+                &ins,
+                &[3],
+                |b, x| {
+                    let [x, w, bias, out] = x else { unreachable!() };
+                    b.linear(x, w, bias, out, rows, i, o, relu).unwrap()
+                },
+                |h, x| {
+                    let [x, w, bias, out] = x else { unreachable!() };
+                    h.linear(x, w, bias, out, rows, i, o, relu).unwrap()
+                },
+            );
+            // z, bias, gamma, beta, rstd, out; then dy, dgamma, dbeta, dbias.
+            let gamma: Vec<f32> = values(d, 10).iter().map(|v| 1.0 + 0.5 * v).collect();
+            let ins = [
+                values(rows * d, 8).iter().map(|v| 3.0 * v + 0.5).collect(),
+                values(d, 9),
+                gamma,
+                values(d, 11),
+                vec![0.0; rows],
+                vec![0.0; rows * d],
+                values(rows * d, 12),
+                vec![0.0; d],
+                vec![0.0; d],
+                vec![0.0; d],
+            ];
+            c.check(
+                &format!("layer norm forward and backward {what}"),
+                &ins,
+                &[0, 4, 5, 6, 7, 8, 9],
+                |b, x| {
+                    let [z, bias, gamma, beta, rstd, out, dy, dg, dbt, dbs] = x else { unreachable!() };
+                    b.layer_norm_forward(z, bias, gamma, beta, rstd, out, rows, d, relu).unwrap();
+                    b.layer_norm_backward(z, rstd, gamma, beta, dy, dg, dbt, dbs, rows, d, relu).unwrap();
+                },
+                |h, x| {
+                    let [z, bias, gamma, beta, rstd, out, dy, dg, dbt, dbs] = x else { unreachable!() };
+                    h.layer_norm_forward(z, bias, gamma, beta, rstd, out, rows, d, relu).unwrap();
+                    h.layer_norm_backward(z, rstd, gamma, beta, dy, dg, dbt, dbs, rows, d, relu).unwrap();
+                },
+            );
+        }
+        let ins = [values(rows * d, 13), values(rows * d, 14), vec![0.0; d]];
+        c.check(
+            &format!("relu backward and column sums {rows}x{d}"),
+            &ins,
+            &[1, 2],
+            |b, x| {
+                let [out, grad, sums] = x else { unreachable!() };
+                b.relu_backward(grad, out, rows * d).unwrap();
+                b.column_sums(grad, rows, d, sums).unwrap();
+            },
+            |h, x| {
+                let [out, grad, sums] = x else { unreachable!() };
+                h.relu_backward(grad, out, rows * d).unwrap();
+                h.column_sums(grad, rows, d, sums).unwrap();
+            },
+        );
+        // Cross-entropy and feature alignment over `d` classes / projection rows.
+        let labels: Vec<f32> = (0..rows).map(|r| ((r * 7) % d) as f32).collect();
+        for center in [false, true] {
+            let ins = [
+                values(rows * d, 15).iter().map(|v| 4.0 * v).collect(),
+                labels.clone(),
+                vec![0.0; rows * d],
+                vec![0.0; 4],
+                vec![0.0; rows * d],
+                vec![0.0; rows],
+                vec![0.0; rows * rows],
+                values(rows * rows, 16),
+                vec![0.0; rows * d],
+            ];
+            c.check(
+                &format!("cross-entropy and alignment {rows}x{d} centred {center}"),
+                &ins,
+                &[2, 3, 4, 5, 6, 7, 8],
+                |b, x| {
+                    let [v, y, dv, stats, normed, norms, sim, target, dnormed] = x else { unreachable!() };
+                    b.softmax_xent(v, y, dv, stats, 1, rows, d).unwrap();
+                    b.fa_normalize(v, normed, norms, rows, d, center).unwrap();
+                    b.gemm(false, true, rows, rows, d, 1.0, normed, normed, 0.0, sim).unwrap();
+                    b.fa_difference(sim, target, stats, 3, rows).unwrap();
+                    b.gemm(false, false, rows, d, rows, 0.25, target, normed, 0.0, dnormed).unwrap();
+                    b.fa_gradient(dnormed, normed, norms, dv, rows, d, center, 0.7).unwrap();
+                },
+                |h, x| {
+                    let [v, y, dv, stats, normed, norms, sim, target, dnormed] = x else { unreachable!() };
+                    h.softmax_xent(v, y, dv, stats, 1, rows, d).unwrap();
+                    h.fa_normalize(v, normed, norms, rows, d, center).unwrap();
+                    h.gemm(false, true, rows, rows, d, 1.0, normed, normed, 0.0, sim).unwrap();
+                    h.fa_difference(sim, target, stats, 3, rows).unwrap();
+                    h.gemm(false, false, rows, d, rows, 0.25, target, normed, 0.0, dnormed).unwrap();
+                    h.fa_gradient(dnormed, normed, norms, dv, rows, d, center, 0.7).unwrap();
+                },
+            );
+        }
+    }
+    let optimizer = svp_optim::Optimizer::AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        state: svp_optim::MomentDtype::F32,
+    };
+    for (n, t) in [(1, 1), (1000, 1), (4099, 7)] {
+        let s = optimizer.adam_step(0.5, t).unwrap();
+        let scalars = svp_train::device::AdamScalars {
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            l2: s.l2,
+            decay: s.decay,
+            step: s.step,
+            inv_bc2_sqrt: s.inv_bc2_sqrt,
+        };
+        let v: Vec<f32> = values(n, 20).iter().map(|x| x.abs() * 1e-3).collect();
+        let ins = [values(n, 17), values(n, 18), values(n, 19).iter().map(|x| x * 1e-2).collect(), v, vec![0.0; n]];
+        c.check(
+            &format!("adam n {n} step {t}, copy"),
+            &ins,
+            &[0, 2, 3, 4],
+            |b, x| {
+                let [p, g, m, v, copy] = x else { unreachable!() };
+                b.adam(p, g, m, v, n, scalars).unwrap();
+                b.copy(p, copy, n).unwrap();
+            },
+            |h, x| {
+                let [p, g, m, v, copy] = x else { unreachable!() };
+                h.adam(p, g, m, v, n, scalars).unwrap();
+                h.copy(p, copy, n).unwrap();
+            },
+        );
+    }
+}
+
+/// The harness itself, on the host against the host: exact, and every
+/// shape's lengths accepted.
+#[test]
+fn the_op_harness_runs_on_the_host_backend() {
+    every_op_matches_the_host(&HostBackend::new(), 0.0);
+}
+
+/// A buffer too short for the shape asked is an error, not a write past it.
+#[test]
+fn shapes_are_checked_before_any_write() {
+    let h = HostBackend::new();
+    let (a, b) = (vec![0.0; 6], vec![0.0; 6]);
+    let mut c = vec![0.0; 3];
+    let e = h.gemm(false, false, 2, 2, 3, 1.0, &a, &b, 0.0, &mut c).unwrap_err();
+    assert_eq!(e.to_string(), "gemm C: 2 x 2 needs 4 elements, the buffer has 3");
+}
+
+/// The GPU, or `None` after saying why the GPU tests skip.
+#[cfg(feature = "cuda")]
+fn gpu() -> Option<svp_cuda::Gpu> {
+    match svp_cuda::Gpu::open(0) {
+        Ok(gpu) => Some(gpu),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu() -> Option<std::convert::Infallible> {
+    eprintln!("skipped: no CUDA device (svp was built without the cuda feature)");
+    None
+}
+
+/// Each GPU operation against the host's: within 1e-4 of the largest value
+/// of each buffer it writes (cuBLAS sums in another order, `expf` is within
+/// 2 ulp, the row reductions are trees; no TF32).
+#[test]
+fn gpu_ops_match_the_host_backend() {
+    #[cfg_attr(not(feature = "cuda"), allow(unreachable_code, unused_variables))]
+    if let Some(gpu) = gpu() {
+        #[cfg(feature = "cuda")]
+        every_op_matches_the_host(&gpu, 1e-4);
+    }
+}
+
+/// Six SVP and six BP steps on the GPU against the host backend's (the
+/// CPU's bits): each step's loss within 1e-3 (relative), the weights within
+/// 1e-5 on average (Adam's early steps move a weight by about the learning
+/// rate whatever the gradient's size, so a gradient near zero that rounds
+/// the other way moves one weight by up to 2e-3; the average bounds how
+/// many do).
+#[test]
+fn gpu_steps_follow_the_cpu() {
+    #[cfg_attr(not(feature = "cuda"), allow(unreachable_code, unused_variables))]
+    if gpu().is_some() {
+        #[cfg(feature = "cuda")]
+        for method in [Method::Svp, Method::Bp] {
+            let gpu = svp_cuda::Gpu::open(0).expect("opened once already");
+            let config = small_config(method, 1);
+            let model = Network::try_for_images((28, 28), 10, &config.model, config.train.seed).unwrap();
+            let host = Box::new(DeviceTrainer::try_new(HostBackend::new(), &model, &config).unwrap());
+            let device = Box::new(DeviceTrainer::try_new(gpu, &model, &config).unwrap());
+            let (want, want_losses) = run_steps(&config, host, 6);
+            let (got, got_losses) = run_steps(&config, device, 6);
+            for (s, (g, w)) in got_losses.iter().zip(&want_losses).enumerate() {
+                assert!((g - w).abs() <= 1e-3 * w.abs(), "{method:?} step {s}: GPU loss {g}, CPU {w}");
+            }
+            let diff: f64 = got.params().iter().zip(want.params()).map(|(g, w)| (g - w).abs() as f64).sum();
+            let mean = diff / got.params().len() as f64;
+            eprintln!(
+                "{method:?} on the GPU: losses {got_losses:?} (CPU {want_losses:?}), mean |weight difference| {mean:e}"
+            );
+            assert!(mean <= 1e-5, "{method:?}: weights differ by {mean} on average");
+        }
+    }
+}
+
+/// The issue's accuracy check: a short run on the GPU within 0.3 points of
+/// the same run on the CPU (3 epochs of the 256-256 MLP on the embedded
+/// subset: 6,000 training and 1,000 test images).
+#[test]
+fn gpu_trains_to_the_cpus_accuracy() {
+    #[cfg_attr(not(feature = "cuda"), allow(unreachable_code, unused_variables))]
+    if gpu().is_some() {
+        let data = svp_data::DataSplit::embedded();
+        for method in [Method::Svp, Method::Bp] {
+            let config = small_config(method, 3);
+            let cpu = fit_on(TrainOn::Cpu, &config, &data, Default::default());
+            let device = fit_on(TrainOn::Cuda(0), &config, &data, Default::default());
+            let (c, g) = (cpu.epochs.last().unwrap().test_acc, device.epochs.last().unwrap().test_acc);
+            eprintln!("{method:?}: test accuracy CPU {:.2} %, GPU {:.2} %", 100.0 * c, 100.0 * g);
+            assert!((c - g).abs() <= 0.003, "{method:?}: GPU {g}, CPU {c}");
+        }
     }
 }

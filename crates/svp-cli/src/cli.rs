@@ -111,6 +111,10 @@ pub enum Keep {
 pub struct FinetuneArgs {
     /// The model file (any weight type: f16, bf16 and int8 are widened to f32).
     pub model: PathBuf,
+    /// Where to compute: cpu, or `cuda[:N]` (as for `train`; MLPs with
+    /// every layer trained, for now).
+    #[arg(long, default_value = "cpu")]
+    pub device: svp_cuda::Device,
     /// IDX data folder, or `embedded`. Default as for `train`.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -327,7 +331,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Where to compute: cpu, or `cuda[:N]` (a build with `--features cuda`
-    /// and an NVIDIA GPU; `svp devices` lists them).
+    /// and an NVIDIA GPU; `svp devices` lists them). On a GPU: MLPs, SVP
+    /// (units of one layer) or BP, Adam or AdamW; the model file and
+    /// checkpoints are the same as the CPU's.
     #[arg(long, default_value = "cpu")]
     pub device: svp_cuda::Device,
     /// IDX data folder, or `embedded` for the built-in subset. Default: Debian's

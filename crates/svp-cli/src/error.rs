@@ -30,9 +30,10 @@ pub enum CliError {
     /// The GPU backend is missing, or cannot open the device asked for.
     #[error(transparent)]
     Cuda(#[from] svp_cuda::CudaError),
-    /// The device works, but this command cannot run on it yet.
-    #[error("{0}")]
-    NotOnDevice(String),
+    /// The device cannot train this run: not built in, not there, out of
+    /// its memory, or a config the device trainer does not do yet.
+    #[error(transparent)]
+    Device(#[from] svp_train::device::Unsupported),
     /// Data could not be loaded.
     #[error(transparent)]
     Data(#[from] svp_data::DataError),

@@ -10,6 +10,7 @@ use svp_train::{FitOptions, InferenceWorkspace, Method, evaluate};
 
 /// Runs `svp finetune`.
 pub fn run(args: FinetuneArgs) -> Result<(), CliError> {
+    let gpu = crate::train_cmd::probe_device(args.device)?;
     if let Some(out) = &args.out {
         check_writable(out)?;
     }
@@ -67,6 +68,9 @@ pub fn run(args: FinetuneArgs) -> Result<(), CliError> {
         100.0 * before
     );
     eprintln!("{}", crate::train_cmd::describe(&config, &data));
+    if let Some(gpu) = &gpu {
+        eprintln!("on {gpu}");
+    }
     let options = FitOptions {
         initial_params: Some(network.params().to_vec()),
         norm: Some(meta.norm),
@@ -84,7 +88,7 @@ pub fn run(args: FinetuneArgs) -> Result<(), CliError> {
     // Only the weights go on: the file's bytes and the f32 network are freed.
     drop(network);
     drop(file);
-    let after = train(&config, &data, options, outputs)?;
+    let after = train(&config, &data, options, outputs, args.device.into())?;
     if let Some(after) = after {
         eprintln!(
             "fine-tuned {} for {} epoch(s) with {}: test accuracy {:.2}% -> {:.2}% ({:+.2} points)",

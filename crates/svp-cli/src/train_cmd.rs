@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use svp_data::{DataSource, DataSplit};
 use svp_model::{DType, ModelFile, ModelInfo, Provenance};
 use svp_optim::Optimizer;
+use svp_train::device::TrainOn;
 use svp_train::{Checkpoint, CheckpointRef};
 use svp_train::{Config, EpochModel, EpochReport, Method};
-use svp_train::{FitObserver, FitOptions, FitStateRef, Progress, try_fit_with};
+use svp_train::{FitError, FitObserver, FitOptions, FitStateRef, Progress, try_fit_on};
 
 /// The config `svp train` uses without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../models/mlp-fmnist.toml");
@@ -358,18 +359,21 @@ fn check_epochs_left(next: usize, next_batch: usize, epochs: usize, asked: Optio
     Err(CliError::Resume(format!("nothing to resume: {why}; give --epochs {next} or more to train on")))
 }
 
+/// The GPU `device` names, if it names one: says what is missing (the
+/// feature, the driver, the device) before anything is loaded.
+pub fn probe_device(device: svp_cuda::Device) -> Result<Option<svp_cuda::DeviceInfo>, CliError> {
+    let svp_cuda::Device::Cuda(ordinal) = device else { return Ok(None) };
+    let mut found = svp_cuda::devices()?;
+    let count = found.len();
+    if ordinal >= count {
+        return Err(svp_cuda::CudaError::NoDevice { ordinal, count }.into());
+    }
+    Ok(Some(found.swap_remove(ordinal)))
+}
+
 /// Runs `svp train`.
 pub fn run(args: TrainArgs) -> Result<(), CliError> {
-    if let svp_cuda::Device::Cuda(ordinal) = args.device {
-        // Says what is missing (the feature, the driver, the device) before
-        // anything is loaded.
-        let gpu = svp_cuda::Gpu::open(ordinal)?;
-        return Err(CliError::NotOnDevice(format!(
-            "{} ({}) is ready, but svp cannot train on a GPU yet (only its kernels exist); train on the CPU",
-            args.device,
-            gpu.info().name
-        )));
-    }
+    let gpu = probe_device(args.device)?;
     let resume = match &args.resume {
         Some(path) => Some(Checkpoint::load(path)?),
         None => None,
@@ -415,6 +419,9 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         .into());
     }
     eprintln!("{}", describe(&config, &data));
+    if let Some(gpu) = &gpu {
+        eprintln!("on {gpu}");
+    }
     if let Some(c) = &resume {
         eprintln!("resuming at epoch {}, batch {} (step {})", c.state.epoch, c.state.next_batch, c.state.trainer.step);
     }
@@ -433,7 +440,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         validation,
         ..Default::default()
     };
-    train(&config, &data, options, outputs).map(|_| ())
+    train(&config, &data, options, outputs, args.device.into()).map(|_| ())
 }
 
 /// Where a run's results go.
@@ -460,6 +467,7 @@ pub fn train(
     data: &DataSplit,
     options: FitOptions,
     outputs: Outputs,
+    on: TrainOn,
 ) -> Result<Option<f64>, CliError> {
     let args = &outputs;
     let checkpoint = args.checkpoint.clone().map(|p| {
@@ -484,9 +492,12 @@ pub fn train(
     };
     // A run that cannot fit fails before its first step, with one line.
     let budget = crate::mem::limit_heap_to_available(args.max_memory.map(|mib| mib.saturating_mul(1 << 20)));
-    let outcome = try_fit_with(config, data, &mut console, options);
+    let outcome = try_fit_on(on, config, data, &mut console, options);
     crate::ALLOC.set_budget(0);
-    let outcome = outcome.map_err(|error| CliError::OutOfMemory { error, budget })?;
+    let outcome = outcome.map_err(|e| match e {
+        FitError::Memory(error) => CliError::OutOfMemory { error, budget },
+        FitError::Device(e) => CliError::Device(e),
+    })?;
     console.progress.clear();
     if let Some(why) = &outcome.interrupted {
         return Err(CliError::Interrupted(why.clone()));
