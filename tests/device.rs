@@ -76,6 +76,9 @@ fn host_backend_gives_the_cpu_trainers_bits() {
     });
     same_bits_as_the_cpu(Method::Svp, "SVP, lambda 0", |c| c.svp.lambda = 0.0);
     same_bits_as_the_cpu(Method::Svp, "SVP, no norm", |c| c.model.norm = svp_nn::Norm::None);
+    let sgd = svp_optim::Optimizer::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 1e-4 };
+    same_bits_as_the_cpu(Method::Svp, "SVP, plain SGD", |c| c.optimizer = sgd);
+    same_bits_as_the_cpu(Method::Bp, "BP, plain SGD", |c| c.optimizer = sgd);
     same_bits_as_the_cpu(Method::Bp, "BP, no norm, AdamW", |c| {
         c.model.norm = svp_nn::Norm::None;
         c.optimizer = svp_optim::Optimizer::AdamW {
@@ -153,11 +156,12 @@ fn what_a_device_cannot_do_is_one_line() {
         }
     };
     let sgd = refused(TrainOn::HostBackend, &|c| {
-        c.optimizer = svp_optim::Optimizer::Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0 }
+        c.optimizer = svp_optim::Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 }
     });
     assert_eq!(
         sgd,
-        "svp cannot train this on a GPU yet: SGD (Adam and AdamW are there); train it on the CPU (--device cpu)"
+        "svp cannot train this on a GPU yet: SGD with momentum (plain SGD, Adam and AdamW are there); \
+         train it on the CPU (--device cpu)"
     );
     let units = refused(TrainOn::HostBackend, &|c| c.svp.layers_per_unit = 2);
     assert!(units.contains("SVP+ units of several layers"), "{units}");
@@ -365,6 +369,21 @@ fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
         weight_decay: 0.01,
         state: svp_optim::MomentDtype::F32,
     };
+    for n in [1, 1000, 4099] {
+        c.check(
+            &format!("sgd n {n}"),
+            &[values(n, 21), values(n, 22)],
+            &[0],
+            |b, x| {
+                let [p, g] = x else { unreachable!() };
+                b.sgd(p, g, n, 0.05, 1e-4).unwrap()
+            },
+            |h, x| {
+                let [p, g] = x else { unreachable!() };
+                h.sgd(p, g, n, 0.05, 1e-4).unwrap()
+            },
+        );
+    }
     for (n, t) in [(1, 1), (1000, 1), (4099, 7)] {
         let s = optimizer.adam_step(0.5, t).unwrap();
         let scalars = svp_train::device::AdamScalars {

@@ -263,6 +263,10 @@ pub struct MemoryRun {
     /// batch and optimizer come from the flags.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Where to train: cpu, or `cuda[:N]` (MLPs; the table and plot then
+    /// show the GPU's memory in use, as its driver reports it).
+    #[arg(long, default_value = "cpu")]
+    pub device: svp_cuda::Device,
 }
 
 fn parse_steps(arg: &str) -> Result<usize, String> {

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use svp_rng::{Purpose, Stream, StreamKey};
 use svp_train::config::{ModelConfig, SvpConfig, TrainConfig};
-use svp_train::{BpTrainer, Config, Method, Network, SvpTrainer, Trainer};
+use svp_train::{Config, Method, Network};
 
 /// What a child measured.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -45,6 +45,10 @@ pub struct ChildReport {
     pub step_allocations: usize,
     /// Largest single allocation during the timed steps.
     pub step_largest_alloc: usize,
+    /// On a GPU: its memory in use after the timed steps (every process's,
+    /// as the driver reports it).
+    #[serde(default)]
+    pub device_in_use_bytes: Option<usize>,
 }
 
 fn method_of(m: MethodArg) -> Method {
@@ -146,6 +150,7 @@ pub fn run_child(args: MemoryChildArgs) -> Result<(), CliError> {
 enum MeasureError {
     OutOfMemory(svp_alloc::OutOfMemory),
     Diverged(svp_train::TrainError),
+    Device(svp_train::device::Unsupported),
 }
 
 impl MeasureError {
@@ -153,6 +158,16 @@ impl MeasureError {
         match self {
             MeasureError::OutOfMemory(e) => out_of_memory(e),
             MeasureError::Diverged(error) => CliError::Diverged { error, saved: "nothing saved".into() },
+            MeasureError::Device(e) => CliError::Device(e),
+        }
+    }
+}
+
+impl From<svp_train::FitError> for MeasureError {
+    fn from(e: svp_train::FitError) -> Self {
+        match e {
+            svp_train::FitError::Memory(e) => MeasureError::OutOfMemory(e),
+            svp_train::FitError::Device(e) => MeasureError::Device(e),
         }
     }
 }
@@ -204,10 +219,7 @@ fn inputs(run: &MemoryRun) -> Result<(Vec<f32>, Vec<u32>), svp_alloc::OutOfMemor
 fn measure(depth: usize, run: &MemoryRun, method: Method, config: &Config) -> Result<ChildReport, MeasureError> {
     let baseline_rss_kib = current_rss_kib().unwrap_or(0);
     let mut model = Network::try_zeroed_for_images(IMAGE_SHAPE, CLASSES, &config.model)?;
-    let mut trainer: Box<dyn Trainer> = match method {
-        Method::Svp => Box::new(SvpTrainer::try_new(&model, config)?),
-        Method::Bp => Box::new(BpTrainer::try_new(&model, config)?),
-    };
+    let mut trainer = svp_train::trainer_for(run.device.into(), &model, config)?;
     let (x, y) = inputs(run)?;
     model.init(config.train.seed);
     trainer.step(&mut model, &x, &y, 1.0)?;
@@ -218,8 +230,10 @@ fn measure(depth: usize, run: &MemoryRun, method: Method, config: &Config) -> Re
     for _ in 0..timed {
         trainer.step(&mut model, &x, &y, 1.0)?;
     }
+    // The step's results (one read back of its losses) end the device's work.
     let seconds = start.elapsed().as_secs_f64();
     let heap = ALLOC.stats();
+
     let report = ChildReport {
         method: method.to_string(),
         depth,
@@ -232,6 +246,7 @@ fn measure(depth: usize, run: &MemoryRun, method: Method, config: &Config) -> Re
         steps_per_s: timed as f64 / seconds.max(1e-9),
         step_allocations: heap.allocations,
         step_largest_alloc: heap.largest,
+        device_in_use_bytes: trainer.device_memory_in_use(),
     };
     Ok(report)
 }
@@ -248,8 +263,17 @@ impl Row {
         ((self.report.param_bytes + self.report.optimizer_bytes) / 1024) as u64
     }
 
+    /// What the sweep measures: the peak resident set, or on a GPU the
+    /// device's memory in use (where the weights, moments and workspace are).
+    fn measured_kib(&self) -> u64 {
+        match self.report.device_in_use_bytes {
+            Some(bytes) => (bytes / 1024) as u64,
+            None => self.peak_rss_kib,
+        }
+    }
+
     fn non_weight_kib(&self) -> u64 {
-        self.peak_rss_kib.saturating_sub(self.weights_and_state())
+        self.measured_kib().saturating_sub(self.weights_and_state())
     }
 
     /// weights + optimizer state + training workspace: what a step needs.
@@ -275,6 +299,7 @@ fn spawn_child(method: MethodArg, depth: usize, run: &MemoryRun) -> Result<Row, 
         .args(["--width", &run.width.to_string(), "--batch", &run.batch.to_string()])
         .args(["--steps", &run.steps.to_string(), "--optimizer", optimizer, "--data", run.data.name()])
         .args(run.config.iter().flat_map(|c| [std::ffi::OsStr::new("--config"), c.as_os_str()]))
+        .args(["--device", &run.device.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -352,6 +377,7 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
     for path in [&args.csv, &args.plot] {
         crate::train_cmd::check_writable(path)?;
     }
+    crate::train_cmd::probe_device(args.run.device)?;
     // A config that cannot be read or scaled fails here, once, not in every child.
     let unit = depth_unit(&config(&args.run, Method::Svp, args.depths[0])?.model);
     eprintln!(
@@ -362,11 +388,12 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
         optimizer_name(args.run.optimizer),
         args.run.data.name()
     );
+    let on_gpu = matches!(args.run.device, svp_cuda::Device::Cuda(_));
     println!(
         "{:<6} {:>5} {:>12} {:>14} {:>12} {:>12} {:>12} {:>10} {:>9} {:>11}",
         "method",
         "depth",
-        "peak RSS MiB",
+        if on_gpu { "GPU used MiB" } else { "peak RSS MiB" },
         "non-weight MiB",
         "heap peak",
         "params MiB",
@@ -384,7 +411,7 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
                 "{:<6} {:>5} {:>12.1} {:>14.1} {:>12.1} {:>12.1} {:>12.1} {:>10.1} {:>9.2} {:>11}",
                 r.method,
                 depth,
-                mib(row.peak_rss_kib),
+                mib(row.measured_kib()),
                 mib(row.non_weight_kib()),
                 r.heap_peak_bytes as f64 / 1048576.0,
                 r.param_bytes as f64 / 1048576.0,
@@ -408,12 +435,13 @@ pub fn run(args: MemoryArgs) -> Result<(), CliError> {
 fn write_csv(args: &MemoryArgs, rows: &[Row]) -> Result<(), CliError> {
     let mut csv = String::from(
         "method,depth,width,batch,peak_rss_kib,non_weight_rss_kib,baseline_rss_kib,heap_peak_bytes,\
-         param_bytes,optimizer_bytes,workspace_bytes,floor_kib,steps_per_s,step_allocations,step_largest_alloc\n",
+         param_bytes,optimizer_bytes,workspace_bytes,floor_kib,steps_per_s,step_allocations,step_largest_alloc,\
+         device_in_use_bytes\n",
     );
     for row in rows {
         let r = &row.report;
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{},{},{}\n",
             r.method,
             r.depth,
             args.run.width,
@@ -428,7 +456,8 @@ fn write_csv(args: &MemoryArgs, rows: &[Row]) -> Result<(), CliError> {
             row.floor_kib(),
             r.steps_per_s,
             r.step_allocations,
-            r.step_largest_alloc
+            r.step_largest_alloc,
+            r.device_in_use_bytes.map_or(String::new(), |b| b.to_string())
         ));
     }
     svp_model::atomic::write(&args.csv, csv.as_bytes())
@@ -443,14 +472,15 @@ fn write_plot(args: &MemoryArgs, depth_unit: &str, rows: &[Row]) -> Result<(), C
             continue;
         }
         let label = if method == "svp" { "SVP" } else { "BP" };
+        let what = if matches!(args.run.device, svp_cuda::Device::Cuda(_)) { "GPU memory in use" } else { "peak RSS" };
         series.push(Series {
-            label: format!("{label}: peak RSS"),
+            label: format!("{label}: {what}"),
             color: color.into(),
             dashed: false,
-            points: of.iter().map(|r| (r.report.depth as f64, mib(r.peak_rss_kib))).collect(),
+            points: of.iter().map(|r| (r.report.depth as f64, mib(r.measured_kib()))).collect(),
         });
         series.push(Series {
-            label: format!("{label}: peak RSS minus weights and optimizer state"),
+            label: format!("{label}: {what} minus weights and optimizer state"),
             color: color.into(),
             dashed: true,
             points: of.iter().map(|r| (r.report.depth as f64, mib(r.non_weight_kib()))).collect(),

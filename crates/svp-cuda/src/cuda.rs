@@ -140,6 +140,7 @@ struct Kernels {
     fa_difference: CudaFunction,
     fa_gradient: CudaFunction,
     adam: CudaFunction,
+    sgd: CudaFunction,
 }
 
 /// An opened GPU: its context, one stream that orders all work, a cuBLAS
@@ -201,6 +202,7 @@ impl Gpu {
             fa_difference: function("fa_difference")?,
             fa_gradient: function("fa_gradient")?,
             adam: function("adam")?,
+            sgd: function("sgd")?,
         };
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(blas)?;
@@ -564,6 +566,37 @@ impl Gpu {
         // float*, int, float x 7)`; thread i < n touches index i of the four
         // buffers, each at least n long (checked).
         unsafe { launch.launch(launch_for(n)) }.map(drop).map_err(driver)
+    }
+
+    /// One plain SGD update of the first `n` values of `params`:
+    /// `p -= lr * (g + weight_decay * p)`.
+    pub fn sgd(
+        &self,
+        params: &mut GpuBuffer,
+        grad: &GpuBuffer,
+        n: usize,
+        lr: f32,
+        weight_decay: f32,
+    ) -> Result<(), CudaError> {
+        check_len("sgd params", params.len(), 1, n)?;
+        check_len("sgd grad", grad.len(), 1, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let count = n as i32;
+        let mut launch = self.stream.launch_builder(&self.kernels.sgd);
+        launch.arg(&mut params.data).arg(&grad.data).arg(&count).arg(&lr).arg(&weight_decay);
+        // SAFETY: the arguments match `sgd(float*, const float*, int, float,
+        // float)`; thread i < n touches index i of both buffers, each at
+        // least n long (checked).
+        unsafe { launch.launch(launch_for(n)) }.map(drop).map_err(driver)
+    }
+
+    /// Bytes of device memory in use by every process (total minus free),
+    /// as the driver reports it.
+    pub fn memory_in_use(&self) -> Result<usize, CudaError> {
+        let (free, total) = self.stream.context().mem_get_info().map_err(driver)?;
+        Ok(total.saturating_sub(free))
     }
 
     /// Waits for everything queued on the device.

@@ -279,3 +279,11 @@ extern "C" __global__ void adam(float* p, const float* g, float* m, float* v, in
         v[i] = vi;
     }
 }
+
+// Plain SGD with L2 decay, elementwise, the CPU's arithmetic.
+extern "C" __global__ void sgd(float* p, const float* g, int n, float lr, float weight_decay) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        p[i] -= lr * (g[i] + weight_decay * p[i]);
+    }
+}

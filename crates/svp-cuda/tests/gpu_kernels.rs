@@ -160,7 +160,8 @@ fn kernels_compile_with_nvrtc_for_jetson_and_desktop_gpus() {
     for arch in [(8, 7), (8, 0), (9, 0)] {
         match svp_cuda::compile_kernels(arch) {
             Ok(ptx) => {
-                for kernel in ["layer_norm_forward", "layer_norm_backward_rows", "softmax_xent", "fa_gradient", "adam"]
+                for kernel in
+                    ["layer_norm_forward", "layer_norm_backward_rows", "softmax_xent", "fa_gradient", "adam", "sgd"]
                 {
                     assert!(ptx.contains(&format!(".entry {kernel}")), "{kernel} missing from the PTX for {arch:?}");
                 }

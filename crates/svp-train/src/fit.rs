@@ -264,8 +264,9 @@ pub fn try_fit_on(
     rayon::scope(|_| fit_on_this_thread(train_on, config, data, observer, options))
 }
 
-/// The trainer `train_on` names for `model` under `config`.
-fn trainer_for(train_on: TrainOn, model: &Network, config: &Config) -> Result<Box<dyn Trainer>, FitError> {
+/// The trainer `train_on` names for `model` under `config`, its buffers
+/// reserved (on the host or the device).
+pub fn trainer_for(train_on: TrainOn, model: &Network, config: &Config) -> Result<Box<dyn Trainer>, FitError> {
     Ok(match (train_on, config.train.method) {
         (TrainOn::Cpu, Method::Svp) => Box::new(SvpTrainer::try_new(model, config)?),
         (TrainOn::Cpu, Method::Bp) => Box::new(BpTrainer::try_new(model, config)?),

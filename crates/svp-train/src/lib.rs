@@ -58,7 +58,7 @@ pub use config::{Config, ConfigError, Method};
 pub use eval::{EvalReport, argmax, evaluate, evaluate_with};
 pub use fit::{
     EpochModel, EpochReport, FitError, FitObserver, FitOptions, FitOutcome, FitState, FitStateRef, LayerEpoch,
-    MemoryBreakdown, Progress, fit, fit_with, try_fit_on, try_fit_with,
+    MemoryBreakdown, Progress, fit, fit_with, trainer_for, try_fit_on, try_fit_with,
 };
 pub use schedule::Schedule;
 pub use svp::{LayerMetrics, SvpTrainer, units};
@@ -147,6 +147,12 @@ pub trait Trainer {
     /// Restores a checkpoint's step counter and optimizer state (for the same model shape).
     fn restore(&mut self, state: TrainerState) -> Result<(), String> {
         self.updater_mut().restore(state)
+    }
+
+    /// Bytes of the device's memory in use, for a trainer on a GPU (as its
+    /// driver reports it, every process's); `None` on the CPU.
+    fn device_memory_in_use(&self) -> Option<usize> {
+        None
     }
 
     /// Brings weights and optimizer state kept elsewhere (a device's

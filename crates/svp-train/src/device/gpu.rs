@@ -143,6 +143,21 @@ impl Backend for Gpu {
         Gpu::fa_gradient(self, dnormed, normed, norms, dv, rows, d, center, weight)
     }
 
+    fn sgd(
+        &self,
+        params: &mut GpuBuffer,
+        grad: &GpuBuffer,
+        n: usize,
+        lr: f32,
+        weight_decay: f32,
+    ) -> Result<(), CudaError> {
+        Gpu::sgd(self, params, grad, n, lr, weight_decay)
+    }
+
+    fn memory_in_use(&self) -> Option<usize> {
+        Gpu::memory_in_use(self).ok()
+    }
+
     fn adam(
         &self,
         params: &mut GpuBuffer,

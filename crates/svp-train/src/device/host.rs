@@ -297,6 +297,22 @@ impl Backend for HostBackend {
         Ok(())
     }
 
+    fn sgd(
+        &self,
+        params: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        n: usize,
+        lr: f32,
+        weight_decay: f32,
+    ) -> Result<(), CudaError> {
+        check("sgd params", params.len(), 1, n)?;
+        check("sgd grad", grad.len(), 1, n)?;
+        for (p, &g) in params[..n].iter_mut().zip(grad) {
+            *p -= lr * (g + weight_decay * *p);
+        }
+        Ok(())
+    }
+
     fn adam(
         &self,
         params: &mut Vec<f32>,

@@ -206,6 +206,23 @@ pub trait Backend {
         weight: f32,
     ) -> Result<(), CudaError>;
 
+    /// One plain SGD update of the first `n` parameters: `p -= lr * (g +
+    /// weight_decay * p)`.
+    fn sgd(
+        &self,
+        params: &mut Self::Buffer,
+        grad: &Self::Buffer,
+        n: usize,
+        lr: f32,
+        weight_decay: f32,
+    ) -> Result<(), CudaError>;
+
+    /// Bytes of the device's memory in use (by every process), where the
+    /// device says; `None` for host memory.
+    fn memory_in_use(&self) -> Option<usize> {
+        None
+    }
+
     /// One Adam update of the first `n` parameters.
     #[allow(clippy::too_many_arguments)]
     fn adam(

@@ -106,7 +106,8 @@ pub struct DeviceTrainer<B: Backend> {
     /// Whether the device holds the current weights and moments (they are
     /// uploaded before the first step, and again after a restore).
     on_device: bool,
-    device_bytes: usize,
+    /// Device bytes of the workspace (the weights and moments besides).
+    workspace_bytes: usize,
 }
 
 /// What in `config` (and `model`) the device trainer does not do yet, if anything.
@@ -129,7 +130,8 @@ fn check_supported(model: &Network, config: &Config) -> Result<(), Unsupported> 
     match config.optimizer {
         Optimizer::Adam { state: MomentDtype::F32, .. } | Optimizer::AdamW { state: MomentDtype::F32, .. } => {}
         Optimizer::Adam { .. } | Optimizer::AdamW { .. } => return no("bf16 optimizer moments"),
-        Optimizer::Sgd { .. } => return no("SGD (Adam and AdamW are there)"),
+        Optimizer::Sgd { momentum: 0.0, .. } => {}
+        Optimizer::Sgd { .. } => return no("SGD with momentum (plain SGD, Adam and AdamW are there)"),
     }
     if config.train.method == Method::Svp {
         if config.svp.layers_per_unit > 1 || config.svp.head_joins_last_unit {
@@ -181,6 +183,10 @@ impl<B: Backend> DeviceTrainer<B> {
         let vdim = dim.max(classes);
         let method = config.train.method;
         let svp = method == Method::Svp;
+        // The weights and Adam's two moments; the rest is the workspace.
+        let adam = !matches!(config.optimizer, Optimizer::Sgd { .. });
+        let copies = if adam { 3 } else { 1 };
+        let state_bytes: usize = model.layers().iter().map(|d| copies * 4 * d.param_len()).sum();
         let mut bytes = 0;
         let mut zeros = |len: usize| {
             bytes += 4 * len;
@@ -190,7 +196,10 @@ impl<B: Backend> DeviceTrainer<B> {
         for spec in &specs {
             let parts = part_ranges(spec)
                 .into_iter()
-                .map(|(offset, len)| Ok(Part { offset, len, value: zeros(len)?, m: zeros(len)?, v: zeros(len)? }))
+                .map(|(offset, len)| {
+                    let moments = if adam { len } else { 0 };
+                    Ok(Part { offset, len, value: zeros(len)?, m: zeros(moments)?, v: zeros(moments)? })
+                })
                 .collect::<Result<Vec<_>, CudaError>>()?;
             layers.push(parts);
         }
@@ -246,7 +255,7 @@ impl<B: Backend> DeviceTrainer<B> {
             metrics: LayerMetrics::new(specs.len()),
             max_rows: rows,
             on_device: false,
-            device_bytes: bytes,
+            workspace_bytes: bytes - state_bytes,
             specs,
         })
     }
@@ -340,18 +349,28 @@ impl<B: Backend> DeviceTrainer<B> {
         }
         let state = &mut self.updater.states_mut()[l];
         state.steps += 1;
-        let step = self.optimizer.adam_step(lr_scale, state.steps).expect("check_supported admits Adam only");
-        let scalars = AdamScalars {
-            beta1: step.beta1,
-            beta2: step.beta2,
-            eps: step.eps,
-            l2: step.l2,
-            decay: step.decay,
-            step: step.step,
-            inv_bc2_sqrt: step.inv_bc2_sqrt,
-        };
-        for (p, grad) in parts.iter_mut().zip([&*dw, &*db, &*dgamma, &*dbeta]) {
-            backend.adam(&mut p.value, grad, &mut p.m, &mut p.v, p.len, scalars)?;
+        let grads = parts.iter_mut().zip([&*dw, &*db, &*dgamma, &*dbeta]);
+        match (self.optimizer, self.optimizer.adam_step(lr_scale, state.steps)) {
+            (_, Some(step)) => {
+                let scalars = AdamScalars {
+                    beta1: step.beta1,
+                    beta2: step.beta2,
+                    eps: step.eps,
+                    l2: step.l2,
+                    decay: step.decay,
+                    step: step.step,
+                    inv_bc2_sqrt: step.inv_bc2_sqrt,
+                };
+                for (p, grad) in grads {
+                    backend.adam(&mut p.value, grad, &mut p.m, &mut p.v, p.len, scalars)?;
+                }
+            }
+            (Optimizer::Sgd { lr, weight_decay, .. }, None) => {
+                for (p, grad) in grads {
+                    backend.sgd(&mut p.value, grad, p.len, lr * lr_scale, weight_decay)?;
+                }
+            }
+            (_, None) => unreachable!("Adam and AdamW have Adam's scalars"),
         }
         Ok(())
     }
@@ -550,11 +569,14 @@ impl<B: Backend> Trainer for DeviceTrainer<B> {
         &mut self.updater
     }
 
-    /// Device memory besides the weights: the workspace and Adam's moments
-    /// (counted here, as the host copy of the moments is what
-    /// [`Trainer::optimizer_bytes`] reports).
+    /// Device memory besides the weights and Adam's moments (which take
+    /// as much there as [`Trainer::optimizer_bytes`] on the host).
     fn workspace_bytes(&self) -> usize {
-        self.device_bytes
+        self.workspace_bytes
+    }
+
+    fn device_memory_in_use(&self) -> Option<usize> {
+        self.backend.memory_in_use()
     }
 
     fn layer_metrics(&self) -> Option<&LayerMetrics> {
