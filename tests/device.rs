@@ -75,6 +75,16 @@ fn host_backend_gives_the_cpu_trainers_bits() {
         c.svp.head_lambda = Some(0.5);
     });
     same_bits_as_the_cpu(Method::Svp, "SVP, lambda 0", |c| c.svp.lambda = 0.0);
+    same_bits_as_the_cpu(Method::Svp, "SVP+, units of 2", |c| c.svp.layers_per_unit = 2);
+    same_bits_as_the_cpu(Method::Svp, "SVP+, units of 2, the head joining", |c| {
+        c.model.hidden = vec![64, 64, 64, 64, 64];
+        c.svp.layers_per_unit = 2;
+        c.svp.head_joins_last_unit = true;
+    });
+    same_bits_as_the_cpu(Method::Svp, "SVP+, one unit of everything", |c| {
+        c.svp.layers_per_unit = 8;
+        c.svp.head_joins_last_unit = true;
+    });
     same_bits_as_the_cpu(Method::Svp, "SVP, no norm", |c| c.model.norm = svp_nn::Norm::None);
     let sgd = svp_optim::Optimizer::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 1e-4 };
     same_bits_as_the_cpu(Method::Svp, "SVP, plain SGD", |c| c.optimizer = sgd);
@@ -163,8 +173,8 @@ fn what_a_device_cannot_do_is_one_line() {
         "svp cannot train this on a GPU yet: SGD with momentum (plain SGD, Adam and AdamW are there); \
          train it on the CPU (--device cpu)"
     );
-    let units = refused(TrainOn::HostBackend, &|c| c.svp.layers_per_unit = 2);
-    assert!(units.contains("SVP+ units of several layers"), "{units}");
+    let units = refused(TrainOn::HostBackend, &|c| c.svp.label_concat = true);
+    assert!(units.contains("label-concatenation"), "{units}");
     let cnn = refused(TrainOn::HostBackend, &|c| {
         c.model.conv = vec![svp_train::config::ConvItem::Channels(4)];
     });

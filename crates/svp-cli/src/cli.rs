@@ -335,9 +335,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Where to compute: cpu, or `cuda[:N]` (a build with `--features cuda`
-    /// and an NVIDIA GPU; `svp devices` lists them). On a GPU: MLPs, SVP
-    /// (units of one layer) or BP, Adam or AdamW; the model file and
-    /// checkpoints are the same as the CPU's.
+    /// and an NVIDIA GPU; `svp devices` lists them). On a GPU: MLPs, SVP,
+    /// SVP+ or BP, Adam, AdamW or plain SGD; the model file and checkpoints
+    /// are the same as the CPU's.
     #[arg(long, default_value = "cpu")]
     pub device: svp_cuda::Device,
     /// IDX data folder, or `embedded` for the built-in subset. Default: Debian's

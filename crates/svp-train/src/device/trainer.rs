@@ -79,7 +79,7 @@ struct SvpOptions {
 }
 
 /// Trains an MLP (dense blocks with LayerNorm or none, ReLU or the
-/// identity) with SVP or BP on a [`Backend`]: weights, Adam's moments and
+/// identity) with SVP, SVP+ or BP on a [`Backend`]: weights, Adam's moments and
 /// the workspace live on the device; each step copies the batch there once
 /// and reads back one small vector of losses. The projections `R_l` are
 /// regenerated on the host from the seed, exactly as on the CPU, and
@@ -99,6 +99,8 @@ pub struct DeviceTrainer<B: Backend> {
     ws: Workspace<B::Buffer>,
     staging: Staging,
     svp: SvpOptions,
+    /// SVP's units (ranges of layers trained together from one local loss).
+    units: Vec<std::ops::Range<usize>>,
     optimizer: Optimizer,
     updater: Updater,
     metrics: LayerMetrics,
@@ -134,9 +136,6 @@ fn check_supported(model: &Network, config: &Config) -> Result<(), Unsupported> 
         Optimizer::Sgd { .. } => return no("SGD with momentum (plain SGD, Adam and AdamW are there)"),
     }
     if config.train.method == Method::Svp {
-        if config.svp.layers_per_unit > 1 || config.svp.head_joins_last_unit {
-            return no("SVP+ units of several layers");
-        }
         if config.svp.label_concat {
             return no("the label-concatenation projection");
         }
@@ -204,8 +203,15 @@ impl<B: Backend> DeviceTrainer<B> {
             layers.push(parts);
         }
         let per_layer = |f: &dyn Fn(&DenseSpec) -> usize| specs.iter().map(f).collect::<Vec<_>>();
+        let units = if svp {
+            crate::units(model, config.svp.layers_per_unit, config.svp.head_joins_last_unit)
+        } else {
+            Vec::new()
+        };
+        let unit_len = units.iter().map(|u| u.len()).max().unwrap_or(1);
         let (act_lens, norm_lens) = if svp {
-            (vec![rows * width; 2], vec![rows * width])
+            // A unit's input and each of its layers' outputs; one cache per position in a unit.
+            (vec![rows * width; unit_len + 1], vec![rows * width; unit_len])
         } else {
             (
                 per_layer(&|s| rows * s.out_dim),
@@ -221,7 +227,7 @@ impl<B: Backend> DeviceTrainer<B> {
             xhat: norm_lens.iter().map(|&n| zeros(n)).collect::<Result<_, _>>()?,
             rstd: norm_lens.iter().map(|&n| zeros(if n > 0 { rows } else { 0 })).collect::<Result<_, _>>()?,
             dh: zeros(rows * width)?,
-            dx: zeros(if svp { 0 } else { rows * width })?,
+            dx: zeros(if svp && unit_len == 1 { 0 } else { rows * width })?,
             grads: [zeros(max_params)?, zeros(width)?, zeros(width)?, zeros(width)?],
             r: zeros(dim * proj_width)?,
             v: zeros(fa_rows * vdim)?,
@@ -253,6 +259,7 @@ impl<B: Backend> DeviceTrainer<B> {
             updater: Updater::try_new(model, config.optimizer, rows, 0)
                 .map_err(|e| Unsupported::Config(e.to_string()))?,
             metrics: LayerMetrics::new(specs.len()),
+            units,
             max_rows: rows,
             on_device: false,
             workspace_bytes: bytes - state_bytes,
@@ -459,43 +466,63 @@ impl<B: Backend> DeviceTrainer<B> {
         Ok(true)
     }
 
-    /// One SVP step, layer by layer: forward; project the output with the
-    /// seed's `R` (the head: its own logits); local loss; `dL/dh` through
-    /// `R` alone; backward and update of this layer; on to the next.
-    fn svp_step(&mut self, rows: usize, step: u64, lr_scale: f32) -> Result<Vec<bool>, CudaError> {
+    /// One SVP step, unit by unit (a unit is one layer, or for SVP+ a few,
+    /// as [`crate::units`] splits the network): forward the unit; project
+    /// its output with the seed's `R` (the head: its own logits); local
+    /// loss; `dL/dh` through `R` alone; backprop and update inside the unit;
+    /// its output, detached, is the next unit's input. Returns each unit's
+    /// last layer and whether its loss had an alignment target.
+    fn svp_step(&mut self, rows: usize, step: u64, lr_scale: f32) -> Result<Vec<(usize, bool)>, CudaError> {
         let n = self.specs.len();
+        let ring = self.ws.acts.len();
         let mut has_target = self.first_alignment_target(rows)?;
-        let mut aligned = Vec::with_capacity(n);
+        let mut losses = Vec::with_capacity(self.units.len());
         let dim = self.svp.heads.dim;
-        for l in 0..n {
-            let spec = self.specs[l];
-            let (o, is_head) = (spec.out_dim, l + 1 == n);
-            let (read, out) = if l == 0 { (Read::Batch, 0) } else { (Read::Act((l - 1) % 2), l % 2) };
-            {
+        // The buffer holding the unit's input; `None` while that is the batch.
+        let mut unit_input: Option<usize> = None;
+        for u in 0..self.units.len() {
+            let unit = self.units[u].clone();
+            let slot = |j: usize| (unit_input.unwrap_or(0) + 1 + j) % ring;
+            let read = |j: usize| match (j, unit_input) {
+                (0, None) => Read::Batch,
+                (0, Some(i)) => Read::Act(i),
+                _ => Read::Act(slot(j - 1)),
+            };
+            for (j, l) in unit.clone().enumerate() {
+                let spec = self.specs[l];
                 let (backend, ws, parts) = (&self.backend, &mut self.ws, &self.layers[l]);
-                let (input, out_buf) = match read {
-                    Read::Batch => (&ws.x, &mut ws.acts[out]),
-                    Read::Act(a) => read_write(&mut ws.acts, a, out),
+                let (input, out) = match read(j) {
+                    Read::Batch => (&ws.x, &mut ws.acts[slot(j)]),
+                    Read::Act(a) => read_write(&mut ws.acts, a, slot(j)),
                 };
-                Self::forward_layer(backend, &spec, parts, rows, input, out_buf, &mut ws.xhat[0], &mut ws.rstd[0])?;
+                Self::forward_layer(backend, &spec, parts, rows, input, out, &mut ws.xhat[j], &mut ws.rstd[j])?;
             }
-            aligned.push(has_target);
+            let (last, len) = (unit.end - 1, unit.len());
+            let (o, is_head) = (self.specs[last].out_dim, unit.end == n);
+            let out = slot(len - 1);
+            losses.push((last, has_target));
             if is_head {
-                self.local_loss(l, rows, Some(out), o, has_target, self.svp.head_lambda, true)?;
+                self.local_loss(last, rows, Some(out), o, has_target, self.svp.head_lambda, true)?;
                 self.backend.copy(&self.ws.dv, &mut self.ws.dh, rows * o)?;
             } else {
-                self.upload_projection(l + 1, o, true, Some(step))?;
+                self.upload_projection(unit.end, o, true, Some(step))?;
                 let Workspace { acts, r, v, .. } = &mut self.ws;
                 self.backend.gemm(false, true, rows, dim, o, 1.0, &acts[out], r, 0.0, v)?;
-                self.local_loss(l, rows, None, dim, has_target, self.svp.lambda, false)?;
+                self.local_loss(last, rows, None, dim, has_target, self.svp.lambda, false)?;
                 let Workspace { dv, r, dh, .. } = &mut self.ws;
                 self.backend.gemm(false, false, rows, o, dim, 1.0, dv, r, 0.0, dh)?;
                 has_target = true;
             }
-            let lr = if is_head { lr_scale * self.svp.head_lr_scale } else { lr_scale };
-            self.backward_update_layer(l, rows, read, out, 0, false, lr)?;
+            for (j, l) in unit.clone().enumerate().rev() {
+                let lr = if l + 1 == n { lr_scale * self.svp.head_lr_scale } else { lr_scale };
+                self.backward_update_layer(l, rows, read(j), slot(j), j, j > 0, lr)?;
+                if j > 0 {
+                    std::mem::swap(&mut self.ws.dh, &mut self.ws.dx);
+                }
+            }
+            unit_input = Some(out);
         }
-        Ok(aligned)
+        Ok(losses)
     }
 
     /// One BP step: forward through every layer, keeping each one's
@@ -531,20 +558,20 @@ impl<B: Backend> Trainer for DeviceTrainer<B> {
         let step = self.updater.step();
         let device = |e: CudaError| TrainError::Device(e.to_string());
         self.load_batch(model, x, y).map_err(device)?;
-        let aligned = match self.method {
+        let n = self.specs.len();
+        // Where the losses are: each unit's last layer (and whether it aligned).
+        let losses = match self.method {
             Method::Svp => self.svp_step(rows, step, lr_scale).map_err(device)?,
             Method::Bp => {
                 self.bp_step(rows, lr_scale).map_err(device)?;
-                vec![false; self.specs.len()]
+                vec![(n - 1, false)]
             }
         };
-        // The step's one read back: every layer's losses.
+        // The step's one read back: every unit's losses.
         self.backend.read(&self.ws.stats, &mut self.staging.stats).map_err(device)?;
-        let n = self.specs.len();
-        let layers = if self.method == Method::Svp { 0..n } else { n - 1..n };
-        for l in layers {
+        for (l, aligned) in losses {
             let s = &self.staging.stats[3 * l..3 * l + 3];
-            let fa = if aligned[l] { s[2] } else { 0.0 };
+            let fa = if aligned { s[2] } else { 0.0 };
             let lambda = if l + 1 == n { self.svp.head_lambda } else { self.svp.lambda };
             let loss = if self.method == Method::Svp { s[0] + lambda * fa } else { s[0] };
             if !loss.is_finite() {
