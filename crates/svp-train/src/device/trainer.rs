@@ -135,10 +135,8 @@ fn check_supported(model: &Network, config: &Config) -> Result<(), Unsupported> 
         Optimizer::Sgd { momentum: 0.0, .. } => {}
         Optimizer::Sgd { .. } => return no("SGD with momentum (plain SGD, Adam and AdamW are there)"),
     }
-    if config.train.method == Method::Svp {
-        if config.svp.label_concat {
-            return no("the label-concatenation projection");
-        }
+    if config.train.method == Method::Svp && config.svp.label_concat {
+        return no("the label-concatenation projection");
     }
     Ok(())
 }
