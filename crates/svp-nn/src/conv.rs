@@ -3,10 +3,12 @@
 //!
 //! A batch is `rows` samples, each `channels x height x width` values in
 //! row-major order, so a convolutional batch is the same `rows x features`
-//! buffer the dense layers use. Convolution is im2col + GEMM; the column
-//! buffer holds one group of samples at a time (unfolded tap by tap in
-//! parallel) and the backward recomputes it from the input, so nothing
-//! per-sample is kept between forward and backward.
+//! buffer the dense layers use. Convolution is im2col + GEMM, or for 3x3
+//! stride-1 convolutions with enough input channels Winograd's F(2x2, 3x3)
+//! in all three products (`crate::winograd`); the column buffer holds one
+//! group of samples at a time (unfolded tap by tap in parallel) and the
+//! backward recomputes it from the input, so nothing per-sample is kept
+//! between forward and backward.
 
 use crate::depthwise::relu6;
 use crate::winograd::{FilterUse, Winograd, transform_filters};
@@ -270,7 +272,23 @@ impl Conv2d {
         let (gw, gb) = grad[..self.param_len()].split_at_mut(self.c_out * patch);
         gw.fill(0.0);
         gb.fill(0.0);
-        let wino = self.winograd();
+        if let Some(wg) = self.winograd() {
+            // Winograd's transposed algorithm for the filters' gradient, and
+            // its adjoint convolution for the input's: no im2col columns.
+            for sample in dout[..rows * ol].chunks_exact(ol) {
+                for (g, plane) in gb.iter_mut().zip(sample.chunks_exact(hw)) {
+                    *g += svp_tensor::reduce::sum(plane);
+                }
+            }
+            let (acc, scratch) = col[..self.col_len()].split_at_mut(wg.filter_len());
+            wg.weight_gradient(x, dout, rows, gw, acc, scratch);
+            if let Some(dx) = dx {
+                let (u, scratch) = dcol[..self.col_len()].split_at_mut(wg.filter_len());
+                transform_filters(w, self.c_out, self.input.c, FilterUse::Adjoint, u);
+                wg.adjoint().forward(u, None, dout, rows, dx, scratch);
+            }
+            return;
+        }
         let (cols, dy) = col[..self.col_len()].split_at_mut(patch * hw * group);
         for g0 in (0..rows).step_by(group) {
             let n = group.min(rows - g0);
@@ -289,18 +307,11 @@ impl Conv2d {
             self.unfold(&x[g0 * il..], n, cols);
             let dy = view(dy, self.c_out, ld);
             gemm(1.0, dy, view(cols, patch, ld).t(), 1.0, view_mut(gw, self.c_out, patch));
-            if let (Some(dx), None) = (dx.as_deref_mut(), wino) {
+            if let Some(dx) = dx.as_deref_mut() {
                 let dcols = &mut dcol[..patch * ld];
                 gemm(1.0, view(w, self.c_out, patch).t(), dy, 0.0, view_mut(dcols, patch, ld));
                 self.fold(dcols, n, &mut dx[g0 * il..]);
             }
-        }
-        // Winograd's input gradient: the output gradient convolved with the
-        // turned filters, all samples at once.
-        if let (Some(dx), Some(wg)) = (dx, wino) {
-            let (u, scratch) = dcol[..self.col_len()].split_at_mut(wg.filter_len());
-            transform_filters(w, self.c_out, self.input.c, FilterUse::Adjoint, u);
-            wg.adjoint().forward(u, None, dout, rows, dx, scratch);
         }
     }
 }

@@ -12,6 +12,8 @@
 //! The input gradient of such a convolution is the same convolution of the
 //! output gradient with the filters turned 180 degrees and their channel
 //! axes swapped, so [`Winograd::adjoint`] runs it through the same code.
+//! The filters' gradient is the algorithm transposed
+//! ([`Winograd::weight_gradient`]): `Gᵀ [Σ_tiles (A dY Aᵀ) ⊙ (Bᵀ d B)] G`.
 //!
 //! Every transform is a fixed sequence of additions and halvings on each
 //! value, so the bits are the same on every instruction set and thread count.
@@ -103,18 +105,67 @@ impl Winograd {
             let m = &mut m[..XI * self.c_out * cols];
             self.transform_input(&x[g0 * il..(g0 + n) * il], n, v);
             let v = &v[..];
-            // V_ξ: row c of it is at c * 16 * cols + ξ * cols.
             m.par_chunks_mut(self.c_out * cols).enumerate().for_each(|(xi, m_xi)| {
-                let v_xi = svp_tensor::ArrayView2::from_shape(
-                    (self.c_in, cols).strides((XI * cols, 1)),
-                    &v[xi * cols..(self.c_in - 1) * XI * cols + (xi + 1) * cols],
-                )
-                .expect("strided view inside the transformed input");
+                let v_xi = position(v, xi, self.c_in, cols);
                 let u_xi = view(&u[xi * self.c_out * self.c_in..], self.c_out, self.c_in);
                 gemm_with_chunks(1.0, u_xi, v_xi, 0.0, view_mut(m_xi, self.c_out, cols), 1);
             });
             self.transform_output(m, n, bias, &mut out[g0 * ol..(g0 + n) * ol]);
         }
+    }
+
+    /// The gradient of the filters, `dW` (`c_out x c_in x 3 x 3`,
+    /// overwritten), for `rows` samples of input `x` and output gradient
+    /// `dout` (sample-major): the forward's algorithm transposed,
+    /// `dW = Gᵀ [Σ_tiles (A dY Aᵀ) ⊙ (Bᵀ d B)] G`, its sum over tiles 16
+    /// GEMMs of depth `tiles` per group of samples, accumulated in `acc`
+    /// ([`Winograd::filter_len`] floats). `scratch` holds
+    /// [`Winograd::scratch_len`] floats.
+    pub fn weight_gradient(
+        &self,
+        x: &[f32],
+        dout: &[f32],
+        rows: usize,
+        dw: &mut [f32],
+        acc: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let (il, ol) = (self.c_in * self.h * self.w, self.c_out * self.h * self.w);
+        let (t, group) = (self.tiles_per_sample(), self.group_size());
+        let (c_in, c_out) = (self.c_in, self.c_out);
+        let (v, e) = scratch[..self.scratch_len()].split_at_mut(XI * c_in * t * group);
+        let acc = &mut acc[..self.filter_len()];
+        for g0 in (0..rows).step_by(group) {
+            let n = group.min(rows - g0);
+            let cols = n * t;
+            let v = &mut v[..XI * c_in * cols];
+            let e = &mut e[..XI * c_out * cols];
+            self.transform_input(&x[g0 * il..(g0 + n) * il], n, v);
+            self.transform_output_gradient(&dout[g0 * ol..(g0 + n) * ol], n, e);
+            let (v, e) = (&v[..], &e[..]);
+            let beta = if g0 == 0 { 0.0 } else { 1.0 };
+            // Σ over this group's tiles of E_ξ V_ξᵀ, into (c_out x c_in) block ξ of `acc`.
+            acc.par_chunks_mut(c_out * c_in).enumerate().for_each(|(xi, acc_xi)| {
+                let (e_xi, v_xi) = (position(e, xi, c_out, cols), position(v, xi, c_in, cols));
+                gemm_with_chunks(1.0, e_xi, v_xi.t(), beta, view_mut(acc_xi, c_out, c_in), 1);
+            });
+        }
+        for (f, dw_f) in dw[..c_out * c_in * 9].chunks_exact_mut(9).enumerate() {
+            let mut m = [0.0f32; XI];
+            for (xi, mv) in m.iter_mut().enumerate() {
+                *mv = acc[xi * c_out * c_in + f];
+            }
+            dw_f.copy_from_slice(&filter_gradient(&m));
+        }
+    }
+
+    /// `A dY Aᵀ` for every 2x2 tile of the output gradient of `n` samples
+    /// (zero past an odd plane edge) into `e`, laid out as
+    /// [`Winograd::transform_input`] lays out its tiles:
+    /// `[channel][ξ][sample, tile row, tile column]`.
+    fn transform_output_gradient(&self, dout: &[f32], n: usize, e: &mut [f32]) {
+        let cols = n * self.tiles_per_sample();
+        for_each_row_mut(e, XI * cols, |k, block| output_gradient_channel(*self, dout, n, k, block));
     }
 
     /// `V = Bᵀ d B` for every 4x4 input tile of `n` samples into `v`, laid
@@ -132,6 +183,15 @@ impl Winograd {
         let plane = self.h * self.w;
         for_each_row_mut(out, self.c_out * plane, |s, sample| output_sample(*self, m, n, s, bias, sample));
     }
+}
+
+/// Position `ξ` of every tile of a transformed block laid out
+/// `[channel][ξ][tile]` (`channels` rows of `cols` tiles): row `c` is at
+/// `(c * 16 + ξ) * cols`.
+fn position(block: &[f32], xi: usize, channels: usize, cols: usize) -> svp_tensor::ArrayView2<'_, f32> {
+    let values = &block[xi * cols..(channels - 1) * XI * cols + (xi + 1) * cols];
+    svp_tensor::ArrayView2::from_shape((channels, cols).strides((XI * cols, 1)), values)
+        .expect("strided view inside a transformed block")
 }
 
 /// Tiles transformed together along a tile row, in stack arrays the
@@ -323,6 +383,113 @@ fn output_strip<const S: usize, const W2: usize>(
     }
 }
 
+svp_tensor::multiversion! {
+    /// [`Winograd::transform_output_gradient`] for output channel `k` of
+    /// the `n` samples' gradient `dout` into its block of `e`.
+    fn output_gradient_channel(wg: Winograd, dout: &[f32], n: usize, k: usize, block: &mut [f32]) {
+        if wg.tiles().1 <= NARROW_STRIP {
+            output_gradient_channel_in::<NARROW_STRIP, { 2 * NARROW_STRIP }>(wg, dout, n, k, block)
+        } else {
+            output_gradient_channel_in::<STRIP, { 2 * STRIP }>(wg, dout, n, k, block)
+        }
+    }
+}
+
+/// [`output_gradient_channel`] in strips of `S` tiles, `W2 = 2S` gradient
+/// columns each, stored whole as [`input_channel_in`] stores its strips.
+#[inline(always)]
+fn output_gradient_channel_in<const S: usize, const W2: usize>(
+    wg: Winograd,
+    dout: &[f32],
+    n: usize,
+    k: usize,
+    block: &mut [f32],
+) {
+    debug_assert_eq!(W2, 2 * S);
+    let (h, w) = (wg.h, wg.w);
+    let (th, tw) = wg.tiles();
+    let (plane, t) = (h * w, th * tw);
+    let cols = n * t;
+    let mut strip = [[0.0f32; S]; XI];
+    for s in 0..n {
+        let ys = &dout[(s * wg.c_out + k) * plane..][..plane];
+        for ty in 0..th {
+            let top = &ys[2 * ty * w..][..w];
+            let bottom = (2 * ty + 1 < h).then(|| &ys[(2 * ty + 1) * w..][..w]);
+            for k0 in (0..tw).step_by(S) {
+                let tiles = S.min(tw - k0);
+                let (x0, len) = (2 * k0, (2 * tiles).min(w - 2 * k0));
+                // The strip's two gradient rows, zero past the plane.
+                // Whole-strip loads (vector moves) where the strip lies
+                // inside the row; a short copy is a `memmove` call.
+                let load = |row: &[f32]| -> [f32; W2] {
+                    match row.get(x0..x0 + W2) {
+                        Some(whole) => whole.try_into().unwrap(),
+                        None => {
+                            let mut v = [0.0f32; W2];
+                            v[..len].copy_from_slice(&row[x0..x0 + len]);
+                            v
+                        }
+                    }
+                };
+                let a = load(top);
+                let b = bottom.map_or([0.0f32; W2], load);
+                // A = [[1, 0], [1, 1], [1, -1], [0, -1]]: down the columns,
+                // then along the rows (tile kk at columns 2kk, 2kk+1).
+                for (i, rows_i) in strip.chunks_exact_mut(4).enumerate() {
+                    let mut r = [0.0f32; W2];
+                    for (q, v) in r.iter_mut().enumerate() {
+                        *v = match i {
+                            0 => a[q],
+                            1 => a[q] + b[q],
+                            2 => a[q] - b[q],
+                            _ => -b[q],
+                        };
+                    }
+                    for kk in 0..S {
+                        let (p, q) = (r[2 * kk], r[2 * kk + 1]);
+                        rows_i[0][kk] = p;
+                        rows_i[1][kk] = p + q;
+                        rows_i[2][kk] = p - q;
+                        rows_i[3][kk] = -q;
+                    }
+                }
+                let col = s * t + ty * tw + k0;
+                // Whole-strip stores, as in `input_channel_in`.
+                if col + S <= cols {
+                    for (xi, values) in strip.iter().enumerate() {
+                        let dst: &mut [f32; S] = (&mut block[xi * cols + col..][..S]).try_into().unwrap();
+                        *dst = *values;
+                    }
+                } else {
+                    for (xi, values) in strip.iter().enumerate() {
+                        block[xi * cols + col..][..tiles].copy_from_slice(&values[..tiles]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `Gᵀ M G` for a 4x4 `M`: the gradient of a 3x3 filter from the gradient
+/// of its transform `U = G g Gᵀ`.
+#[inline(always)]
+fn filter_gradient(m: &[f32; XI]) -> [f32; 9] {
+    let gt = |c: [f32; 4]| [c[0] + 0.5 * (c[1] + c[2]), 0.5 * (c[1] - c[2]), 0.5 * (c[1] + c[2]) + c[3]];
+    let mut t = [[0.0f32; 4]; 3];
+    for j in 0..4 {
+        let col = gt([m[j], m[4 + j], m[8 + j], m[12 + j]]);
+        for i in 0..3 {
+            t[i][j] = col[i];
+        }
+    }
+    let mut out = [0.0f32; 9];
+    for i in 0..3 {
+        out[i * 3..i * 3 + 3].copy_from_slice(&gt(t[i]));
+    }
+    out
+}
+
 /// Which way [`transform_filters`] reads the filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilterUse {
@@ -508,6 +675,50 @@ mod tests {
         }
     }
 
+    /// The weight gradient against the direct sum over the output
+    /// gradient and the input: `dW[k, c, i, j] = Σ dy[k, y, x] x[c, y+i-1, x+j-1]`.
+    #[test]
+    fn weight_gradient_matches_the_direct_sum() {
+        for &(c_in, c_out, h, w, rows) in
+            &[(1, 1, 1, 1, 1), (3, 4, 5, 7, 2), (8, 5, 6, 6, 5), (2, 3, 9, 4, 40), (16, 8, 7, 7, 9), (4, 3, 28, 28, 2)]
+        {
+            let conv = Winograd { c_in, c_out, h, w };
+            let x = wave(rows * c_in * h * w, 8);
+            let dy = wave(rows * c_out * h * w, 9);
+            let mut dw = vec![f32::NAN; c_out * c_in * 9];
+            let mut acc = vec![f32::NAN; conv.filter_len()];
+            let mut scratch = vec![f32::NAN; conv.scratch_len()];
+            conv.weight_gradient(&x, &dy, rows, &mut dw, &mut acc, &mut scratch);
+            let scale = (rows * h * w) as f64;
+            for k in 0..c_out {
+                for c in 0..c_in {
+                    for i in 0..3 {
+                        for j in 0..3 {
+                            let mut want = 0.0f64;
+                            for s in 0..rows {
+                                for y in 0..h {
+                                    for xx in 0..w {
+                                        let (yy, xj) = (y as isize + i as isize - 1, xx as isize + j as isize - 1);
+                                        if yy < 0 || xj < 0 || yy >= h as isize || xj >= w as isize {
+                                            continue;
+                                        }
+                                        want += dy[((s * c_out + k) * h + y) * w + xx] as f64
+                                            * x[((s * c_in + c) * h + yy as usize) * w + xj as usize] as f64;
+                                    }
+                                }
+                            }
+                            let got = dw[((k * c_in + c) * 3 + i) * 3 + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-6 * scale.sqrt() * (1.0 + want.abs()),
+                                "{c_in}->{c_out} {h}x{w} x{rows}, filter ({k}, {c}) tap ({i}, {j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// One thread or many, the same bits.
     #[test]
     fn threads_do_not_change_the_bits() {
@@ -519,5 +730,14 @@ mod tests {
         let a = one.install(|| run(conv, FilterUse::Forward, &wts, None, &x, 20));
         let b = four.install(|| run(conv, FilterUse::Forward, &wts, None, &x, 20));
         assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        let dy = wave(20 * 8 * 14 * 14, 10);
+        let dw = || {
+            let mut dw = vec![0.0; 8 * 16 * 9];
+            let (mut acc, mut scratch) = (vec![0.0; conv.filter_len()], vec![0.0; conv.scratch_len()]);
+            conv.weight_gradient(&x, &dy, 20, &mut dw, &mut acc, &mut scratch);
+            dw
+        };
+        let (a, b) = (one.install(dw), four.install(dw));
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "weight gradient");
     }
 }
