@@ -22,6 +22,36 @@ fn train_on_cuda_without_a_gpu_fails_with_one_line() {
     }
 }
 
+/// `finetune` and `memory` probe the device the same way, before loading
+/// anything: one line, exit 1, and nothing written.
+#[test]
+fn finetune_and_memory_on_cuda_without_a_gpu_fail_with_one_line() {
+    if svp_cuda::devices().is_ok_and(|d| !d.is_empty()) {
+        eprintln!("skipped: this machine has a GPU");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("svp-devices-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (csv, plot) = (dir.join("m.csv"), dir.join("m.svg"));
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/device-mlp.svpm");
+    let runs: [Vec<&str>; 2] = [
+        vec!["finetune", model, "--data", "embedded", "--device", "cuda"],
+        vec!["memory", "--device", "cuda:0", "--csv", csv.to_str().unwrap(), "--plot", plot.to_str().unwrap()],
+    ];
+    for args in runs {
+        let o = svp(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        if !svp_cuda::BUILT_WITH_CUDA {
+            assert_eq!(err, "error: svp was built without CUDA support; rebuild with `--features cuda`\n");
+        }
+    }
+    assert!(!csv.exists() && !plot.exists(), "a refused sweep wrote its outputs");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn devices_lists_the_cpu_and_says_why_there_is_no_gpu() {
     let o = svp(&["devices"]);
