@@ -237,23 +237,28 @@ fn input_channel_in<const S: usize, const SPAN: usize>(wg: Winograd, x: &[f32], 
             for k0 in (0..tw).step_by(S) {
                 let tiles = S.min(tw - k0);
                 input_strip::<S, SPAN>(&rows, 2 * k0, tiles, &mut strip);
-                let col = s * t + ty * tw + k0;
-                // A whole strip's store is one vector move where a short
-                // one is a `memmove` call. Its values past `tiles` land
-                // on tiles of this ξ row that come later in this loop
-                // and are overwritten then; only a row's last strip
-                // would spill into the next row, and takes the short copy.
-                if col + S <= cols {
-                    for (xi, values) in strip.iter().enumerate() {
-                        let dst: &mut [f32; S] = (&mut block[xi * cols + col..][..S]).try_into().unwrap();
-                        *dst = *values;
-                    }
-                } else {
-                    for (xi, values) in strip.iter().enumerate() {
-                        block[xi * cols + col..][..tiles].copy_from_slice(&values[..tiles]);
-                    }
-                }
+                store_strip(&strip, tiles, s * t + ty * tw + k0, cols, block);
             }
+        }
+    }
+}
+
+/// Stores a strip of `tiles` transformed tiles (position ξ of tile k in
+/// `strip[ξ][k]`) at tile column `col` of a block laid out `[ξ][cols]`.
+/// A whole strip's store is one vector move where a short one is a
+/// `memmove` call. Its values past `tiles` land on tiles of the same ξ row
+/// that come later in the caller's loop and are overwritten then; only a
+/// row's last strip would spill into the next row, and takes the short copy.
+#[inline(always)]
+fn store_strip<const S: usize>(strip: &[[f32; S]; XI], tiles: usize, col: usize, cols: usize, block: &mut [f32]) {
+    if col + S <= cols {
+        for (xi, values) in strip.iter().enumerate() {
+            let dst: &mut [f32; S] = (&mut block[xi * cols + col..][..S]).try_into().unwrap();
+            *dst = *values;
+        }
+    } else {
+        for (xi, values) in strip.iter().enumerate() {
+            block[xi * cols + col..][..tiles].copy_from_slice(&values[..tiles]);
         }
     }
 }
@@ -454,18 +459,7 @@ fn output_gradient_channel_in<const S: usize, const W2: usize>(
                         rows_i[3][kk] = -q;
                     }
                 }
-                let col = s * t + ty * tw + k0;
-                // Whole-strip stores, as in `input_channel_in`.
-                if col + S <= cols {
-                    for (xi, values) in strip.iter().enumerate() {
-                        let dst: &mut [f32; S] = (&mut block[xi * cols + col..][..S]).try_into().unwrap();
-                        *dst = *values;
-                    }
-                } else {
-                    for (xi, values) in strip.iter().enumerate() {
-                        block[xi * cols + col..][..tiles].copy_from_slice(&values[..tiles]);
-                    }
-                }
+                store_strip(&strip, tiles, s * t + ty * tw + k0, cols, block);
             }
         }
     }
