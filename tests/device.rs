@@ -12,8 +12,13 @@ use svp_train::device::{Backend, DeviceTrainer, HostBackend, TrainOn};
 use svp_train::{BpTrainer, FitError, Method, Network, SvpTrainer, Trainer, try_fit_on};
 
 /// `steps` steps of `trainer` on the first batches of the embedded subset;
-/// the weights after them (brought to the host) and each step's loss.
-fn run_steps(config: &svp_train::Config, mut trainer: Box<dyn Trainer>, steps: usize) -> (Network, Vec<f32>) {
+/// the weights after them (brought to the host), each step's loss and the
+/// per-layer metrics (SVP).
+fn run_steps(
+    config: &svp_train::Config,
+    mut trainer: Box<dyn Trainer>,
+    steps: usize,
+) -> (Network, Vec<f32>, Option<svp_train::LayerMetrics>) {
     let data = embedded_subset(64 * steps);
     let mut model = Network::try_for_images(data.train.image_shape, data.classes, &config.model, config.train.seed)
         .expect("memory");
@@ -29,7 +34,8 @@ fn run_steps(config: &svp_train::Config, mut trainer: Box<dyn Trainer>, steps: u
         losses.push(trainer.step(&mut model, &x[..n * data.features()], &y[..n], lr_scale).expect("finite loss"));
     }
     trainer.sync_to_host(&mut model).expect("host backend");
-    (model, losses)
+    let metrics = trainer.layer_metrics().cloned();
+    (model, losses, metrics)
 }
 
 /// The weights' bits.
@@ -51,9 +57,10 @@ fn same_bits_as_the_cpu(method: Method, what: &str, mutate: impl Fn(&mut svp_tra
         Method::Bp => Box::new(BpTrainer::new(&model, &config)),
     };
     let device = Box::new(DeviceTrainer::try_new(HostBackend::new(), &model, &config).unwrap());
-    let (want, want_losses) = run_steps(&config, cpu, 6);
-    let (got, got_losses) = run_steps(&config, device, 6);
+    let (want, want_losses, want_metrics) = run_steps(&config, cpu, 6);
+    let (got, got_losses, got_metrics) = run_steps(&config, device, 6);
     assert_eq!(got_losses, want_losses, "{what}: losses");
+    assert_eq!(got_metrics, want_metrics, "{what}: per-layer losses and accuracies");
     for l in 0..got.n_layers() {
         let differ = got.layer_params(l).iter().zip(want.layer_params(l)).filter(|(g, w)| g.to_bits() != w.to_bits());
         assert_eq!(differ.count(), 0, "{what}: layer {}'s weights differ", l + 1);
@@ -75,6 +82,7 @@ fn host_backend_gives_the_cpu_trainers_bits() {
         c.svp.head_lambda = Some(0.5);
     });
     same_bits_as_the_cpu(Method::Svp, "SVP, lambda 0", |c| c.svp.lambda = 0.0);
+    same_bits_as_the_cpu(Method::Svp, "SVP, the head's learning rate doubled", |c| c.svp.head_lr_scale = 2.0);
     same_bits_as_the_cpu(Method::Svp, "SVP+, units of 2", |c| c.svp.layers_per_unit = 2);
     same_bits_as_the_cpu(Method::Svp, "SVP+, units of 2, the head joining", |c| {
         c.model.hidden = vec![64, 64, 64, 64, 64];
@@ -491,8 +499,8 @@ fn gpu_steps_follow_the_cpu() {
             let model = Network::try_for_images((28, 28), 10, &config.model, config.train.seed).unwrap();
             let host = Box::new(DeviceTrainer::try_new(HostBackend::new(), &model, &config).unwrap());
             let device = Box::new(DeviceTrainer::try_new(gpu, &model, &config).unwrap());
-            let (want, want_losses) = run_steps(&config, host, 6);
-            let (got, got_losses) = run_steps(&config, device, 6);
+            let (want, want_losses, _) = run_steps(&config, host, 6);
+            let (got, got_losses, _) = run_steps(&config, device, 6);
             for (s, (g, w)) in got_losses.iter().zip(&want_losses).enumerate() {
                 assert!((g - w).abs() <= 1e-3 * w.abs(), "{method:?} step {s}: GPU loss {g}, CPU {w}");
             }
