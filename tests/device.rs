@@ -532,3 +532,32 @@ fn gpu_trains_to_the_cpus_accuracy() {
         }
     }
 }
+
+/// The device trainer's workspace (everything on the device besides the
+/// weights and moments) does not grow with depth under SVP, and grows by
+/// one layer's activations and LayerNorm values per layer under BP: the
+/// property `svp memory --device cuda` measures on a GPU.
+#[test]
+fn device_workspace_is_flat_in_depth_for_svp() {
+    let workspace = |method: Method, depth: usize| {
+        let mut config = small_config(method, 1);
+        config.model.hidden = vec![256; depth];
+        let model = Network::try_for_images((28, 28), 10, &config.model, 1).unwrap();
+        DeviceTrainer::try_new(HostBackend::new(), &model, &config).unwrap().workspace_bytes()
+    };
+    let svp: Vec<usize> = [2, 4, 8, 16].iter().map(|&d| workspace(Method::Svp, d)).collect();
+    // Only the step's loss vector, read back once a step, has a slot per
+    // layer: three floats (cross-entropy, correct rows, alignment loss).
+    for (b, depth) in svp.iter().zip([2, 4, 8, 16]) {
+        assert_eq!(b - svp[0], 12 * (depth - 2), "SVP's workspace grows with depth: {svp:?}");
+    }
+    let bp: Vec<usize> = [2, 4, 8, 16].iter().map(|&d| workspace(Method::Bp, d)).collect();
+    // Per added hidden layer: its output, normalized values (rows x 256
+    // each), 1/std (rows) and its loss slot.
+    let rows = small_config(Method::Bp, 1).train.batch_size;
+    let per_layer = 4 * (2 * rows * 256 + rows) + 12;
+    for (pair, depths) in bp.windows(2).zip([(2, 4), (4, 8), (8, 16)]) {
+        assert_eq!(pair[1] - pair[0], per_layer * (depths.1 - depths.0), "BP's workspace: {bp:?}");
+    }
+    assert!(svp[0] < bp[0], "SVP {svp:?}, BP {bp:?}");
+}
