@@ -561,3 +561,42 @@ fn device_workspace_is_flat_in_depth_for_svp() {
     }
     assert!(svp[0] < bp[0], "SVP {svp:?}, BP {bp:?}");
 }
+
+/// A trained model (3 epochs of the 256-256 MLP on 2,000 images) evaluated on `on`
+/// and by the CPU engine's own evaluation.
+fn evaluations(on: TrainOn) -> Option<(svp_train::EvalReport, svp_train::EvalReport)> {
+    let config = small_config(Method::Svp, 3);
+    let data = embedded_subset(2000);
+    let run = fit_on(TrainOn::Cpu, &config, &data, Default::default());
+    let got = match svp_train::device::evaluate_on(on, &run.model, &data.test, run.norm, 256) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            return None;
+        }
+    };
+    let mut ws = svp_train::InferenceWorkspace::default();
+    let want = svp_train::evaluate(&run.model, &data.test, run.norm, 256, None, &mut ws);
+    Some((got, want))
+}
+
+/// Inference through the seam, on the host backend: the CPU's accuracy,
+/// and its loss to within float rounding of the sum.
+#[test]
+fn host_backend_evaluates_as_the_cpu() {
+    let (got, want) = evaluations(TrainOn::HostBackend).expect("the host backend");
+    assert_eq!(got.accuracy, want.accuracy);
+    assert!((got.loss - want.loss).abs() <= 1e-6 * want.loss, "loss {} vs {}", got.loss, want.loss);
+    assert!(want.accuracy > 0.7, "trained: {}", want.accuracy);
+}
+
+/// The same on a GPU: accuracy within 0.2 points (two of 1,000 images
+/// whose top logits are within rounding of each other), loss within 1e-4.
+#[test]
+fn gpu_evaluates_as_the_cpu() {
+    if let Some((got, want)) = evaluations(TrainOn::Cuda(0)) {
+        eprintln!("GPU: accuracy {} loss {}; CPU: {} {}", got.accuracy, got.loss, want.accuracy, want.loss);
+        assert!((got.accuracy - want.accuracy).abs() <= 0.002, "{} vs {}", got.accuracy, want.accuracy);
+        assert!((got.loss - want.loss).abs() <= 1e-4 * want.loss, "{} vs {}", got.loss, want.loss);
+    }
+}

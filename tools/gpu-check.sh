@@ -83,6 +83,9 @@ PY
     done
     echo "== PyTorch's BP on the same GPU"
     for batch in 128 1024; do python3 tools/torch_mlp_gpu_bench.py --batch "$batch" || status=1; done
+    echo "== svp eval on the GPU (a committed int8 model, widened to f32) and on the CPU"
+    "$out/svp" eval models/device-mlp.svpm --data embedded --device cuda || status=1
+    "$out/svp" eval models/device-mlp.svpm --data embedded
     echo "== GPU memory against depth (width 1024, batch 128, SGD)"
     "$out/svp" memory --device cuda --depths 1,2,4,8,16,32 --csv "$out/memory-gpu.csv" --plot "$out/memory-gpu.svg" || status=1
     exit $status

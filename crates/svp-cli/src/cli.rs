@@ -408,6 +408,10 @@ pub struct TrainArgs {
 pub struct EvalArgs {
     /// The model file.
     pub model: PathBuf,
+    /// Where to compute: cpu, or `cuda[:N]` (MLPs in f32; without early
+    /// exits, which run on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: svp_cuda::Device,
     /// IDX data folder, or `embedded`. Default as for `train`.
     #[arg(long)]
     pub data: Option<PathBuf>,

@@ -61,8 +61,52 @@ fn accuracy(model: &InferenceModel, data: &Dataset, exit: Option<usize>, ws: &mu
     (correct as f64 / data.len().max(1) as f64, start.elapsed().as_secs_f64())
 }
 
+/// Runs `svp eval` on a GPU: the model widened to f32 and run forward
+/// there, batch by batch.
+fn run_on_device(args: &EvalArgs, gpu: svp_cuda::DeviceInfo) -> Result<(), CliError> {
+    if args.exits {
+        return Err(svp_train::ConfigError::Invalid("--exits runs on the CPU: drop --device or --exits".into()).into());
+    }
+    let file = ModelFile::load(&args.model)?;
+    let data = data_source(args.data.as_deref()).load_with(Some(file.meta.classes()))?;
+    let (h, w) = file.meta.image_shape;
+    if data.test.image_shape != (h as usize, w as usize) {
+        let (dh, dw) = data.test.image_shape;
+        return Err(mismatch(format!("the model takes {h}x{w} images, the data has {dh}x{dw}")));
+    }
+    let (network, norm) = (file.to_network(), file.meta.norm);
+    let start = std::time::Instant::now();
+    let report = svp_train::device::evaluate_on(args.device.into(), &network, &data.test, norm, 256)?;
+    let seconds = start.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "test_acc": report.accuracy,
+                "samples": data.test.len(),
+                "seconds": seconds,
+                "dtype": file.meta.weight_dtype().name(),
+                "device": args.device.to_string(),
+            })
+        );
+    } else {
+        println!(
+            "{}: test accuracy {:.2}% on {} samples from {} in {:.3} s on {gpu}",
+            args.model.display(),
+            100.0 * report.accuracy,
+            data.test.len(),
+            data.origin,
+            seconds,
+        );
+    }
+    Ok(())
+}
+
 /// Runs `svp eval`.
 pub fn run(args: EvalArgs) -> Result<(), CliError> {
+    if let Some(gpu) = crate::train_cmd::probe_device(args.device)? {
+        return run_on_device(&args, gpu);
+    }
     let model = InferenceModel::load(&args.model)?;
     // A label beyond the model's classes is an error naming it.
     let data = data_source(args.data.as_deref()).load_with(Some(model.meta().classes()))?;

@@ -22,10 +22,10 @@ fn train_on_cuda_without_a_gpu_fails_with_one_line() {
     }
 }
 
-/// `finetune` and `memory` probe the device the same way, before loading
-/// anything: one line, exit 1, and nothing written.
+/// `finetune`, `eval` and `memory` probe the device the same way, before
+/// loading anything: one line, exit 1, and nothing written.
 #[test]
-fn finetune_and_memory_on_cuda_without_a_gpu_fail_with_one_line() {
+fn finetune_eval_and_memory_on_cuda_without_a_gpu_fail_with_one_line() {
     if svp_cuda::devices().is_ok_and(|d| !d.is_empty()) {
         eprintln!("skipped: this machine has a GPU");
         return;
@@ -34,8 +34,9 @@ fn finetune_and_memory_on_cuda_without_a_gpu_fail_with_one_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let (csv, plot) = (dir.join("m.csv"), dir.join("m.svg"));
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/device-mlp.svpm");
-    let runs: [Vec<&str>; 2] = [
+    let runs: [Vec<&str>; 3] = [
         vec!["finetune", model, "--data", "embedded", "--device", "cuda"],
+        vec!["eval", model, "--data", "embedded", "--device", "cuda"],
         vec!["memory", "--device", "cuda:0", "--csv", csv.to_str().unwrap(), "--plot", plot.to_str().unwrap()],
     ];
     for args in runs {

@@ -21,12 +21,14 @@
 //! of `R`), and their bits are pinned by the golden tests.
 
 mod host;
+mod infer;
 mod trainer;
 
 #[cfg(feature = "cuda")]
 mod gpu;
 
 pub use host::HostBackend;
+pub use infer::DeviceInference;
 pub use svp_cuda::{AdamScalars, CudaError};
 pub use trainer::{DeviceTrainer, Unsupported};
 
@@ -50,6 +52,49 @@ impl From<svp_cuda::Device> for TrainOn {
             svp_cuda::Device::Cuda(n) => TrainOn::Cuda(n),
         }
     }
+}
+
+/// Evaluates `model` on `data` on the device `on` names (not the CPU
+/// engine: [`crate::evaluate`] is that), in batches of `batch_size`.
+pub fn evaluate_on(
+    on: TrainOn,
+    model: &crate::Network,
+    data: &svp_data::Dataset,
+    norm: crate::Normalization,
+    batch_size: usize,
+) -> Result<crate::EvalReport, Unsupported> {
+    match on {
+        TrainOn::Cpu => Err(Unsupported::Config("the CPU engine evaluates with svp_train::evaluate".into())),
+        TrainOn::HostBackend => {
+            Ok(DeviceInference::try_new(HostBackend::new(), model, batch_size)?.evaluate(data, norm)?)
+        }
+        TrainOn::Cuda(ordinal) => evaluate_on_gpu(ordinal, model, data, norm, batch_size),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn evaluate_on_gpu(
+    ordinal: usize,
+    model: &crate::Network,
+    data: &svp_data::Dataset,
+    norm: crate::Normalization,
+    batch_size: usize,
+) -> Result<crate::EvalReport, Unsupported> {
+    let gpu = svp_cuda::Gpu::open(ordinal)?;
+    Ok(DeviceInference::try_new(gpu, model, batch_size)?.evaluate(data, norm)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn evaluate_on_gpu(
+    ordinal: usize,
+    _model: &crate::Network,
+    _data: &svp_data::Dataset,
+    _norm: crate::Normalization,
+    _batch_size: usize,
+) -> Result<crate::EvalReport, Unsupported> {
+    // This build has no CUDA: the stand-in's `open` says so, and opens nothing.
+    svp_cuda::Gpu::open(ordinal)?;
+    Err(CudaError::NotCompiled.into())
 }
 
 /// What a training step needs of a device. Matrices are row-major f32, as

@@ -112,19 +112,51 @@ pub struct DeviceTrainer<B: Backend> {
     workspace_bytes: usize,
 }
 
+/// What of `model`'s layers a device does not run yet, if anything.
+pub(super) fn check_network(model: &Network) -> Result<(), Unsupported> {
+    let no = |what: &str| Err(Unsupported::Config(what.to_string()));
+    if !model.is_mlp() {
+        return no("only MLPs run on a GPU for now (CNNs and ViTs are next)");
+    }
+    if model.layers().iter().any(|d| d.spec().activation == Activation::Gelu) {
+        return no("the GELU activation (ReLU and the identity are there)");
+    }
+    Ok(())
+}
+
+/// One dense block's forward on `backend`: from `input` into `out`
+/// (`rows` rows), LayerNorm's values into `xhat` and `rstd`. `value(p)` is
+/// the block's parameter `p`: `W`, `b`, then with LayerNorm `gamma`, `beta`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_dense<'a, B: Backend>(
+    backend: &B,
+    spec: &DenseSpec,
+    value: impl Fn(usize) -> &'a B::Buffer,
+    rows: usize,
+    input: &B::Buffer,
+    out: &mut B::Buffer,
+    xhat: &mut B::Buffer,
+    rstd: &mut B::Buffer,
+) -> Result<(), CudaError>
+where
+    B::Buffer: 'a,
+{
+    let (i, o) = (spec.in_dim, spec.out_dim);
+    let relu = spec.activation == Activation::Relu;
+    if spec.norm == Norm::LayerNorm {
+        backend.gemm(false, true, rows, o, i, 1.0, input, value(0), 0.0, xhat)?;
+        backend.layer_norm_forward(xhat, value(1), value(2), value(3), rstd, out, rows, o, relu)
+    } else {
+        backend.linear(input, value(0), value(1), out, rows, i, o, relu)
+    }
+}
+
 /// What in `config` (and `model`) the device trainer does not do yet, if anything.
 fn check_supported(model: &Network, config: &Config) -> Result<(), Unsupported> {
     let no = |what: &str| Err(Unsupported::Config(what.to_string()));
-    if !model.is_mlp() {
-        return no("only MLPs train on a GPU for now (CNNs and ViTs are next)");
-    }
-    for spec in model.layers() {
-        if spec.spec().dropout > 0.0 {
-            return no("dropout on a block's output");
-        }
-        if spec.spec().activation == Activation::Gelu {
-            return no("the GELU activation (ReLU and the identity are there)");
-        }
+    check_network(model)?;
+    if model.layers().iter().any(|d| d.spec().dropout > 0.0) {
+        return no("dropout on a block's output");
     }
     if config.train.train_from_layer > 1 {
         return no("frozen layers (train_from_layer)");
@@ -142,7 +174,7 @@ fn check_supported(model: &Network, config: &Config) -> Result<(), Unsupported> 
 }
 
 /// `bufs[read]` shared and `bufs[write]` exclusive (`read != write`).
-fn read_write<T>(bufs: &mut [T], read: usize, write: usize) -> (&T, &mut T) {
+pub(super) fn read_write<T>(bufs: &mut [T], read: usize, write: usize) -> (&T, &mut T) {
     assert_ne!(read, write, "a layer cannot write its own input");
     if read < write {
         let (a, b) = bufs.split_at_mut(write);
@@ -155,7 +187,7 @@ fn read_write<T>(bufs: &mut [T], read: usize, write: usize) -> (&T, &mut T) {
 
 /// The parts of a dense block's parameters: `(offset, len)` of `W`, `b`
 /// and, with LayerNorm, `gamma` and `beta`, in the host layout.
-fn part_ranges(spec: &DenseSpec) -> Vec<(usize, usize)> {
+pub(super) fn part_ranges(spec: &DenseSpec) -> Vec<(usize, usize)> {
     let (i, o) = (spec.in_dim, spec.out_dim);
     let mut parts = vec![(0, o * i), (o * i, o)];
     if spec.norm == Norm::LayerNorm {
@@ -289,30 +321,6 @@ impl<B: Backend> DeviceTrainer<B> {
         }
         self.on_device = true;
         Ok(())
-    }
-
-    /// Runs `forward` of layer `l` from `input` into `out`, LayerNorm's
-    /// values into `xhat` and `rstd`.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_layer(
-        backend: &B,
-        spec: &DenseSpec,
-        parts: &[Part<B::Buffer>],
-        rows: usize,
-        input: &B::Buffer,
-        out: &mut B::Buffer,
-        xhat: &mut B::Buffer,
-        rstd: &mut B::Buffer,
-    ) -> Result<(), CudaError> {
-        let (i, o) = (spec.in_dim, spec.out_dim);
-        let relu = spec.activation == Activation::Relu;
-        if spec.norm == Norm::LayerNorm {
-            backend.gemm(false, true, rows, o, i, 1.0, input, &parts[0].value, 0.0, xhat)?;
-            let (b, gamma, beta) = (&parts[1].value, &parts[2].value, &parts[3].value);
-            backend.layer_norm_forward(xhat, b, gamma, beta, rstd, out, rows, o, relu)
-        } else {
-            backend.linear(input, &parts[0].value, &parts[1].value, out, rows, i, o, relu)
-        }
     }
 
     /// Layer `l`'s backward from `dy` (wrt its output, used as scratch) and
@@ -493,7 +501,7 @@ impl<B: Backend> DeviceTrainer<B> {
                     Read::Batch => (&ws.x, &mut ws.acts[slot(j)]),
                     Read::Act(a) => read_write(&mut ws.acts, a, slot(j)),
                 };
-                Self::forward_layer(backend, &spec, parts, rows, input, out, &mut ws.xhat[j], &mut ws.rstd[j])?;
+                forward_dense(backend, &spec, |p| &parts[p].value, rows, input, out, &mut ws.xhat[j], &mut ws.rstd[j])?;
             }
             let (last, len) = (unit.end - 1, unit.len());
             let (o, is_head) = (self.specs[last].out_dim, unit.end == n);
@@ -533,7 +541,7 @@ impl<B: Backend> DeviceTrainer<B> {
             let spec = self.specs[l];
             let (backend, ws, parts) = (&self.backend, &mut self.ws, &self.layers[l]);
             let (input, out) = if l == 0 { (&ws.x, &mut ws.acts[0]) } else { read_write(&mut ws.acts, l - 1, l) };
-            Self::forward_layer(backend, &spec, parts, rows, input, out, &mut ws.xhat[l], &mut ws.rstd[l])?;
+            forward_dense(backend, &spec, |p| &parts[p].value, rows, input, out, &mut ws.xhat[l], &mut ws.rstd[l])?;
         }
         let classes = self.specs[n - 1].out_dim;
         let Workspace { acts, labels, dh, stats, .. } = &mut self.ws;
