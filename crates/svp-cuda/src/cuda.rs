@@ -112,18 +112,23 @@ pub fn compile_kernels(compute_capability: (i32, i32)) -> Result<String, CudaErr
 
 /// f32 values in device memory.
 pub struct GpuBuffer {
+    /// At least one element: the driver refuses allocations of zero bytes
+    /// (`cuMemAlloc` answers `CUDA_ERROR_INVALID_VALUE`), and a trainer
+    /// asks for empty buffers where a layer kind needs none.
     data: CudaSlice<f32>,
+    /// The elements the buffer holds for its users (`data` may have one more).
+    len: usize,
 }
 
 impl GpuBuffer {
     /// Its number of elements.
     pub fn len(&self) -> usize {
-        self.data.len()
+        self.len
     }
 
     /// Whether it holds no elements.
     pub fn is_empty(&self) -> bool {
-        self.data.len() == 0
+        self.len == 0
     }
 }
 
@@ -216,12 +221,14 @@ impl Gpu {
 
     /// Copies `values` to a new device buffer.
     pub fn upload(&self, values: &[f32]) -> Result<GpuBuffer, CudaError> {
-        Ok(GpuBuffer { data: self.stream.clone_htod(values).map_err(driver)? })
+        let mut buffer = self.zeros(values.len())?;
+        self.write(&mut buffer, values)?;
+        Ok(buffer)
     }
 
     /// A new device buffer of `len` zeros.
     pub fn zeros(&self, len: usize) -> Result<GpuBuffer, CudaError> {
-        Ok(GpuBuffer { data: self.stream.alloc_zeros(len).map_err(driver)? })
+        Ok(GpuBuffer { data: self.stream.alloc_zeros(len.max(1)).map_err(driver)?, len })
     }
 
     /// Copies the first `out.len()` values of a device buffer into `out`;
@@ -234,13 +241,18 @@ impl Gpu {
                 out.len()
             )));
         }
-        self.stream.memcpy_dtoh(&buffer.data.slice(..out.len()), out).map_err(driver)?;
+        if !out.is_empty() {
+            self.stream.memcpy_dtoh(&buffer.data.slice(..out.len()), out).map_err(driver)?;
+        }
         self.synchronize()
     }
 
     /// Copies `values` into the first `values.len()` elements of `buffer`.
     pub fn write(&self, buffer: &mut GpuBuffer, values: &[f32]) -> Result<(), CudaError> {
         check_len("write", buffer.len(), 1, values.len())?;
+        if values.is_empty() {
+            return Ok(());
+        }
         self.stream.memcpy_htod(values, &mut buffer.data.slice_mut(..values.len())).map_err(driver)
     }
 
@@ -248,6 +260,9 @@ impl Gpu {
     pub fn copy(&self, src: &GpuBuffer, dst: &mut GpuBuffer, n: usize) -> Result<(), CudaError> {
         check_len("copy source", src.len(), 1, n)?;
         check_len("copy destination", dst.len(), 1, n)?;
+        if n == 0 {
+            return Ok(());
+        }
         self.stream.memcpy_dtod(&src.data.slice(..n), &mut dst.data.slice_mut(..n)).map_err(driver)
     }
 

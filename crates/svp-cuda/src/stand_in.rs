@@ -64,6 +64,16 @@ impl Gpu {
         match self.never {}
     }
 
+    /// Copies `values` into the first `values.len()` elements of `buffer`.
+    pub fn write(&self, _buffer: &mut GpuBuffer, _values: &[f32]) -> Result<(), CudaError> {
+        match self.never {}
+    }
+
+    /// Copies the first `n` values of `src` into `dst`.
+    pub fn copy(&self, _src: &GpuBuffer, _dst: &mut GpuBuffer, _n: usize) -> Result<(), CudaError> {
+        match self.never {}
+    }
+
     /// `c = alpha * op(a) * op(b) + beta * c` on row-major matrices.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(

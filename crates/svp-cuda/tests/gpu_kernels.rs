@@ -176,3 +176,19 @@ fn kernels_compile_with_nvrtc_for_jetson_and_desktop_gpus() {
         }
     }
 }
+
+/// Empty buffers exist (the driver refuses to allocate zero bytes, so they
+/// hold one element it never shows), and copies of nothing do nothing.
+#[test]
+fn empty_buffers_and_empty_copies_work() {
+    let Some(gpu) = gpu() else { return };
+    let mut empty = gpu.zeros(0).unwrap();
+    assert_eq!((empty.len(), empty.is_empty()), (0, true));
+    gpu.write(&mut empty, &[]).unwrap();
+    gpu.download(&empty, &mut []).unwrap();
+    let uploaded = gpu.upload(&[]).unwrap();
+    assert!(uploaded.is_empty());
+    gpu.copy(&uploaded, &mut empty, 0).unwrap();
+    let e = gpu.download(&empty, &mut [0.0]).unwrap_err().to_string();
+    assert!(e.contains("the buffer has 0 elements"), "{e}");
+}
