@@ -180,8 +180,8 @@ fn what_a_device_cannot_do_is_one_line() {
     });
     assert_eq!(
         sgd,
-        "svp cannot train this on a GPU yet: SGD with momentum (plain SGD, Adam and AdamW are there); \
-         train it on the CPU (--device cpu)"
+        "svp cannot run this on a GPU yet: SGD with momentum (plain SGD, Adam and AdamW are there); \
+         run it on the CPU (--device cpu)"
     );
     let units = refused(TrainOn::HostBackend, &|c| c.svp.label_concat = true);
     assert!(units.contains("label-concatenation"), "{units}");

@@ -8,11 +8,11 @@ use svp_net::{Network, ProjectionHeads};
 use svp_nn::{Activation, DenseSpec, Norm};
 use svp_optim::{MomentDtype, Moments, Optimizer};
 
-/// Why a run cannot train on a device yet. Prints as one line.
+/// Why a run cannot train (or a model run) on a device yet. Prints as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum Unsupported {
-    /// What this config asks that the device trainer does not do yet.
-    #[error("svp cannot train this on a GPU yet: {0}; train it on the CPU (--device cpu)")]
+    /// What this config or network asks that a device does not do yet.
+    #[error("svp cannot run this on a GPU yet: {0}; run it on the CPU (--device cpu)")]
     Config(String),
     /// The device failed (out of memory, a launch error, ...).
     #[error(transparent)]
@@ -30,14 +30,15 @@ struct Part<Buf> {
 }
 
 /// Where a step's buffers live: its batch, activations, caches, gradients
-/// and the local loss's projections, sized once for the widest layer (SVP)
-/// or with one activation and cache per layer (BP).
+/// and the local loss's projections, sized once for the longest unit of
+/// the widest layers (SVP) or with one activation and cache per layer (BP).
 struct Workspace<Buf> {
     x: Buf,
     labels: Buf,
-    /// SVP: two, used in turn; BP: one per layer.
+    /// SVP: a unit's input and its layers' outputs, used in turn; BP: one per layer.
     acts: Vec<Buf>,
-    /// LayerNorm's normalized values and `1/std`: SVP one, BP one per layer.
+    /// LayerNorm's normalized values and `1/std`: SVP one per position in a
+    /// unit, BP one per layer.
     xhat: Vec<Buf>,
     rstd: Vec<Buf>,
     /// Gradients wrt the current layer's output and input.
