@@ -112,6 +112,27 @@ fn training_steps_allocate_nothing_after_the_first() {
     assert!(failures.is_empty(), "steps allocated: {failures:?}");
 }
 
+/// The device trainer's step allocates nothing after its first either (on
+/// the host backend, whose operations reuse their buffers as the GPU's do):
+/// SVP, SVP+ units and BP.
+#[test]
+fn device_trainer_steps_allocate_nothing_after_the_first() {
+    use svp_train::device::{DeviceTrainer, HostBackend};
+    let _turn = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    let (x, y) = batch(64);
+    let mut units = small_config(Method::Svp, 1);
+    units.svp.layers_per_unit = 2;
+    for (name, config) in [("SVP", small_config(Method::Svp, 1)), ("SVP+", units), ("BP", small_config(Method::Bp, 1))]
+    {
+        let mut model = Network::try_for_images((28, 28), 10, &config.model, 1).expect("memory for the model");
+        let mut trainer = DeviceTrainer::try_new(HostBackend::new(), &model, &config).expect("host backend");
+        let allocations = allocations_after_first(|| {
+            trainer.step(&mut model, &x, &y, 1.0).expect("finite loss");
+        });
+        assert_eq!(allocations, 0, "{name}: the device trainer's step allocated");
+    }
+}
+
 /// After its first batch, inference allocates nothing, with and without the
 /// early exits of the projection heads.
 #[test]

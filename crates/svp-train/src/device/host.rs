@@ -12,6 +12,8 @@ use svp_tensor::{gemm, reduce, view, view_mut};
 pub struct HostBackend {
     /// The LayerNorm backward's per-chunk sums (grown on first use).
     norm_scratch: RefCell<Vec<f32>>,
+    /// Labels as the cross-entropy takes them (grown on first use).
+    labels: RefCell<Vec<u32>>,
 }
 
 impl HostBackend {
@@ -209,8 +211,10 @@ impl Backend for HostBackend {
         check("softmax_xent grad", grad.len(), rows, classes)?;
         check("softmax_xent labels", labels.len(), rows, 1)?;
         check("softmax_xent stats", stats.len(), 1, slot + 2)?;
-        let labels: Vec<u32> = labels[..rows].iter().map(|&y| y as u32).collect();
-        let (loss, correct) = softmax_cross_entropy(view(&logits[..n], rows, classes), &labels, &mut grad[..n]);
+        let mut ints = self.labels.borrow_mut();
+        ints.clear();
+        ints.extend(labels[..rows].iter().map(|&y| y as u32));
+        let (loss, correct) = softmax_cross_entropy(view(&logits[..n], rows, classes), &ints, &mut grad[..n]);
         stats[slot] = loss;
         stats[slot + 1] = correct as f32;
         Ok(())

@@ -477,13 +477,12 @@ impl<B: Backend> DeviceTrainer<B> {
     /// as [`crate::units`] splits the network): forward the unit; project
     /// its output with the seed's `R` (the head: its own logits); local
     /// loss; `dL/dh` through `R` alone; backprop and update inside the unit;
-    /// its output, detached, is the next unit's input. Returns each unit's
-    /// last layer and whether its loss had an alignment target.
-    fn svp_step(&mut self, rows: usize, step: u64, lr_scale: f32) -> Result<Vec<(usize, bool)>, CudaError> {
+    /// its output, detached, is the next unit's input. Each unit's losses go
+    /// to the statistics slot of its last layer.
+    fn svp_step(&mut self, rows: usize, step: u64, lr_scale: f32) -> Result<(), CudaError> {
         let n = self.specs.len();
         let ring = self.ws.acts.len();
         let mut has_target = self.first_alignment_target(rows)?;
-        let mut losses = Vec::with_capacity(self.units.len());
         let dim = self.svp.heads.dim;
         // The buffer holding the unit's input; `None` while that is the batch.
         let mut unit_input: Option<usize> = None;
@@ -507,7 +506,6 @@ impl<B: Backend> DeviceTrainer<B> {
             let (last, len) = (unit.end - 1, unit.len());
             let (o, is_head) = (self.specs[last].out_dim, unit.end == n);
             let out = slot(len - 1);
-            losses.push((last, has_target));
             if is_head {
                 self.local_loss(last, rows, Some(out), o, has_target, self.svp.head_lambda, true)?;
                 self.backend.copy(&self.ws.dv, &mut self.ws.dh, rows * o)?;
@@ -529,7 +527,7 @@ impl<B: Backend> DeviceTrainer<B> {
             }
             unit_input = Some(out);
         }
-        Ok(losses)
+        Ok(())
     }
 
     /// One BP step: forward through every layer, keeping each one's
@@ -566,17 +564,21 @@ impl<B: Backend> Trainer for DeviceTrainer<B> {
         let device = |e: CudaError| TrainError::Device(e.to_string());
         self.load_batch(model, x, y).map_err(device)?;
         let n = self.specs.len();
-        // Where the losses are: each unit's last layer (and whether it aligned).
-        let losses = match self.method {
+        match self.method {
             Method::Svp => self.svp_step(rows, step, lr_scale).map_err(device)?,
-            Method::Bp => {
-                self.bp_step(rows, lr_scale).map_err(device)?;
-                vec![(n - 1, false)]
-            }
-        };
+            Method::Bp => self.bp_step(rows, lr_scale).map_err(device)?,
+        }
         // The step's one read back: every unit's losses.
         self.backend.read(&self.ws.stats, &mut self.staging.stats).map_err(device)?;
-        for (l, aligned) in losses {
+        let units = if self.method == Method::Svp { self.units.len() } else { 1 };
+        for u in 0..units {
+            // Where a unit's losses are (its last layer's slot), and whether
+            // it had an alignment target: every unit after the first does,
+            // the first with `first_layer_alignment = "input"`.
+            let (l, aligned) = match self.method {
+                Method::Svp => (self.units[u].end - 1, u > 0 || self.svp.align_first),
+                Method::Bp => (n - 1, false),
+            };
             let s = &self.staging.stats[3 * l..3 * l + 3];
             let fa = if aligned { s[2] } else { 0.0 };
             let lambda = if l + 1 == n { self.svp.head_lambda } else { self.svp.lambda };
