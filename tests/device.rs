@@ -211,6 +211,15 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// One operation's body as the two closures [`OpCheck::check`] takes: for
+/// the backend under test and for the host reference (the same code,
+/// typed once for each backend's buffers).
+macro_rules! both {
+    (|$b:ident, $x:ident| $body:block) => {
+        (|$b: &B, $x: &mut [B::Buffer]| $body, |$b: &HostBackend, $x: &mut [Vec<f32>]| $body)
+    };
+}
+
 /// Runs `op` on `backend` and on the host reference with the same inputs
 /// (uploaded), and compares the buffers it writes: largest difference
 /// relative to the reference's largest value, at most `tolerance`.
@@ -221,15 +230,14 @@ struct OpCheck<'a, B: Backend> {
 }
 
 impl<B: Backend> OpCheck<'_, B> {
-    /// `inputs` uploaded to both; `op` gets each side's buffers; the first
-    /// `outputs` of them are compared afterwards.
+    /// `inputs` uploaded to both; each side's closure gets its buffers; the
+    /// buffers numbered in `outputs` are compared afterwards.
     fn check(
         &self,
         what: &str,
         inputs: &[Vec<f32>],
         outputs: &[usize],
-        on_device: impl Fn(&B, &mut [B::Buffer]),
-        on_host: impl Fn(&HostBackend, &mut [Vec<f32>]),
+        (on_device, on_host): (impl Fn(&B, &mut [B::Buffer]), impl Fn(&HostBackend, &mut [Vec<f32>])),
     ) {
         let mut device: Vec<B::Buffer> = inputs
             .iter()
@@ -267,14 +275,10 @@ fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
                 &what,
                 &ins,
                 &[2],
-                |b, x| {
+                both!(|b, x| {
                     let [a, bb, cc] = x else { unreachable!() };
                     b.gemm(ta, tb, m, n, k, 0.75, a, bb, 0.5, cc).unwrap()
-                },
-                |h, x| {
-                    let [a, bb, cc] = x else { unreachable!() };
-                    h.gemm(ta, tb, m, n, k, 0.75, a, bb, 0.5, cc).unwrap()
-                },
+                }),
             );
         }
     }
@@ -287,14 +291,10 @@ fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
                 &format!("linear {what}"),
                 &ins,
                 &[3],
-                |b, x| {
+                both!(|b, x| {
                     let [x, w, bias, out] = x else { unreachable!() };
                     b.linear(x, w, bias, out, rows, i, o, relu).unwrap()
-                },
-                |h, x| {
-                    let [x, w, bias, out] = x else { unreachable!() };
-                    h.linear(x, w, bias, out, rows, i, o, relu).unwrap()
-                },
+                }),
             );
             // z, bias, gamma, beta, rstd, out; then dy, dgamma, dbeta, dbias.
             let gamma: Vec<f32> = values(d, 10).iter().map(|v| 1.0 + 0.5 * v).collect();
@@ -314,16 +314,11 @@ fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
                 &format!("layer norm forward and backward {what}"),
                 &ins,
                 &[0, 4, 5, 6, 7, 8, 9],
-                |b, x| {
+                both!(|b, x| {
                     let [z, bias, gamma, beta, rstd, out, dy, dg, dbt, dbs] = x else { unreachable!() };
                     b.layer_norm_forward(z, bias, gamma, beta, rstd, out, rows, d, relu).unwrap();
                     b.layer_norm_backward(z, rstd, gamma, beta, dy, dg, dbt, dbs, rows, d, relu).unwrap();
-                },
-                |h, x| {
-                    let [z, bias, gamma, beta, rstd, out, dy, dg, dbt, dbs] = x else { unreachable!() };
-                    h.layer_norm_forward(z, bias, gamma, beta, rstd, out, rows, d, relu).unwrap();
-                    h.layer_norm_backward(z, rstd, gamma, beta, dy, dg, dbt, dbs, rows, d, relu).unwrap();
-                },
+                }),
             );
         }
         let ins = [values(rows * d, 13), values(rows * d, 14), vec![0.0; d]];
@@ -331,16 +326,11 @@ fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
             &format!("relu backward and column sums {rows}x{d}"),
             &ins,
             &[1, 2],
-            |b, x| {
+            both!(|b, x| {
                 let [out, grad, sums] = x else { unreachable!() };
                 b.relu_backward(grad, out, rows * d).unwrap();
                 b.column_sums(grad, rows, d, sums).unwrap();
-            },
-            |h, x| {
-                let [out, grad, sums] = x else { unreachable!() };
-                h.relu_backward(grad, out, rows * d).unwrap();
-                h.column_sums(grad, rows, d, sums).unwrap();
-            },
+            }),
         );
         // Cross-entropy and feature alignment over `d` classes / projection rows.
         let labels: Vec<f32> = (0..rows).map(|r| ((r * 7) % d) as f32).collect();
@@ -360,7 +350,7 @@ fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
                 &format!("cross-entropy and alignment {rows}x{d} centred {center}"),
                 &ins,
                 &[2, 3, 4, 5, 6, 7, 8],
-                |b, x| {
+                both!(|b, x| {
                     let [v, y, dv, stats, normed, norms, sim, target, dnormed] = x else { unreachable!() };
                     b.softmax_xent(v, y, dv, stats, 1, rows, d).unwrap();
                     b.fa_normalize(v, normed, norms, rows, d, center).unwrap();
@@ -368,16 +358,7 @@ fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
                     b.fa_difference(sim, target, stats, 3, rows).unwrap();
                     b.gemm(false, false, rows, d, rows, 0.25, target, normed, 0.0, dnormed).unwrap();
                     b.fa_gradient(dnormed, normed, norms, dv, rows, d, center, 0.7).unwrap();
-                },
-                |h, x| {
-                    let [v, y, dv, stats, normed, norms, sim, target, dnormed] = x else { unreachable!() };
-                    h.softmax_xent(v, y, dv, stats, 1, rows, d).unwrap();
-                    h.fa_normalize(v, normed, norms, rows, d, center).unwrap();
-                    h.gemm(false, true, rows, rows, d, 1.0, normed, normed, 0.0, sim).unwrap();
-                    h.fa_difference(sim, target, stats, 3, rows).unwrap();
-                    h.gemm(false, false, rows, d, rows, 0.25, target, normed, 0.0, dnormed).unwrap();
-                    h.fa_gradient(dnormed, normed, norms, dv, rows, d, center, 0.7).unwrap();
-                },
+                }),
             );
         }
     }
@@ -394,14 +375,10 @@ fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
             &format!("sgd n {n}"),
             &[values(n, 21), values(n, 22)],
             &[0],
-            |b, x| {
+            both!(|b, x| {
                 let [p, g] = x else { unreachable!() };
                 b.sgd(p, g, n, 0.05, 1e-4).unwrap()
-            },
-            |h, x| {
-                let [p, g] = x else { unreachable!() };
-                h.sgd(p, g, n, 0.05, 1e-4).unwrap()
-            },
+            }),
         );
     }
     for (n, t) in [(1, 1), (1000, 1), (4099, 7)] {
@@ -421,16 +398,11 @@ fn every_op_matches_the_host<B: Backend>(backend: &B, tolerance: f32) {
             &format!("adam n {n} step {t}, copy"),
             &ins,
             &[0, 2, 3, 4],
-            |b, x| {
+            both!(|b, x| {
                 let [p, g, m, v, copy] = x else { unreachable!() };
                 b.adam(p, g, m, v, n, scalars).unwrap();
                 b.copy(p, copy, n).unwrap();
-            },
-            |h, x| {
-                let [p, g, m, v, copy] = x else { unreachable!() };
-                h.adam(p, g, m, v, n, scalars).unwrap();
-                h.copy(p, copy, n).unwrap();
-            },
+            }),
         );
     }
 }
