@@ -1,4 +1,4 @@
-//! Winograd's F(2x2, 3x3) against im2col + GEMM on `models/cnn-fmnist.toml`'s
+//! Winograd's F(4x4, 3x3) against im2col + GEMM on `models/cnn-fmnist.toml`'s
 //! 3x3 convolutions at batch 128: the forward of each, the two paths
 //! alternating within one process (the host is shared and noisy), fastest of
 //! several rounds.

@@ -4,7 +4,7 @@
 //! A batch is `rows` samples, each `channels x height x width` values in
 //! row-major order, so a convolutional batch is the same `rows x features`
 //! buffer the dense layers use. Convolution is im2col + GEMM, or for 3x3
-//! stride-1 convolutions with enough input channels Winograd's F(2x2, 3x3)
+//! stride-1 convolutions with enough input channels Winograd's F(4x4, 3x3)
 //! in all three products (`crate::winograd`); the column buffer holds one
 //! group of samples at a time (unfolded tap by tap in parallel) and the
 //! backward recomputes it from the input, so nothing per-sample is kept
@@ -93,9 +93,9 @@ impl Conv2d {
         self.winograd().map_or(im2col, |wg| im2col.max(wg.filter_len() + wg.scratch_len()))
     }
 
-    /// The Winograd F(2x2, 3x3) form of this convolution, where it applies
+    /// The Winograd F(4x4, 3x3) form of this convolution, where it applies
     /// and pays: 3x3, stride 1, padding 1, and enough input channels that
-    /// its 16 GEMMs are not too shallow to run well (below that im2col's one
+    /// its 36 GEMMs are not too shallow to run well (below that im2col's one
     /// GEMM of depth `9 c_in` wins).
     pub fn winograd(&self) -> Option<Winograd> {
         let applies = self.k == 3 && self.stride == 1 && self.padding == 1 && self.input.c >= WINOGRAD_MIN_CHANNELS;
