@@ -5,12 +5,14 @@
 //! row-major order, so a convolutional batch is the same `rows x features`
 //! buffer the dense layers use. Convolution is im2col + GEMM, or for 3x3
 //! stride-1 convolutions with enough input channels Winograd's F(4x4, 3x3)
-//! in all three products (`crate::winograd`); the column buffer holds one
+//! in all three products (`crate::winograd`), with fewer a direct
+//! convolution (`crate::direct`); the column buffer holds one
 //! group of samples at a time (unfolded tap by tap in parallel) and the
 //! backward recomputes it from the input, so nothing per-sample is kept
 //! between forward and backward.
 
 use crate::depthwise::relu6;
+use crate::direct::{self, Direct3x3};
 use crate::winograd::{FilterUse, Winograd, transform_filters};
 use rayon::prelude::*;
 use svp_tensor::{for_each_row_mut, gemm, view, view_mut};
@@ -87,10 +89,11 @@ impl Conv2d {
 
     /// Floats of the scratch buffers `forward` and `backward` take: the
     /// columns of one group of samples and its GEMM output, or what the
-    /// Winograd path needs where it is larger.
+    /// Winograd or direct path needs where it is larger.
     pub fn col_len(&self) -> usize {
         let im2col = (self.patch() + self.c_out) * self.hw() * self.group_size();
-        self.winograd().map_or(im2col, |wg| im2col.max(wg.filter_len() + wg.scratch_len()))
+        let winograd = self.winograd().map_or(0, |wg| wg.filter_len() + wg.scratch_len());
+        im2col.max(winograd).max(self.direct().map_or(0, |d| d.scratch_len()))
     }
 
     /// The Winograd F(4x4, 3x3) form of this convolution, where it applies
@@ -100,6 +103,15 @@ impl Conv2d {
     pub fn winograd(&self) -> Option<Winograd> {
         let applies = self.k == 3 && self.stride == 1 && self.padding == 1 && self.input.c >= WINOGRAD_MIN_CHANNELS;
         applies.then_some(Winograd { c_in: self.input.c, c_out: self.c_out, h: self.input.h, w: self.input.w })
+    }
+
+    /// The direct form of this convolution ([`Direct3x3`]), where it applies
+    /// and pays: 3x3, stride 1, padding 1, and too few input channels for
+    /// [`Conv2d::winograd`] (a grey image's one): im2col's GEMM of depth
+    /// `9 c_in` there spends its time unfolding, not multiplying.
+    pub fn direct(&self) -> Option<Direct3x3> {
+        let applies = self.k == 3 && self.stride == 1 && self.padding == 1 && self.input.c < WINOGRAD_MIN_CHANNELS;
+        applies.then_some(Direct3x3 { c_in: self.input.c, c_out: self.c_out, h: self.input.h, w: self.input.w })
     }
 
     /// Patch row `row`'s tap, `(channel, ky, kx, oy range, ox range)`, if it
@@ -214,7 +226,10 @@ impl Conv2d {
 
     /// `out = conv(x) + b` for `rows` samples; `col` holds [`Conv2d::col_len`] floats.
     pub fn forward(&self, params: &[f32], x: &[f32], rows: usize, out: &mut [f32], col: &mut [f32]) {
-        if let Some(wg) = self.winograd() {
+        if let Some(direct) = self.direct() {
+            let (w, b) = params.split_at(self.c_out * self.patch());
+            direct.forward(w, Some(b), x, rows, out);
+        } else if let Some(wg) = self.winograd() {
             let (w, b) = params.split_at(self.c_out * self.patch());
             let (u, scratch) = col[..self.col_len()].split_at_mut(wg.filter_len());
             transform_filters(w, self.c_out, self.input.c, FilterUse::Forward, u);
@@ -225,7 +240,8 @@ impl Conv2d {
     }
 
     /// [`Conv2d::forward`] through im2col and one GEMM whatever the shape
-    /// (`forward` takes [`Conv2d::winograd`] where it applies): for
+    /// (`forward` takes [`Conv2d::winograd`] or [`Conv2d::direct`] where
+    /// they apply): for
     /// benchmarks and tests that compare the two.
     pub fn forward_im2col(&self, params: &[f32], x: &[f32], rows: usize, out: &mut [f32], col: &mut [f32]) {
         let (il, ol, hw, patch) = (self.input.len(), self.output().len(), self.hw(), self.patch());
@@ -272,6 +288,13 @@ impl Conv2d {
         let (gw, gb) = grad[..self.param_len()].split_at_mut(self.c_out * patch);
         gw.fill(0.0);
         gb.fill(0.0);
+        if let Some(direct) = self.direct() {
+            direct.weight_gradient(x, dout, rows, gw, gb, &mut col[..self.col_len()]);
+            if let Some(dx) = dx {
+                direct.input_gradient(w, dout, rows, dx, &mut dcol[..self.col_len()]);
+            }
+            return;
+        }
         if let Some(wg) = self.winograd() {
             // Winograd's transposed algorithm for the filters' gradient, and
             // its adjoint convolution for the input's: no im2col columns.
@@ -339,8 +362,9 @@ fn zero_gaps(plane: &mut [f32], off: usize, len: usize, width: usize, (ox0, ox1)
     }
 }
 
-/// Fewest input channels for which [`Conv2d::winograd`] is taken.
-const WINOGRAD_MIN_CHANNELS: usize = 8;
+/// Fewest input channels for which [`Conv2d::winograd`] is taken; below,
+/// [`Conv2d::direct`].
+const WINOGRAD_MIN_CHANNELS: usize = direct::MAX_CHANNELS;
 
 /// Columns a convolution's GEMM aims for when it unfolds several samples at once.
 const GROUP_COLUMNS: usize = 2048;

@@ -12,8 +12,9 @@
 //! * [`depthwise`]: depthwise convolution and ReLU6 (MobileNet blocks).
 //! * [`mobile_block`]: MobileNetV2's inverted residual block (expand, depthwise,
 //!   project, residual) over those layers.
-//! * [`conv`]: 2-D convolution (im2col + GEMM, or [`winograd`] for 3x3), BatchNorm2d, max, average and
-//!   adaptive average pooling over NCHW batches.
+//! * [`conv`]: 2-D convolution (im2col + GEMM; for 3x3, [`winograd`], or
+//!   [`direct`] where there are few input channels), BatchNorm2d, max,
+//!   average and adaptive average pooling over NCHW batches.
 //! * [`loss`]: softmax cross-entropy and the SVP feature-alignment loss.
 //! * [`vit`]: vision-transformer layers: patch embedding with class token and
 //!   positions, the pre-norm transformer block, the token readout.
@@ -40,6 +41,7 @@ pub mod conv;
 pub mod conv_block;
 pub mod dense;
 pub mod depthwise;
+pub mod direct;
 pub mod layer_norm;
 pub mod loss;
 pub mod mobile_block;
