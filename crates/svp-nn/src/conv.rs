@@ -298,11 +298,13 @@ impl Conv2d {
         if let Some(wg) = self.winograd() {
             // Winograd's transposed algorithm for the filters' gradient, and
             // its adjoint convolution for the input's: no im2col columns.
-            for sample in dout[..rows * ol].chunks_exact(ol) {
-                for (g, plane) in gb.iter_mut().zip(sample.chunks_exact(hw)) {
-                    *g += svp_tensor::reduce::sum(plane);
+            // One task per channel, its planes summed in sample order.
+            let dout = &dout[..rows * ol];
+            gb.par_iter_mut().enumerate().for_each(|(ch, g)| {
+                for sample in dout.chunks_exact(ol) {
+                    *g += svp_tensor::reduce::sum(&sample[ch * hw..][..hw]);
                 }
-            }
+            });
             let (acc, scratch) = col[..self.col_len()].split_at_mut(wg.filter_len());
             wg.weight_gradient(x, dout, rows, gw, acc, scratch);
             if let Some(dx) = dx {

@@ -154,13 +154,16 @@ impl Winograd {
                 gemm_with_chunks(1.0, e_xi, v_xi.t(), beta, view_mut(acc_xi, c_out, c_in), 1);
             });
         }
-        for (f, dw_f) in dw[..c_out * c_in * 9].chunks_exact_mut(9).enumerate() {
-            let mut m = [0.0f32; XI];
-            for (xi, mv) in m.iter_mut().enumerate() {
-                *mv = acc[xi * c_out * c_in + f];
+        let acc = &acc[..];
+        dw[..c_out * c_in * 9].par_chunks_mut(c_in * 9).enumerate().for_each(|(k, dw_k)| {
+            for (c, dw_f) in dw_k.chunks_exact_mut(9).enumerate() {
+                let mut m = [0.0f32; XI];
+                for (xi, mv) in m.iter_mut().enumerate() {
+                    *mv = acc[xi * c_out * c_in + k * c_in + c];
+                }
+                dw_f.copy_from_slice(&filter_gradient(&m));
             }
-            dw_f.copy_from_slice(&filter_gradient(&m));
-        }
+        });
     }
 
     /// `A dY Aᵀ` for every 4x4 tile of the output gradient of `n` samples
