@@ -528,19 +528,32 @@ svp_tensor::multiversion! {
     fn max_pool_2x2_backward_sample(xs: &[f32], ds: &[f32], dxs: &mut [f32], shape: (usize, usize, usize)) {
         let (c, h, w) = shape;
         let (oh, ow) = (h / 2, w / 2);
-        dxs[..c * h * w].fill(0.0);
-        for ch in 0..c {
-            let base = ch * h * w;
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let (a, b) = (base + 2 * oy * w + 2 * ox, base + (2 * oy + 1) * w + 2 * ox);
-                    let mut best = (f32::NEG_INFINITY, a);
-                    for i in [a, a + 1, b, b + 1] {
-                        if xs[i] > best.0 {
-                            best = (xs[i], i);
-                        }
+        let planes = xs[..c * h * w].chunks_exact(h * w).zip(dxs[..c * h * w].chunks_exact_mut(h * w));
+        for ((plane, d_plane), d_out) in planes.zip(ds.chunks_exact(oh * ow)) {
+            // An odd last row or column is in no window.
+            d_plane[2 * oh * w..].fill(0.0);
+            for (oy, d_row) in d_out.chunks_exact(ow).enumerate() {
+                let (top, bottom) = (&plane[2 * oy * w..][..w], &plane[(2 * oy + 1) * w..][..w]);
+                let (d_top, d_bottom) = d_plane[2 * oy * w..][..2 * w].split_at_mut(w);
+                d_top[2 * ow..].fill(0.0);
+                d_bottom[2 * ow..].fill(0.0);
+                // Branch-free, so it vectorizes: the window's first maximum
+                // in row order (strictly greater replaces), and every one of
+                // its four entries written (0 + d, as the accumulating pass
+                // did, so a -0 gradient lands as +0).
+                for (ox, &d) in d_row.iter().enumerate() {
+                    let v = [top[2 * ox], top[2 * ox + 1], bottom[2 * ox], bottom[2 * ox + 1]];
+                    let (mut best, mut at) = (f32::NEG_INFINITY, 0);
+                    for (k, &vk) in v.iter().enumerate() {
+                        let better = vk > best;
+                        best = if better { vk } else { best };
+                        at = if better { k } else { at };
                     }
-                    dxs[best.1] += ds[(ch * oh + oy) * ow + ox];
+                    let g = |k: usize| if at == k { 0.0 + d } else { 0.0 };
+                    d_top[2 * ox] = g(0);
+                    d_top[2 * ox + 1] = g(1);
+                    d_bottom[2 * ox] = g(2);
+                    d_bottom[2 * ox + 1] = g(3);
                 }
             }
         }
