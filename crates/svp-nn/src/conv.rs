@@ -101,7 +101,7 @@ impl Conv2d {
     /// its 36 GEMMs are not too shallow to run well (below that im2col's one
     /// GEMM of depth `9 c_in` wins).
     pub fn winograd(&self) -> Option<Winograd> {
-        let applies = self.k == 3 && self.stride == 1 && self.padding == 1 && self.input.c >= WINOGRAD_MIN_CHANNELS;
+        let applies = self.is_same_3x3() && self.input.c >= WINOGRAD_MIN_CHANNELS;
         applies.then_some(Winograd { c_in: self.input.c, c_out: self.c_out, h: self.input.h, w: self.input.w })
     }
 
@@ -110,8 +110,13 @@ impl Conv2d {
     /// [`Conv2d::winograd`] (a grey image's one): im2col's GEMM of depth
     /// `9 c_in` there spends its time unfolding, not multiplying.
     pub fn direct(&self) -> Option<Direct3x3> {
-        let applies = self.k == 3 && self.stride == 1 && self.padding == 1 && self.input.c < WINOGRAD_MIN_CHANNELS;
+        let applies = self.is_same_3x3() && self.input.c < WINOGRAD_MIN_CHANNELS;
         applies.then_some(Direct3x3 { c_in: self.input.c, c_out: self.c_out, h: self.input.h, w: self.input.w })
+    }
+
+    /// 3x3, stride 1, padding 1: the output plane the input's size.
+    fn is_same_3x3(&self) -> bool {
+        self.k == 3 && self.stride == 1 && self.padding == 1
     }
 
     /// Patch row `row`'s tap, `(channel, ky, kx, oy range, ox range)`, if it
@@ -365,8 +370,9 @@ fn zero_gaps(plane: &mut [f32], off: usize, len: usize, width: usize, (ox0, ox1)
 }
 
 /// Fewest input channels for which [`Conv2d::winograd`] is taken; below,
-/// [`Conv2d::direct`].
-const WINOGRAD_MIN_CHANNELS: usize = direct::MAX_CHANNELS;
+/// [`Conv2d::direct`], which must take every count below.
+const WINOGRAD_MIN_CHANNELS: usize = 8;
+const _: () = assert!(direct::MAX_CHANNELS >= WINOGRAD_MIN_CHANNELS - 1);
 
 /// Columns a convolution's GEMM aims for when it unfolds several samples at once.
 const GROUP_COLUMNS: usize = 2048;

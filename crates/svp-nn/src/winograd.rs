@@ -317,9 +317,9 @@ fn filter_gradient_1d(c: [f32; ALPHA]) -> [f32; 3] {
 /// A plane 7 or 8 tiles wide (28-wide) takes strips of 8 along a tile row;
 /// one 4 tiles wide (14-wide) takes 8 from 2 rows; one 2 tiles wide
 /// (7-wide) takes 4 from 2 rows, so that few lanes are padding. (Strips of
-/// 16, 4 rows of 4, were a third slower on AVX-512: a strip's arrays no
-/// longer fit the registers.) The strip changes no arithmetic, only which
-/// tiles share the vector lanes.
+/// 16, 4 rows of 4, were a third slower on AVX-512, it seems because a
+/// strip's arrays no longer fit the registers.) The strip changes no
+/// arithmetic, only which tiles share the vector lanes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Strip {
     /// 8 tiles of one row.
