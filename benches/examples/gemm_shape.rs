@@ -1,7 +1,8 @@
 //! Times one GEMM shape on one thread: `gemm_shape M K N` (fastest of 20
 //! batches), for before/after comparisons of kernel changes. With `BT=1`,
 //! B is the transposed view of an `N x K` row-major matrix, as the forward's
-//! `W^T` is.
+//! `W^T` is. With `SMALL=1`, through `small_gemm` instead (products of at
+//! most `SMALL_MAX_SIDE` on a side, as attention's per-head ones).
 use std::time::Instant;
 
 fn main() {
@@ -11,17 +12,30 @@ fn main() {
     let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.1).collect();
     let mut c = vec![0.0f32; m * n];
     let transposed = std::env::var_os("BT").is_some();
+    let small = std::env::var_os("SMALL").is_some();
     let reps = (2e9 / (2.0 * (m * k * n) as f64)).clamp(3.0, 1000.0) as usize;
     let mut best = f64::INFINITY;
     for _ in 0..20 {
         let start = Instant::now();
         for _ in 0..reps {
+            if small {
+                use svp_tensor::{Strided, StridedMut};
+                let a = Strided::rows(&a, m, k, k);
+                let b = if transposed { Strided::rows(&b, n, k, k).t() } else { Strided::rows(&b, k, n, n) };
+                svp_tensor::small_gemm(1.0, a, b, 0.0, StridedMut::rows(&mut c, m, n, n));
+                continue;
+            }
             let a = svp_tensor::view(&a, m, k);
             let b = if transposed { svp_tensor::view(&b, n, k).reversed_axes() } else { svp_tensor::view(&b, k, n) };
             svp_tensor::gemm_with_chunks(1.0, a, b, 0.0, svp_tensor::view_mut(&mut c, m, n), 1);
         }
         best = best.min(start.elapsed().as_secs_f64() / reps as f64);
     }
-    let layout = if transposed { "B transposed" } else { "B row-major" };
+    let layout = match (transposed, small) {
+        (false, false) => "B row-major",
+        (true, false) => "B transposed",
+        (false, true) => "B row-major, small_gemm",
+        (true, true) => "B transposed, small_gemm",
+    };
     println!("{m}x{k}x{n}, {layout}: {:.1} GFLOP/s", 2.0 * (m * k * n) as f64 / best / 1e9);
 }

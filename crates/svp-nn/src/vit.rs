@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_rng::{Purpose, Stream, StreamKey};
-use svp_tensor::{ArrayView2, ArrayViewMut2, ShapeBuilder, gemm, reduce, view, view_mut};
+use svp_tensor::{Strided, StridedMut, gemm, reduce, small_gemm, view, view_mut};
 
 /// Standard deviation of the class token and position embeddings at
 /// initialization (ViT's truncated-normal 0.02, untruncated here).
@@ -424,7 +424,7 @@ impl TransformerBlock {
                 let head = |offset| columns(qkv, offset, t, dh, 3 * d);
                 let (q, k, v) = (head(h * dh), head(d + h * dh), head(2 * d + h * dh));
                 // S = Q K^T / sqrt(dh), then each row's softmax.
-                gemm(scale, q, k.t(), 0.0, view_mut(p, t, t));
+                small_gemm(scale, q, k.t(), 0.0, StridedMut::rows(p, t, t, t));
                 for row in p.chunks_exact_mut(t) {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut z = 0.0;
@@ -435,7 +435,7 @@ impl TransformerBlock {
                     let inv = 1.0 / z;
                     row.iter_mut().for_each(|s| *s *= inv);
                 }
-                gemm(1.0, view(p, t, t), v, 0.0, columns_mut(attn, h * dh, t, dh, d));
+                small_gemm(1.0, Strided::rows(p, t, t, t), v, 0.0, columns_mut(attn, h * dh, t, dh, d));
             }
         });
     }
@@ -466,21 +466,20 @@ impl TransformerBlock {
                 let head = |offset| columns(qkv, offset, t, dh, 3 * d);
                 let (q, k, v) = (head(qo), head(ko), head(vo));
                 let g = columns(d_attn, h * dh, t, dh, d);
-                let p = view(p, t, t);
                 // dP = G V^T; dV = P^T G.
-                gemm(1.0, g, v.t(), 0.0, view_mut(ds, t, t));
-                gemm(1.0, p.t(), g, 0.0, columns_mut(d_qkv, vo, t, dh, 3 * d));
+                small_gemm(1.0, g, v.t(), 0.0, StridedMut::rows(ds, t, t, t));
+                small_gemm(1.0, Strided::rows(p, t, t, t).t(), g, 0.0, columns_mut(d_qkv, vo, t, dh, 3 * d));
                 // dS = P (dP - sum_j P dP) / sqrt(dh), in place of dP.
-                for (row, ds_row) in p.rows().into_iter().zip(ds.chunks_exact_mut(t)) {
+                for (row, ds_row) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
                     let weighted: f32 = row.iter().zip(ds_row.iter()).map(|(&pj, &dp)| pj * dp).sum();
                     for (dp, &pj) in ds_row.iter_mut().zip(row.iter()) {
                         *dp = pj * (*dp - weighted) * scale;
                     }
                 }
                 // dQ = dS K; dK = dS^T Q.
-                let ds = view(ds, t, t);
-                gemm(1.0, ds, k, 0.0, columns_mut(d_qkv, qo, t, dh, 3 * d));
-                gemm(1.0, ds.t(), q, 0.0, columns_mut(d_qkv, ko, t, dh, 3 * d));
+                let ds = Strided::rows(ds, t, t, t);
+                small_gemm(1.0, ds, k, 0.0, columns_mut(d_qkv, qo, t, dh, 3 * d));
+                small_gemm(1.0, ds.t(), q, 0.0, columns_mut(d_qkv, ko, t, dh, 3 * d));
             }
         });
     }
@@ -632,11 +631,11 @@ impl TokenHead {
 
 /// The `rows x cols` block of `buf` starting at column `offset` of rows
 /// `stride` floats apart (one head's queries, keys or values).
-fn columns(buf: &[f32], offset: usize, rows: usize, cols: usize, stride: usize) -> ArrayView2<'_, f32> {
-    ArrayView2::from_shape((rows, cols).strides((stride, 1)), &buf[offset..]).expect("a block inside the buffer")
+fn columns(buf: &[f32], offset: usize, rows: usize, cols: usize, stride: usize) -> Strided<'_> {
+    Strided::rows(&buf[offset..], rows, cols, stride)
 }
 
 /// Mutable counterpart of [`columns`].
-fn columns_mut(buf: &mut [f32], offset: usize, rows: usize, cols: usize, stride: usize) -> ArrayViewMut2<'_, f32> {
-    ArrayViewMut2::from_shape((rows, cols).strides((stride, 1)), &mut buf[offset..]).expect("a block inside the buffer")
+fn columns_mut(buf: &mut [f32], offset: usize, rows: usize, cols: usize, stride: usize) -> StridedMut<'_> {
+    StridedMut::rows(&mut buf[offset..], rows, cols, stride)
 }

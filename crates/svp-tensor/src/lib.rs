@@ -31,6 +31,7 @@
 pub mod cpu;
 pub mod gemm;
 pub mod reduce;
+pub mod small;
 
 pub use gemm::{
     GradientSink, ProductSink, SINK_MAX_DEPTH, gemm, gemm_to_sink, gemm_to_sink_with_chunks, gemm_with_chunks,
@@ -39,6 +40,7 @@ pub use gemm::{
 #[cfg(feature = "clock")]
 pub use gemm::{gemm_clock, reset_gemm_clock};
 pub use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, ShapeBuilder, s};
+pub use small::{SMALL_MAX_SIDE, Strided, StridedMut, small_gemm, small_gemm_on};
 
 /// A `(rows, cols)` row-major view of the first `rows * cols` elements of `buf`.
 ///
