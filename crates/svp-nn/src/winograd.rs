@@ -33,9 +33,16 @@ const XI: usize = ALPHA * ALPHA;
 /// Tile columns a group of samples aims for: each of the 36 GEMMs gets this
 /// many columns.
 const GROUP_TILES: usize = 1024;
-/// Most floats of a group's transformed input and product (2 MiB, as im2col's
-/// group).
+/// Most floats of a group's transformed input and output gradient in the
+/// weight gradient (2 MiB, as im2col's group). Its sums over tiles run group
+/// by group, so this size is part of the result's bits.
 const GROUP_FLOATS: usize = 1 << 19;
+/// Most floats of a group's transformed input and product in the forward
+/// (and the input gradient), whose bits do not depend on the grouping:
+/// 4 MiB. (The five forwards of the CNN, `conv_winograd`, three alternating
+/// runs on the AVX-512 host: 34.7-37.7 ms against 37.5-39.0 ms at 2 MiB;
+/// 1 MiB took 45 ms and 512 KiB 61 ms, fewer columns per GEMM.)
+const FORWARD_GROUP_FLOATS: usize = 1 << 20;
 
 /// A 3x3, stride-1, padding-1 convolution from `c_in` planes of `h x w` to
 /// `c_out` planes of the same size, computed with F(4x4, 3x3).
@@ -69,11 +76,23 @@ impl Winograd {
         th * tw
     }
 
-    /// Samples transformed together for one round of 36 GEMMs.
+    /// Samples transformed together for one round of 36 GEMMs in
+    /// [`Winograd::weight_gradient`].
     pub fn group_size(&self) -> usize {
+        self.group_within(GROUP_FLOATS)
+    }
+
+    /// Samples transformed together for one round of 36 GEMMs in
+    /// [`Winograd::forward`].
+    fn forward_group_size(&self) -> usize {
+        self.group_within(FORWARD_GROUP_FLOATS)
+    }
+
+    /// Samples whose transformed tiles fit `floats` (at least one).
+    fn group_within(&self, floats: usize) -> usize {
         let t = self.tiles_per_sample().max(1);
         let per_sample = XI * (self.c_in + self.c_out) * t;
-        (GROUP_TILES / t).min(GROUP_FLOATS / per_sample.max(1)).max(1)
+        (GROUP_TILES / t).min(floats / per_sample.max(1)).max(1)
     }
 
     /// Floats of the transformed filters ([`transform_filters`]).
@@ -81,10 +100,12 @@ impl Winograd {
         XI * self.c_out * self.c_in
     }
 
-    /// Floats of the scratch [`Winograd::forward`] takes: one group's
-    /// transformed input and products.
+    /// Floats of the scratch [`Winograd::forward`] and
+    /// [`Winograd::weight_gradient`] take: one group's transformed input and
+    /// products (or output gradient).
     pub fn scratch_len(&self) -> usize {
-        XI * (self.c_in + self.c_out) * self.tiles_per_sample() * self.group_size()
+        let group = self.forward_group_size().max(self.group_size());
+        XI * (self.c_in + self.c_out) * self.tiles_per_sample() * group
     }
 
     /// `out = conv(x) (+ bias)` for `rows` samples of `c_in x h x w`
@@ -100,7 +121,7 @@ impl Winograd {
         scratch: &mut [f32],
     ) {
         let (il, ol) = (self.c_in * self.h * self.w, self.c_out * self.h * self.w);
-        let (t, group) = (self.tiles_per_sample(), self.group_size());
+        let (t, group) = (self.tiles_per_sample(), self.forward_group_size());
         let (v, m) = scratch[..self.scratch_len()].split_at_mut(XI * self.c_in * t * group);
         for g0 in (0..rows).step_by(group) {
             let n = group.min(rows - g0);
@@ -847,12 +868,17 @@ mod tests {
             (2, 3, 9, 4, 40),
             (3, 2, 10, 14, 3),
             (5, 4, 14, 13, 2),
+            // 20 samples a group (1,024 tiles), the second group short.
+            (4, 3, 28, 28, 23),
         ] {
             let conv = Winograd { c_in, c_out, h, w };
             let wts = wave(c_out * c_in * 9, 1);
             let bias = wave(c_out, 2);
             let x = wave(rows * c_in * h * w, 3);
             let got = run(conv, FilterUse::Forward, &wts, Some(&bias), &x, rows);
+            if (c_in, h, rows) == (4, 28, 23) {
+                assert_eq!(conv.forward_group_size(), 20, "the case meant to end a group short");
+            }
             let want = naive(&wts, &bias, &x, rows, c_in, c_out, h, w);
             // F(4x4, 3x3)'s transforms cancel values of the tile's whole
             // range, so its rounding follows the largest output, not each one
