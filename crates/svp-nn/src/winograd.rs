@@ -37,12 +37,13 @@ const GROUP_TILES: usize = 1024;
 /// weight gradient (2 MiB, as im2col's group). Its sums over tiles run group
 /// by group, so this size is part of the result's bits.
 const GROUP_FLOATS: usize = 1 << 19;
-/// Most floats of a group's transformed input and product in the forward
-/// (and the input gradient), whose bits do not depend on the grouping:
-/// 4 MiB. (The five forwards of the CNN, `conv_winograd`, three alternating
-/// runs on the AVX-512 host: 34.7-37.7 ms against 37.5-39.0 ms at 2 MiB;
-/// 1 MiB took 45 ms and 512 KiB 61 ms, fewer columns per GEMM.)
-const FORWARD_GROUP_FLOATS: usize = 1 << 20;
+/// Threads whose share of a forward group grows the group: the forward
+/// (and the input gradient), whose bits do not depend on the grouping, takes
+/// [`GROUP_FLOATS`] a thread, for up to this many threads. (The CNN's SVP+
+/// step on the AVX-512 host, alternating runs: at 2 threads, 4 MiB groups
+/// took 123.0-125.2 ms against 129.4-131.8 ms with 2 MiB; at 1 thread, they
+/// took 242-275 ms against 242-282 ms, median 274 against 249.)
+const FORWARD_GROUP_THREADS: usize = 2;
 
 /// A 3x3, stride-1, padding-1 convolution from `c_in` planes of `h x w` to
 /// `c_out` planes of the same size, computed with F(4x4, 3x3).
@@ -83,16 +84,21 @@ impl Winograd {
     }
 
     /// Samples transformed together for one round of 36 GEMMs in
-    /// [`Winograd::forward`].
+    /// [`Winograd::forward`], on the current rayon pool.
     fn forward_group_size(&self) -> usize {
-        self.group_within(FORWARD_GROUP_FLOATS)
+        let threads = rayon::current_num_threads().clamp(1, FORWARD_GROUP_THREADS);
+        self.group_within(GROUP_FLOATS * threads)
+    }
+
+    /// Floats of one sample's transformed tiles and products.
+    fn sample_floats(&self) -> usize {
+        XI * (self.c_in + self.c_out) * self.tiles_per_sample()
     }
 
     /// Samples whose transformed tiles fit `floats` (at least one).
     fn group_within(&self, floats: usize) -> usize {
         let t = self.tiles_per_sample().max(1);
-        let per_sample = XI * (self.c_in + self.c_out) * t;
-        (GROUP_TILES / t).min(floats / per_sample.max(1)).max(1)
+        (GROUP_TILES / t).min(floats / self.sample_floats().max(1)).max(1)
     }
 
     /// Floats of the transformed filters ([`transform_filters`]).
@@ -102,10 +108,11 @@ impl Winograd {
 
     /// Floats of the scratch [`Winograd::forward`] and
     /// [`Winograd::weight_gradient`] take: one group's transformed input and
-    /// products (or output gradient).
+    /// products (or output gradient), the forward's group sized for the
+    /// current rayon pool. (A forward on a larger pool than the scratch was
+    /// sized on takes the groups the scratch holds.)
     pub fn scratch_len(&self) -> usize {
-        let group = self.forward_group_size().max(self.group_size());
-        XI * (self.c_in + self.c_out) * self.tiles_per_sample() * group
+        self.sample_floats() * self.forward_group_size().max(self.group_size())
     }
 
     /// `out = conv(x) (+ bias)` for `rows` samples of `c_in x h x w`
@@ -121,8 +128,9 @@ impl Winograd {
         scratch: &mut [f32],
     ) {
         let (il, ol) = (self.c_in * self.h * self.w, self.c_out * self.h * self.w);
-        let (t, group) = (self.tiles_per_sample(), self.forward_group_size());
-        let (v, m) = scratch[..self.scratch_len()].split_at_mut(XI * self.c_in * t * group);
+        let t = self.tiles_per_sample();
+        let group = self.forward_group_size().min(scratch.len() / self.sample_floats().max(1)).max(1);
+        let (v, m) = scratch[..self.sample_floats() * group].split_at_mut(XI * self.c_in * t * group);
         for g0 in (0..rows).step_by(group) {
             let n = group.min(rows - g0);
             let cols = n * t;
@@ -158,7 +166,7 @@ impl Winograd {
         let (il, ol) = (self.c_in * self.h * self.w, self.c_out * self.h * self.w);
         let (t, group) = (self.tiles_per_sample(), self.group_size());
         let (c_in, c_out) = (self.c_in, self.c_out);
-        let (v, e) = scratch[..self.scratch_len()].split_at_mut(XI * c_in * t * group);
+        let (v, e) = scratch[..self.sample_floats() * group].split_at_mut(XI * c_in * t * group);
         let acc = &mut acc[..self.filter_len()];
         for g0 in (0..rows).step_by(group) {
             let n = group.min(rows - g0);
@@ -991,6 +999,22 @@ mod tests {
         let a = one.install(|| run(conv, FilterUse::Forward, &wts, None, &x, 20));
         let b = four.install(|| run(conv, FilterUse::Forward, &wts, None, &x, 20));
         assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        // Forward groups follow the pool: 14 samples a group on one thread,
+        // all 20 in one on four; and a scratch sized on one thread still
+        // serves four.
+        let wide = Winograd { c_in: 32, c_out: 32, h: 14, w: 14 };
+        let (wide_wts, wide_x) = (wave(32 * 32 * 9, 11), wave(20 * 32 * 14 * 14, 12));
+        let groups = [one.install(|| wide.forward_group_size()), four.install(|| wide.forward_group_size())];
+        assert_eq!(groups, [14, 28], "the groups this test means to compare");
+        let a = one.install(|| run(wide, FilterUse::Forward, &wide_wts, None, &wide_x, 20));
+        let b = four.install(|| run(wide, FilterUse::Forward, &wide_wts, None, &wide_x, 20));
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "groups of 14 and of 20");
+        let mut u = vec![0.0; wide.filter_len()];
+        transform_filters(&wide_wts, 32, 32, FilterUse::Forward, &mut u);
+        let mut scratch = vec![f32::NAN; one.install(|| wide.scratch_len())];
+        let mut c = vec![f32::NAN; a.len()];
+        four.install(|| wide.forward(&u, None, &wide_x, 20, &mut c, &mut scratch));
+        assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()), "a one-thread scratch on four threads");
         let dy = wave(20 * 8 * 14 * 14, 10);
         let dw = || {
             let mut dw = vec![0.0; 8 * 16 * 9];
