@@ -403,3 +403,49 @@ fn max_pool_2x2_matches_a_naive_reference() {
         assert_eq!(dx, want_dx, "({c},{h},{w}) input gradient");
     }
 }
+
+/// BatchNorm's per-channel sums run in blocks of channels, one block a
+/// task, sized by the pool: 40 and 70 channels split 32 + 8 (one thread),
+/// 14 + 14 + 12 (three), 5 a block (eight). Every split gives the same bits,
+/// forward and backward, and the batch statistics match f64 sums (a block
+/// reading another block's channels would not).
+#[test]
+fn batch_norm_sums_in_blocks_of_channels() {
+    use svp_nn::conv::BatchNorm2d;
+    for c in [40, 70] {
+        let bn = BatchNorm2d { shape: Chw { c, h: 5, w: 3 }, momentum: 0.1, activation: BnActivation::Relu };
+        let (rows, len, plane) = (6, bn.shape.len(), 15);
+        let params = random(bn.param_len(), 60).iter().map(|v| v + 1.0).collect::<Vec<_>>();
+        let x: Vec<f32> = random(rows * len, 61).iter().enumerate().map(|(i, v)| v + (i / plane % c) as f32).collect();
+        let probe = random(rows * len, 62);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+            pool.install(|| {
+                let mut running = vec![0.0; 2 * c];
+                bn.init_running(&mut running);
+                let (mut out, mut xhat, mut stats) = (vec![0.0; rows * len], x.clone(), vec![0.0; 2 * c]);
+                bn.forward_train(&params, &mut running, &mut xhat, rows, &mut out, &mut stats);
+                let (mut grad, mut dx) = (vec![0.0; 2 * c], vec![0.0; rows * len]);
+                bn.backward(&params, &xhat, &stats[..c], rows, &probe, &mut grad, &mut dx);
+                [out, stats, running, grad, dx].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+            })
+        };
+        let one = run(1);
+        for threads in [3, 8] {
+            assert!(run(threads) == one, "{c} channels: {threads} threads changed a bit");
+        }
+        // stats = [1/std | mean] per channel.
+        let stats: Vec<f32> = one[1].iter().map(|&b| f32::from_bits(b)).collect();
+        for ch in 0..c {
+            let vals: Vec<f64> = (0..rows)
+                .flat_map(|r| (0..plane).map(move |i| r * len + ch * plane + i))
+                .map(|i| x[i] as f64)
+                .collect();
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+            assert!((stats[c + ch] as f64 - mean).abs() < 1e-5 * mean.abs().max(1.0), "{c} channels: mean of {ch}");
+            let rstd = 1.0 / (var + 1e-5).sqrt();
+            assert!((stats[ch] as f64 - rstd).abs() < 1e-4 * rstd, "{c} channels: 1/std of {ch}");
+        }
+    }
+}
