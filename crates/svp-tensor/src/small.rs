@@ -1,7 +1,7 @@
 //! Products too small to pay for packing, over matrices laid out in slices.
 //!
 //! A ViT's per-head attention products (17 x 32 x 17 in the Fashion-MNIST
-//! config, thousands per step) took about 1.5 µs each through [`gemm`]:
+//! config, thousands per step) took about 1.5 µs each through [`gemm`](crate::gemm::gemm):
 //! packing, views and set-up around one or two kernel tiles. Here the rows of
 //! `c` are computed a block of `R` rows at a time, each row `W` columns wide
 //! (whole registers of 16), straight from the operands: `A`'s values are read
@@ -10,7 +10,7 @@
 //! copied into a small buffer, rows padded to `W`.
 //!
 //! Each element is the same chain of fused multiply-adds over `k`, in order,
-//! from zero, then `alpha * sum (+ beta * c)`: what [`gemm`] computes when
+//! from zero, then `alpha * sum (+ beta * c)`: what [`gemm`](crate::gemm::gemm) computes when
 //! `k` fits one of its blocks, so the bits do not depend on which ran (tested
 //! against it over shapes and layouts, on every kernel this CPU runs).
 
@@ -19,7 +19,7 @@ use crate::gemm::{KC, gemm_with_chunks_on};
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 use std::cell::RefCell;
 
-/// Largest `m`, `n` and `k` this path computes; bigger products go to [`gemm`].
+/// Largest `m`, `n` and `k` this path computes; bigger products go to [`gemm`](crate::gemm::gemm).
 pub const SMALL_MAX_SIDE: usize = 64;
 const _: () = assert!(SMALL_MAX_SIDE <= KC, "one block of the inner dimension, as gemm sums it");
 
@@ -93,7 +93,7 @@ impl<'a> StridedMut<'a> {
 }
 
 /// `c = alpha * a b + beta * c` on the calling thread, with the same bits as
-/// [`gemm`] (which computes it when the product is larger than
+/// [`gemm`](crate::gemm::gemm) (which computes it when the product is larger than
 /// [`SMALL_MAX_SIDE`] on a side, or `A` has neither its rows nor its
 /// columns contiguous).
 ///
