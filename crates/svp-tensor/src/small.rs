@@ -15,7 +15,7 @@
 //! against it over shapes and layouts, on every kernel this CPU runs).
 
 use crate::cpu::{self, Isa};
-use crate::gemm::{KC, gemm_with_chunks_on};
+use crate::gemm::{KC, gemm_with_chunks_on, transpose_lines};
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 use std::cell::RefCell;
 
@@ -128,7 +128,7 @@ pub fn small_gemm_on(isa: Isa, alpha: f32, a: Strided, b: Strided, beta: f32, mu
         run_on(isa, &Task { alpha, beta, k, width, lhs, rhs: b }, &mut c);
     } else {
         PADDED.with_borrow_mut(|padded| {
-            let rhs = pad_rows(b, width, padded);
+            let rhs = pad_rows(isa, b, width, padded);
             run_on(isa, &Task { alpha, beta, k, width, lhs, rhs }, &mut c);
         });
     }
@@ -159,25 +159,29 @@ fn run_on(isa: Isa, task: &Task, c: &mut StridedMut) {
 }
 
 /// `b` copied into `out` with rows `width` apart, the padding zero.
-fn pad_rows<'a>(b: Strided, width: usize, out: &'a mut [f32]) -> Strided<'a> {
+fn pad_rows<'a>(isa: Isa, b: Strided, width: usize, out: &'a mut [f32]) -> Strided<'a> {
     let (k, n) = (b.rows, b.cols);
     let out = &mut out[..k * width];
-    for row in out.chunks_exact_mut(width) {
-        row[n..].fill(0.0);
-    }
     if b.row_stride == 1 {
-        // A transposed row-major matrix (`Kᵀ`): `b`'s columns are its rows.
-        let columns: [&[f32]; SMALL_MAX_SIDE] = std::array::from_fn(|j| if j < n { b.run(0, j, k) } else { &[] });
-        for (p, dst) in out.chunks_exact_mut(width).enumerate() {
-            for (d, column) in dst[..n].iter_mut().zip(&columns) {
-                *d = column[p];
-            }
+        // A transposed row-major matrix (`Kᵀ`): `b`'s columns are its rows,
+        // transposed the way the GEMM packs (empty lines give the padding).
+        let mut columns: [&[f32]; SMALL_MAX_SIDE] = [&[]; SMALL_MAX_SIDE];
+        for (j, column) in columns.iter_mut().enumerate().take(n) {
+            *column = b.run(0, j, k);
+        }
+        match width {
+            16 => transpose_lines::<16>(isa, columns[..16].try_into().expect("16 lines"), k, out),
+            32 => transpose_lines::<32>(isa, columns[..32].try_into().expect("32 lines"), k, out),
+            48 => transpose_lines::<48>(isa, columns[..48].try_into().expect("48 lines"), k, out),
+            _ => transpose_lines::<SMALL_MAX_SIDE>(isa, &columns, k, out),
         }
     } else {
         for (p, dst) in out.chunks_exact_mut(width).enumerate() {
-            for (j, d) in dst[..n].iter_mut().enumerate() {
+            let (values, pad) = dst.split_at_mut(n);
+            for (j, d) in values.iter_mut().enumerate() {
                 *d = b.data[p * b.row_stride + j * b.col_stride];
             }
+            pad.fill(0.0);
         }
     }
     Strided::rows(out, k, width, width)

@@ -169,6 +169,16 @@ pub fn gemm_with_chunks_on(
     with_kernel!(isa, |kernel| split_product(kernel, alpha, a, b, beta, c, chunks.max(1)));
 }
 
+/// `panel[p * W + i] = lines[i][p]` for `p < len` (empty lines give
+/// zeros): the packing's transpose on the kernel of `isa` (16x16 blocks in
+/// registers on AVX-512), for [`crate::small`]'s copies of a transposed `B`.
+///
+/// # Panics
+/// If this CPU does not run `isa`, or a line is shorter than `len`.
+pub(crate) fn transpose_lines<const W: usize>(isa: Isa, lines: &[&[f32]; W], len: usize, panel: &mut [f32]) {
+    with_kernel!(isa, |kernel| kernel.transpose_into::<W>(lines, len, panel));
+}
+
 /// Depth of a packed block: a `B` panel (`KC x NR`) stays in L1 beside the
 /// `A` panel. The same for every kernel, so every kernel sums the same
 /// blocks in the same order.
