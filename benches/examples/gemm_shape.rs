@@ -2,7 +2,9 @@
 //! batches), for before/after comparisons of kernel changes. With `BT=1`,
 //! B is the transposed view of an `N x K` row-major matrix, as the forward's
 //! `W^T` is. With `SMALL=1`, through `small_gemm` instead (products of at
-//! most `SMALL_MAX_SIDE` on a side, as attention's per-head ones).
+//! most `SMALL_MAX_SIDE` on a side, as attention's per-head ones). With
+//! `BIAS=epilogue`, `c = a b + bias` by `gemm_bias`; with `BIAS=fill`, the
+//! same by filling `c`'s rows with the bias and blending with `beta = 1`.
 use std::time::Instant;
 
 fn main() {
@@ -13,6 +15,8 @@ fn main() {
     let mut c = vec![0.0f32; m * n];
     let transposed = std::env::var_os("BT").is_some();
     let small = std::env::var_os("SMALL").is_some();
+    let bias_mode = std::env::var("BIAS").ok();
+    let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 * 0.01).collect();
     let reps = (2e9 / (2.0 * (m * k * n) as f64)).clamp(3.0, 1000.0) as usize;
     let mut best = f64::INFINITY;
     for _ in 0..20 {
@@ -27,7 +31,17 @@ fn main() {
             }
             let a = svp_tensor::view(&a, m, k);
             let b = if transposed { svp_tensor::view(&b, n, k).reversed_axes() } else { svp_tensor::view(&b, k, n) };
-            svp_tensor::gemm_with_chunks(1.0, a, b, 0.0, svp_tensor::view_mut(&mut c, m, n), 1);
+            match bias_mode.as_deref() {
+                Some("epilogue") => {
+                    let isa = svp_tensor::cpu::selected();
+                    svp_tensor::gemm_bias_with_chunks_on(isa, a, b, &bias, svp_tensor::view_mut(&mut c, m, n), 1);
+                }
+                Some("fill") => {
+                    c.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(&bias));
+                    svp_tensor::gemm_with_chunks(1.0, a, b, 1.0, svp_tensor::view_mut(&mut c, m, n), 1);
+                }
+                _ => svp_tensor::gemm_with_chunks(1.0, a, b, 0.0, svp_tensor::view_mut(&mut c, m, n), 1),
+            }
         }
         best = best.min(start.elapsed().as_secs_f64() / reps as f64);
     }
@@ -36,6 +50,10 @@ fn main() {
         (true, false) => "B transposed",
         (false, true) => "B row-major, small_gemm",
         (true, true) => "B transposed, small_gemm",
+    };
+    let layout = match bias_mode.as_deref() {
+        Some(mode) => format!("{layout}, bias by {mode}"),
+        None => layout.to_string(),
     };
     println!("{m}x{k}x{n}, {layout}: {:.1} GFLOP/s", 2.0 * (m * k * n) as f64 / best / 1e9);
 }

@@ -4,8 +4,8 @@ use crate::{Activation, layer_norm};
 use serde::{Deserialize, Serialize};
 use svp_rng::{Purpose, Stream, StreamKey, drop_threshold};
 use svp_tensor::{
-    ArrayView2, ArrayViewMut2, GradientSink, SINK_MAX_DEPTH, for_each_row_mut, gemm, gemm_to_sink, reduce, view,
-    view_mut,
+    ArrayView2, ArrayViewMut2, GradientSink, SINK_MAX_DEPTH, for_each_row_mut, gemm, gemm_bias, gemm_to_sink, reduce,
+    view, view_mut,
 };
 
 /// Normalization inside a dense block.
@@ -212,10 +212,7 @@ impl Dense {
             layer_norm::forward(z, Some(p.b), p.gamma, p.beta, act, &mut cache.rstd[..rows], out);
         } else {
             let z = &mut cache.pre_act[..n];
-            for row in z.chunks_exact_mut(o) {
-                row.copy_from_slice(p.b);
-            }
-            gemm(1.0, x, w.t(), 1.0, view_mut(z, rows, o));
+            gemm_bias(x, w.t(), p.b, view_mut(z, rows, o));
             self.spec.activation.forward(z, out);
         }
         self.apply_dropout(mode, out);

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_rng::{Purpose, Stream, StreamKey};
-use svp_tensor::{Strided, StridedMut, gemm, reduce, small_gemm, view, view_mut};
+use svp_tensor::{Strided, StridedMut, gemm, gemm_bias, reduce, small_gemm, view, view_mut};
 
 /// Standard deviation of the class token and position embeddings at
 /// initialization (ViT's truncated-normal 0.02, untruncated here).
@@ -314,13 +314,10 @@ impl BlockScratch {
     }
 }
 
-/// `out[i, :] = bias` for every row, then `out += a · w^T`.
+/// `out = a · w^T + b`, `b` added to every row.
 fn linear(a: &[f32], n: usize, k: usize, w: &[f32], b: &[f32], out: &mut [f32]) {
     let m = b.len();
-    for row in out[..n * m].chunks_exact_mut(m) {
-        row.copy_from_slice(b);
-    }
-    gemm(1.0, view(a, n, k), view(w, m, k).t(), 1.0, view_mut(&mut out[..n * m], n, m));
+    gemm_bias(view(a, n, k), view(w, m, k).t(), b, view_mut(&mut out[..n * m], n, m));
 }
 
 /// Weight and bias gradients of [`linear`] (overwriting), and, if asked, the

@@ -34,8 +34,9 @@ pub mod reduce;
 pub mod small;
 
 pub use gemm::{
-    GradientSink, ProductSink, SINK_MAX_DEPTH, gemm, gemm_to_sink, gemm_to_sink_with_chunks, gemm_with_chunks,
-    gemm_with_chunks_on, try_reserve_workspaces, workspace_bytes, workspace_bytes_reserved,
+    GradientSink, ProductSink, SINK_MAX_DEPTH, gemm, gemm_bias, gemm_bias_with_chunks_on, gemm_to_sink,
+    gemm_to_sink_with_chunks, gemm_with_chunks, gemm_with_chunks_on, try_reserve_workspaces, workspace_bytes,
+    workspace_bytes_reserved,
 };
 #[cfg(feature = "clock")]
 pub use gemm::{gemm_clock, reset_gemm_clock};

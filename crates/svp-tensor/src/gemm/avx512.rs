@@ -53,18 +53,27 @@ pub fn tile_product(kc: usize, a: &[f32], b: &[f32]) -> Tile {
 /// are blended in registers, a row cut by the output's right edge goes
 /// through a small array, and rows past its bottom edge (empty) are skipped.
 #[target_feature(enable = "avx512f")]
-pub fn tile_into(kc: usize, a: &[f32], b: &[f32], rows: &mut [&mut [f32]; MR], j0: usize, alpha: f32, blend: Blend) {
+pub fn tile_into(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    rows: &mut [&mut [f32]; MR],
+    j0: usize,
+    alpha: f32,
+    blend: Blend<'_>,
+) {
     let acc = accumulate(kc, a, b);
     let alpha_v = _mm512_set1_ps(alpha);
     for (row, acc) in rows.iter_mut().zip(&acc) {
         if row.len() >= j0 + NR {
             let (lo, hi) = row[j0..j0 + NR].split_at_mut(LANES);
-            for (dst, &t) in [lo, hi].into_iter().zip(acc) {
+            for (half, (dst, &t)) in [lo, hi].into_iter().zip(acc).enumerate() {
                 // The same operations as `Blend::apply`, lane by lane.
                 let scaled = _mm512_mul_ps(alpha_v, t);
                 let value = match blend {
                     Blend::Beta(0.0) => scaled,
                     Blend::Beta(beta) => _mm512_add_ps(scaled, _mm512_mul_ps(_mm512_set1_ps(beta), load16(dst))),
+                    Blend::Bias(bias) => _mm512_add_ps(scaled, load16(&bias[j0 + half * LANES..])),
                     Blend::Accumulate => _mm512_add_ps(load16(dst), scaled),
                 };
                 store16(dst, value);
@@ -74,8 +83,8 @@ pub fn tile_into(kc: usize, a: &[f32], b: &[f32], rows: &mut [&mut [f32]; MR], j
             let (lo, hi) = values.split_at_mut(LANES);
             store16(lo, acc[0]);
             store16(hi, acc[1]);
-            for (d, &v) in dst.iter_mut().zip(&values) {
-                blend.apply(alpha, v, d);
+            for (j, (d, &v)) in dst.iter_mut().zip(&values).enumerate() {
+                blend.apply(alpha, v, d, j0 + j);
             }
         }
     }

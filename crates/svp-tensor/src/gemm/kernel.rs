@@ -21,20 +21,26 @@ use crate::cpu::Isa;
 /// product and a sum, never fused), so an element's bits do not depend on
 /// whether its tile was stored whole or clipped at an edge.
 #[derive(Clone, Copy, Debug)]
-pub enum Blend {
+pub enum Blend<'a> {
     /// First block of the inner dimension: `c = alpha * t + beta * c`
     /// (`c` is not read when `beta` is 0, so it may hold anything).
     Beta(f32),
+    /// First block, a value per output column: `c = alpha * t + bias[j]`
+    /// for column `j` of the block (`c` is not read). The bits of `c`
+    /// filled with the bias and blended with `Beta(1.0)`.
+    Bias(&'a [f32]),
     /// Later blocks: `c = c + alpha * t`.
     Accumulate,
 }
 
-impl Blend {
+impl Blend<'_> {
+    /// Blends `t` into `c`, the output's element in column `column` of the block.
     #[inline(always)]
-    pub fn apply(self, alpha: f32, t: f32, c: &mut f32) {
+    pub fn apply(self, alpha: f32, t: f32, c: &mut f32, column: usize) {
         *c = match self {
             Blend::Beta(0.0) => alpha * t,
             Blend::Beta(beta) => alpha * t + beta * *c,
+            Blend::Bias(bias) => alpha * t + bias[column],
             Blend::Accumulate => *c + alpha * t,
         };
     }
@@ -66,7 +72,7 @@ pub trait Kernel<const MR: usize, const NR: usize>: Copy + Send + Sync {
         rows: &mut [&mut [f32]; MR],
         j0: usize,
         alpha: f32,
-        blend: Blend,
+        blend: Blend<'_>,
     );
 
     /// `panel[p * W + i] = lines[i][p]` for `p < len`: `W` lines of at least
@@ -105,12 +111,12 @@ fn store_tile<const MR: usize, const NR: usize>(
     rows: &mut [&mut [f32]; MR],
     j0: usize,
     alpha: f32,
-    blend: Blend,
+    blend: Blend<'_>,
 ) {
     for (row, tile_row) in rows.iter_mut().zip(tile) {
         if let Some(dst) = row.get_mut(j0..) {
-            for (d, &v) in dst.iter_mut().zip(tile_row) {
-                blend.apply(alpha, v, d);
+            for (j, (d, &v)) in dst.iter_mut().zip(tile_row).enumerate() {
+                blend.apply(alpha, v, d, j0 + j);
             }
         }
     }
@@ -163,7 +169,7 @@ impl Kernel<4, 8> for Portable {
         rows: &mut [&mut [f32]; 4],
         j0: usize,
         alpha: f32,
-        blend: Blend,
+        blend: Blend<'_>,
     ) {
         store_tile(&portable_tile(kc, a, b), rows, j0, alpha, blend);
     }
@@ -192,7 +198,15 @@ fn avx2_tile(kc: usize, a: &[f32], b: &[f32]) -> [[f32; 16]; 6] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn avx2_tile_into(kc: usize, a: &[f32], b: &[f32], rows: &mut [&mut [f32]; 6], j0: usize, alpha: f32, blend: Blend) {
+fn avx2_tile_into(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    rows: &mut [&mut [f32]; 6],
+    j0: usize,
+    alpha: f32,
+    blend: Blend<'_>,
+) {
     store_tile(&avx2_tile(kc, a, b), rows, j0, alpha, blend);
 }
 
@@ -213,7 +227,7 @@ impl Kernel<6, 16> for Avx2 {
         rows: &mut [&mut [f32]; 6],
         j0: usize,
         alpha: f32,
-        blend: Blend,
+        blend: Blend<'_>,
     ) {
         // SAFETY: as in `tile_product`.
         unsafe { avx2_tile_into(kc, a, b, rows, j0, alpha, blend) }
@@ -250,7 +264,7 @@ impl Kernel<12, 32> for Avx512 {
         rows: &mut [&mut [f32]; 12],
         j0: usize,
         alpha: f32,
-        blend: Blend,
+        blend: Blend<'_>,
     ) {
         // SAFETY: as in `tile_product`.
         unsafe { super::avx512::tile_into(kc, a, b, rows, j0, alpha, blend) }
@@ -315,7 +329,7 @@ impl Kernel<8, 12> for Neon {
         rows: &mut [&mut [f32]; 8],
         j0: usize,
         alpha: f32,
-        blend: Blend,
+        blend: Blend<'_>,
     ) {
         // SAFETY: as in `tile_product`.
         store_tile(&unsafe { neon_tile(kc, a, b) }, rows, j0, alpha, blend);

@@ -166,7 +166,45 @@ pub fn gemm_with_chunks_on(
     assert_eq!(a.ncols(), b.nrows(), "gemm: inner dimensions differ");
     assert_eq!(c.dim(), (a.nrows(), b.ncols()), "gemm: output shape differs");
     assert!(isa.is_supported(), "gemm: the {isa} kernel does not run on this CPU");
-    with_kernel!(isa, |kernel| split_product(kernel, alpha, a, b, beta, c, chunks.max(1)));
+    with_kernel!(isa, |kernel| split_product(kernel, alpha, a, b, Blend::Beta(beta), c, chunks.max(1)));
+}
+
+/// `c = a · b + bias`, `bias` added to every row (`bias[j]` to column `j`):
+/// a linear map's forward. The same bits as filling each row of `c` with
+/// `bias` and calling `gemm(1.0, a, b, 1.0, c)`, without writing `c` and
+/// reading it back first. Split over the rayon pool as [`gemm`] is.
+///
+/// # Panics
+/// If the shapes do not agree or `bias` is not `b.ncols()` long.
+pub fn gemm_bias(a: ArrayView2<f32>, b: ArrayView2<f32>, bias: &[f32], c: ArrayViewMut2<f32>) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let tile_rows = cpu::selected().gemm_tile().0;
+    let pieces = (n / MIN_CHUNK_COLS).max(m / tile_rows);
+    let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(pieces).max(1) };
+    let start = clock_start();
+    gemm_bias_with_chunks_on(cpu::selected(), a, b, bias, c, chunks);
+    clock_stop(start);
+}
+
+/// [`gemm_bias`] on the kernel `isa`, in `chunks` pieces (tests prove
+/// neither changes a bit).
+///
+/// # Panics
+/// As [`gemm_bias`], or if this CPU does not run `isa`.
+pub fn gemm_bias_with_chunks_on(
+    isa: Isa,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    bias: &[f32],
+    c: ArrayViewMut2<f32>,
+    chunks: usize,
+) {
+    assert_eq!(a.ncols(), b.nrows(), "gemm: inner dimensions differ");
+    assert_eq!(c.dim(), (a.nrows(), b.ncols()), "gemm: output shape differs");
+    assert_eq!(bias.len(), b.ncols(), "gemm: one bias per output column");
+    assert!(isa.is_supported(), "gemm: the {isa} kernel does not run on this CPU");
+    with_kernel!(isa, |kernel| split_product(kernel, 1.0, a, b, Blend::Bias(bias), c, chunks.max(1)));
 }
 
 /// `panel[p * W + i] = lines[i][p]` for `p < len` (empty lines give
@@ -304,13 +342,14 @@ fn row_slices<'a, const MR: usize>(rows: impl Iterator<Item = &'a mut [f32]>) ->
     std::array::from_fn(|_| rows.next().unwrap_or_default())
 }
 
-/// `c = alpha * a b + beta * c` on the calling thread.
+/// `c = alpha * a b` blended into `c` by `first` ([`Blend::Beta`] or
+/// [`Blend::Bias`]) on the calling thread.
 fn gemm_serial<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
     kernel: K,
     alpha: f32,
     a: ArrayView2<f32>,
     b: ArrayView2<f32>,
-    beta: f32,
+    first: Blend<'_>,
     mut c: ArrayViewMut2<f32>,
 ) {
     let (m, k) = a.dim();
@@ -319,21 +358,45 @@ fn gemm_serial<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
         return;
     }
     if k == 0 || alpha == 0.0 {
-        if beta == 0.0 {
-            c.fill(0.0);
-        } else {
-            c.map_inplace(|x| *x *= beta);
+        match first {
+            Blend::Beta(0.0) => c.fill(0.0),
+            Blend::Beta(beta) => c.map_inplace(|x| *x *= beta),
+            Blend::Bias(bias) => fill_rows(&mut c, bias),
+            Blend::Accumulate => {}
         }
         return;
     }
     if n < NR && n < m {
         // A narrow product (a projection to d' = 10 dimensions, a 10-class
         // head) would fill a third of each tile; its transpose fills nearly
-        // all of one. Same bits either way (`Kernel::tile_product`).
+        // all of one. Same bits either way (`Kernel::tile_product`). A bias
+        // runs along the transpose's columns, so it goes into `c` first.
+        let first = match first {
+            Blend::Bias(bias) => {
+                fill_rows(&mut c, bias);
+                Blend::Beta(1.0)
+            }
+            other => other,
+        };
         let c = c.reversed_axes();
-        with_workspace(|ws| packed_product(kernel, alpha, b.reversed_axes(), a.reversed_axes(), beta, c, ws));
+        with_workspace(|ws| packed_product(kernel, alpha, b.reversed_axes(), a.reversed_axes(), first, c, ws));
     } else {
-        with_workspace(|ws| packed_product(kernel, alpha, a, b, beta, c, ws));
+        with_workspace(|ws| packed_product(kernel, alpha, a, b, first, c, ws));
+    }
+}
+
+/// Every row of `c` set to `values`.
+fn fill_rows(c: &mut ArrayViewMut2<f32>, values: &[f32]) {
+    for mut row in c.rows_mut() {
+        row.iter_mut().zip(values).for_each(|(d, &v)| *d = v);
+    }
+}
+
+/// `first` for columns `range` of the output: a bias's part of them.
+fn first_for_columns<'a>(first: Blend<'a>, range: std::ops::Range<usize>) -> Blend<'a> {
+    match first {
+        Blend::Bias(bias) => Blend::Bias(&bias[range]),
+        other => other,
     }
 }
 
@@ -343,7 +406,7 @@ fn packed_product<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
     alpha: f32,
     a: ArrayView2<f32>,
     b: ArrayView2<f32>,
-    beta: f32,
+    first: Blend<'_>,
     mut c: ArrayViewMut2<f32>,
     ws: &mut Workspace,
 ) {
@@ -355,7 +418,7 @@ fn packed_product<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             pack::pack_b(kernel, b.slice(s![pc..pc + kc, jc..jc + nc]), &mut ws.b);
-            let blend = if pc == 0 { Blend::Beta(beta) } else { Blend::Accumulate };
+            let blend = if pc == 0 { first_for_columns(first, jc..jc + nc) } else { Blend::Accumulate };
             for ic in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
                 pack::pack_a(kernel, a.slice(s![ic..ic + mc, pc..pc + kc]), &mut ws.a);
@@ -373,7 +436,7 @@ fn block_product<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
     a: &[f32],
     b: &[f32],
     alpha: f32,
-    blend: Blend,
+    blend: Blend<'_>,
     mut c: ArrayViewMut2<f32>,
 ) {
     let (mc, nc) = c.dim();
@@ -394,7 +457,7 @@ fn block_product<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
                 let cols = NR.min(nc - j0);
                 for (r, tile_row) in tile.iter().enumerate().take(rows.nrows()) {
                     for (j, &v) in tile_row.iter().enumerate().take(cols) {
-                        blend.apply(alpha, v, &mut rows[(r, j0 + j)]);
+                        blend.apply(alpha, v, &mut rows[(r, j0 + j)], j0 + j);
                     }
                 }
             }
@@ -412,7 +475,7 @@ fn split_product<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
     alpha: f32,
     a: ArrayView2<f32>,
     b: ArrayView2<f32>,
-    beta: f32,
+    first: Blend<'_>,
     c: ArrayViewMut2<f32>,
     chunks: usize,
 ) {
@@ -425,22 +488,23 @@ fn split_product<K: Kernel<MR, NR>, const MR: usize, const NR: usize>(
             let (a_top, a_bottom) = a.split_at(Axis(0), split);
             let (c_top, c_bottom) = c.split_at(Axis(0), split);
             rayon::join(
-                || split_product(kernel, alpha, a_top, b, beta, c_top, left_chunks),
-                || split_product(kernel, alpha, a_bottom, b, beta, c_bottom, chunks - left_chunks),
+                || split_product(kernel, alpha, a_top, b, first, c_top, left_chunks),
+                || split_product(kernel, alpha, a_bottom, b, first, c_bottom, chunks - left_chunks),
             );
             return;
         }
     }
     if chunks <= 1 || n < 2 {
-        gemm_serial(kernel, alpha, a, b, beta, c);
+        gemm_serial(kernel, alpha, a, b, first, c);
         return;
     }
     let split = n * left_chunks / chunks;
     let (b_left, b_right) = b.split_at(Axis(1), split);
     let (c_left, c_right) = c.split_at(Axis(1), split);
+    let (first_left, first_right) = (first_for_columns(first, 0..split), first_for_columns(first, split..n));
     rayon::join(
-        || split_product(kernel, alpha, a, b_left, beta, c_left, left_chunks),
-        || split_product(kernel, alpha, a, b_right, beta, c_right, chunks - left_chunks),
+        || split_product(kernel, alpha, a, b_left, first_left, c_left, left_chunks),
+        || split_product(kernel, alpha, a, b_right, first_right, c_right, chunks - left_chunks),
     );
 }
 
@@ -606,6 +670,44 @@ mod tests {
                     let same = c.iter().zip(reference.iter()).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(same, "{m}x{k}x{n}: {isa} in {chunks} chunks changed the result");
                 }
+            }
+        }
+    }
+
+    /// A bias blended in the kernel's epilogue gives the bits of the
+    /// output filled with the bias and blended with `beta = 1`: every
+    /// kernel, splits by rows and by columns (which split the bias), narrow
+    /// products (which run transposed), several blocks deep, a transposed
+    /// output (stored element by element), and an empty inner dimension.
+    #[test]
+    fn bias_in_the_epilogue_is_the_bias_filled_first() {
+        for isa in Isa::supported() {
+            let (mr, nr) = isa.gemm_tile();
+            let shapes = [
+                (1, 1, 1),
+                (17, 33, 9),
+                (9, 40, 200),
+                (200, 3, 2 * nr + 1),
+                (128, 2 * KC + 3, 100),
+                (mr + 1, 5, 4),
+                (6, 0, 5),
+            ];
+            for (m, k, n) in shapes {
+                let a = filled(m, k, 21);
+                let b = filled(k, n, 22);
+                let bias: Vec<f32> = filled(1, n, 23).into_iter().collect();
+                let mut want = Array2::from_shape_fn((m, n), |(_, j)| bias[j]);
+                gemm_with_chunks_on(isa, 1.0, a.view(), b.view(), 1.0, want.view_mut(), 1);
+                for chunks in [1, 2, 3, 7] {
+                    let mut got = Array2::from_elem((m, n), f32::NAN);
+                    gemm_bias_with_chunks_on(isa, a.view(), b.view(), &bias, got.view_mut(), chunks);
+                    let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{isa}: {m}x{k}x{n} in {chunks} chunks");
+                }
+                let mut got_t = Array2::from_elem((n, m), f32::NAN);
+                gemm_bias_with_chunks_on(isa, a.view(), b.view(), &bias, got_t.view_mut().reversed_axes(), 1);
+                let same = got_t.t().iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{isa}: {m}x{k}x{n} into a transposed output");
             }
         }
     }
