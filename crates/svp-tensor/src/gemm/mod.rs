@@ -123,14 +123,19 @@ const MIN_CHUNK_COLS: usize = 16;
 /// # Panics
 /// If the shapes do not agree; shapes are fixed by the layer that calls this.
 pub fn gemm(alpha: f32, a: ArrayView2<f32>, b: ArrayView2<f32>, beta: f32, c: ArrayViewMut2<f32>) {
-    let (m, k) = a.dim();
-    let n = b.ncols();
-    let tile_rows = cpu::selected().gemm_tile().0;
-    let pieces = (n / MIN_CHUNK_COLS).max(m / tile_rows);
-    let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(pieces).max(1) };
+    let chunks = pool_chunks(a.nrows(), a.ncols(), b.ncols());
     let start = clock_start();
     gemm_with_chunks(alpha, a, b, beta, c, chunks);
     clock_stop(start);
+}
+
+/// Pieces an `m x k x n` product is split into over the current rayon pool:
+/// one below [`PARALLEL_MIN_MACS`], else a piece a thread, no narrower than
+/// a tile's rows or [`MIN_CHUNK_COLS`] columns.
+fn pool_chunks(m: usize, k: usize, n: usize) -> usize {
+    let tile_rows = cpu::selected().gemm_tile().0;
+    let pieces = (n / MIN_CHUNK_COLS).max(m / tile_rows);
+    if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(pieces).max(1) }
 }
 
 /// [`gemm`] with an explicit number of pieces to split the output into
@@ -177,11 +182,7 @@ pub fn gemm_with_chunks_on(
 /// # Panics
 /// If the shapes do not agree or `bias` is not `b.ncols()` long.
 pub fn gemm_bias(a: ArrayView2<f32>, b: ArrayView2<f32>, bias: &[f32], c: ArrayViewMut2<f32>) {
-    let (m, k) = a.dim();
-    let n = b.ncols();
-    let tile_rows = cpu::selected().gemm_tile().0;
-    let pieces = (n / MIN_CHUNK_COLS).max(m / tile_rows);
-    let chunks = if m * n * k < PARALLEL_MIN_MACS { 1 } else { rayon::current_num_threads().min(pieces).max(1) };
+    let chunks = pool_chunks(a.nrows(), a.ncols(), b.ncols());
     let start = clock_start();
     gemm_bias_with_chunks_on(cpu::selected(), a, b, bias, c, chunks);
     clock_stop(start);
