@@ -373,6 +373,19 @@ fn timed_on_pool(iters: u64, mut f: impl FnMut() + Send) -> Duration {
     })
 }
 
+/// Fastest of `rounds` runs of `f` after one warm-up run, in milliseconds:
+/// the quick A/B examples' measure.
+pub fn fastest_ms(rounds: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..rounds)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Runs `f` on a thread of the rayon pool and waits for it.
 ///
 /// Training runs there (`svp_train::fit`): from outside the pool, every

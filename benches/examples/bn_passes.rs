@@ -1,19 +1,8 @@
 //! Times BatchNorm2d's training forward and backward alone on the CNN's
 //! three plane sizes at batch 128 (fastest of 30 runs each):
 //! `bn_passes` (honours `RAYON_NUM_THREADS`).
-use std::time::Instant;
+use svp_benches::fastest_ms;
 use svp_nn::conv::{BatchNorm2d, BnActivation, Chw};
-
-fn fastest(mut f: impl FnMut()) -> f64 {
-    f();
-    (0..30)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let rows = 128;
@@ -31,12 +20,12 @@ fn main() {
         let mut stats = vec![0.0; 2 * shape.c];
         let mut grad = vec![0.0; 2 * shape.c];
         let mut dx = vec![0.0; len];
-        let fwd = fastest(|| {
+        let fwd = fastest_ms(30, || {
             xhat.copy_from_slice(&x);
             bn.forward_train(&params, &mut running, &mut xhat, rows, &mut out, &mut stats);
         });
-        let copy = fastest(|| xhat.copy_from_slice(&x));
-        let bwd = fastest(|| bn.backward(&params, &xhat, &stats[..shape.c], rows, &dout, &mut grad, &mut dx));
+        let copy = fastest_ms(30, || xhat.copy_from_slice(&x));
+        let bwd = fastest_ms(30, || bn.backward(&params, &xhat, &stats[..shape.c], rows, &dout, &mut grad, &mut dx));
         println!("{}x{}x{}: forward {:.3} ms, backward {:.3} ms", shape.c, shape.h, shape.w, fwd - copy, bwd);
     }
 }

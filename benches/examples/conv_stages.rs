@@ -7,7 +7,7 @@
 //!
 //! "conv fwd - gemm" is what the convolution spends outside its GEMM
 //! (unfolding, the layout change, the bias).
-use std::time::Instant;
+use svp_benches::fastest_ms;
 use svp_nn::conv::{BatchNorm2d, BnActivation, Chw, Conv2d, Pool2d, PoolKind};
 use svp_nn::{ConvBlock, ConvBlockCache, ConvBlockScratch, ConvBlockSpec, Mode};
 use svp_tensor::{gemm, view, view_mut};
@@ -16,18 +16,6 @@ const ROWS: usize = 128;
 
 fn wave(n: usize, salt: usize) -> Vec<f32> {
     (0..n).map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) * 1e-3).collect()
-}
-
-/// Fastest of `rounds` runs of `f`, in milliseconds.
-fn best(rounds: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..rounds)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
 }
 
 fn main() {
@@ -69,13 +57,13 @@ fn main() {
             let plane = ROWS * conv.output().len();
             let (mut z, mut col) = (vec![0.0; plane], vec![0.0; conv.col_len()]);
             let conv_p = &params[..conv.param_len()];
-            let conv_fwd = best(rounds, || conv.forward(conv_p, &x, ROWS, &mut z, &mut col));
+            let conv_fwd = fastest_ms(rounds, || conv.forward(conv_p, &x, ROWS, &mut z, &mut col));
             // The same products as bare GEMMs over groups of columns as wide as the convolution's.
             let (patch, hw) = (c_in * 9, side * side);
             let cols = conv.group_size() * hw;
             let (a, bm, mut cm) = (wave(c_out * patch, 1), wave(patch * cols, 2), vec![0.0; c_out * cols]);
             let groups = ROWS.div_ceil(conv.group_size());
-            let gemm_ms = best(rounds, || {
+            let gemm_ms = fastest_ms(rounds, || {
                 for _ in 0..groups {
                     gemm(1.0, view(&a, c_out, patch), view(&bm, patch, cols), 0.0, view_mut(&mut cm, c_out, cols));
                 }
@@ -83,14 +71,14 @@ fn main() {
                 / (groups * cols) as f64;
             // The backward's two products over the same groups: dW += dY cols^T, dcols = W^T dY.
             let (dy, mut gw) = (wave(c_out * cols, 3), vec![0.0; c_out * patch]);
-            let dw_ms = best(rounds, || {
+            let dw_ms = fastest_ms(rounds, || {
                 for _ in 0..groups {
                     gemm(1.0, view(&dy, c_out, cols), view(&bm, patch, cols).t(), 1.0, view_mut(&mut gw, c_out, patch));
                 }
             }) * (ROWS * hw) as f64
                 / (groups * cols) as f64;
             let mut dcols = vec![0.0; patch * cols];
-            let dx_ms = best(rounds, || {
+            let dx_ms = fastest_ms(rounds, || {
                 for _ in 0..groups {
                     gemm(
                         1.0,
@@ -109,7 +97,7 @@ fn main() {
             let (mut out, mut xhat, mut stats) = (vec![0.0; plane], vec![0.0; plane], vec![0.0; 2 * c_out]);
             // BatchNorm normalizes in place: each round refills the input
             // (a copy the block itself does not make, timed with it).
-            let bn_fwd = best(rounds, || {
+            let bn_fwd = fastest_ms(rounds, || {
                 xhat.copy_from_slice(&z);
                 bn.forward_train(&bn_p, &mut running, &mut xhat, ROWS, &mut out, &mut stats)
             });
@@ -118,11 +106,11 @@ fn main() {
             let mut y = vec![0.0; ROWS * block.output().len()];
             let mode = Mode::Train { seed: 1, step: 0 };
             let block_fwd =
-                best(rounds, || block.forward(&mut params, &x, ROWS, &mut cache, &mut scratch, &mut y, mode));
+                fastest_ms(rounds, || block.forward(&mut params, &x, ROWS, &mut cache, &mut scratch, &mut y, mode));
             let pool_ms = if pool {
                 let p = Pool2d::fixed(conv.output(), PoolKind::Max, 2, 2);
                 let mut dz = vec![0.0; plane];
-                best(rounds, || {
+                fastest_ms(rounds, || {
                     p.forward(&out, ROWS, &mut y);
                     p.backward(&out, ROWS, &y, &mut dz);
                 })
@@ -133,12 +121,13 @@ fn main() {
             let mut grad = vec![0.0; block.trainable_len()];
             let mut dx = vec![0.0; x.len()];
             block.forward(&mut params, &x, ROWS, &mut cache, &mut scratch, &mut y, mode);
-            let bwd = best(rounds, || block.backward(&params, &x, ROWS, &cache, &mut scratch, &dout, &mut grad, None));
-            let bwd_dx = best(rounds, || {
+            let bwd =
+                fastest_ms(rounds, || block.backward(&params, &x, ROWS, &cache, &mut scratch, &dout, &mut grad, None));
+            let bwd_dx = fastest_ms(rounds, || {
                 block.backward(&params, &x, ROWS, &cache, &mut scratch, &dout, &mut grad, Some(&mut dx))
             });
             let (dz_in, mut g_bn, mut dz) = (wave(plane, 4), vec![0.0; 2 * c_out], vec![0.0; plane]);
-            let bn_bwd = best(rounds, || bn.backward(&bn_p, &xhat, &stats, ROWS, &dz_in, &mut g_bn, &mut dz));
+            let bn_bwd = fastest_ms(rounds, || bn.backward(&bn_p, &xhat, &stats, ROWS, &dz_in, &mut g_bn, &mut dz));
             let row =
                 [conv_fwd, gemm_ms, conv_fwd - gemm_ms, bn_fwd, block_fwd, pool_ms, bwd, bwd_dx, bn_bwd, dw_ms, dx_ms];
             total.iter_mut().zip(&row).for_each(|(t, v)| *t += v);
