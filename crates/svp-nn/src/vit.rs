@@ -13,11 +13,18 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use svp_alloc::{OutOfMemory, try_zeros};
 use svp_rng::{Purpose, Stream, StreamKey};
-use svp_tensor::{Strided, StridedMut, gemm, gemm_bias, reduce, small_gemm, view, view_mut};
+use svp_tensor::{
+    ArrayView2, ArrayViewMut2, ShapeBuilder, Strided, StridedMut, gemm, gemm_bias, reduce, s, small_gemm, view,
+    view_mut,
+};
 
 /// Standard deviation of the class token and position embeddings at
 /// initialization (ViT's truncated-normal 0.02, untruncated here).
 const TOKEN_INIT_STD: f64 = 0.02;
+
+/// Widest attention head the class-token backward keeps a query gradient
+/// for on the stack.
+const MAX_HEAD_DIM: usize = 256;
 
 fn uniform_init(stream: &mut Stream, values: &mut [f32], fan_in: usize) {
     let bound = 1.0 / (fan_in as f64).sqrt();
@@ -481,11 +488,166 @@ impl TransformerBlock {
         });
     }
 
+    /// [`TransformerBlock::attention_backward`] when `d_attn` (`rows x dim`,
+    /// packed) is the heads' output gradient at the class tokens and zero
+    /// elsewhere. Only the class token's probabilities then matter: with `g`
+    /// its output gradient and `p` its probabilities in a head, `dV_j = p_j g`,
+    /// `dS_j = p_j (g.v_j - sum_k p_k g.v_k) / sqrt(dh)`, `dK_j = dS_j q_0`,
+    /// `dQ_0 = sum_j dS_j k_j`, and the other queries' gradient is zero.
+    /// Overwrites all of `d_qkv`; `d_probs` is scratch (`t` floats per head).
+    fn attention_backward_from_class_tokens(
+        &self,
+        rows: usize,
+        qkv: &[f32],
+        probs: &[f32],
+        d_attn: &[f32],
+        d_probs: &mut [f32],
+        d_qkv: &mut [f32],
+    ) {
+        let BlockSpec { tokens: t, dim: d, heads, .. } = self.spec;
+        let dh = d / heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let per_sample = (qkv[..rows * t * 3 * d].par_chunks(t * 3 * d))
+            .zip(probs[..rows * heads * t * t].par_chunks(heads * t * t))
+            .zip(d_attn[..rows * d].par_chunks(d))
+            .zip(d_probs[..rows * heads * t * t].par_chunks_mut(heads * t * t))
+            .zip(d_qkv[..rows * t * 3 * d].par_chunks_mut(t * 3 * d));
+        per_sample.for_each(|((((qkv, probs), g), d_probs), d_qkv)| {
+            for h in 0..heads {
+                let p0 = &probs[h * t * t..][..t];
+                let g = &g[h * dh..][..dh];
+                let ds = &mut d_probs[h * t * t..][..t];
+                let token = |j: usize, offset: usize| &qkv[j * 3 * d + offset + h * dh..][..dh];
+                for (j, ds) in ds.iter_mut().enumerate() {
+                    *ds = reduce::dot(g, token(j, 2 * d));
+                }
+                let weighted = reduce::dot(p0, ds);
+                for (ds, &pj) in ds.iter_mut().zip(p0) {
+                    *ds = pj * (*ds - weighted) * scale;
+                }
+                let q0 = token(0, 0);
+                let mut dq0 = [0.0f32; MAX_HEAD_DIM];
+                let dq0 = &mut dq0[..dh];
+                for (j, (&dsj, &pj)) in ds.iter().zip(p0).enumerate() {
+                    let k = token(j, d);
+                    dq0.iter_mut().zip(k).for_each(|(a, &kv)| *a += dsj * kv);
+                    let row = &mut d_qkv[j * 3 * d..][..3 * d];
+                    row[d + h * dh..][..dh].iter_mut().zip(q0).for_each(|(o, &q)| *o = dsj * q);
+                    row[2 * d + h * dh..][..dh].iter_mut().zip(g).for_each(|(o, &gv)| *o = pj * gv);
+                    if j > 0 {
+                        row[h * dh..][..dh].fill(0.0);
+                    }
+                }
+                d_qkv[h * dh..][..dh].copy_from_slice(dq0);
+            }
+        });
+    }
+
     /// Backward from `dout` (gradient wrt this block's output; overwritten as
     /// scratch) after the matching forward: the parameter gradient into `grad`
     /// (overwriting) and, if given, the gradient wrt `x` into `dx`.
+    ///
+    /// When `dout` is zero outside each sample's class token, as it is for
+    /// the block a class-token readout follows (SVP+'s local loss, the
+    /// classifier), everything up to the keys and values runs on the class
+    /// tokens alone: about a quarter of the work.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
+        &self,
+        params: &[f32],
+        rows: usize,
+        cache: &BlockCache,
+        scratch: &mut BlockScratch,
+        dout: &mut [f32],
+        grad: &mut [f32],
+        dx: Option<&mut [f32]>,
+    ) {
+        let BlockSpec { tokens: t, dim: d, .. } = self.spec;
+        if rows > 0 && zero_past_class_token(&dout[..rows * t * d], t * d, d) {
+            self.backward_from_class_tokens(params, rows, cache, scratch, dout, grad, dx);
+        } else {
+            self.backward_all_tokens(params, rows, cache, scratch, dout, grad, dx);
+        }
+    }
+
+    /// [`TransformerBlock::backward`] for a `dout` zero outside the class
+    /// tokens. The gradient then reaches the other tokens only through the
+    /// keys and values, so the MLP half, `Wo`, the attention's query side
+    /// and `Wq` take the class-token rows alone (strided views, or packed
+    /// `rows`-row buffers); the keys', values' and LN1's products take all.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_from_class_tokens(
+        &self,
+        params: &[f32],
+        rows: usize,
+        cache: &BlockCache,
+        scratch: &mut BlockScratch,
+        dout: &mut [f32],
+        grad: &mut [f32],
+        dx: Option<&mut [f32]>,
+    ) {
+        let BlockSpec { tokens: t, dim: d, mlp: m, .. } = self.spec;
+        let n = rows * t;
+        let p = split_block!(params, d, m, split_at);
+        let g = split_block!(&mut grad[..self.param_len()], d, m, split_at_mut);
+        let (c, s) = (cache, scratch);
+        let dout = &mut dout[..n * d];
+        let id = Activation::Identity;
+        // MLP half, at the class tokens: d_mlp and d_tok hold `rows` packed rows.
+        let dy = class_rows(dout, rows, t, d);
+        gemm(1.0, dy.t(), class_rows(&c.act, rows, t, m), 0.0, view_mut(g.w2, d, m));
+        column_sums_of(dy, g.b2);
+        let d_mlp = &mut s.d_mlp[..rows * m];
+        gemm(1.0, dy, view(p.w2, d, m), 0.0, view_mut(d_mlp, rows, m));
+        for (r, d_row) in d_mlp.chunks_exact_mut(m).enumerate() {
+            Activation::Gelu.backward(&c.pre[r * t * m..][..m], d_row);
+        }
+        let d_mlp = view(d_mlp, rows, m);
+        gemm(1.0, d_mlp.t(), class_rows(&c.ln2, rows, t, d), 0.0, view_mut(g.w1, m, d));
+        column_sums_of(d_mlp, g.b1);
+        let d_tok = &mut s.d_tok[..rows * d];
+        gemm(1.0, d_mlp, view(p.w1, m, d), 0.0, view_mut(d_tok, rows, d));
+        // LN2's saved rows, packed into d_qkv (free until the attention's backward).
+        let (xhat, rest) = s.d_qkv.split_at_mut(rows * d);
+        let rstd = &mut rest[..rows];
+        for (r, (x_row, rs)) in xhat.chunks_exact_mut(d).zip(rstd.iter_mut()).enumerate() {
+            x_row.copy_from_slice(&c.xhat2[r * t * d..][..d]);
+            *rs = c.rstd2[r * t];
+        }
+        layer_norm::backward(xhat, rstd, p.ln2_g, p.ln2_b, id, d_tok, g.ln2_g, g.ln2_b, None, &mut s.norm_scratch);
+        // dx1 = dout + the LN2 path: both zero away from the class tokens.
+        for (r, d_row) in d_tok.chunks_exact(d).enumerate() {
+            dout[r * t * d..][..d].iter_mut().zip(d_row).for_each(|(a, &b)| *a += b);
+        }
+        // Attention half: dx1 reaches the heads' outputs at the class tokens alone.
+        let dy = class_rows(dout, rows, t, d);
+        gemm(1.0, dy.t(), class_rows(&c.attn, rows, t, d), 0.0, view_mut(g.wo, d, d));
+        column_sums_of(dy, g.bo);
+        let d_attn = &mut s.d_tok[..rows * d];
+        gemm(1.0, dy, view(p.wo, d, d), 0.0, view_mut(d_attn, rows, d));
+        self.attention_backward_from_class_tokens(rows, &c.qkv, &c.probs, d_attn, &mut s.d_probs, &mut s.d_qkv);
+        // Wqkv: the queries' gradient lives at the class tokens, the keys' and values' everywhere.
+        let d_qkv = &s.d_qkv[..n * 3 * d];
+        reduce::column_sums(d_qkv, g.bqkv);
+        let (gq, gkv) = g.wqkv.split_at_mut(d * d);
+        let (wq, wkv) = p.wqkv.split_at(d * d);
+        let dq = class_rows(d_qkv, rows, t, 3 * d).slice_move(s![.., ..d]);
+        let dkv = view(d_qkv, n, 3 * d).slice_move(s![.., d..]);
+        gemm(1.0, dq.t(), class_rows(&c.ln1, rows, t, d), 0.0, view_mut(gq, d, d));
+        gemm(1.0, dkv.t(), view(&c.ln1, n, d), 0.0, view_mut(gkv, 2 * d, d));
+        let d_tok = &mut s.d_tok[..n * d];
+        gemm(1.0, dkv, view(wkv, 2 * d, d), 0.0, view_mut(d_tok, n, d));
+        gemm(1.0, dq, view(wq, d, d), 1.0, class_rows_mut(d_tok, rows, t, d));
+        let (xhat, rstd) = (&c.xhat1[..n * d], &c.rstd1[..n]);
+        layer_norm::backward(xhat, rstd, p.ln1_g, p.ln1_b, id, d_tok, g.ln1_g, g.ln1_b, None, &mut s.norm_scratch);
+        if let Some(dx) = dx {
+            dx[..n * d].iter_mut().zip(dout.iter().zip(&s.d_tok[..n * d])).for_each(|(o, (&a, &b))| *o = a + b);
+        }
+    }
+
+    /// [`TransformerBlock::backward`] for any `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_all_tokens(
         &self,
         params: &[f32],
         rows: usize,
@@ -626,6 +788,36 @@ impl TokenHead {
     }
 }
 
+/// Whether every sample (`sample` floats each, its class token the first
+/// `dim`) is zero past its class token. Sign bits are ignored (`-0.0` is zero).
+fn zero_past_class_token(dout: &[f32], sample: usize, dim: usize) -> bool {
+    // OR of the shifted bits over short runs: vectorized, and it stops at the first nonzero run.
+    dout.chunks_exact(sample)
+        .all(|s| s[dim..].chunks(64).all(|run| run.iter().fold(0u32, |acc, v| acc | (v.to_bits() << 1)) == 0))
+}
+
+/// Row `r * tokens` of a `(rows * tokens) x width` buffer for each `r`:
+/// every sample's class token, as a `rows x width` view.
+fn class_rows(buf: &[f32], rows: usize, tokens: usize, width: usize) -> ArrayView2<'_, f32> {
+    let len = if rows == 0 { 0 } else { ((rows - 1) * tokens + 1) * width };
+    ArrayView2::from_shape((rows, width).strides((tokens * width, 1)), &buf[..len]).expect("class rows in the buffer")
+}
+
+/// Mutable counterpart of [`class_rows`].
+fn class_rows_mut(buf: &mut [f32], rows: usize, tokens: usize, width: usize) -> ArrayViewMut2<'_, f32> {
+    let len = if rows == 0 { 0 } else { ((rows - 1) * tokens + 1) * width };
+    ArrayViewMut2::from_shape((rows, width).strides((tokens * width, 1)), &mut buf[..len])
+        .expect("class rows in the buffer")
+}
+
+/// `out[j] = sum_i a[i][j]` (overwriting), rows top to bottom.
+fn column_sums_of(a: ArrayView2<f32>, out: &mut [f32]) {
+    out.fill(0.0);
+    for row in a.rows() {
+        out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
+    }
+}
+
 /// The `rows x cols` block of `buf` starting at column `offset` of rows
 /// `stride` floats apart (one head's queries, keys or values).
 fn columns(buf: &[f32], offset: usize, rows: usize, cols: usize, stride: usize) -> Strided<'_> {
@@ -635,4 +827,59 @@ fn columns(buf: &[f32], offset: usize, rows: usize, cols: usize, stride: usize) 
 /// Mutable counterpart of [`columns`].
 fn columns_mut(buf: &mut [f32], offset: usize, rows: usize, cols: usize, stride: usize) -> StridedMut<'_> {
     StridedMut::rows(&mut buf[offset..], rows, cols, stride)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The class-token backward against the general one on the same
+    /// class-token-only gradient, at a shape with several heads, samples and
+    /// a whole AVX-512 lane per head: the same values up to rounding.
+    #[test]
+    fn class_token_backward_matches_the_general_one() {
+        let spec = BlockSpec { tokens: 17, dim: 64, heads: 4, mlp: 96 };
+        let (block, rows) = (TransformerBlock { spec }, 5);
+        let mut stream = Stream::new(StreamKey::new(7, Purpose::WeightInit, 3, 0, 0));
+        let mut random = |len: usize| (0..len).map(|_| stream.gaussian() as f32).collect::<Vec<_>>();
+        let mut params = vec![0.0; block.param_len()];
+        block.init_params(5, 2, &mut params);
+        let noise = random(params.len());
+        params.iter_mut().zip(noise).for_each(|(p, n)| *p += 0.1 * n);
+        let len = rows * block.sample_len();
+        let x = random(len);
+        let mut dout = random(len);
+        for sample in dout.chunks_exact_mut(block.sample_len()) {
+            sample[spec.dim..].fill(0.0);
+        }
+        let mut cache = BlockCache::try_new(&spec, rows).unwrap();
+        let mut scratch = BlockScratch::try_new(&spec, rows).unwrap();
+        let mut out = vec![0.0; len];
+        block.forward(&params, &x, rows, &mut cache, &mut scratch, &mut out);
+        let run = |general: bool, scratch: &mut BlockScratch| {
+            let (mut d, mut grad, mut dx) = (dout.clone(), vec![0.0; params.len()], vec![0.0; len]);
+            if general {
+                block.backward_all_tokens(&params, rows, &cache, scratch, &mut d, &mut grad, Some(&mut dx));
+            } else {
+                block.backward(&params, rows, &cache, scratch, &mut d, &mut grad, Some(&mut dx));
+            }
+            (grad, dx)
+        };
+        let (grad, dx) = run(false, &mut scratch);
+        let (grad_ref, dx_ref) = run(true, &mut scratch);
+        for (what, got, want) in [("params", &grad, &grad_ref), ("input", &dx, &dx_ref)] {
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (i, (&a, &b)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * scale, "{what}[{i}]: class-token {a} vs general {b}");
+            }
+        }
+        // The class-token path did run: the general one sums in another order.
+        assert_ne!(grad, grad_ref);
+        // Any gradient past a class token takes the general path.
+        let mut d = dout.clone();
+        d[spec.dim + 3] = 1e-30;
+        assert!(!zero_past_class_token(&d, block.sample_len(), spec.dim));
+        d[spec.dim + 3] = -0.0;
+        assert!(zero_past_class_token(&d, block.sample_len(), spec.dim));
+    }
 }

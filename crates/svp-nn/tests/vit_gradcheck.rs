@@ -24,6 +24,17 @@ fn check(what: &str, analytic: &[f32], eps: f32, mut loss_at: impl FnMut(usize, 
 
 #[test]
 fn transformer_block_gradients() {
+    check_block_gradients(false);
+}
+
+/// A loss that reads the class tokens alone (SVP+'s local loss, the
+/// classifier) takes the block's class-token backward.
+#[test]
+fn transformer_block_gradients_from_the_class_token() {
+    check_block_gradients(true);
+}
+
+fn check_block_gradients(class_token_only: bool) {
     for (case, spec) in
         [BlockSpec { tokens: 5, dim: 8, heads: 2, mlp: 12 }, BlockSpec { tokens: 3, dim: 6, heads: 1, mlp: 4 }]
             .into_iter()
@@ -40,7 +51,12 @@ fn transformer_block_gradients() {
         }
         let len = rows * block.sample_len();
         let x = random(len, 91 + case as u64);
-        let probe = random(len, 92 + case as u64);
+        let mut probe = random(len, 92 + case as u64);
+        if class_token_only {
+            for sample in probe.chunks_exact_mut(block.sample_len()) {
+                sample[spec.dim..].fill(0.0);
+            }
+        }
         let mut cache = BlockCache::try_new(&spec, rows).unwrap();
         let mut scratch = BlockScratch::try_new(&spec, rows).unwrap();
         let mut out = vec![0.0; len];
