@@ -5,7 +5,7 @@ use crate::layer::Layer;
 use svp_alloc::OutOfMemory;
 use svp_nn::conv::Chw;
 use svp_nn::mobile_block::{MobileBlock, MobileBlockSpec};
-use svp_nn::vit::{BlockSpec, PatchEmbed, TokenHead, TokenReadout, TransformerBlock};
+use svp_nn::vit::{BlockOutput, BlockSpec, PatchEmbed, TokenHead, TokenReadout, TransformerBlock};
 use svp_nn::{ConvBlock, ConvBlockSpec, Dense, DenseSpec};
 
 /// A feed-forward network: optional conv and mobile blocks or a vision transformer,
@@ -115,7 +115,11 @@ impl Network {
             let patch = PatchEmbed { channels: 1, h: image_shape.0, w: image_shape.1, patch: v.patch, dim: v.dim };
             let spec = BlockSpec { tokens: patch.tokens(), dim: v.dim, heads: v.heads, mlp: v.mlp };
             front.push(FrontLayer::Patch(patch));
-            front.extend((0..v.depth).map(|_| FrontLayer::Block(TransformerBlock { spec })));
+            front.extend((0..v.depth).map(|_| FrontLayer::Block(TransformerBlock::new(spec))));
+            // The token head reads the last block's class token alone: that block need compute no other.
+            if let (TokenReadout::Cls, Some(FrontLayer::Block(last))) = (v.readout, front.last_mut()) {
+                last.output = BlockOutput::ClassToken;
+            }
             front.push(FrontLayer::Readout(TokenHead { tokens: spec.tokens, dim: v.dim, readout: v.readout }));
         }
         let flat = match front.last() {

@@ -181,6 +181,28 @@ pub struct BlockSpec {
 pub struct TransformerBlock {
     /// Shape.
     pub spec: BlockSpec,
+    /// Which output tokens it computes.
+    pub output: BlockOutput,
+}
+
+/// Which of a transformer block's output tokens are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockOutput {
+    /// Every token: a block another block reads.
+    AllTokens,
+    /// Each sample's class token alone: the last block, when a class-token
+    /// readout is all that reads it. The attention's query side, `Wo` and
+    /// the MLP half run on the class tokens (keys and values still on all):
+    /// about a quarter of the forward. The other tokens' output rows are
+    /// left as they were, and the backward takes their gradient as zero.
+    ClassToken,
+}
+
+impl TransformerBlock {
+    /// A block of `spec` computing every output token.
+    pub fn new(spec: BlockSpec) -> Self {
+        Self { spec, output: BlockOutput::AllTokens }
+    }
 }
 
 /// Parameter slices of a block, by role.
@@ -377,8 +399,76 @@ impl TransformerBlock {
         }
     }
 
-    /// Forward over `rows` samples of `x` into `out`, filling `cache`.
+    /// Forward over `rows` samples of `x` into `out` (every token, or the
+    /// class tokens alone, as [`TransformerBlock::output`] says), filling `cache`.
     pub fn forward(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        rows: usize,
+        cache: &mut BlockCache,
+        scratch: &mut BlockScratch,
+        out: &mut [f32],
+    ) {
+        match self.output {
+            BlockOutput::AllTokens => self.forward_all_tokens(params, x, rows, cache, scratch, out),
+            BlockOutput::ClassToken => self.forward_class_tokens(params, x, rows, cache, scratch, out),
+        }
+    }
+
+    /// [`TransformerBlock::forward`] of the class tokens alone. Fills the
+    /// cache where [`TransformerBlock::backward_from_class_tokens`] reads it:
+    /// LN1, keys and values at every token; queries, the attention, LN2 and
+    /// the MLP at the class tokens; each head's first probability row.
+    fn forward_class_tokens(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        rows: usize,
+        cache: &mut BlockCache,
+        scratch: &mut BlockScratch,
+        out: &mut [f32],
+    ) {
+        let BlockSpec { tokens: t, dim: d, mlp: m, .. } = self.spec;
+        let n = rows * t;
+        let p = split_block!(params, d, m, split_at);
+        let c = cache;
+        let id = Activation::Identity;
+        // Every token's keys and values: the class tokens attend to all of them.
+        c.xhat1[..n * d].copy_from_slice(&x[..n * d]);
+        let (xhat, rstd, ln) = (&mut c.xhat1[..n * d], &mut c.rstd1[..n], &mut c.ln1[..n * d]);
+        layer_norm::forward(xhat, None, p.ln1_g, p.ln1_b, id, rstd, ln);
+        let ((wq, wkv), (bq, bkv)) = (p.wqkv.split_at(d * d), p.bqkv.split_at(d));
+        let qkv = view_mut(&mut c.qkv[..n * 3 * d], n, 3 * d);
+        gemm_bias(view(&c.ln1, n, d), view(wkv, 2 * d, d).t(), bkv, qkv.slice_move(s![.., d..]));
+        let q = class_rows_mut(&mut c.qkv, rows, t, 3 * d).slice_move(s![.., ..d]);
+        gemm_bias(class_rows(&c.ln1, rows, t, d), view(wq, d, d).t(), bq, q);
+        self.class_token_attention(rows, &c.qkv, &mut c.probs, &mut c.attn);
+        // x1 = x + attn Wo^T + bo at the class tokens, in `out`.
+        gemm_bias(class_rows(&c.attn, rows, t, d), view(p.wo, d, d).t(), p.bo, class_rows_mut(out, rows, t, d));
+        for r in 0..rows {
+            let (o, x0) = (&mut out[r * t * d..][..d], &x[r * t * d..][..d]);
+            o.iter_mut().zip(x0).for_each(|(o, &v)| *o += v);
+            // LN2 and the GELU, row by row at the class tokens.
+            let xhat = &mut c.xhat2[r * t * d..][..d];
+            xhat.copy_from_slice(o);
+            let (rstd, ln) = (&mut c.rstd2[r * t..][..1], &mut c.ln2[r * t * d..][..d]);
+            layer_norm::forward(xhat, None, p.ln2_g, p.ln2_b, id, rstd, ln);
+        }
+        gemm_bias(class_rows(&c.ln2, rows, t, d), view(p.w1, m, d).t(), p.b1, class_rows_mut(&mut c.pre, rows, t, m));
+        for r in 0..rows {
+            Activation::Gelu.forward(&c.pre[r * t * m..][..m], &mut c.act[r * t * m..][..m]);
+        }
+        // out = x1 + act W2^T + b2 at the class tokens, through d_tok (`rows` packed rows).
+        let mlp_out = &mut scratch.d_tok[..rows * d];
+        gemm_bias(class_rows(&c.act, rows, t, m), view(p.w2, d, m).t(), p.b2, view_mut(mlp_out, rows, d));
+        for (r, y) in mlp_out.chunks_exact(d).enumerate() {
+            out[r * t * d..][..d].iter_mut().zip(y).for_each(|(o, &v)| *o += v);
+        }
+    }
+
+    /// [`TransformerBlock::forward`] of every token.
+    fn forward_all_tokens(
         &self,
         params: &[f32],
         x: &[f32],
@@ -429,17 +519,35 @@ impl TransformerBlock {
                 let (q, k, v) = (head(h * dh), head(d + h * dh), head(2 * d + h * dh));
                 // S = Q K^T / sqrt(dh), then each row's softmax.
                 small_gemm(scale, q, k.t(), 0.0, StridedMut::rows(p, t, t, t));
-                for row in p.chunks_exact_mut(t) {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut z = 0.0;
-                    for s in row.iter_mut() {
-                        *s = (*s - max).exp();
-                        z += *s;
-                    }
-                    let inv = 1.0 / z;
-                    row.iter_mut().for_each(|s| *s *= inv);
-                }
+                p.chunks_exact_mut(t).for_each(softmax_in_place);
                 small_gemm(1.0, Strided::rows(p, t, t, t), v, 0.0, columns_mut(attn, h * dh, t, dh, d));
+            }
+        });
+    }
+
+    /// [`TransformerBlock::attention`] of the class tokens' queries alone:
+    /// each head's first row of `probs`, and the heads' outputs at the class
+    /// tokens' rows of `attn`.
+    fn class_token_attention(&self, rows: usize, qkv: &[f32], probs: &mut [f32], attn: &mut [f32]) {
+        let BlockSpec { tokens: t, dim: d, heads, .. } = self.spec;
+        let dh = d / heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let per_sample = (qkv[..rows * t * 3 * d].par_chunks(t * 3 * d))
+            .zip(probs[..rows * heads * t * t].par_chunks_mut(heads * t * t))
+            .zip(attn[..rows * t * d].par_chunks_mut(t * d));
+        per_sample.for_each(|((qkv, probs), attn)| {
+            for h in 0..heads {
+                let token = |j: usize, offset: usize| &qkv[j * 3 * d + offset + h * dh..][..dh];
+                let (q0, p0) = (token(0, 0), &mut probs[h * t * t..][..t]);
+                for (j, s) in p0.iter_mut().enumerate() {
+                    *s = scale * reduce::dot(q0, token(j, d));
+                }
+                softmax_in_place(p0);
+                let out = &mut attn[h * dh..][..dh];
+                out.fill(0.0);
+                for (j, &pj) in p0.iter().enumerate() {
+                    out.iter_mut().zip(token(j, 2 * d)).for_each(|(o, &v)| *o += pj * v);
+                }
             }
         });
     }
@@ -550,7 +658,8 @@ impl TransformerBlock {
     /// When `dout` is zero outside each sample's class token, as it is for
     /// the block a class-token readout follows (SVP+'s local loss, the
     /// classifier), everything up to the keys and values runs on the class
-    /// tokens alone: about a quarter of the work.
+    /// tokens alone: about a quarter of the work. A block computing the
+    /// class tokens alone ([`BlockOutput::ClassToken`]) always runs so.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -563,7 +672,8 @@ impl TransformerBlock {
         dx: Option<&mut [f32]>,
     ) {
         let BlockSpec { tokens: t, dim: d, .. } = self.spec;
-        if rows > 0 && zero_past_class_token(&dout[..rows * t * d], t * d, d) {
+        let class_token = self.output == BlockOutput::ClassToken;
+        if rows > 0 && (class_token || zero_past_class_token(&dout[..rows * t * d], t * d, d)) {
             self.backward_from_class_tokens(params, rows, cache, scratch, dout, grad, dx);
         } else {
             self.backward_all_tokens(params, rows, cache, scratch, dout, grad, dx);
@@ -571,7 +681,7 @@ impl TransformerBlock {
     }
 
     /// [`TransformerBlock::backward`] for a `dout` zero outside the class
-    /// tokens. The gradient then reaches the other tokens only through the
+    /// tokens (read there alone). The gradient then reaches the other tokens only through the
     /// keys and values, so the MLP half, `Wo`, the attention's query side
     /// and `Wq` take the class-token rows alone (strided views, or packed
     /// `rows`-row buffers); the keys', values' and LN1's products take all.
@@ -641,7 +751,11 @@ impl TransformerBlock {
         let (xhat, rstd) = (&c.xhat1[..n * d], &c.rstd1[..n]);
         layer_norm::backward(xhat, rstd, p.ln1_g, p.ln1_b, id, d_tok, g.ln1_g, g.ln1_b, None, &mut s.norm_scratch);
         if let Some(dx) = dx {
-            dx[..n * d].iter_mut().zip(dout.iter().zip(&s.d_tok[..n * d])).for_each(|(o, (&a, &b))| *o = a + b);
+            // dx = dx1 + the LN1 path, dx1 read at the class tokens alone.
+            dx[..n * d].copy_from_slice(&s.d_tok[..n * d]);
+            for r in 0..rows {
+                dx[r * t * d..][..d].iter_mut().zip(&dout[r * t * d..][..d]).for_each(|(o, &a)| *o += a);
+            }
         }
     }
 
@@ -788,6 +902,18 @@ impl TokenHead {
     }
 }
 
+/// `row = softmax(row)`, the maximum subtracted first.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut z = 0.0;
+    for s in row.iter_mut() {
+        *s = (*s - max).exp();
+        z += *s;
+    }
+    let inv = 1.0 / z;
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
 /// Whether every sample (`sample` floats each, its class token the first
 /// `dim`) is zero past its class token. Sign bits are ignored (`-0.0` is zero).
 fn zero_past_class_token(dout: &[f32], sample: usize, dim: usize) -> bool {
@@ -839,7 +965,7 @@ mod tests {
     #[test]
     fn class_token_backward_matches_the_general_one() {
         let spec = BlockSpec { tokens: 17, dim: 64, heads: 4, mlp: 96 };
-        let (block, rows) = (TransformerBlock { spec }, 5);
+        let (block, rows) = (TransformerBlock::new(spec), 5);
         let mut stream = Stream::new(StreamKey::new(7, Purpose::WeightInit, 3, 0, 0));
         let mut random = |len: usize| (0..len).map(|_| stream.gaussian() as f32).collect::<Vec<_>>();
         let mut params = vec![0.0; block.param_len()];
@@ -875,6 +1001,23 @@ mod tests {
         }
         // The class-token path did run: the general one sums in another order.
         assert_ne!(grad, grad_ref);
+        // A block computing the class tokens alone gives the same gradients
+        // to rounding, and reads no gradient past a class token.
+        let class_block = TransformerBlock { spec, output: BlockOutput::ClassToken };
+        let mut class_cache = BlockCache::try_new(&spec, rows).unwrap();
+        class_block.forward(&params, &x, rows, &mut class_cache, &mut scratch, &mut out);
+        let mut d = dout.clone();
+        for sample in d.chunks_exact_mut(block.sample_len()) {
+            sample[spec.dim..].fill(f32::NAN);
+        }
+        let (mut class_grad, mut class_dx) = (vec![0.0; params.len()], vec![0.0; len]);
+        class_block.backward(&params, rows, &class_cache, &mut scratch, &mut d, &mut class_grad, Some(&mut class_dx));
+        for (what, got, want) in [("params", &class_grad, &grad_ref), ("input", &class_dx, &dx_ref)] {
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (i, (&a, &b)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * scale, "class-token block {what}[{i}]: {a} vs general {b}");
+            }
+        }
         // Any gradient past a class token takes the general path.
         let mut d = dout.clone();
         d[spec.dim + 3] = 1e-30;
