@@ -237,7 +237,7 @@ fn transformer_block_matches_pytorch() {
     let g = &vision_fixture()["transformer"];
     let n = |k: &str| g[k].as_u64().unwrap() as usize;
     let spec = BlockSpec { tokens: n("tokens"), dim: n("dim"), heads: n("heads"), mlp: n("mlp") };
-    let block = TransformerBlock { spec };
+    let block = TransformerBlock::new(spec);
     let rows = n("rows");
     let params = floats(&g["params"]);
     assert_eq!(params.len(), block.param_len());

@@ -681,10 +681,11 @@ impl TransformerBlock {
     }
 
     /// [`TransformerBlock::backward`] for a `dout` zero outside the class
-    /// tokens (read there alone). The gradient then reaches the other tokens only through the
-    /// keys and values, so the MLP half, `Wo`, the attention's query side
-    /// and `Wq` take the class-token rows alone (strided views, or packed
-    /// `rows`-row buffers); the keys', values' and LN1's products take all.
+    /// tokens (read there alone). The gradient then reaches the other
+    /// tokens only through the keys and values, so the MLP half, `Wo`, the
+    /// attention's query side and `Wq` take the class-token rows alone
+    /// (strided views, or packed `rows`-row buffers); the keys', values' and
+    /// LN1's products take all.
     #[allow(clippy::too_many_arguments)]
     fn backward_from_class_tokens(
         &self,
