@@ -63,6 +63,7 @@ pub fn vit_config() -> Config {
         heads: 4,
         mlp: 256,
         readout: svp_nn::vit::TokenReadout::Cls,
+        norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
     });
     c.model.hidden = vec![];
     c.svp.layers_per_unit = 2;

@@ -108,7 +108,15 @@ fn cnn_vit_and_mobilenet_learn_fashion_mnist() {
     let vit = |method| {
         let mut c = small_config(method, 2);
         let readout = svp_nn::vit::TokenReadout::Cls;
-        c.model.vit = Some(VitConfig { patch: 7, dim: 32, depth: 4, heads: 2, mlp: 64, readout });
+        c.model.vit = Some(VitConfig {
+            patch: 7,
+            dim: 32,
+            depth: 4,
+            heads: 2,
+            mlp: 64,
+            readout,
+            norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
+        });
         c.model.hidden = vec![];
         c.svp.layers_per_unit = 2;
         c.svp.head_joins_last_unit = true;

@@ -29,8 +29,15 @@ fn vision(method: Method, conv: bool) -> Config {
     if conv {
         c.model.conv = vec![ConvItem::Channels(4), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(8)];
     } else {
-        c.model.vit =
-            Some(VitConfig { patch: 7, dim: 16, depth: 2, heads: 2, mlp: 32, readout: svp_nn::vit::TokenReadout::Cls });
+        c.model.vit = Some(VitConfig {
+            patch: 7,
+            dim: 16,
+            depth: 2,
+            heads: 2,
+            mlp: 32,
+            readout: svp_nn::vit::TokenReadout::Cls,
+            norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
+        });
     }
     c
 }

@@ -91,8 +91,15 @@ fn mlp_trained_layers_step_as_in_a_full_step() {
 fn vit_trained_layers_step_as_in_a_full_step() {
     for method in [Method::Svp, Method::Bp] {
         let mut config = small_config(method, 1);
-        config.model.vit =
-            Some(VitConfig { patch: 7, dim: 8, depth: 3, heads: 2, mlp: 16, readout: svp_nn::vit::TokenReadout::Cls });
+        config.model.vit = Some(VitConfig {
+            patch: 7,
+            dim: 8,
+            depth: 3,
+            heads: 2,
+            mlp: 16,
+            readout: svp_nn::vit::TokenReadout::Cls,
+            norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
+        });
         config.model.hidden = vec![];
         // Layers: patch embedding, 3 blocks, token head, classifier. With
         // plain SVP a unit ends at each block; SVP+ (2 blocks a unit) at block 2.
@@ -182,8 +189,15 @@ fn the_layer_count_is_the_networks() {
     cnn.model.conv = vec![ConvItem::Channels(2), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(2)];
     configs.push(cnn);
     let mut vit = small_config(Method::Svp, 1);
-    vit.model.vit =
-        Some(VitConfig { patch: 7, dim: 8, depth: 2, heads: 2, mlp: 8, readout: svp_nn::vit::TokenReadout::Mean });
+    vit.model.vit = Some(VitConfig {
+        patch: 7,
+        dim: 8,
+        depth: 2,
+        heads: 2,
+        mlp: 8,
+        readout: svp_nn::vit::TokenReadout::Mean,
+        norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
+    });
     vit.model.hidden = vec![];
     configs.push(vit);
     for config in configs {

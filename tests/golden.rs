@@ -314,6 +314,7 @@ fn vision_setup(g: &Value, optimizer: svp_optim::Optimizer) -> (Config, Network,
                 heads: n(&m["heads"]),
                 mlp: n(&m["mlp"]),
                 readout: svp_nn::vit::TokenReadout::Cls,
+                norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
             })
         }
         _ => {

@@ -48,8 +48,15 @@ fn allocation_cases() -> Vec<(&'static str, Config)> {
     cnn.model.conv = vec![ConvItem::Channels(4), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(8)];
     cnn.model.hidden = vec![];
     let mut vit = small_config(Method::Svp, 1);
-    vit.model.vit =
-        Some(VitConfig { patch: 7, dim: 16, depth: 2, heads: 2, mlp: 32, readout: svp_nn::vit::TokenReadout::Cls });
+    vit.model.vit = Some(VitConfig {
+        patch: 7,
+        dim: 16,
+        depth: 2,
+        heads: 2,
+        mlp: 32,
+        readout: svp_nn::vit::TokenReadout::Cls,
+        norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
+    });
     vit.model.hidden = vec![];
     vec![
         ("MLP, default SVP options", mlp(|_| {})),

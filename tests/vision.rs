@@ -31,7 +31,15 @@ fn mobile_config(method: Method) -> Config {
 /// Patch 7 (16 patches and a class token), width 8, three blocks of 2 heads.
 fn vit_config(method: Method, readout: svp_nn::vit::TokenReadout) -> Config {
     let mut c = small_config(method, 1);
-    c.model.vit = Some(VitConfig { patch: 7, dim: 8, depth: 3, heads: 2, mlp: 16, readout });
+    c.model.vit = Some(VitConfig {
+        patch: 7,
+        dim: 8,
+        depth: 3,
+        heads: 2,
+        mlp: 16,
+        readout,
+        norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
+    });
     c.model.hidden = vec![];
     c
 }

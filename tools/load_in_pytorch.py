@@ -3,9 +3,10 @@
 predict the test images of an IDX data folder (or of svp's embedded subset).
 
 The file's metadata says the architecture (svp's [model] table), the image
-shape and the preprocessing; this builds the matching nn.Sequential (svp's
-canonical layout: see crates/svp-model/src/pytorch.rs), loads the state dict
-strictly, and prints one line per image: index, predicted class. With
+shape and the preprocessing; this builds the matching nn.Sequential, or for
+a vision transformer a module with timm's VisionTransformer names (svp's
+canonical layouts: see crates/svp-model/src/pytorch.rs), loads the state
+dict strictly, and prints one line per image: index, predicted class. With
 --accuracy it prints the test accuracy instead.
 
     pip install torch safetensors
@@ -38,8 +39,66 @@ def idx(folder, stem):
     raise SystemExit("no %s in %s" % (stem, folder))
 
 
+class Attention(torch.nn.Module):
+    """timm's multi-head self-attention: queries, keys and values from one
+    Linear, each head a slice of dim/heads."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class Block(torch.nn.Module):
+    """timm's pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+
+    def __init__(self, dim, heads, hidden, eps):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.norm2 = torch.nn.LayerNorm(dim, eps=eps)
+        self.mlp = torch.nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp.fc2(torch.nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class ViT(torch.nn.Module):
+    """timm's VisionTransformer with a class token, under its names."""
+
+    def __init__(self, vit, image, classes):
+        super().__init__()
+        dim, patch, eps = vit["dim"], vit["patch"], vit.get("norm_eps", 1e-5)
+        tokens = (image[0] // patch) * (image[1] // patch) + 1
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, tokens, dim))
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(1, dim, patch, stride=patch)
+        self.blocks = torch.nn.ModuleList(Block(dim, vit["heads"], vit["mlp"], eps) for _ in range(vit["depth"]))
+        self.norm = torch.nn.LayerNorm(dim, eps=eps)
+        self.head = torch.nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+
 def build(model, image, classes):
-    """svp's canonical nn.Sequential for a [model] table."""
+    """svp's canonical nn.Sequential for a [model] table, or its ViT."""
+    if model.get("vit"):
+        return ViT(model["vit"], image, classes)
     layers, channels, (h, w) = [], 1, image
     blocks = []
     for item in model.get("conv", []):

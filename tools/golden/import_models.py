@@ -3,16 +3,19 @@
 
 Builds two networks of svp's layer kinds as plain nn.Sequential models (an
 MLP: Flatten, Linear, LayerNorm, ReLU, ..., Linear; a small CNN: Conv2d,
-BatchNorm2d, ReLU, MaxPool2d, ..., Flatten, Linear), trains each for one epoch
-on the Fashion-MNIST subset embedded in svp (crates/svp-data/embedded) with
-the preprocessing x = (pixel/255 - mean)/std, and writes
+BatchNorm2d, ReLU, MaxPool2d, ..., Flatten, Linear) and a small timm
+VisionTransformer as timm makes it (patch 7, width 32, 2 blocks of 2 heads,
+MLP 64, class token, LayerNorm epsilon 1e-6), trains each
+for one epoch on the Fashion-MNIST subset embedded in svp
+(crates/svp-data/embedded) with the preprocessing x = (pixel/255 - mean)/std,
+and writes
 
-* crates/svp-model/tests/fixtures/torch-{mlp,cnn}.safetensors: the state dicts;
+* crates/svp-model/tests/fixtures/torch-{mlp,cnn,vit}.safetensors: the state dicts;
 * crates/svp-model/tests/fixtures/torch-import.json: the preprocessing, the
   logits of the first 8 embedded test images and the test accuracy on the
   1,000 embedded test images, per model, in eval mode.
 
-    pip install torch safetensors
+    pip install torch safetensors timm
     python3 tools/golden/import_models.py
 
 crates/svp-model/tests/import.rs reads them; the tests never need PyTorch.
@@ -70,12 +73,26 @@ def models():
     return {"mlp": mlp, "cnn": cnn}
 
 
+def vit():
+    """timm's ViT in svp's shape; built after the others are trained, from its
+    own seed, so that adding it left their fixtures as they were."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(1)
+    return VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2,
+        mlp_ratio=2.0, global_pool="token",
+    )
+
+
 def main():
     torch.manual_seed(0)
     x_train, y_train = images("train-images-idx3-ubyte.gz"), idx("train-labels-idx1-ubyte.gz").long()
     x_test, y_test = images("t10k-images-idx3-ubyte.gz"), idx("t10k-labels-idx1-ubyte.gz").long()
     report = {"about": "tools/golden/import_models.py, PyTorch %s" % torch.__version__, "mean": MEAN, "std": STD}
-    for name, model in models().items():
+    built = models()  # the MLP and the CNN are built first, as they always were
+    for name, make in [("mlp", lambda: built["mlp"]), ("cnn", lambda: built["cnn"]), ("vit", vit)]:
+        model = make()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         model.train()
         order = torch.randperm(len(y_train))

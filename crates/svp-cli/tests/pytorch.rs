@@ -22,6 +22,7 @@ fn path(d: &Scratch, name: &str) -> String {
 
 const MLP: &str = "[model]\nhidden = [64, 32]\n[import]\ninput_mean = 0.2860\ninput_std = 0.3530\n";
 const CNN: &str = "[model]\nhidden = []\nconv = [4, \"M\", 8, \"M\"]\n[import]\nimage = [28, 28]\ninput_mean = 0.2860\ninput_std = 0.3530\n";
+const VIT: &str = "[model]\nhidden = []\n[model.vit]\npatch = 7\ndim = 32\ndepth = 2\nheads = 2\nmlp = 64\nnorm_eps = 1e-6\n[import]\nimage = [28, 28]\ninput_mean = 0.2860\ninput_std = 0.3530\n";
 
 fn eval_accuracy(model: &str) -> f64 {
     let out = ok(&svp(&["eval", model, "--data", "embedded", "--json"]));
@@ -33,7 +34,7 @@ fn imported_pytorch_models_evaluate_to_pytorchs_accuracy() {
     let d = scratch("import");
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURES}/torch-import.json")).unwrap()).unwrap();
-    for (name, config) in [("mlp", MLP), ("cnn", CNN)] {
+    for (name, config) in [("mlp", MLP), ("cnn", CNN), ("vit", VIT)] {
         let cfg = path(&d, &format!("{name}.toml"));
         std::fs::write(&cfg, config).unwrap();
         let model = path(&d, &format!("{name}.svpm"));
@@ -74,6 +75,24 @@ fn import_errors_are_one_line() {
         assert!(stderr.lines().count() == 1 && stderr.contains(needle), "{stderr}\nwanted: {needle}");
         assert!(!d.join("m.svpm").exists());
     }
+    let vit_weights = format!("{FIXTURES}/torch-vit.safetensors");
+    let vit_cases = [
+        (
+            VIT.replace("dim = 32", "dim = 16"),
+            "tensor `cls_token` has shape [1, 1, 32], layer 1's token embedding cls_token needs [1, 1, 16]",
+        ),
+        (VIT.replace("depth = 2", "depth = 1"), "tensors the architecture has no place for: blocks.1."),
+        (VIT.replace("depth = 2", "depth = 3"), "no tensor `blocks.2.norm1.weight` for layer 4's LayerNorm weight"),
+        (VIT.replace("mlp = 64", "mlp = 64\nreadout = \"mean\""), "import and export take ViTs with readout = \"cls\""),
+    ];
+    for (config, needle) in vit_cases {
+        let cfg = path(&d, "v.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let out = svp(&["import", &vit_weights, "--config", &cfg, "--out", &path(&d, "m.svpm")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.lines().count() == 1 && stderr.contains(needle), "{stderr}\nwanted: {needle}");
+    }
     let cfg = path(&d, "c.toml");
     std::fs::write(&cfg, CNN).unwrap();
     let out = svp(&["import", &cfg, "--config", &cfg, "--out", &path(&d, "m.svpm")]);
@@ -90,7 +109,7 @@ fn python_with_torch() -> Option<String> {
     probe.status.success().then_some(python)
 }
 
-/// svp-trained models (an MLP and a CNN) exported for PyTorch: PyTorch
+/// svp-trained models (an MLP, a CNN, a ViT) exported for PyTorch: PyTorch
 /// predicts what svp predicts, image by image. Skipped without PyTorch.
 #[test]
 fn svp_models_predict_the_same_in_pytorch() {
@@ -100,6 +119,12 @@ fn svp_models_predict_the_same_in_pytorch() {
         (
             "cnn",
             "[model]\nhidden = []\nconv = [4, \"M\"]\n[train]\nepochs = 1\n[optimizer]\nkind = \"adam\"\nlr = 0.002\n",
+        ),
+        (
+            "vit",
+            "[model]\nhidden = []\n[model.vit]\npatch = 7\ndim = 16\ndepth = 2\nheads = 2\nmlp = 32\nnorm_eps = 1e-6\n\
+             [train]\nepochs = 1\n\
+             [optimizer]\nkind = \"adam\"\nlr = 0.002\n",
         ),
     ];
     let python = python_with_torch();

@@ -62,9 +62,10 @@ pub const MAGIC: [u8; 8] = *b"SVPMODEL";
 /// model file's loader names what it was given instead of a bad magic.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"SVPCKPT\0";
 /// Newest format version this build writes and reads: 2 adds conv and ViT
-/// fronts ([`Front`]), 3 mobile blocks; each file is written as the oldest
-/// version that holds it (an MLP as version 1, which every build reads).
-pub const FORMAT_VERSION: u32 = 3;
+/// fronts ([`Front`]), 3 mobile blocks, 4 a ViT's LayerNorm epsilon other
+/// than `1e-5`; each file is written as the oldest version that holds it
+/// (an MLP as version 1, which every build reads).
+pub const FORMAT_VERSION: u32 = 4;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every tensor's first byte, from the start of the file.

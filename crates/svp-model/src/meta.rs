@@ -118,7 +118,8 @@ impl Front {
             &Front::Vit { patch, dim, depth, heads, mlp, mean_readout } => {
                 let [patch, dim, depth, heads, mlp] = [patch, dim, depth, heads, mlp].map(|x| x as usize);
                 let readout = if mean_readout { TokenReadout::Mean } else { TokenReadout::Cls };
-                config.vit = Some(VitConfig { patch, dim, depth, heads, mlp, readout });
+                let norm_eps = svp_nn::layer_norm::LAYER_NORM_EPS;
+                config.vit = Some(VitConfig { patch, dim, depth, heads, mlp, readout, norm_eps });
             }
         }
         config
@@ -255,18 +256,27 @@ pub struct ModelMeta {
     /// Every tensor, layer by layer (the front's first) in [`Role`] order.
     pub tensors: Vec<TensorEntry>,
     /// Conv blocks or a vision transformer before `layers` (version 2; a
-    /// version-1 file is an MLP). Last, so that a version-1 metadata section
-    /// is this one without its final byte (postcard's `None`).
+    /// version-1 file is an MLP). Next to last, so that a version-1
+    /// metadata section is a version-2 one without its last byte
+    /// (postcard's `None`).
     pub front: Option<Front>,
+    /// A ViT's LayerNorm epsilon where it is not PyTorch's `1e-5` (timm's
+    /// `1e-6`; version 4). Last, so that a version-2 or 3 section is this
+    /// one without its last byte.
+    pub vit_norm_eps: Option<f32>,
 }
 
 impl ModelMeta {
     /// The architecture, as a config's `[model]` table describes it.
     pub fn model_config(&self) -> ModelConfig {
-        match &self.front {
+        let mut config = match &self.front {
             Some(front) => front.config(&self.layers),
             None => dense_config(&self.layers),
+        };
+        if let (Some(vit), Some(eps)) = (config.vit.as_mut(), self.vit_norm_eps) {
+            vit.norm_eps = eps;
         }
+        config
     }
 
     /// Number of classes.

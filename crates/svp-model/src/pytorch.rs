@@ -10,6 +10,16 @@
 //!   `BatchNorm2d`, `ReLU` and `MaxPool2d(2)` after a pooled block; then
 //!   `Flatten`, the dense layers as above, and the head.
 //!
+//! * a vision transformer: timm's `VisionTransformer` names (there is no
+//!   `nn.Sequential` for it): `cls_token` `[1, 1, dim]`, `pos_embed` `[1,
+//!   tokens, dim]`, `patch_embed.proj` (a `Conv2d` with kernel and stride
+//!   the patch), per block `blocks.{i}.norm1`, `.attn.qkv` (queries, keys
+//!   and values stacked, heads side by side), `.attn.proj`, `.norm2`,
+//!   `.mlp.fc1`, `.mlp.fc2`; then `norm` and `head`. The class token is
+//!   the readout (timm's average pooling leaves the class token out, svp's
+//!   token mean does not). svp's LayerNorm epsilon is PyTorch's default,
+//!   `1e-5` (timm's ViTs use `1e-6`).
+//!
 //! A state dict names each module's tensors by its index: `1.weight`,
 //! `1.bias`, `2.weight`, ... Import matches tensors by those names; a file
 //! whose numbering differs (no `Flatten` first, a wrapper's `model.` prefix)
@@ -43,12 +53,21 @@ pub struct ImportOptions {
 }
 
 /// A parameter module of the canonical layout: its name (index), kind, and
-/// where its tensors go in svp's network.
+/// where its tensors go in svp's network: layer `layer`'s parameters from
+/// `base` on.
 #[derive(Clone, Debug)]
 struct Module {
     name: String,
     layer: usize,
     kind: Kind,
+    base: usize,
+}
+
+impl Module {
+    /// The state-dict key of the module's tensor `suffix`.
+    fn key(&self, suffix: &str) -> String {
+        if self.name.is_empty() { suffix.to_string() } else { format!("{}.{suffix}", self.name) }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -61,6 +80,12 @@ enum Kind {
     Conv2d { input: usize, output: usize },
     /// Gain, bias, running mean and variance `[channels]`, after the conv.
     BatchNorm2d { channels: usize },
+    /// A ViT's patch embedding, a `Conv2d` with kernel and stride `patch`:
+    /// weight `[dim, channels, patch, patch]` then bias `[dim]`.
+    PatchEmbed { channels: usize, patch: usize, dim: usize },
+    /// A ViT's class token `[1, 1, dim]` then position embedding
+    /// `[1, tokens, dim]`: bare parameters, not a module's.
+    Tokens { tokens: usize, dim: usize },
 }
 
 impl Kind {
@@ -70,6 +95,8 @@ impl Kind {
             Kind::LayerNorm { .. } => "LayerNorm",
             Kind::Conv2d { .. } => "Conv2d",
             Kind::BatchNorm2d { .. } => "BatchNorm2d",
+            Kind::PatchEmbed { .. } => "patch embedding",
+            Kind::Tokens { .. } => "token embedding",
         }
     }
 
@@ -90,42 +117,53 @@ impl Kind {
                 ("running_mean", vec![channels], 2 * channels),
                 ("running_var", vec![channels], 3 * channels),
             ],
+            Kind::PatchEmbed { channels, patch, dim } => vec![
+                ("weight", vec![dim, channels, patch, patch], 0),
+                ("bias", vec![dim], dim * channels * patch * patch),
+            ],
+            Kind::Tokens { tokens, dim } => {
+                vec![("cls_token", vec![1, 1, dim], 0), ("pos_embed", vec![1, tokens, dim], dim)]
+            }
         }
     }
 }
 
-/// The parameter modules of `network`'s canonical layout, in order.
+/// The parameter modules of `network`'s canonical layout, in order. A dense
+/// layer holds `[W, b, gamma, beta]`, a conv block `[W, b, gamma, beta,
+/// running mean, running variance]`.
 fn canonical_modules(network: &Network, config: &ModelConfig) -> Result<Vec<Module>, String> {
-    if config.vit.is_some() {
-        return Err("a vision transformer has no nn.Sequential layout; import takes MLPs and conv networks".into());
-    }
     if !config.mobile.is_empty() {
         return Err(
-            "mobile blocks have no PyTorch layout in svp yet; import and export take MLPs and conv networks".into()
+            "mobile blocks have no PyTorch layout in svp yet; import and export take MLPs, conv networks and ViTs"
+                .into(),
         );
+    }
+    if config.vit.is_some() {
+        return vit_modules(network);
     }
     let mut modules = Vec::new();
     let mut index = 0;
-    let mut push = |layer, kind, index: &mut usize| {
-        modules.push(Module { name: index.to_string(), layer, kind });
+    let mut push = |layer, kind, base, index: &mut usize| {
+        modules.push(Module { name: index.to_string(), layer, kind, base });
         *index += 1;
     };
     let blocks = config.conv_blocks();
     for (l, &(_, pool)) in blocks.iter().enumerate() {
         let Layer::Conv(c) = network.layer(l) else { unreachable!("conv blocks come first") };
-        let spec = c.spec();
-        push(l, Kind::Conv2d { input: spec.in_channels, output: spec.out_channels }, &mut index);
-        push(l, Kind::BatchNorm2d { channels: spec.out_channels }, &mut index);
+        let (input, output) = (c.spec().in_channels, c.spec().out_channels);
+        push(l, Kind::Conv2d { input, output }, 0, &mut index);
+        push(l, Kind::BatchNorm2d { channels: output }, input * output * 9 + output, &mut index);
         index += 1 + usize::from(pool); // ReLU, MaxPool2d
     }
     index += 1; // Flatten
     for (d, layer) in network.layers().iter().enumerate() {
         let l = blocks.len() + d;
         let spec = layer.spec();
-        push(l, Kind::Linear { input: spec.in_dim, output: spec.out_dim }, &mut index);
+        push(l, Kind::Linear { input: spec.in_dim, output: spec.out_dim }, 0, &mut index);
         if d + 1 < network.layers().len() {
             if spec.norm == svp_nn::Norm::LayerNorm {
-                push(l, Kind::LayerNorm { width: spec.out_dim }, &mut index);
+                let width = spec.out_dim;
+                push(l, Kind::LayerNorm { width }, spec.in_dim * width + width, &mut index);
             }
             index += 1 + usize::from(spec.dropout > 0.0); // activation, Dropout
         }
@@ -133,21 +171,54 @@ fn canonical_modules(network: &Network, config: &ModelConfig) -> Result<Vec<Modu
     Ok(modules)
 }
 
-/// Offset of a module's first tensor in its layer's parameters: a dense
-/// layer holds `[W, b, gamma, beta]`, a conv block `[W, b, gamma, beta,
-/// running mean, running variance]`.
-fn module_base(network: &Network, module: &Module) -> usize {
-    match module.kind {
-        Kind::Linear { .. } | Kind::Conv2d { .. } => 0,
-        Kind::LayerNorm { width } => {
-            let Layer::Dense(d) = network.layer(module.layer) else { unreachable!("LayerNorm sits in a dense layer") };
-            d.spec().in_dim * width + width
+/// A ViT's modules under timm's names: the patch embedding's `[W | b | cls |
+/// pos]`, each block's `[ln1 | Wqkv, bqkv | Wo, bo | ln2 | W1, b1 | W2, b2]`
+/// ([`svp_nn::vit::TransformerBlock`]), the token head's LayerNorm, the
+/// classifier.
+fn vit_modules(network: &Network) -> Result<Vec<Module>, String> {
+    let mut modules = Vec::new();
+    let module = |name: &str, layer, kind, base| Module { name: name.to_string(), layer, kind, base };
+    let mut l = 0;
+    let Layer::Patch(p) = network.layer(l) else { unreachable!("a ViT starts with its patch embedding") };
+    let (dim, channels, patch) = (p.dim, p.channels, p.patch);
+    let weights = dim * channels * patch * patch + dim;
+    modules.push(module("", l, Kind::Tokens { tokens: p.tokens(), dim }, weights));
+    modules.push(module("patch_embed.proj", l, Kind::PatchEmbed { channels, patch, dim }, 0));
+    l += 1;
+    let mut block = 0;
+    while let Layer::Block(b) = network.layer(l) {
+        let (d, m) = (b.spec.dim, b.spec.mlp);
+        let name = |part: &str| format!("blocks.{block}.{part}");
+        let linear = |input, output| Kind::Linear { input, output };
+        let mut base = 0;
+        for (part, kind) in [
+            ("norm1", Kind::LayerNorm { width: d }),
+            ("attn.qkv", linear(d, 3 * d)),
+            ("attn.proj", linear(d, d)),
+            ("norm2", Kind::LayerNorm { width: d }),
+            ("mlp.fc1", linear(d, m)),
+            ("mlp.fc2", linear(m, d)),
+        ] {
+            modules.push(module(&name(part), l, kind, base));
+            base += kind.tensors().iter().map(|(_, shape, _)| shape.iter().product::<usize>()).sum::<usize>();
         }
-        Kind::BatchNorm2d { channels } => {
-            let Layer::Conv(c) = network.layer(module.layer) else { unreachable!("BatchNorm sits in a conv block") };
-            c.spec().in_channels * channels * 9 + channels
-        }
+        (l, block) = (l + 1, block + 1);
     }
+    let Layer::Readout(head) = network.layer(l) else { unreachable!("a ViT's blocks end at its token head") };
+    if head.readout != svp_nn::vit::TokenReadout::Cls {
+        return Err("timm's average pooling leaves the class token out, svp's token mean does not: \
+                    import and export take ViTs with readout = \"cls\""
+            .into());
+    }
+    modules.push(module("norm", l, Kind::LayerNorm { width: head.dim }, 0));
+    if network.layers().len() != 1 {
+        return Err(
+            "timm's ViT layout has one Linear after the token head (`head`); the config has hidden layers".into()
+        );
+    }
+    let spec = network.layers()[0].spec();
+    modules.push(module("head", l + 1, Kind::Linear { input: spec.in_dim, output: spec.out_dim }, 0));
+    Ok(modules)
 }
 
 fn import_error(path: &Path, what: String) -> ModelError {
@@ -174,16 +245,21 @@ fn natural_key(prefix: &str) -> Vec<(u64, String)> {
 }
 
 /// The number of classes of a safetensors file's network: the rows of its
-/// last module's weight (the head), its names renamed as [`import`] does.
+/// head's weight (a ViT's `head.weight`, else the last numbered module's),
+/// its names renamed as [`import`] does.
 pub fn head_outputs(bytes: &[u8], path: &Path, rename: &[(String, String)]) -> Result<usize, ModelError> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| import_error(path, format!("not a readable safetensors file: {e}")))?;
     let names = st.names();
     let by_name = renamed(&names, rename);
     let last = by_name
-        .iter()
-        .filter(|(n, _)| n.ends_with(".weight") || n.as_str() == "weight")
-        .max_by_key(|(n, _)| natural_key(n.rsplit_once('.').map_or("", |(p, _)| p)))
+        .get_key_value("head.weight")
+        .or_else(|| {
+            by_name
+                .iter()
+                .filter(|(n, _)| n.ends_with(".weight") || n.as_str() == "weight")
+                .max_by_key(|(n, _)| natural_key(n.rsplit_once('.').map_or("", |(p, _)| p)))
+        })
         .ok_or_else(|| import_error(path, "the file has no weight tensors".into()))?;
     let view = st.tensor(last.1).map_err(|e| import_error(path, format!("tensor `{}`: {e}", last.1)))?;
     match view.shape() {
@@ -217,7 +293,9 @@ pub fn import(
         by_name.keys().map(|n| n.rsplit_once('.').map_or(String::new(), |(p, _)| p.to_string())).collect();
     prefixes.sort_by_key(|p| natural_key(p));
     prefixes.dedup();
-    let canonical = modules.iter().all(|m| prefixes.contains(&m.name)) && prefixes.len() == modules.len();
+    // A ViT's names are not numbered: they match as named, or not at all.
+    let canonical =
+        config.vit.is_some() || modules.iter().all(|m| prefixes.contains(&m.name)) && prefixes.len() == modules.len();
     if !canonical && prefixes.len() != modules.len() {
         let want: Vec<String> = modules.iter().map(|m| format!("{} {}", m.name, m.kind.label())).collect();
         return Err(import_error(
@@ -235,10 +313,11 @@ pub fn import(
     let mut used = 0;
     for (i, module) in modules.iter().enumerate() {
         // Canonical names, or else the i-th numbered module of the file.
-        let prefix = if canonical { module.name.clone() } else { prefixes[i].clone() };
-        let base = module_base(&network, module);
+        let named =
+            Module { name: if canonical { module.name.clone() } else { prefixes[i].clone() }, ..module.clone() };
+        let base = module.base;
         for (suffix, shape, offset) in module.kind.tensors() {
-            let key = if prefix.is_empty() { suffix.to_string() } else { format!("{prefix}.{suffix}") };
+            let key = named.key(suffix);
             let what = format!("layer {}'s {} {suffix}", module.layer + 1, module.kind.label());
             let Some(&original) = by_name.get(&key) else {
                 return Err(import_error(path, format!("no tensor `{key}` for {what} (shape {shape:?})")));
@@ -258,7 +337,7 @@ pub fn import(
     let parametric = by_name.len();
     if used != parametric {
         let expected: std::collections::HashSet<String> = if canonical {
-            modules.iter().flat_map(|m| m.kind.tensors().into_iter().map(|(s, ..)| format!("{}.{s}", m.name))).collect()
+            modules.iter().flat_map(|m| m.kind.tensors().into_iter().map(|(s, ..)| m.key(s))).collect()
         } else {
             modules
                 .iter()
@@ -312,11 +391,10 @@ pub fn export(file: &ModelFile) -> Result<Vec<u8>, String> {
     let modules = canonical_modules(&network, &config)?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for module in &modules {
-        let base = module_base(&network, module);
         for (suffix, shape, offset) in module.kind.tensors() {
-            let values = &network.layer_params(module.layer)[base + offset..][..shape.iter().product()];
+            let values = &network.layer_params(module.layer)[module.base + offset..][..shape.iter().product()];
             let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            tensors.push((format!("{}.{suffix}", module.name), shape, bytes));
+            tensors.push((module.key(suffix), shape, bytes));
         }
     }
     let views = tensors

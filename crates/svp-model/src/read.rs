@@ -57,6 +57,9 @@ impl ModelFile {
         if version == 1 {
             section.push(0); // `front: None`, which version 1 leaves out
         }
+        if version < 4 {
+            section.push(0); // `vit_norm_eps: None`, which versions 1 to 3 leave out
+        }
         let meta: ModelMeta = postcard::from_bytes(&section).map_err(|e| invalid(format!("metadata: {e}")))?;
         if version != version_of(&meta) {
             return Err(invalid(format!(
@@ -112,6 +115,14 @@ impl ModelFile {
         }
         if !(m.norm.std.is_finite() && m.norm.std > 0.0 && m.norm.mean.is_finite()) {
             return Err("input normalization is not finite and positive".into());
+        }
+        if let Some(eps) = m.vit_norm_eps {
+            if !matches!(m.front, Some(Front::Vit { .. })) {
+                return Err("a LayerNorm epsilon for a ViT, in a file without one".into());
+            }
+            if !(eps.is_finite() && eps > 0.0) {
+                return Err(format!("ViT LayerNorm epsilon {eps}"));
+            }
         }
         if let Some(heads) = &m.heads {
             if m.generator != svp_rng::GENERATOR_ID {

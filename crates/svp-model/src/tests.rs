@@ -98,23 +98,34 @@ fn damaged_files_are_errors() {
     wrong_shape.meta.tensors[0].shape = vec![4, 6];
     let err = ModelFile::from_bytes(&wrong_shape.to_bytes(), p).unwrap_err().to_string();
     assert!(err.contains("architecture needs"), "{err}");
-    let mut v4 = bytes.clone();
-    v4[8] = 4;
-    let err = ModelFile::from_bytes(&v4, p).unwrap_err().to_string();
-    assert!(err.contains("format version 4"), "{err}");
+    let mut v5 = bytes.clone();
+    v5[8] = 5;
+    let err = ModelFile::from_bytes(&v5, p).unwrap_err().to_string();
+    assert!(err.contains("format version 5"), "{err}");
 }
 
 pub(crate) fn front_configs() -> Vec<(&'static str, ModelConfig)> {
     let mut cnn = ModelConfig::mlp(vec![6]);
     cnn.conv = vec![ConvItem::Channels(3), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(4)];
     let mut vit = ModelConfig::mlp(vec![]);
-    vit.vit = Some(VitConfig { patch: 4, dim: 8, depth: 2, heads: 2, mlp: 16, readout: TokenReadout::Mean });
+    vit.vit = Some(VitConfig {
+        patch: 4,
+        dim: 8,
+        depth: 2,
+        heads: 2,
+        mlp: 16,
+        readout: TokenReadout::Mean,
+        norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
+    });
     // A conv stem, a stride-2 expanding block, a residual one.
     let mut mobile = ModelConfig::mlp(vec![]);
     mobile.conv = vec![ConvItem::Channels(3)];
     mobile.mobile =
         vec![MobileItem { channels: 4, expansion: 2, stride: 2 }, MobileItem { channels: 4, expansion: 3, stride: 1 }];
-    vec![("cnn", cnn), ("vit", vit), ("mobile", mobile)]
+    // timm's LayerNorm epsilon and the class token (format version 4).
+    let mut timm_vit = vit.clone();
+    timm_vit.vit = timm_vit.vit.map(|v| VitConfig { norm_eps: 1e-6, readout: TokenReadout::Cls, ..v });
+    vec![("cnn", cnn), ("vit", vit), ("mobile", mobile), ("timm-vit", timm_vit)]
 }
 
 pub(crate) fn front_file(config: &ModelConfig, dtype: DType) -> (Network, ModelFile) {
@@ -139,17 +150,23 @@ fn front_info() -> ModelInfo {
 
 /// A conv network, a ViT and a mobile network survive the trip to bytes
 /// and back in every dtype, as version-2 files (version 3 with mobile
-/// blocks) that rebuild the same network; an MLP stays version 1.
+/// blocks, 4 for a ViT with timm's LayerNorm epsilon) that rebuild the same
+/// network; an MLP stays version 1.
 #[test]
 fn conv_and_vit_files_round_trip() {
     for (name, config) in front_configs() {
         for dtype in [DType::F32, DType::F16, DType::BF16, DType::I8] {
             let (net, file) = front_file(&config, dtype);
             let bytes = file.to_bytes();
-            let version = if name == "mobile" { 3 } else { 2 };
+            let version = match name {
+                "mobile" => 3,
+                "timm-vit" => 4,
+                _ => 2,
+            };
             assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), version, "{name}");
             let back = ModelFile::from_bytes(&bytes, Path::new("m")).unwrap();
             assert_eq!(back, file, "{name} {dtype:?}");
+            assert_eq!(back.model_config(), config, "{name} {dtype:?}");
             let rebuilt = back.to_network();
             assert_eq!(rebuilt.n_layers(), net.n_layers(), "{name}");
             if dtype == DType::F32 {
@@ -176,9 +193,19 @@ fn conv_and_vit_files_round_trip() {
 
 /// Damaged version-2 files are errors: a front that does not match the
 /// tensors, and a front too large for the file (refused before anything
-/// is allocated for it).
+/// is allocated for it); and version-4 ones: a ViT epsilon that is not a
+/// positive number, or one in a file without a ViT.
 #[test]
 fn damaged_front_files_are_errors() {
+    let timm = &front_configs()[3].1;
+    let (_, mut file) = front_file(timm, DType::F32);
+    file.meta.vit_norm_eps = Some(-1e-6);
+    let err = ModelFile::from_bytes(&file.to_bytes(), Path::new("m")).unwrap_err().to_string();
+    assert!(err.contains("ViT LayerNorm epsilon -0.000001"), "{err}");
+    let (_, mut cnn) = front_file(&front_configs()[0].1, DType::F32);
+    cnn.meta.vit_norm_eps = Some(1e-6);
+    let err = ModelFile::from_bytes(&cnn.to_bytes(), Path::new("m")).unwrap_err().to_string();
+    assert!(err.contains("a LayerNorm epsilon for a ViT, in a file without one"), "{err}");
     let p = Path::new("m");
     let (_, file) = front_file(&front_configs()[0].1, DType::F32);
     let mut wider = file.clone();

@@ -29,7 +29,7 @@ impl ModelFile {
     /// If the network has conv blocks or a ViT: use [`ModelFile::from_network`].
     pub fn from_mlp(model: &Network, info: ModelInfo, dtype: DType) -> Self {
         assert!(model.is_mlp(), "from_mlp: the network has a conv or ViT front");
-        Self::build(model, None, info, dtype)
+        Self::build(model, &ModelConfig::mlp(vec![]), info, dtype)
     }
 
     /// Encodes any network built from `config` (an MLP as [`ModelFile::from_mlp`]
@@ -38,13 +38,14 @@ impl ModelFile {
     /// per row of a weight matrix; a front layer's parameters are one flat
     /// run of several kinds).
     pub fn from_network(model: &Network, config: &ModelConfig, info: ModelInfo, dtype: DType) -> Self {
-        Self::build(model, Front::of(config), info, dtype)
+        Self::build(model, config, info, dtype)
     }
 
-    fn build(model: &Network, front: Option<Front>, info: ModelInfo, dtype: DType) -> Self {
+    fn build(model: &Network, config: &ModelConfig, info: ModelInfo, dtype: DType) -> Self {
+        let front = Front::of(config);
         let mut data = Vec::new();
         let tensors = emit_data(model, dtype, &mut data);
-        Self { meta: meta_for(model, front, info, tensors), data }
+        Self { meta: meta_for(model, front, vit_norm_eps(config), info, tensors), data }
     }
 
     /// Writes the file [`ModelFile::from_network`] would hold, atomically,
@@ -62,7 +63,7 @@ impl ModelFile {
         // checksum it, to write it.
         let mut count = Count(0);
         let tensors = emit_data(model, dtype, &mut count);
-        let meta = meta_for(model, Front::of(config), info, tensors);
+        let meta = meta_for(model, Front::of(config), vit_norm_eps(config), info, tensors);
         let head = head_bytes(&meta, count.0, |hash| {
             emit_data(model, dtype, &mut Hashing { hash, written: 0 });
         });
@@ -96,7 +97,7 @@ impl ModelFile {
 
     /// The same model with its weights re-encoded as `dtype`.
     pub fn convert(&self, dtype: DType) -> Self {
-        Self::build(&self.to_network(), self.meta.front.clone(), self.meta.info(), dtype)
+        Self::build(&self.to_network(), &self.meta.model_config(), self.meta.info(), dtype)
     }
 
     /// Writes the file atomically (see [`atomic::write`]), the weights
@@ -153,8 +154,20 @@ fn pad_sink(out: &mut (impl ByteSink + ?Sized)) {
     out.put(&[0u8; ALIGN][..gap as usize]);
 }
 
+/// A ViT's LayerNorm epsilon, if `config` has a ViT whose epsilon is not
+/// the default one (which every file before version 4 implies).
+fn vit_norm_eps(config: &ModelConfig) -> Option<f32> {
+    config.vit.as_ref().map(|v| v.norm_eps).filter(|&eps| eps != svp_nn::layer_norm::LAYER_NORM_EPS)
+}
+
 /// The metadata of a file holding `model` with these tensors.
-fn meta_for(model: &Network, front: Option<Front>, info: ModelInfo, tensors: Vec<TensorEntry>) -> ModelMeta {
+fn meta_for(
+    model: &Network,
+    front: Option<Front>,
+    vit_norm_eps: Option<f32>,
+    info: ModelInfo,
+    tensors: Vec<TensorEntry>,
+) -> ModelMeta {
     let classes = model.classes();
     let class_names = if info.class_names.len() == classes {
         info.class_names
@@ -171,6 +184,7 @@ fn meta_for(model: &Network, front: Option<Front>, info: ModelInfo, tensors: Vec
         provenance: info.provenance,
         tensors,
         front,
+        vit_norm_eps,
     }
 }
 
@@ -180,9 +194,13 @@ fn meta_for(model: &Network, front: Option<Front>, info: ModelInfo, tensors: Vec
 fn head_bytes(meta: &ModelMeta, data_len: u64, hash_data: impl FnOnce(&mut Fnv64)) -> Vec<u8> {
     let mut meta_bytes = postcard::to_stdvec(meta).expect("metadata serializes");
     let version = version_of(meta);
-    if meta.front.is_none() {
-        // Version 1: the same section without `front`, its last byte.
+    if meta.vit_norm_eps.is_none() {
+        // Versions 1 to 3: the same section without `vit_norm_eps`, its last
+        // byte; version 1 without `front` too, the byte before.
         meta_bytes.pop();
+        if meta.front.is_none() {
+            meta_bytes.pop();
+        }
     }
     let meta_offset = HEADER_LEN as u64;
     let data_offset = (HEADER_LEN + meta_bytes.len()).div_ceil(ALIGN) * ALIGN;
@@ -262,6 +280,7 @@ impl ByteSink for WriteSink<'_> {
 /// read them says the file is newer instead of failing to decode it).
 pub(crate) fn version_of(meta: &ModelMeta) -> u32 {
     match &meta.front {
+        _ if meta.vit_norm_eps.is_some() => 4,
         None => 1,
         Some(Front::Mobile { .. }) => 3,
         Some(_) => 2,

@@ -1,13 +1,15 @@
 //! PyTorch models imported from safetensors give PyTorch's logits and
 //! accuracy, export back to the same tensors, and bad files are one-line
 //! errors. The fixtures come from `tools/golden/import_models.py`: an MLP and
-//! a CNN of svp's layer kinds, trained one epoch on the embedded subset.
+//! a CNN of svp's layer kinds, and timm's ViT, trained one epoch on the
+//! embedded subset.
 
 use serde_json::Value;
 use std::path::Path;
 use svp_model::pytorch::{ImportOptions, export, import};
 use svp_model::{InferenceModel, InferenceWorkspace, ModelFile};
-use svp_net::{ConvItem, ModelConfig, PoolMarker};
+use svp_net::{ConvItem, ModelConfig, PoolMarker, VitConfig};
+use svp_nn::vit::TokenReadout;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
@@ -19,6 +21,19 @@ fn golden() -> Value {
 fn config(name: &str) -> ModelConfig {
     match name {
         "mlp" => ModelConfig::mlp(vec![64, 32]),
+        "vit" => ModelConfig {
+            // timm's ViT as timm makes it: LayerNorm epsilon 1e-6.
+            vit: Some(VitConfig {
+                patch: 7,
+                dim: 32,
+                depth: 2,
+                heads: 2,
+                mlp: 64,
+                readout: TokenReadout::Cls,
+                norm_eps: 1e-6,
+            }),
+            ..ModelConfig::mlp(vec![])
+        },
         _ => ModelConfig {
             conv: vec![
                 ConvItem::Channels(4),
@@ -65,7 +80,7 @@ fn test_images(model: &InferenceModel) -> (Vec<f32>, Vec<u8>) {
 #[test]
 fn imported_models_give_pytorchs_logits_and_accuracy() {
     let g = golden();
-    for name in ["mlp", "cnn"] {
+    for name in ["mlp", "cnn", "vit"] {
         let model = InferenceModel::new(imported(name));
         let (x, labels) = test_images(&model);
         let mut ws = InferenceWorkspace::default();
@@ -93,11 +108,35 @@ fn imported_models_give_pytorchs_logits_and_accuracy() {
     }
 }
 
+/// The LayerNorm epsilon matters: timm's ViT read with PyTorch's default
+/// `1e-5` in place of its `1e-6` is far off PyTorch's logits (its class
+/// token starts at a small variance, where the epsilon weighs).
+#[test]
+fn a_vit_at_the_wrong_layer_norm_epsilon_is_off() {
+    let g = golden();
+    let mut config = config("vit");
+    config.vit.as_mut().unwrap().norm_eps = svp_nn::layer_norm::LAYER_NORM_EPS;
+    let file = import(&fixture("vit"), Path::new("vit"), &config, 10, options(&g)).unwrap();
+    let model = InferenceModel::new(file);
+    let (x, labels) = test_images(&model);
+    let logits = model.predict(&x, labels.len(), None, &mut InferenceWorkspace::default()).to_vec();
+    let want: Vec<f64> = g["vit"]["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().clone())
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let worst = logits.iter().zip(&want).map(|(&a, b)| (a as f64 - b).abs()).fold(0.0, f64::max);
+    eprintln!("vit at eps 1e-5: worst logit difference {worst:.2e}");
+    assert!(worst > 1e-3, "{worst}");
+}
+
 /// Import, then export: the same tensors under the same names, byte for byte
 /// (PyTorch's `num_batches_tracked` counts are not weights and are not written).
 #[test]
 fn export_gives_back_the_imported_tensors() {
-    for name in ["mlp", "cnn"] {
+    for name in ["mlp", "cnn", "vit"] {
         let original = fixture(name);
         let exported = export(&imported(name)).unwrap();
         let (a, b) = (

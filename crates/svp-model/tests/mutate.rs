@@ -25,7 +25,15 @@ fn front_sample(vit: bool, dtype: DType) -> Vec<u8> {
     let mut cfg = ModelConfig::mlp(vec![]);
     if vit {
         let readout = svp_nn::vit::TokenReadout::Cls;
-        cfg.vit = Some(VitConfig { patch: 2, dim: 4, depth: 1, heads: 2, mlp: 8, readout });
+        cfg.vit = Some(VitConfig {
+            patch: 2,
+            dim: 4,
+            depth: 1,
+            heads: 2,
+            mlp: 8,
+            readout,
+            norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
+        });
     } else {
         cfg.conv = vec![ConvItem::Channels(2), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(3)];
     }

@@ -66,10 +66,18 @@ pub struct VitConfig {
     /// What the classifier and SVP's projections read: `"cls"` or `"mean"`.
     #[serde(default = "default_token_readout")]
     pub readout: svp_nn::vit::TokenReadout,
+    /// The LayerNorms' variance epsilon: PyTorch's default `1e-5`, or timm's
+    /// `1e-6` for a ViT imported from timm.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f32,
 }
 
 fn default_token_readout() -> svp_nn::vit::TokenReadout {
     svp_nn::vit::TokenReadout::Cls
+}
+
+fn default_norm_eps() -> f32 {
+    svp_nn::layer_norm::LAYER_NORM_EPS
 }
 
 /// One entry of [`ModelConfig::mobile`]: an inverted residual block.

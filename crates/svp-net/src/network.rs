@@ -115,12 +115,14 @@ impl Network {
             let patch = PatchEmbed { channels: 1, h: image_shape.0, w: image_shape.1, patch: v.patch, dim: v.dim };
             let spec = BlockSpec { tokens: patch.tokens(), dim: v.dim, heads: v.heads, mlp: v.mlp };
             front.push(FrontLayer::Patch(patch));
-            front.extend((0..v.depth).map(|_| FrontLayer::Block(TransformerBlock::new(spec))));
+            let block = TransformerBlock { norm_eps: v.norm_eps, ..TransformerBlock::new(spec) };
+            front.extend((0..v.depth).map(|_| FrontLayer::Block(block)));
             // The token head reads the last block's class token alone: that block need compute no other.
             if let (TokenReadout::Cls, Some(FrontLayer::Block(last))) = (v.readout, front.last_mut()) {
                 last.output = BlockOutput::ClassToken;
             }
-            front.push(FrontLayer::Readout(TokenHead { tokens: spec.tokens, dim: v.dim, readout: v.readout }));
+            let (tokens, dim, readout, norm_eps) = (spec.tokens, v.dim, v.readout, v.norm_eps);
+            front.push(FrontLayer::Readout(TokenHead { tokens, dim, readout, norm_eps }));
         }
         let flat = match front.last() {
             None => image_shape.0 * image_shape.1,

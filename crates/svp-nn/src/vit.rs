@@ -183,6 +183,8 @@ pub struct TransformerBlock {
     pub spec: BlockSpec,
     /// Which output tokens it computes.
     pub output: BlockOutput,
+    /// The LayerNorms' variance epsilon.
+    pub norm_eps: f32,
 }
 
 /// Which of a transformer block's output tokens are computed.
@@ -199,9 +201,10 @@ pub enum BlockOutput {
 }
 
 impl TransformerBlock {
-    /// A block of `spec` computing every output token.
+    /// A block of `spec` computing every output token, its LayerNorms at
+    /// PyTorch's default epsilon ([`layer_norm::LAYER_NORM_EPS`]).
     pub fn new(spec: BlockSpec) -> Self {
-        Self { spec, output: BlockOutput::AllTokens }
+        Self { spec, output: BlockOutput::AllTokens, norm_eps: layer_norm::LAYER_NORM_EPS }
     }
 }
 
@@ -437,7 +440,7 @@ impl TransformerBlock {
         // Every token's keys and values: the class tokens attend to all of them.
         c.xhat1[..n * d].copy_from_slice(&x[..n * d]);
         let (xhat, rstd, ln) = (&mut c.xhat1[..n * d], &mut c.rstd1[..n], &mut c.ln1[..n * d]);
-        layer_norm::forward(xhat, None, p.ln1_g, p.ln1_b, id, rstd, ln);
+        layer_norm::forward_with_eps(self.norm_eps, xhat, None, p.ln1_g, p.ln1_b, id, rstd, ln);
         let ((wq, wkv), (bq, bkv)) = (p.wqkv.split_at(d * d), p.bqkv.split_at(d));
         let qkv = view_mut(&mut c.qkv[..n * 3 * d], n, 3 * d);
         gemm_bias(view(&c.ln1, n, d), view(wkv, 2 * d, d).t(), bkv, qkv.slice_move(s![.., d..]));
@@ -453,7 +456,7 @@ impl TransformerBlock {
             let xhat = &mut c.xhat2[r * t * d..][..d];
             xhat.copy_from_slice(o);
             let (rstd, ln) = (&mut c.rstd2[r * t..][..1], &mut c.ln2[r * t * d..][..d]);
-            layer_norm::forward(xhat, None, p.ln2_g, p.ln2_b, id, rstd, ln);
+            layer_norm::forward_with_eps(self.norm_eps, xhat, None, p.ln2_g, p.ln2_b, id, rstd, ln);
         }
         gemm_bias(class_rows(&c.ln2, rows, t, d), view(p.w1, m, d).t(), p.b1, class_rows_mut(&mut c.pre, rows, t, m));
         for r in 0..rows {
@@ -484,7 +487,7 @@ impl TransformerBlock {
         // Attention half.
         c.xhat1[..n * d].copy_from_slice(&x[..n * d]);
         let (xhat, rstd, ln) = (&mut c.xhat1[..n * d], &mut c.rstd1[..n], &mut c.ln1[..n * d]);
-        layer_norm::forward(xhat, None, p.ln1_g, p.ln1_b, Activation::Identity, rstd, ln);
+        layer_norm::forward_with_eps(self.norm_eps, xhat, None, p.ln1_g, p.ln1_b, Activation::Identity, rstd, ln);
         linear(&c.ln1, n, d, p.wqkv, p.bqkv, &mut c.qkv);
         self.attention(rows, &c.qkv, &mut c.probs, &mut c.attn);
         // out = x + attn Wo^T + bo (the residual stream x1, kept in `out`).
@@ -493,7 +496,7 @@ impl TransformerBlock {
         // MLP half.
         c.xhat2[..n * d].copy_from_slice(&out[..n * d]);
         let (xhat, rstd, ln) = (&mut c.xhat2[..n * d], &mut c.rstd2[..n], &mut c.ln2[..n * d]);
-        layer_norm::forward(xhat, None, p.ln2_g, p.ln2_b, Activation::Identity, rstd, ln);
+        layer_norm::forward_with_eps(self.norm_eps, xhat, None, p.ln2_g, p.ln2_b, Activation::Identity, rstd, ln);
         linear(&c.ln2, n, d, p.w1, p.b1, &mut c.pre);
         Activation::Gelu.forward(&c.pre[..n * m], &mut c.act[..n * m]);
         // out = x1 + act W2^T + b2, through d_tok as scratch.
@@ -848,7 +851,7 @@ impl TokenReadout {
 
 /// The classifier side of a ViT: the readout token of each sample, then a
 /// LayerNorm (`rows x dim` out). Parameters: `[gamma (dim) | beta (dim)]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenHead {
     /// Tokens per sample.
     pub tokens: usize,
@@ -856,6 +859,8 @@ pub struct TokenHead {
     pub dim: usize,
     /// Which token summarizes a sample.
     pub readout: TokenReadout,
+    /// The LayerNorm's variance epsilon.
+    pub norm_eps: f32,
 }
 
 impl TokenHead {
@@ -876,7 +881,16 @@ impl TokenHead {
         let (xhat, rstd, _) = cache.norm_buffers(rows, self.dim);
         self.readout.forward(x, rows, self.tokens, self.dim, xhat);
         let (gamma, beta) = params.split_at(self.dim);
-        layer_norm::forward(xhat, None, gamma, &beta[..self.dim], Activation::Identity, rstd, &mut out[..n]);
+        layer_norm::forward_with_eps(
+            self.norm_eps,
+            xhat,
+            None,
+            gamma,
+            &beta[..self.dim],
+            Activation::Identity,
+            rstd,
+            &mut out[..n],
+        );
     }
 
     /// Parameter gradient into `grad` and, if given, the token gradient into
@@ -1004,7 +1018,7 @@ mod tests {
         assert_ne!(grad, grad_ref);
         // A block computing the class tokens alone gives the same gradients
         // to rounding, and reads no gradient past a class token.
-        let class_block = TransformerBlock { spec, output: BlockOutput::ClassToken };
+        let class_block = TransformerBlock { output: BlockOutput::ClassToken, ..TransformerBlock::new(spec) };
         let mut class_cache = BlockCache::try_new(&spec, rows).unwrap();
         class_block.forward(&params, &x, rows, &mut class_cache, &mut scratch, &mut out);
         let mut d = dout.clone();

@@ -279,7 +279,7 @@ fn token_head_gradients() {
     use svp_nn::vit::TokenHead;
     let (rows, tokens, dim) = (3, 4, 5);
     for readout in [TokenReadout::Cls, TokenReadout::Mean] {
-        let head = TokenHead { tokens, dim, readout };
+        let head = TokenHead { tokens, dim, readout, norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS };
         let mut params = random(head.param_len(), 20);
         params[..dim].iter_mut().for_each(|g| *g += 1.0);
         let x = random(rows * tokens * dim, 21);

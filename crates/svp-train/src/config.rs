@@ -281,6 +281,9 @@ impl Config {
                     return invalid(format!("model.vit.{name} must be at least 1"));
                 }
             }
+            if !(v.norm_eps.is_finite() && v.norm_eps > 0.0) {
+                return invalid(format!("model.vit.norm_eps = {} must be a positive number", v.norm_eps));
+            }
             if v.dim % v.heads != 0 {
                 return invalid(format!("model.vit.dim = {} is not a multiple of heads = {}", v.dim, v.heads));
             }

@@ -12,7 +12,6 @@
 //! the AVX-512 kernels (`svp_tensor::cpu::selected`), which it does only on a
 //! CPU that has AVX-512F: that is what makes those calls sound.
 
-use super::LAYER_NORM_EPS;
 use core::arch::x86_64::*;
 use svp_tensor::reduce::{LANES, LaneSum};
 
@@ -63,6 +62,7 @@ fn chunks_mut(values: &mut [f32]) -> &mut [[f32; LANES]] {
 /// `super::forward_row` with `act` = ReLU (`relu`) or the identity.
 #[target_feature(enable = "avx512f")]
 pub fn forward_row(
+    eps: f32,
     z: &mut [f32],
     bias: Option<&[f32]>,
     gamma: &[f32],
@@ -92,7 +92,7 @@ pub fn forward_row(
         squares = _mm512_add_ps(squares, _mm512_mul_ps(dev, dev));
     }
     let var = lanes(squares).finish([]) * inv_d;
-    let r = 1.0 / (var + LAYER_NORM_EPS).sqrt();
+    let r = 1.0 / (var + eps).sqrt();
     let r_v = _mm512_set1_ps(r);
     let zero = _mm512_setzero_ps();
     let params = chunks(gamma).iter().zip(chunks(beta));

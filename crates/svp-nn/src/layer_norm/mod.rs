@@ -41,11 +41,30 @@ pub fn backward_scratch_len(rows: usize, width: usize) -> usize {
 
 /// Normalizes each `gamma.len()`-wide row of `z` (plus `bias`, if given) in
 /// place, leaving `xhat` there, writes `1/std` per row into `rstd`, and
-/// `out = act(gamma * xhat + beta)`.
+/// `out = act(gamma * xhat + beta)`, with `1/std = 1/sqrt(var + 1e-5)`
+/// ([`LAYER_NORM_EPS`]).
 ///
 /// # Panics
 /// If the buffers' lengths disagree.
 pub fn forward(
+    z: &mut [f32],
+    bias: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    act: Activation,
+    rstd: &mut [f32],
+    out: &mut [f32],
+) {
+    forward_with_eps(LAYER_NORM_EPS, z, bias, gamma, beta, act, rstd, out);
+}
+
+/// [`forward`] with the variance epsilon `eps` (timm's ViTs use `1e-6`).
+///
+/// # Panics
+/// If the buffers' lengths disagree.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with_eps(
+    eps: f32,
     z: &mut [f32],
     bias: Option<&[f32]>,
     gamma: &[f32],
@@ -60,7 +79,8 @@ pub fn forward(
     assert_eq!(beta.len(), d, "layer norm forward: beta");
     assert!(bias.is_none_or(|b| b.len() == d), "layer norm forward: bias");
     let chunk = rows_per_chunk(d);
-    let task = |((z, r), out): ((&mut [f32], &mut [f32]), &mut [f32])| forward_rows(z, bias, gamma, beta, act, r, out);
+    let task =
+        |((z, r), out): ((&mut [f32], &mut [f32]), &mut [f32])| forward_rows(eps, z, bias, gamma, beta, act, r, out);
     if rows * d < PARALLEL_MIN_ELEMS {
         z.chunks_mut(chunk * d).zip(rstd.chunks_mut(chunk)).zip(out.chunks_mut(chunk * d)).for_each(task);
     } else {
@@ -134,6 +154,7 @@ pub fn backward(
 svp_tensor::multiversion! {
     /// [`forward`] over a chunk of rows.
     fn forward_rows(
+        eps: f32,
         z: &mut [f32],
         bias: Option<&[f32]>,
         gamma: &[f32],
@@ -150,13 +171,13 @@ svp_tensor::multiversion! {
             if let Some(relu) = simd_rows {
                 // SAFETY: `avx512_rows` answers only when the process runs the
                 // AVX-512 kernels, which it does only on a CPU with AVX-512F.
-                *r = unsafe { avx512::forward_row(z, bias, gamma, beta, relu, out) };
+                *r = unsafe { avx512::forward_row(eps, z, bias, gamma, beta, relu, out) };
                 continue;
             }
             *r = match act {
-                Activation::Relu => forward_row(z, bias, gamma, beta, relu, out),
-                Activation::Gelu => forward_row(z, bias, gamma, beta, gelu, out),
-                Activation::Identity => forward_row(z, bias, gamma, beta, |v| v, out),
+                Activation::Relu => forward_row(eps, z, bias, gamma, beta, relu, out),
+                Activation::Gelu => forward_row(eps, z, bias, gamma, beta, gelu, out),
+                Activation::Identity => forward_row(eps, z, bias, gamma, beta, |v| v, out),
             };
         }
     }
@@ -218,6 +239,7 @@ fn avx512_rows(width: usize, act: Activation) -> Option<bool> {
 /// sums in `reduce`'s lane layout, so the bits of `reduce::sum` and
 /// `reduce::sum_sq_dev`). Returns `1/std`.
 fn forward_row(
+    eps: f32,
     z: &mut [f32],
     bias: Option<&[f32]>,
     gamma: &[f32],
@@ -241,7 +263,7 @@ fn forward_row(
     }
     let mean = sum.finish(tail.iter().copied()) * inv_d;
     let var = reduce::sum_sq_dev(z, mean) * inv_d;
-    let r = 1.0 / (var + LAYER_NORM_EPS).sqrt();
+    let r = 1.0 / (var + eps).sqrt();
     for (((v, o), &g), &b) in z.iter_mut().zip(out.iter_mut()).zip(gamma).zip(beta) {
         *v = (*v - mean) * r;
         *o = act(g * *v + b);
@@ -428,7 +450,7 @@ mod tests {
                         z_plain.iter().zip(&gamma).zip(&beta).map(|((&x, &g), &b)| f(g * x + b)).collect();
 
                     let (mut z, mut out) = (values(d, 21), vec![0.0; d]);
-                    let r = forward_row(&mut z, bias, &gamma, &beta, f, &mut out);
+                    let r = forward_row(LAYER_NORM_EPS, &mut z, bias, &gamma, &beta, f, &mut out);
                     assert_eq!(r.to_bits(), r_plain.to_bits(), "1/std, width {d} {act:?}");
                     assert_eq!(bits(&z), bits(&z_plain), "xhat, width {d} {act:?}");
                     assert_eq!(bits(&out), bits(&out_plain), "out, width {d} {act:?}");
@@ -498,11 +520,14 @@ mod tests {
                         z0[d / 2] = v;
                     }
                     let (mut z, mut out) = (z0.clone(), vec![0.0; d]);
-                    let r = forward_row(&mut z, bias, &gamma, &beta, f, &mut out);
+                    // timm's epsilon: the parameter reaches both versions.
+                    let eps = 1e-6;
+                    let r = forward_row(eps, &mut z, bias, &gamma, &beta, f, &mut out);
                     let (mut z_simd, mut out_simd) = (z0.clone(), vec![0.0; d]);
                     // SAFETY: the process runs the AVX-512 kernels (checked
                     // above), which it does only on a CPU with AVX-512F.
-                    let r_simd = unsafe { avx512::forward_row(&mut z_simd, bias, &gamma, &beta, relu, &mut out_simd) };
+                    let r_simd =
+                        unsafe { avx512::forward_row(eps, &mut z_simd, bias, &gamma, &beta, relu, &mut out_simd) };
                     let what = format!("width {d} {act:?} {special:?}");
                     assert_eq!(r.to_bits(), r_simd.to_bits(), "1/std, {what}");
                     assert_eq!(bits(&z), bits(&z_simd), "xhat, {what}");
