@@ -294,7 +294,8 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
     let m = &file.meta;
     let widths: Vec<String> =
         std::iter::once(m.layers[0].in_dim).chain(m.layers.iter().map(|l| l.out_dim)).map(|w| w.to_string()).collect();
-    let front = m.front.as_ref().map(describe_front);
+    let eps = m.vit_norm_eps.map(|e| format!(", LayerNorm eps {e:e}")).unwrap_or_default();
+    let front = m.front.as_ref().map(|f| format!("{}{eps}", describe_front(f)));
     let architecture = match &front {
         Some(f) => format!("{f} -> {}", widths.join("-")),
         None => widths.join("-"),
@@ -366,7 +367,7 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
 }
 
 /// `conv(32-32-M-64)` or `vit(patch 7, dim 128, 6 blocks, 4 heads, mlp 256, cls)`.
-fn describe_front(front: &svp_model::Front) -> String {
+pub(crate) fn describe_front(front: &svp_model::Front) -> String {
     match front {
         svp_model::Front::Conv { blocks, readout } => {
             let items: Vec<String> =

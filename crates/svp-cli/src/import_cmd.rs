@@ -164,7 +164,7 @@ fn describe(model: &ModelFile) -> String {
     let widths: Vec<String> =
         std::iter::once(layers[0].in_dim).chain(layers.iter().map(|l| l.out_dim)).map(|w| w.to_string()).collect();
     match &model.meta.front {
-        Some(_) => format!("conv blocks, then {}", widths.join("-")),
+        Some(front) => format!("{}, then {}", crate::eval_cmd::describe_front(front), widths.join("-")),
         None => widths.join("-"),
     }
 }
@@ -180,6 +180,11 @@ pub fn export_safetensors(args: &ExportArgs) -> Result<(), CliError> {
         pytorch::export(&file).map_err(|e| CliError::ModelMismatch(format!("{}: {e}", args.model.display())))?;
     svp_model::atomic::write(&args.out, &bytes)
         .map_err(|e| CliError::Output { path: args.out.clone(), reason: e.to_string() })?;
-    eprintln!("wrote {} ({} bytes, f32 weights under PyTorch nn.Sequential names)", args.out.display(), bytes.len());
+    let names = if file.meta.model_config().vit.is_some() {
+        "timm VisionTransformer names"
+    } else {
+        "PyTorch nn.Sequential names"
+    };
+    eprintln!("wrote {} ({} bytes, f32 weights under {names})", args.out.display(), bytes.len());
     Ok(())
 }

@@ -46,6 +46,11 @@ fn imported_pytorch_models_evaluate_to_pytorchs_accuracy() {
         assert!((eval_accuracy(&model) - want).abs() <= 0.001, "{name}: svp against PyTorch's {want}");
         let info = ok(&svp(&["info", &model]));
         assert!(info.contains("trained      elsewhere: imported from"), "{info}");
+        if name == "vit" {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("vit(patch 7, dim 32, 2 blocks, 2 heads, mlp 64, cls), then 32-10"), "{stderr}");
+            assert!(info.contains("LayerNorm eps 1e-6"), "{info}");
+        }
     }
 }
 
