@@ -57,52 +57,58 @@ fn imported_pytorch_models_evaluate_to_pytorchs_accuracy() {
 #[test]
 fn import_errors_are_one_line() {
     let d = scratch("import-errors");
-    let weights = format!("{FIXTURES}/torch-cnn.safetensors");
+    let cnn = format!("{FIXTURES}/torch-cnn.safetensors");
+    let vit = format!("{FIXTURES}/torch-vit.safetensors");
     let cases = [
         (
+            &cnn,
             CNN.replace("image = [28, 28]\n", ""),
             "a conv network's input size is not in its weights: give the input image size",
         ),
         (
+            &cnn,
             CNN.replace("conv = [4, \"M\", 8, \"M\"]", "conv = [4, \"M\", 16, \"M\"]"),
             "has shape [8, 4, 3, 3], layer 2's Conv2d weight needs [16, 4, 3, 3]",
         ),
-        (format!("{CNN}class_names = [\"a\", \"b\"]\n"), "[import] class_names lists 2, the model has 10 classes"),
-        (CNN.replace("input_std = 0.3530", "input_std = 0.0"), "the std must be a positive number"),
-        (CNN.replace("[import]", "[import]\nmean = 1"), "unknown field `mean`"),
+        (
+            &cnn,
+            format!("{CNN}class_names = [\"a\", \"b\"]\n"),
+            "[import] class_names lists 2, the model has 10 classes",
+        ),
+        (&cnn, CNN.replace("input_std = 0.3530", "input_std = 0.0"), "the std must be a positive number"),
+        (&cnn, CNN.replace("[import]", "[import]\nmean = 1"), "unknown field `mean`"),
+        (
+            &vit,
+            VIT.replace("dim = 32", "dim = 16"),
+            "tensor `cls_token` has shape [1, 1, 32], layer 1's token embedding cls_token needs [1, 1, 16]",
+        ),
+        (&vit, VIT.replace("depth = 2", "depth = 1"), "tensors the architecture has no place for: blocks.1."),
+        (
+            &vit,
+            VIT.replace("depth = 2", "depth = 3"),
+            "no tensor `blocks.2.norm1.weight` for layer 4's LayerNorm weight",
+        ),
+        (
+            &vit,
+            VIT.replace("mlp = 64", "mlp = 64\nreadout = \"mean\""),
+            "import and export take ViTs with readout = \"cls\"",
+        ),
+        (&vit, VIT.replace("norm_eps = 1e-6", "norm_eps = 0.0"), "model.vit.norm_eps = 0 must be a positive number"),
     ];
-    for (config, needle) in cases {
+    for (weights, config, needle) in cases {
         let cfg = path(&d, "c.toml");
         std::fs::write(&cfg, config).unwrap();
-        let out = svp(&["import", &weights, "--config", &cfg, "--out", &path(&d, "m.svpm")]);
+        let out = svp(&["import", weights, "--config", &cfg, "--out", &path(&d, "m.svpm")]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.lines().count() == 1 && stderr.contains(needle), "{stderr}\nwanted: {needle}");
         assert!(!d.join("m.svpm").exists());
     }
-    let vit_weights = format!("{FIXTURES}/torch-vit.safetensors");
-    let vit_cases = [
-        (
-            VIT.replace("dim = 32", "dim = 16"),
-            "tensor `cls_token` has shape [1, 1, 32], layer 1's token embedding cls_token needs [1, 1, 16]",
-        ),
-        (VIT.replace("depth = 2", "depth = 1"), "tensors the architecture has no place for: blocks.1."),
-        (VIT.replace("depth = 2", "depth = 3"), "no tensor `blocks.2.norm1.weight` for layer 4's LayerNorm weight"),
-        (VIT.replace("mlp = 64", "mlp = 64\nreadout = \"mean\""), "import and export take ViTs with readout = \"cls\""),
-    ];
-    for (config, needle) in vit_cases {
-        let cfg = path(&d, "v.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let out = svp(&["import", &vit_weights, "--config", &cfg, "--out", &path(&d, "m.svpm")]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
-        assert!(stderr.lines().count() == 1 && stderr.contains(needle), "{stderr}\nwanted: {needle}");
-    }
     let cfg = path(&d, "c.toml");
     std::fs::write(&cfg, CNN).unwrap();
     let out = svp(&["import", &cfg, "--config", &cfg, "--out", &path(&d, "m.svpm")]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a readable safetensors file"));
-    let out = svp(&["import", &weights, "--config", &cfg, "--image", "28", "--out", &path(&d, "m.svpm")]);
+    let out = svp(&["import", &cnn, "--config", &cfg, "--image", "28", "--out", &path(&d, "m.svpm")]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be HEIGHTxWIDTH"));
 }
 
