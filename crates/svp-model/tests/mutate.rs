@@ -19,21 +19,14 @@ fn sample(dtype: DType) -> Vec<u8> {
     ModelFile::from_mlp(&m, info((3, 4)), dtype).to_bytes()
 }
 
-/// Version-2 files: a small conv network and a small ViT on 4x4 images.
-fn front_sample(vit: bool, dtype: DType) -> Vec<u8> {
+/// A small conv network and a small ViT on 4x4 images (version 2), and
+/// the ViT at timm's LayerNorm epsilon (`vit_norm_eps`: version 4).
+fn front_sample(vit_norm_eps: Option<f32>, dtype: DType) -> Vec<u8> {
     use svp_net::{ConvItem, PoolMarker, VitConfig};
     let mut cfg = ModelConfig::mlp(vec![]);
-    if vit {
+    if let Some(norm_eps) = vit_norm_eps {
         let readout = svp_nn::vit::TokenReadout::Cls;
-        cfg.vit = Some(VitConfig {
-            patch: 2,
-            dim: 4,
-            depth: 1,
-            heads: 2,
-            mlp: 8,
-            readout,
-            norm_eps: svp_nn::layer_norm::LAYER_NORM_EPS,
-        });
+        cfg.vit = Some(VitConfig { patch: 2, dim: 4, depth: 1, heads: 2, mlp: 8, readout, norm_eps });
     } else {
         cfg.conv = vec![ConvItem::Channels(2), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(3)];
     }
@@ -79,7 +72,10 @@ fn mutated_model_files_never_panic() {
     let originals: Vec<(Vec<u8>, usize)> = dtypes
         .into_iter()
         .map(|d| (sample(d), 12))
-        .chain(dtypes.into_iter().flat_map(|d| [(front_sample(false, d), 16), (front_sample(true, d), 16)]))
+        .chain(dtypes.into_iter().flat_map(|d| {
+            let eps = [None, Some(svp_nn::layer_norm::LAYER_NORM_EPS), Some(1e-6)];
+            eps.map(|e| (front_sample(e, d), 16))
+        }))
         .collect();
     // What each original predicts for the same two inputs.
     let predicted: Vec<Vec<f32>> = originals
