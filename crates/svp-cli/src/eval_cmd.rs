@@ -319,6 +319,7 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
                 "generator": m.generator,
                 "projection_seed": m.heads.as_ref().map(|h| h.seed),
                 "projection_dim": m.heads.as_ref().map(|h| h.dim),
+                "layers_per_unit": m.units.map_or(1, |u| u.layers_per_unit),
             })
         );
         return Ok(());
@@ -362,6 +363,10 @@ pub fn info(args: InfoArgs) -> Result<(), CliError> {
             m.generator
         ),
         None => println!("  projections  none (trained with backpropagation: no early exits)"),
+    }
+    if let Some(u) = m.units {
+        let head = if u.head_joins_last_unit { ", the head in the last" } else { "" };
+        println!("  units        SVP+: up to {} layers of a kind a unit{head}", u.layers_per_unit);
     }
     Ok(())
 }

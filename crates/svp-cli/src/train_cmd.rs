@@ -254,6 +254,7 @@ impl ModelTarget {
     fn save(&self, report: &EpochReport, model: EpochModel<'_>) -> Result<(), svp_model::ModelError> {
         let info = ModelInfo {
             heads: model.heads.cloned(),
+            units: model.units,
             norm: model.norm,
             image_shape: self.image_shape,
             class_names: self.class_names.clone(),

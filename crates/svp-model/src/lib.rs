@@ -19,6 +19,7 @@
 //! let net = Network::new(784, 10, &config, 1);
 //! let info = ModelInfo {
 //!     heads: None,
+//!     units: None,
 //!     norm: Normalization { mean: 0.29, std: 0.35 },
 //!     image_shape: (28, 28),
 //!     class_names: Vec::new(),
@@ -54,7 +55,7 @@ pub use inference::InferenceModel;
 pub use meta::{Front, ModelMeta, Provenance, Role, TensorEntry, layer_param_len};
 pub use svp_net::InferenceWorkspace;
 
-use svp_net::{Normalization, ProjectionHeads};
+use svp_net::{Normalization, ProjectionHeads, UnitLayout};
 
 /// First eight bytes of every model file.
 pub const MAGIC: [u8; 8] = *b"SVPMODEL";
@@ -89,6 +90,9 @@ pub struct ModelFile {
 pub struct ModelInfo {
     /// SVP projection heads.
     pub heads: Option<ProjectionHeads>,
+    /// How SVP grouped the layers into units, if not one layer a unit
+    /// (SVP+): fine-tuning keeps the local losses where training put them.
+    pub units: Option<UnitLayout>,
     /// Input standardization.
     pub norm: Normalization,
     /// Height and width of an input image.

@@ -3,7 +3,7 @@
 
 use crate::DType;
 use serde::{Deserialize, Serialize};
-use svp_net::{ConvItem, MobileItem, ModelConfig, Normalization, PoolMarker, ProjectionHeads, VitConfig};
+use svp_net::{ConvItem, MobileItem, ModelConfig, Normalization, PoolMarker, ProjectionHeads, UnitLayout, VitConfig};
 use svp_nn::vit::TokenReadout;
 use svp_nn::{Dense, DenseSpec, Norm};
 
@@ -261,9 +261,12 @@ pub struct ModelMeta {
     /// (postcard's `None`).
     pub front: Option<Front>,
     /// A ViT's LayerNorm epsilon where it is not PyTorch's `1e-5` (timm's
-    /// `1e-6`; version 4). Last, so that a version-2 or 3 section is this
-    /// one without its last byte.
+    /// `1e-6`; version 4).
     pub vit_norm_eps: Option<f32>,
+    /// SVP's units where they were not one layer each (SVP+; version 4).
+    /// With `vit_norm_eps`, last: a version-2 or 3 section is this one
+    /// without its last two bytes (two `None`s).
+    pub units: Option<UnitLayout>,
 }
 
 impl ModelMeta {
@@ -289,6 +292,7 @@ impl ModelMeta {
     pub fn info(&self) -> crate::ModelInfo {
         crate::ModelInfo {
             heads: self.heads.clone(),
+            units: self.units,
             norm: self.norm,
             image_shape: (self.image_shape.0 as usize, self.image_shape.1 as usize),
             class_names: self.class_names.clone(),

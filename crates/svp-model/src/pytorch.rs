@@ -353,6 +353,7 @@ pub fn import(
     }
     let info = ModelInfo {
         heads: options.heads,
+        units: None,
         norm: options.norm,
         image_shape: options.image_shape,
         class_names: options.class_names,

@@ -58,7 +58,7 @@ impl ModelFile {
             section.push(0); // `front: None`, which version 1 leaves out
         }
         if version < 4 {
-            section.push(0); // `vit_norm_eps: None`, which versions 1 to 3 leave out
+            section.extend([0, 0]); // `vit_norm_eps` and `units`, `None`: versions 1 to 3 leave them out
         }
         let meta: ModelMeta = postcard::from_bytes(&section).map_err(|e| invalid(format!("metadata: {e}")))?;
         if version != version_of(&meta) {

@@ -10,6 +10,7 @@ pub(crate) fn sample(dtype: DType) -> ModelFile {
     let m = Network::new(6, 3, &cfg, 9);
     let info = ModelInfo {
         heads: Some(ProjectionHeads { seed: 9, dim: 3, sigma: None, dropout: 0.0, label_classes: None }),
+        units: None,
         norm: Normalization { mean: 0.3, std: 0.4 },
         image_shape: (2, 3),
         class_names: vec!["a".into(), "b".into(), "c".into()],
@@ -141,10 +142,33 @@ pub(crate) fn front_file(config: &ModelConfig, dtype: DType) -> (Network, ModelF
 fn front_info() -> ModelInfo {
     ModelInfo {
         heads: Some(ProjectionHeads { seed: 4, dim: 5, sigma: None, dropout: 0.0, label_classes: None }),
+        units: None,
         norm: Normalization { mean: 0.2, std: 0.5 },
         image_shape: (8, 8),
         class_names: vec![],
         provenance: Provenance { method: "svp".into(), epochs: 1, test_acc: 0.5, data: "test".into() },
+    }
+}
+
+/// SVP+'s unit layout is kept (format version 4, for any network); plain
+/// SVP's is what a file without one implies, so it is not stored and the
+/// file keeps its old version.
+#[test]
+fn unit_layouts_round_trip() {
+    let plain = sample(DType::F32);
+    let mut info = plain.meta.info();
+    for (units, version, stored) in [
+        (UnitLayout { layers_per_unit: 2, head_joins_last_unit: true }, 4, true),
+        (UnitLayout { layers_per_unit: 1, head_joins_last_unit: true }, 4, true),
+        (UnitLayout::PLAIN, 1, false),
+    ] {
+        info.units = Some(units);
+        let file = ModelFile::from_mlp(&plain.to_network(), info.clone(), DType::F32);
+        let bytes = file.to_bytes();
+        assert_eq!(bytes[8], version, "{units:?}");
+        let back = ModelFile::from_bytes(&bytes, Path::new("m")).unwrap();
+        assert_eq!(back.meta.units, stored.then_some(units), "{units:?}");
+        assert_eq!(back, file);
     }
 }
 

@@ -9,7 +9,7 @@ use crate::{
 };
 use std::io::Write;
 use std::path::Path;
-use svp_net::{ModelConfig, Network};
+use svp_net::{ModelConfig, Network, UnitLayout};
 
 /// Bytes of the header covered by the checksum (all fields before it).
 pub(crate) const CHECKED_HEADER: usize = 48;
@@ -174,6 +174,8 @@ fn meta_for(
     } else {
         (0..classes).map(|c| c.to_string()).collect()
     };
+    // Plain SVP is what a file without units implies.
+    let units = info.units.filter(|&u| u != UnitLayout::PLAIN);
     ModelMeta {
         generator: svp_rng::GENERATOR_ID.to_string(),
         layers: model.layers().iter().map(|l| *l.spec()).collect(),
@@ -185,6 +187,7 @@ fn meta_for(
         tensors,
         front,
         vit_norm_eps,
+        units,
     }
 }
 
@@ -194,13 +197,10 @@ fn meta_for(
 fn head_bytes(meta: &ModelMeta, data_len: u64, hash_data: impl FnOnce(&mut Fnv64)) -> Vec<u8> {
     let mut meta_bytes = postcard::to_stdvec(meta).expect("metadata serializes");
     let version = version_of(meta);
-    if meta.vit_norm_eps.is_none() {
-        // Versions 1 to 3: the same section without `vit_norm_eps`, its last
-        // byte; version 1 without `front` too, the byte before.
-        meta_bytes.pop();
-        if meta.front.is_none() {
-            meta_bytes.pop();
-        }
+    if version < 4 {
+        // Versions 1 to 3: the same section without `vit_norm_eps` and
+        // `units`, its last two bytes; version 1 without `front` too.
+        meta_bytes.truncate(meta_bytes.len() - if version == 1 { 3 } else { 2 });
     }
     let meta_offset = HEADER_LEN as u64;
     let data_offset = (HEADER_LEN + meta_bytes.len()).div_ceil(ALIGN) * ALIGN;
@@ -280,7 +280,7 @@ impl ByteSink for WriteSink<'_> {
 /// read them says the file is newer instead of failing to decode it).
 pub(crate) fn version_of(meta: &ModelMeta) -> u32 {
     match &meta.front {
-        _ if meta.vit_norm_eps.is_some() => 4,
+        _ if meta.vit_norm_eps.is_some() || meta.units.is_some() => 4,
         None => 1,
         Some(Front::Mobile { .. }) => 3,
         Some(_) => 2,

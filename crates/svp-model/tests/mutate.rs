@@ -20,7 +20,7 @@ fn sample(dtype: DType) -> Vec<u8> {
 }
 
 /// A small conv network and a small ViT on 4x4 images (version 2), and
-/// the ViT at timm's LayerNorm epsilon (`vit_norm_eps`: version 4).
+/// the ViT at timm's LayerNorm epsilon, trained in SVP+ units (version 4).
 fn front_sample(vit_norm_eps: Option<f32>, dtype: DType) -> Vec<u8> {
     use svp_net::{ConvItem, PoolMarker, VitConfig};
     let mut cfg = ModelConfig::mlp(vec![]);
@@ -31,13 +31,19 @@ fn front_sample(vit_norm_eps: Option<f32>, dtype: DType) -> Vec<u8> {
         cfg.conv = vec![ConvItem::Channels(2), ConvItem::Pool(PoolMarker::M), ConvItem::Channels(3)];
     }
     let m = Network::try_for_images((4, 4), 4, &cfg, 3).unwrap();
-    ModelFile::from_network(&m, &cfg, info((4, 4)), dtype).to_bytes()
+    let mut info = info((4, 4));
+    if vit_norm_eps == Some(1e-6) {
+        // SVP+ units, the other version-4 field.
+        info.units = Some(svp_net::UnitLayout { layers_per_unit: 2, head_joins_last_unit: true });
+    }
+    ModelFile::from_network(&m, &cfg, info, dtype).to_bytes()
 }
 
 /// What the sample files carry besides their weights, for `image_shape` images.
 fn info(image_shape: (usize, usize)) -> ModelInfo {
     ModelInfo {
         heads: Some(ProjectionHeads { seed: 3, dim: 4, sigma: None, dropout: 0.0, label_classes: None }),
+        units: None,
         norm: svp_net::Normalization { mean: 0.2, std: 0.3 },
         image_shape,
         class_names: vec![],

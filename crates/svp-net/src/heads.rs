@@ -18,6 +18,21 @@ pub struct ProjectionHeads {
     pub label_classes: Option<usize>,
 }
 
+/// How SVP grouped a model's layers into units (SVP+): where its local
+/// losses sit, and so which `R_l` its layers were trained against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitLayout {
+    /// Consecutive layers of a kind trained together (`svp.layers_per_unit`).
+    pub layers_per_unit: u32,
+    /// Whether the classifier head joined the last unit (`svp.head_joins_last_unit`).
+    pub head_joins_last_unit: bool,
+}
+
+impl UnitLayout {
+    /// Plain SVP: every layer its own unit, the head alone.
+    pub const PLAIN: UnitLayout = UnitLayout { layers_per_unit: 1, head_joins_last_unit: false };
+}
+
 impl ProjectionHeads {
     /// Projection of layer `layer` (0 = input) of width `width`.
     pub fn for_layer(&self, layer: usize, width: usize, with_labels: bool) -> Projection {

@@ -39,7 +39,7 @@ mod network;
 mod normalization;
 
 pub use arch::{ConvItem, MobileItem, ModelConfig, PoolMarker, VitConfig};
-pub use heads::ProjectionHeads;
+pub use heads::{ProjectionHeads, UnitLayout};
 pub use inference::{InferenceWorkspace, predict_streamed};
 pub use layer::{Layer, LayerCache, LayerScratch, Readout};
 pub use network::Network;

@@ -26,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("test accuracy after {} epochs: {:.2}%", last.epoch, 100.0 * last.test_acc);
     let info = ModelInfo {
         heads: outcome.heads,
+        units: outcome.units,
         norm: outcome.norm,
         image_shape: data.train.image_shape,
         class_names: data.class_names(),

@@ -2,8 +2,8 @@
 
 use crate::Schedule;
 use serde::{Deserialize, Serialize};
-use svp_net::ProjectionHeads;
 pub use svp_net::{ConvItem, MobileItem, ModelConfig, PoolMarker, VitConfig};
+use svp_net::{ProjectionHeads, UnitLayout};
 use svp_optim::Optimizer;
 
 /// Training rule.
@@ -242,6 +242,21 @@ impl Config {
             dropout: self.svp.projection_dropout,
             label_classes: self.svp.label_concat.then_some(classes),
         }
+    }
+
+    /// How SVP groups the layers into units under this config.
+    pub fn unit_layout(&self) -> UnitLayout {
+        UnitLayout {
+            layers_per_unit: self.svp.layers_per_unit as u32,
+            head_joins_last_unit: self.svp.head_joins_last_unit,
+        }
+    }
+
+    /// Groups the layers as `units` says: fine-tuning keeps a model's local
+    /// losses where its training put them.
+    pub fn use_unit_layout(&mut self, units: UnitLayout) {
+        self.svp.layers_per_unit = units.layers_per_unit as usize;
+        self.svp.head_joins_last_unit = units.head_joins_last_unit;
     }
 
     /// Sets the seed and projection options to `heads`', so that an SVP run

@@ -7,7 +7,7 @@ use crate::{BpTrainer, SvpTrainer, TrainError, Trainer, TrainerState, TrainerSta
 use std::time::Instant;
 use svp_alloc::OutOfMemory;
 use svp_data::{Batcher, DataSplit};
-use svp_net::{InferenceWorkspace, Network, Normalization, ProjectionHeads};
+use svp_net::{InferenceWorkspace, Network, Normalization, ProjectionHeads, UnitLayout};
 
 /// Progress inside an epoch, reported after every step.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -65,6 +65,8 @@ pub struct FitOutcome {
     pub model: Network,
     /// SVP projection heads (`None` for backpropagation).
     pub heads: Option<ProjectionHeads>,
+    /// How SVP grouped the layers into units (`None` for backpropagation).
+    pub units: Option<UnitLayout>,
     /// Input normalization fitted on the training set.
     pub norm: Normalization,
     /// One report per completed epoch.
@@ -97,6 +99,8 @@ pub struct EpochModel<'a> {
     pub network: &'a Network,
     /// SVP projection heads (`None` for backpropagation).
     pub heads: Option<&'a ProjectionHeads>,
+    /// How SVP grouped the layers into units (`None` for backpropagation).
+    pub units: Option<UnitLayout>,
     /// The input normalization it was trained with.
     pub norm: Normalization,
 }
@@ -332,6 +336,7 @@ fn fit_on_this_thread(
         Method::Svp => Some(config.projection_heads(data.classes)),
         Method::Bp => None,
     };
+    let units = heads.is_some().then(|| config.unit_layout());
     let mut batcher = Batcher::new(data.train.len(), rows, norm.table()).with_augment(config.train.augment);
     let mut x = svp_alloc::try_zeros(rows * data.features(), "the input batch")?;
     drop(svp_alloc::try_zeros(options.headroom_bytes / 4, "headroom for a training step's transient buffers")?);
@@ -460,7 +465,7 @@ fn fit_on_this_thread(
             layers,
             val_acc,
         };
-        let epoch_model = EpochModel { network: &model, heads: heads.as_ref(), norm };
+        let epoch_model = EpochModel { network: &model, heads: heads.as_ref(), units, norm };
         let saved = observer.on_epoch(&report, epoch_model);
         history.push((epoch, report.train_loss, report.test_acc));
         epochs.push(report);
@@ -481,5 +486,5 @@ fn fit_on_this_thread(
         optimizer: trainer.optimizer_bytes(),
         workspace: trainer.workspace_bytes(),
     };
-    Ok(FitOutcome { model, heads, norm, epochs, diverged, interrupted, memory })
+    Ok(FitOutcome { model, heads, units, norm, epochs, diverged, interrupted, memory })
 }

@@ -49,6 +49,7 @@ fn train_and_save(out: &Path) {
     let last = outcome.epochs.last().unwrap();
     let info = ModelInfo {
         heads: outcome.heads,
+        units: outcome.units,
         norm: outcome.norm,
         image_shape: data.train.image_shape,
         class_names: data.class_names(),
